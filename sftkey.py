@@ -1,0 +1,180 @@
+"""SFTKey, the method (arXiv 2512.21017): everything that is specific to it lives here.
+
+A training response is written as
+
+    <Thinking>reasoning</Thinking><Answer>answer</Answer><|endoftext|>
+
+Stage 1 (SFT-Tag) puts the loss on the whole response; stage 2 (Key-Tag, "key only") starts from
+the stage-1 weights and puts it only on the answer part, the Key, while the reasoning is still
+fed in as context. This file holds the token roles, the rendering of an example, the
+tokenizer-aware span tagger, the per-role loss weights of each stage, the weighted loss, and the
+scoring of generated answers. The network is in model.py, the data in data.py, the loop in
+train.py.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+# Token roles. They only ever increase along a sequence: PROMPT, then THINK, then KEY.
+PROMPT, THINK, KEY = 0, 1, 2
+PAD = 3  # batching only: positions that hold no token at all
+ROLE_NAMES = ("prompt", "thinking", "key")
+
+THINK_OPEN, THINK_CLOSE = "<Thinking>", "</Thinking>"
+ANSWER_OPEN, ANSWER_CLOSE = "<Answer>", "</Answer>"
+TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+PROMPT_SEP = "\n"  # between the prompt and the response
+UNTAGGED_KEY_PREFIX = "\n#### "  # the untagged (plain SFT) layout ends with a line "#### answer"
+
+
+def render(prompt: str, thinking: str, answer: str, tagged: bool = True) -> tuple[str, list[tuple[int, int, int]]]:
+    """Write one example as text and say which characters play which role.
+
+    The tagged template (the paper's "-Tag" format) is exactly
+
+        {prompt}\\n<Thinking>{thinking}</Thinking><Answer>{answer}</Answer>
+
+    with no other separators. The PROMPT span is the prompt and its newline, THINK is
+    `<Thinking>…</Thinking>`, KEY is `<Answer>…</Answer>`. The untagged template, used by the plain
+    SFT baseline, is `{prompt}\\n{thinking}\\n#### {answer}`, with KEY = `\\n#### {answer}`.
+    Returns (text, spans) where spans are contiguous (start, end, role) character ranges.
+    """
+    head = prompt + PROMPT_SEP
+    body = f"{THINK_OPEN}{thinking}{THINK_CLOSE}" if tagged else thinking
+    key = f"{ANSWER_OPEN}{answer}{ANSWER_CLOSE}" if tagged else UNTAGGED_KEY_PREFIX + answer
+    a, b = len(head), len(head) + len(body)
+    return head + body + key, [(0, a, PROMPT), (a, b, THINK), (b, b + len(key), KEY)]
+
+
+def tag(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
+    """Tokenize `text` in one call and give every token the role of the span it comes from.
+
+    Returns (ids, roles): the tokens of the whole text followed by end-of-text (role KEY, since
+    closing the answer is part of the answer). Special-token strings in `text` are encoded as
+    ordinary text, never as special tokens.
+
+    Rule for a token that overlaps two spans (BPE can merge across a boundary, e.g. GPT-2's `><`
+    in `</Thinking><Answer>`): if it holds any byte of the Key it is KEY, so every answer character
+    is supervised in stage 2; otherwise if it holds any byte of the prompt it is PROMPT, so no
+    prompt character is ever supervised; otherwise THINK. Overlap is decided on bytes, which is
+    exact also for tokens that start or end inside a multi-byte character (tiktoken's
+    `decode_with_offsets` gives character offsets, which lose the partial character).
+    """
+    _check_spans(text, spans)
+    ids = enc.encode_ordinary(text)
+    starts, ends = _token_byte_ranges(enc, ids, text)
+    think_start, key_start = _byte_boundaries(text, spans)
+    roles = np.where(ends > key_start, KEY, np.where(starts < think_start, PROMPT, THINK))
+    if np.any((starts < think_start) & (ends > key_start)):
+        raise ValueError("a token spans the prompt, the whole reasoning and the answer; cannot tag it")
+    return ids + [enc.eot_token], roles.tolist() + [KEY]
+
+
+def count_straddling(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]], ids: list[int]) -> int:
+    """How many tokens of `ids` (from `tag`) hold bytes of two spans: the ones the rule decides."""
+    starts, ends = _token_byte_ranges(enc, ids[:-1], text)
+    return int(sum(np.sum((starts < b) & (ends > b)) for b in _byte_boundaries(text, spans)))
+
+
+def _token_byte_ranges(enc: tiktoken.Encoding, ids: list[int], text: str) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(t) for t in enc.decode_tokens_bytes(ids)], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    assert ends[-1] == len(text.encode("utf-8")), "tokenization does not round-trip"
+    return ends - lengths, ends
+
+
+def _byte_boundaries(text: str, spans: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """Byte offsets where THINK and KEY start."""
+    return len(text[:spans[1][0]].encode("utf-8")), len(text[:spans[2][0]].encode("utf-8"))
+
+
+def _check_spans(text: str, spans: list[tuple[int, int, int]]) -> None:
+    roles = [role for _, _, role in spans]
+    contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    if roles != [PROMPT, THINK, KEY] or spans[0][0] != 0 or spans[-1][1] != len(text) or not contiguous:
+        raise ValueError(f"spans must be contiguous PROMPT, THINK, KEY ranges covering the text, got {spans}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss: one weight per role. Stage 1 and stage 2 differ only in these three numbers.
+
+def role_weights(key_only: bool = False, key_weight: float = 1.0) -> tuple[float, float, float]:
+    """Loss weight of (prompt, thinking, key) tokens. Stage 1: (0, 1, 1); stage 2: (0, 0, 1).
+
+    `key_weight` > 1 gives the single-stage control that up-weights the answer instead.
+    """
+    return (0.0, 0.0 if key_only else 1.0, key_weight)
+
+
+def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
+    """Per-token loss weights for a tensor of roles (PAD positions get 0)."""
+    table = torch.tensor([*weights, 0.0], device=roles.device)
+    return table[roles]
+
+
+def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                      weights: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of weight x cross-entropy of predicting `targets` from `hidden`.
+
+    Only positions with a non-zero weight are projected onto the vocabulary: in stage 2 that is a
+    few percent of them, and the projection is the most expensive matrix product of a small model.
+    The caller divides by the total weight of the optimizer step (see train.py), so micro-batches
+    of gradient accumulation are weighted by their tokens and an all-zero micro-batch adds 0.
+    """
+    keep = weights != 0
+    logits = head(hidden[keep])
+    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return (losses * weights[keep]).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a generated response (the text the model wrote after the prompt, without end-of-text).
+
+_TAGGED = re.compile(r"<Thinking>(.*)</Thinking><Answer>(.*)</Answer>", re.S)
+
+
+def format_ok(response: str, ended: bool) -> bool:
+    """Fmt: exactly `<Thinking>…</Thinking><Answer>…</Answer>`, then end-of-text, nothing else."""
+    match = _TAGGED.fullmatch(response)
+    return bool(ended and match and not any(t in g for g in match.groups() for t in TAGS))
+
+
+def extract_answer(response: str, tagged: bool = True) -> str | None:
+    """The answer a response gives: inside `<Answer>…</Answer>` (tagged) or after `####`."""
+    if tagged:
+        start = response.find(ANSWER_OPEN)
+        if start < 0:
+            return None
+        rest = response[start + len(ANSWER_OPEN):]
+        return rest.split(ANSWER_CLOSE, 1)[0]
+    start = response.rfind("####")
+    return None if start < 0 else response[start + 4:].strip().split("\n", 1)[0]
+
+
+def normalize(answer: str) -> str | float:
+    """Whitespace folded; a number (commas, $ and a trailing % dropped) becomes a float."""
+    text = " ".join(answer.split())
+    try:
+        return float(text.replace(",", "").lstrip("$").rstrip("%"))
+    except ValueError:
+        return text
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    """Acc for one example: equal after `normalize` (so "1,000" == "1000.0")."""
+    if predicted is None:
+        return False
+    a, b = normalize(predicted), normalize(reference)
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+    return a == b
+
+
+def composite(acc: float, fmt: float) -> float:
+    """The paper's headline score."""
+    return 0.7 * acc + 0.3 * fmt
