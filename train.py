@@ -122,6 +122,12 @@ def model_config(cfg: TrainConfig, enc) -> GPTConfig:
     return GPTConfig(vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
 
 
+def build_model(cfg: TrainConfig, enc, device: str) -> GPT:
+    """Random weights, or the weights of --init_from."""
+    mconf = model_config(cfg, enc)
+    return load_checkpoint(cfg.init_from, mconf, device)[0] if cfg.init_from else GPT(mconf).to(device)
+
+
 def load_checkpoint(path: str, expected: GPTConfig, device: str) -> tuple[GPT, dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init_from {path}: no such file")
@@ -287,15 +293,20 @@ def write_json(path: str, obj) -> None:
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, its help text taken from the field."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag, help_text = f"--{f.name}", f.metadata["help"] + f" (default: {f.default!r})"
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -309,8 +320,7 @@ def run(cfg: TrainConfig) -> dict:
     train_set, val_set, test = load_data(cfg, enc)
     for s in (train_set.summary, val_set.summary):
         print(D.format_summary(s))
-    mconf = model_config(cfg, enc)
-    model = load_checkpoint(cfg.init_from, mconf, device)[0] if cfg.init_from else GPT(mconf).to(device)
+    model = build_model(cfg, enc, device)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide | "
           f"device {device} | {str(dtype).replace('torch.', '')}")
 
