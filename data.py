@@ -84,14 +84,16 @@ class Example:
 def synthetic_task(n: int, seed: int) -> list[Example]:
     """Multi-step arithmetic with a worked solution, generated deterministically from `seed`.
 
-    "Q: 47+38-19+6" is solved as "47+38=85 85-19=66 66+6=72" with answer "72": two to five
-    operations on numbers below 100, so the reasoning is long and the answer a few characters.
-    Problems are distinct within a call.
+    "Q: 47+38-19+6" is solved as "47+38=85 85-19=66 66+6=72" with answer "72". Each problem has
+    two to five numbers, all of one or all of two digits, so difficulty ranges from trivial to
+    hard and a small model's accuracy moves gradually rather than all at once. Problems are
+    distinct within a call.
     """
     rng = np.random.default_rng(seed)
     seen, examples = set(), []
     while len(examples) < n:
-        numbers = rng.integers(1, 100, size=int(rng.integers(3, 7))).tolist()
+        high = 10 if rng.random() < 0.5 else 100
+        numbers = rng.integers(1, high, size=int(rng.integers(2, 6))).tolist()
         ops = rng.choice(["+", "-"], size=len(numbers) - 1).tolist()
         prompt = "Q: " + str(numbers[0]) + "".join(op + str(x) for op, x in zip(ops, numbers[1:]))
         if prompt in seen:

@@ -13,7 +13,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -67,6 +69,8 @@ class TrainConfig:
     grad_clip: float = _flag(1.0, "clip the gradient norm to this (0 = off)")
     seed: int = _flag(1337, "seed for data generation, order and initialisation")
     # evaluation and logging
+    resume: bool = _flag(False, "continue from the checkpoints in --out_dir (same flags as the interrupted run)")
+    ckpt_interval: int = _flag(0, "also write a checkpoint every N steps (0 = only at the end of each stage)")
     eval_only: bool = _flag(False, "only evaluate --init_from on the test set")
     eval_limit: int = _flag(0, "evaluate on the first N test examples only (0 = all)")
     eval_interval: int = _flag(250, "steps between validation losses")
@@ -81,8 +85,10 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # Hardware
 
-def resolve_device(cfg: TrainConfig) -> tuple[str, torch.dtype]:
+def resolve_device(cfg: TrainConfig, dist: Dist | None = None) -> tuple[str, torch.dtype]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if dist is not None and dist.world > 1 and device == "cuda":
+        device = f"cuda:{dist.local_rank}"  # one GPU per rank
     if cfg.dtype == "auto":
         bf16 = (torch.cuda.is_bf16_supported() if device.startswith("cuda")
                 else getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
@@ -128,28 +134,107 @@ def build_model(cfg: TrainConfig, enc, device: str) -> GPT:
     return load_checkpoint(cfg.init_from, mconf, device)[0] if cfg.init_from else GPT(mconf).to(device)
 
 
-def load_checkpoint(path: str, expected: GPTConfig, device: str) -> tuple[GPT, dict]:
+def read_checkpoint(path: str, expected: GPTConfig, device: str) -> dict:
+    """A checkpoint's contents, after checking its model shape matches the flags."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--init_from {path}: no such file")
+        raise FileNotFoundError(f"{path}: no such checkpoint")
     ckpt = torch.load(path, map_location=device, weights_only=True)  # never unpickle code
     saved = GPTConfig(**ckpt["model_config"])
     diffs = [f"{k}={getattr(saved, k)} in the checkpoint but {getattr(expected, k)} here"
              for k in vars(saved) if getattr(saved, k) != getattr(expected, k)]
     if diffs:
-        raise ValueError(f"--init_from {path} does not match the flags: " + "; ".join(diffs))
-    model = GPT(saved).to(device)
+        raise ValueError(f"{path} does not match the flags: " + "; ".join(diffs))
+    return ckpt
+
+
+def load_checkpoint(path: str, expected: GPTConfig, device: str) -> tuple[GPT, dict]:
+    ckpt = read_checkpoint(path, expected, device)
+    model = GPT(expected).to(device)
     model.load_state_dict(ckpt["model"])
     return model, ckpt
 
 
-def save_checkpoint(path: str, model: GPT, optimizer, cfg: TrainConfig, step: int) -> None:
-    """Write to a temporary file, then rename: a crash mid-write leaves the old checkpoint intact."""
+def save_checkpoint(path: str, model: GPT, optimizer, cfg: TrainConfig, step: int, extra: dict | None = None) -> None:
+    """Tensors and plain values only (loadable with weights_only=True), written to a temporary file
+    and then renamed, so a crash mid-write leaves the previous checkpoint intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
              "model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
-             "step": step}
+             "step": step, "rng": torch.get_rng_state(), **(extra or {})}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, cfg: TrainConfig) -> Dist:
+        if "RANK" not in os.environ:  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
+            return cls()
+        import datetime
+        cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+        dist = cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ["LOCAL_RANK"]))
+        if cuda:
+            torch.cuda.set_device(dist.local_rank)
+        return dist
+
+    def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(value, op=getattr(torch.distributed.ReduceOp, op.upper()))
+        return value
+
+    def close(self) -> None:
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM into a request the loop honours after the current step.
+
+    A second signal interrupts at once. Handlers are installed only inside the `with` block.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = True
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, dist: Dist) -> bool:
+        """Whether to stop now; with several ranks, stop when any rank got the signal (all agree)."""
+        if dist.world == 1:
+            return self.received
+        flag = torch.tensor(float(self.received), device="cuda" if torch.cuda.is_available() else "cpu")
+        return bool(dist.all_reduce(flag, op="max"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,54 +250,86 @@ def lr_at(step: int, iters: int, peak: float, cfg: TrainConfig) -> float:
 
 def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: TrainConfig,
           weights: tuple[float, float, float], iters: int, peak_lr: float, stage: str,
-          device: str, dtype: torch.dtype, log: list[dict]) -> torch.optim.Optimizer:
+          device: str, dtype: torch.dtype, log: list[dict], ckpt_path: str | None = None,
+          resume: dict | None = None, dist: Dist | None = None, stop: StopSignal | None = None,
+          extra: dict | None = None) -> torch.optim.Optimizer:
     """Train `iters` optimizer steps with per-role loss `weights`. Both stages run through here.
 
     The loss of a step is sum(weight x token loss) / sum(weight), both sums over all micro-batches
-    of the step, so every supervised token counts the same however the batch is cut.
+    of the step and all ranks, so every supervised token counts the same however the batch is cut.
+    `resume` (a checkpoint of this stage) restores the optimizer, the step and the RNG; the data
+    order and learning rate are functions of the step, so the run continues exactly. Checkpoints go
+    to `ckpt_path` every --ckpt_interval steps and when `stop` reports SIGINT/SIGTERM; `extra` is
+    stored in them too (what run() needs to resume the stages around this one).
     """
-    device_type = device.split(":")[0]
-    optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device_type)
-    step_model = torch.compile(model) if cfg.compile else model
+    dist = dist or Dist()
+    optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
+    first_step, earlier_seconds = 0, 0.0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        first_step, earlier_seconds = resume["step"], resume.get("elapsed", 0.0)
+        torch.set_rng_state(resume["rng"].cpu())
+    net = torch.compile(model) if cfg.compile else model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
     batches = D.Batches(train_set, cfg.batch_size, cfg.seed)
-    start = time.time()
-    tokens = 0
-    for step in range(iters):
+    start, tokens = time.time(), torch.zeros((), device=device)
+
+    def checkpoint(step: int) -> None:
+        if ckpt_path and dist.master:
+            save_checkpoint(ckpt_path, model, optimizer, cfg, step, {"stage": stage, "log": log, **(extra or {}),
+                                                                     "elapsed": earlier_seconds + time.time() - start})
+
+    for step in range(first_step, iters):
         lr = lr_at(step, iters, peak_lr, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = [batches.get(step * cfg.grad_accum + i, device) for i in range(cfg.grad_accum)]
+        # Rank r takes every world-th micro-batch: N ranks see the global batch one process would.
+        micro = [batches.get((step * cfg.grad_accum + i) * dist.world + dist.rank, device)
+                 for i in range(cfg.grad_accum)]
         micro_weights = [sftkey.token_weights(roles, weights) for _, _, roles in micro]
-        total_weight = sum(w.sum() for w in micro_weights).clamp(min=1e-8)  # all-zero step: zero loss
-        step_loss = 0.0
+        total_weight = dist.all_reduce(sum(w.sum() for w in micro_weights))
+        # DDP averages gradients over ranks; multiplying by world turns that average into the sum.
+        scale = dist.world / total_weight.clamp(min=1e-8)  # an all-zero step gives zero loss, not NaN
+        step_loss = torch.zeros((), device=device)
         model.train()
-        for (x, y, _), w in zip(micro, micro_weights):
-            with autocast(device, dtype):
-                hidden = step_model(x)
-                loss = sftkey.weighted_loss_sum(hidden, model.lm_head, y, w) / total_weight
-            loss.backward()
-            step_loss += loss.detach()
-            tokens += x.numel()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for i, ((x, y, roles), w) in enumerate(zip(micro, micro_weights)):
+            last_micro = i == cfg.grad_accum - 1
+            with net.no_sync() if dist.world > 1 and not last_micro else contextlib.nullcontext():
+                with autocast(device, dtype):
+                    loss = sftkey.weighted_loss_sum(net(x), model.lm_head, y, w) * scale
+                loss.backward()
+            step_loss += loss.detach() / dist.world
+            tokens += (roles != sftkey.PAD).sum()
+        # The norm is the same on every rank; checking it before the update keeps the weights good.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"{stage} step {step}: the loss or gradient is not finite; stopping before the "
+                                     f"update. The last checkpoint in {cfg.out_dir} is intact; try a lower --lr.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        last = step == iters - 1
-        if step % cfg.log_interval == 0 or last:
+        done = step + 1
+        if step % cfg.log_interval == 0 or done == iters:
+            step_loss = float(dist.all_reduce(step_loss))
             elapsed = time.time() - start
-            eta = elapsed / (step + 1) * (iters - step - 1)
-            step_loss = float(step_loss)
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"{stage} step {step}: the loss is {step_loss}; stopping")
-            print(f"{stage} step {step:5d}/{iters} | lr {lr:.2e} | loss {step_loss:.4f} | "
-                  f"{tokens / elapsed:,.0f} tok/s | {_clock(elapsed)} elapsed | ETA {_clock(eta)}", flush=True)
-            log.append({"stage": stage, "step": step, "lr": lr, "loss": step_loss, "tokens_per_s": tokens / elapsed})
-        if step % cfg.eval_interval == 0 or last:
+            rate = float(dist.all_reduce(tokens.clone())) / elapsed
+            eta = elapsed / (done - first_step) * (iters - done)
+            if dist.master:
+                print(f"{stage} step {step:5d}/{iters} | lr {lr:.2e} | loss {step_loss:.4f} | {rate:,.0f} tok/s | "
+                      f"{_clock(elapsed)} elapsed | ETA {_clock(eta)}", flush=True)
+            log.append({"stage": stage, "step": step, "lr": lr, "loss": step_loss, "tokens_per_s": rate})
+        if dist.master and (step % cfg.eval_interval == 0 or done == iters):
             val = validation_loss(model, val_set, cfg, device, dtype)
             print(f"{stage} step {step:5d} | val loss: thinking {val['thinking']:.4f} | key {val['key']:.4f}",
                   flush=True)
             log.append({"stage": stage, "step": step, **{f"val_{k}": v for k, v in val.items()}})
+        stopping = stop is not None and stop.requested(dist)
+        if stopping or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < iters):
+            checkpoint(done)
+        if stopping:
+            raise Interrupted(f"{stage} stopped by signal after step {done} of {iters}; checkpoint written to "
+                              f"{ckpt_path}. Resume with the same command and --resume.")
     return optimizer
 
 
@@ -310,45 +427,63 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Stage 1 (or a single stage), evaluation, then stage 2 and evaluation when stage2_iters > 0."""
+    """Stage 1 (or a single stage), evaluation, then stage 2 and evaluation when stage2_iters > 0.
+
+    Each stage's checkpoint (out_dir/STAGE/ckpt.pt) holds, once the stage is evaluated, its results
+    too, so --resume skips finished stages and continues an unfinished one where it stopped.
+    """
+    dist = Dist.from_environment(cfg)
+    device, dtype = resolve_device(cfg, dist)
     torch.manual_seed(cfg.seed)
-    device, dtype = resolve_device(cfg)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     enc = D.get_encoding(cfg.encoding)
     train_set, val_set, test = load_data(cfg, enc)
-    for s in (train_set.summary, val_set.summary):
-        print(D.format_summary(s))
     model = build_model(cfg, enc, device)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_embd} wide | "
-          f"device {device} | {str(dtype).replace('torch.', '')}")
+    if dist.master:
+        for s in (train_set.summary, val_set.summary):
+            print(D.format_summary(s))
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
+              f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).replace('torch.', '')}")
 
-    first = "key_tag" if cfg.key_only else "sft_tag"
-    if cfg.untagged:
-        first = "sft"
-    stages = [] if cfg.eval_only else [(first, sftkey.role_weights(cfg.key_only, cfg.key_weight), cfg.max_iters, cfg.lr)]
-    if cfg.stage2_iters > 0 and not cfg.eval_only:
+    first = "sft" if cfg.untagged else "key_tag" if cfg.key_only else "sft_tag"
+    stages = [(first, sftkey.role_weights(cfg.key_only, cfg.key_weight), cfg.max_iters, cfg.lr)]
+    if cfg.stage2_iters > 0:
         stages.append(("sftkey_tag", sftkey.role_weights(key_only=True), cfg.stage2_iters, cfg.stage2_lr or cfg.lr))
-    results, log, timing = {}, [], {}
+    results, log, seconds = {}, [], {}
     if cfg.eval_only:
-        results["init"] = evaluate(model, enc, test, cfg, device, dtype)
-    for name, weights, iters, lr in stages:
-        t0 = time.time()
-        optimizer = train(model, train_set, val_set, cfg, weights, iters, lr, name, device, dtype, log)
-        timing[name] = time.time() - t0
-        save_checkpoint(os.path.join(cfg.out_dir, name, "ckpt.pt"), model, optimizer, cfg, iters)
-        results[name] = evaluate(model, enc, test, cfg, device, dtype)
-        r = results[name]
-        print(f"{name}: Acc {_fmt(r['acc'])} | Fmt {_fmt(r['fmt'])} | Composite {_fmt(r['composite'])} "
-              f"on {r['n']} test examples | trained in {_clock(timing[name])}", flush=True)
-        for sample in r["samples"][:1]:
-            print(f"  e.g. {sample['prompt']!r} -> {sample['response']!r} (reference {sample['reference']!r})")
-    table = results_table(results)
-    print(table)
+        stages, results["init"] = [], evaluate(model, enc, test, cfg, device, dtype)
+    with StopSignal() as stop:
+        for name, weights, iters, lr in stages:
+            path = os.path.join(cfg.out_dir, name, "ckpt.pt")
+            saved = read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
+            if saved is not None:
+                model.load_state_dict(saved["model"])
+                log[:], results, seconds = saved["log"], saved["results"], saved["seconds"]
+                if name in results:  # finished and evaluated before the interruption
+                    continue
+            t0 = time.time() - (saved.get("elapsed", 0.0) if saved else 0.0)
+            optimizer = train(model, train_set, val_set, cfg, weights, iters, lr, name, device, dtype, log,
+                              ckpt_path=path, resume=saved, dist=dist, stop=stop,
+                              extra={"results": results, "seconds": seconds})
+            seconds[name] = time.time() - t0
+            if not dist.master:
+                continue
+            state = {"stage": name, "log": log, "results": results, "seconds": seconds, "elapsed": seconds[name]}
+            save_checkpoint(path, model, optimizer, cfg, iters, state)  # the stage's weights, before evaluating
+            results[name] = r = evaluate(model, enc, test, cfg, device, dtype)
+            save_checkpoint(path, model, optimizer, cfg, iters, state)  # now with its results: resume skips it
+            print(f"{name}: Acc {_fmt(r['acc'])} | Fmt {_fmt(r['fmt'])} | Composite {_fmt(r['composite'])} "
+                  f"on {r['n']} test examples | trained in {_clock(seconds[name])}", flush=True)
+            for sample in r["samples"][:1]:
+                print(f"  e.g. {sample['prompt']!r} -> {sample['response']!r} (reference {sample['reference']!r})")
     summary = {"config": dataclasses.asdict(cfg), "data": [train_set.summary, val_set.summary],
-               "results": results, "train_seconds": timing, "log": log}
-    write_json(os.path.join(cfg.out_dir, "results.json"), summary)
+               "results": results, "train_seconds": seconds, "log": log}
+    if dist.master:
+        print(results_table(results))
+        write_json(os.path.join(cfg.out_dir, "results.json"), summary)
+    dist.close()
     return summary
 
 
@@ -359,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:  # bad input or flags: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (Interrupted, FloatingPointError) as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(130 if isinstance(err, Interrupted) else 1)
 
 
 if __name__ == "__main__":

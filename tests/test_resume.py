@@ -1,0 +1,91 @@
+"""Interruptions: a run stopped by a signal and resumed ends with exactly the weights of an
+uninterrupted run; a non-finite loss stops before it can spoil the weights; checkpoint writes are
+atomic."""
+import os
+import signal
+
+import pytest
+import torch
+
+import data as D
+import sftkey
+import train
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--n_train", "300",
+        "--n_val", "20", "--n_test", "4", "--max_iters", "12", "--stage2_iters", "6", "--warmup_iters", "2",
+        "--log_interval", "4", "--eval_interval", "100", "--dtype", "float32", "--device", "cpu",
+        "--dropout", "0.1"]  # dropout makes the result depend on the RNG state too
+
+
+def _config(out_dir, *extra: str) -> train.TrainConfig:
+    return train.parse_args([*TINY, "--out_dir", str(out_dir), *extra])
+
+
+def _final_weights(out_dir) -> dict:
+    return torch.load(os.path.join(out_dir, "sftkey_tag", "ckpt.pt"), weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("stage, at", [("sft_tag", 5), ("sftkey_tag", 3)])
+def test_resume_after_signal_gives_identical_weights(tmp_path, monkeypatch, stage, at):
+    straight = train.run(_config(tmp_path / "straight"))
+    expected = _final_weights(tmp_path / "straight")
+
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+    original = D.Batches.get
+
+    def get(self, i, device):  # interrupt only inside the chosen stage
+        calls["n"] += 1
+        if i == at and (stage == "sft_tag") == (calls["n"] <= 12):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, i, device)
+    monkeypatch.setattr(D.Batches, "get", get)
+    with pytest.raises(train.Interrupted, match="--resume"):
+        train.run(_config(out))
+    saved = torch.load(out / stage / "ckpt.pt", weights_only=True)
+    assert saved["step"] == at + 1  # the step in flight was finished, then checkpointed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    monkeypatch.setattr(D.Batches, "get", original)
+    summary = train.run(_config(out, "--resume"))
+    resumed = _final_weights(out)
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(resumed[name], expected[name]), name
+    assert set(summary["results"]) == {"sft_tag", "sftkey_tag"}
+    for name in ("sft_tag", "sftkey_tag"):
+        assert summary["results"][name]["correct"] == straight["results"][name]["correct"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = sftkey.weighted_loss_sum
+
+    def poisoned(*args):
+        loss = original(*args)
+        if not torch.is_grad_enabled():  # validation
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 9 else loss  # the 9th training step goes wrong
+    monkeypatch.setattr(sftkey, "weighted_loss_sum", poisoned)
+    with pytest.raises(FloatingPointError, match="step 8"):
+        train.run(_config(tmp_path, "--ckpt_interval", "4"))
+    saved = torch.load(tmp_path / "sft_tag" / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 8
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    cfg = _config(tmp_path)
+    model = train.GPT(train.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, model, None, cfg, step=1)
+
+    def crash(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, model, None, cfg, step=2)
+    assert torch.load(path, weights_only=True)["step"] == 1
