@@ -13,10 +13,13 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import re
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +42,8 @@ class TrainConfig:
     format: str = _flag("gsm8k", f"layout of --data and --eval_data: {', '.join(D.FORMATS)}")
     eval_data: str = _flag("", "test JSONL file (same format as --data); synthetic test set when --data is empty")
     strip_calculator: bool = _flag(False, "gsm8k: remove the <<48/2=24>> calculator annotations")
+    skip_bad_lines: bool = _flag(False, "skip and count malformed lines of --data/--eval_data instead of stopping "
+                                        "at the first one")
     untagged: bool = _flag(False, "write responses as 'reasoning\\n#### answer' instead of the tagged format "
                                   "(the plain SFT baseline; Fmt is then not defined)")
     encoding: str = _flag(D.SYNTHETIC_ENCODING, "tokenizer: sftkey-chars (offline, for the synthetic task), "
@@ -46,8 +51,11 @@ class TrainConfig:
     n_train: int = _flag(20000, "synthetic task: number of training problems")
     n_val: int = _flag(500, "validation examples carved from the training data (seeded)")
     n_test: int = _flag(500, "synthetic task: number of test problems")
+    data_seed: int = _flag(0, "synthetic task: seed of its problems, kept apart from --seed so that runs with "
+                              "different seeds are scored on the same test items")
     # the method
-    init_from: str = _flag("", "checkpoint to start from (e.g. out/stage1/ckpt.pt); empty = random weights")
+    init_from: str = _flag("", "checkpoint to start from (e.g. out/stage1/ckpt.pt), or gpt2:DIR for a Hugging Face "
+                               "GPT-2 folder (its shape then comes from the checkpoint); empty = random weights")
     key_only: bool = _flag(False, "put the loss on the answer only (stage 2; Key-Tag when from scratch)")
     key_weight: float = _flag(1.0, "loss weight of answer tokens; > 1 is the single-stage up-weighting control")
     max_iters: int = _flag(1500, "optimizer steps of the (first) stage")
@@ -105,52 +113,171 @@ def autocast(device: str, dtype: torch.dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
+# Dense bfloat16 tensor-core peaks from the vendors' data sheets, FLOP/s; longer names first so that
+# "L40S" is not taken for "L4". Other devices and dtypes are measured.
+_GPU_BF16_PEAKS = (("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+                   ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
+
+
+def peak_flops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The device's peak matmul FLOP/s at `dtype`, for MFU. Call it once, at start-up.
+
+    A known GPU at bfloat16 is looked up; anything else is measured: the best of `repeats` timed
+    size x size matrix products (2 * size^3 FLOPs each) after one untimed warm-up. On a CPU shared
+    with other work the measurement is only as steady as the machine.
+    """
+    if device.startswith("cuda") and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _GPU_BF16_PEAKS:
+            if key in name:
+                return peak
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = math.inf
+    for i in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        if i > 0:  # the first product pays for kernel selection and page faults
+            best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def mfu(model: GPT, tokens_per_s: float, seq_len: float, projected_fraction: float, peak: float) -> float:
+    """Model FLOPs utilisation of training: matmul FLOP/s achieved (GPT.flops_per_token) over `peak`.
+
+    `tokens_per_s` counts real (non-padding) input positions, `seq_len` is the mean padded width of
+    the micro-batches, `projected_fraction` the share of real positions with a non-zero loss weight
+    (the ones projected onto the vocabulary), `peak` comes from peak_flops.
+    """
+    return model.flops_per_token(seq_len, projected_fraction) * tokens_per_s / peak
+
+
 # ---------------------------------------------------------------------------------------------
 # Data and model
 
 def load_data(cfg: TrainConfig, enc) -> tuple[D.TokenizedSet, D.TokenizedSet, list[D.Example]]:
     """(train, validation) tokenized sets and the test examples."""
+    bad_lines: list[str] = []  # with --skip_bad_lines, "file:line: problem" of each skipped line
     if cfg.data:
-        examples = D.read_examples(cfg.data, cfg.format, cfg.strip_calculator)
-        test = D.read_examples(cfg.eval_data, cfg.format, cfg.strip_calculator) if cfg.eval_data else []
+        examples = D.read_examples(cfg.data, cfg.format, cfg.strip_calculator, cfg.skip_bad_lines, bad_lines)
+        test = (D.read_examples(cfg.eval_data, cfg.format, cfg.strip_calculator, cfg.skip_bad_lines, bad_lines)
+                if cfg.eval_data else [])
     else:
-        everything = D.synthetic_task(cfg.n_train + cfg.n_test, cfg.seed)
+        everything = D.synthetic_task(cfg.n_train + cfg.n_test, cfg.data_seed)
         examples, test = everything[:cfg.n_train], everything[cfg.n_train:]
     train_examples, val_examples = D.split(examples, cfg.n_val, cfg.seed)
+    if not val_examples:
+        raise D.DataError(f"{cfg.data or 'synthetic task'}: {len(examples)} examples leave no validation set, which "
+                          f"takes --n_val {cfg.n_val} but at most a tenth of them; use --n_val >= 1 and >= 10 examples")
     tagged = not cfg.untagged
     train_set = D.tokenize(train_examples, enc, cfg.block_size, tagged, name=cfg.data or "synthetic train")
     val_set = D.tokenize(val_examples, enc, cfg.block_size, tagged, name="validation")
-    return train_set, val_set, test[:cfg.eval_limit] if cfg.eval_limit else test
+    if bad_lines:
+        train_set.summary.update(skipped_bad_lines=len(bad_lines), bad_lines=bad_lines[:10])
+    test = test[:cfg.eval_limit] if cfg.eval_limit else test
+    # A test prompt that fills the block leaves no room to answer: say so now, not after training.
+    too_long = [ex for ex in test if len(enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP)) >= cfg.block_size]
+    if too_long:
+        raise D.DataError(f"{too_long[0].source or 'test set'}: the prompt alone fills --block_size {cfg.block_size} "
+                          f"tokens, leaving no room for a response ({len(too_long)} test prompts do); raise --block_size")
+    return train_set, val_set, test
+
+
+PRETRAINED = "gpt2:"  # --init_from gpt2:DIR loads a Hugging Face GPT-2 checkpoint folder
 
 
 def model_config(cfg: TrainConfig, enc) -> GPTConfig:
-    vocab = 64 * math.ceil(enc.n_vocab / 64)  # a multiple of 64 keeps the matmuls efficient
+    """The shape the flags ask for. Our own models round the vocabulary up to a multiple of 64, which
+    keeps the matmuls efficient; GPT-2's weights (and checkpoints trained from them) keep 50,257."""
+    vocab = 64 * math.ceil(enc.n_vocab / 64)
     return GPTConfig(vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
 
 
 def build_model(cfg: TrainConfig, enc, device: str) -> GPT:
-    """Random weights, or the weights of --init_from."""
+    """Random weights, the weights of an --init_from checkpoint, or GPT-2's (--init_from gpt2:DIR)."""
+    if cfg.init_from.startswith(PRETRAINED):
+        return pretrained_model(cfg, enc).to(device)
     mconf = model_config(cfg, enc)
-    return load_checkpoint(cfg.init_from, mconf, device)[0] if cfg.init_from else GPT(mconf).to(device)
+    if not cfg.init_from:
+        return GPT(mconf).to(device)
+    if not os.path.isfile(cfg.init_from):
+        raise FileNotFoundError(f"--init_from {cfg.init_from}: no such file")
+    return load_checkpoint(cfg.init_from, mconf, device, encoding=cfg.encoding, exact_vocab=enc.n_vocab)[0]
 
 
-def read_checkpoint(path: str, expected: GPTConfig, device: str) -> dict:
-    """A checkpoint's contents, after checking its model shape matches the flags."""
+def pretrained_model(cfg: TrainConfig, enc) -> GPT:
+    """GPT-2 from --init_from gpt2:DIR: its shape from the checkpoint (--n_layer, --n_head and --n_embd
+    do not apply), the position table cropped to --block_size, the tokenizer GPT-2's own."""
+    if enc.name != "gpt2":
+        raise ValueError(f"--init_from {cfg.init_from} needs --encoding gpt2 (GPT-2's own tokenizer), "
+                         f"got --encoding {cfg.encoding}")
+    model = GPT.from_pretrained(cfg.init_from[len(PRETRAINED):], block_size=cfg.block_size, dropout=cfg.dropout)
+    if model.config.vocab_size != enc.n_vocab:
+        raise ValueError(f"--init_from {cfg.init_from}: a vocabulary of {model.config.vocab_size} tokens, but the "
+                         f"gpt2 encoding has {enc.n_vocab}")
+    return model
+
+
+# The flag that sets each model-config field, to name it when a checkpoint does not match.
+_CONFIG_FLAGS = {"vocab_size": "--encoding", "block_size": "--block_size", "n_layer": "--n_layer",
+                 "n_head": "--n_head", "n_embd": "--n_embd", "dropout": "--dropout"}
+
+
+def read_checkpoint(path: str, expected: GPTConfig, device: str, encoding: str | None = None,
+                    exact_vocab: int | None = None) -> dict:
+    """A checkpoint's contents, after checking its model shape (and `encoding`, if given) matches the flags.
+
+    A checkpoint whose vocabulary is `exact_vocab` (the encoding's own size, not rounded up: one
+    trained from GPT-2's weights) is accepted as well as the rounded size `expected` holds.
+
+    Loading never runs code: torch.load with weights_only=True accepts tensors and plain Python
+    values only, and anything else is refused with a ValueError naming the file and the problem.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    ckpt = torch.load(path, map_location=device, weights_only=True)  # never unpickle code
-    saved = GPTConfig(**ckpt["model_config"])
-    diffs = [f"{k}={getattr(saved, k)} in the checkpoint but {getattr(expected, k)} here"
+    try:
+        with warnings.catch_warnings():  # a foreign pickle protocol draws a warning; the refusal below says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=device, weights_only=True)  # never unpickle code
+    except pickle.UnpicklingError as err:  # weights_only met something other than tensors and plain values
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(f"{path}: refused to load: it holds a pickled Python object{what} that is not a tensor or "
+                         f"a plain value, and unpickling it could run code. Only checkpoints holding tensors and "
+                         f"plain values, as this project writes them, are loaded.") from None
+    except Exception as err:  # a truncated or foreign file: the loader's own errors say little
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no details'})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: not an sftkey checkpoint (no 'model' and 'model_config' entries)")
+    try:
+        saved = GPTConfig(**ckpt["model_config"])
+    except TypeError as err:
+        raise ValueError(f"{path}: its model_config does not describe this project's GPT ({err})") from None
+    if exact_vocab is not None and saved.vocab_size == exact_vocab:
+        expected = dataclasses.replace(expected, vocab_size=exact_vocab)
+    diffs = [f"{_CONFIG_FLAGS.get(k, k)}: {k}={getattr(saved, k)} in the checkpoint but {getattr(expected, k)} here"
              for k in vars(saved) if getattr(saved, k) != getattr(expected, k)]
+    trained_with = (ckpt.get("train_config") or {}).get("encoding")
+    if encoding is not None and trained_with is not None and trained_with != encoding:
+        diffs.append(f"--encoding: {trained_with} in the checkpoint but {encoding} here")
     if diffs:
         raise ValueError(f"{path} does not match the flags: " + "; ".join(diffs))
     return ckpt
 
 
-def load_checkpoint(path: str, expected: GPTConfig, device: str) -> tuple[GPT, dict]:
-    ckpt = read_checkpoint(path, expected, device)
-    model = GPT(expected).to(device)
-    model.load_state_dict(ckpt["model"])
+def load_checkpoint(path: str, expected: GPTConfig, device: str, encoding: str | None = None,
+                    exact_vocab: int | None = None) -> tuple[GPT, dict]:
+    """A model with a checkpoint's weights (see read_checkpoint for the checks), and the checkpoint."""
+    ckpt = read_checkpoint(path, expected, device, encoding, exact_vocab)
+    model = GPT(GPTConfig(**ckpt["model_config"])).to(device)  # equal to `expected` but perhaps its vocabulary
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as err:  # missing, extra or misshapen tensors
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{path}: its weights do not fit the model ({detail[:300]})") from None
     return model, ckpt
 
 
@@ -252,7 +379,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
           weights: tuple[float, float, float], iters: int, peak_lr: float, stage: str,
           device: str, dtype: torch.dtype, log: list[dict], ckpt_path: str | None = None,
           resume: dict | None = None, dist: Dist | None = None, stop: StopSignal | None = None,
-          extra: dict | None = None) -> torch.optim.Optimizer:
+          extra: dict | None = None, steps_before: int = 0) -> torch.optim.Optimizer:
     """Train `iters` optimizer steps with per-role loss `weights`. Both stages run through here.
 
     The loss of a step is sum(weight x token loss) / sum(weight), both sums over all micro-batches
@@ -260,7 +387,8 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
     `resume` (a checkpoint of this stage) restores the optimizer, the step and the RNG; the data
     order and learning rate are functions of the step, so the run continues exactly. Checkpoints go
     to `ckpt_path` every --ckpt_interval steps and when `stop` reports SIGINT/SIGTERM; `extra` is
-    stored in them too (what run() needs to resume the stages around this one).
+    stored in them too (what run() needs to resume the stages around this one). `steps_before`
+    counts the steps earlier stages took on this data, so the data stream continues after them.
     """
     dist = dist or Dist()
     optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
@@ -285,7 +413,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Rank r takes every world-th micro-batch: N ranks see the global batch one process would.
-        micro = [batches.get((step * cfg.grad_accum + i) * dist.world + dist.rank, device)
+        micro = [batches.get(((steps_before + step) * cfg.grad_accum + i) * dist.world + dist.rank, device)
                  for i in range(cfg.grad_accum)]
         micro_weights = [sftkey.token_weights(roles, weights) for _, _, roles in micro]
         total_weight = dist.all_reduce(sum(w.sum() for w in micro_weights))
@@ -343,11 +471,12 @@ def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, devic
     for start in range(0, len(val_set.ids), cfg.batch_size):
         x, y, roles = D.collate(val_set.ids[start:start + cfg.batch_size],
                                 val_set.roles[start:start + cfg.batch_size], device)
+        with autocast(device, dtype):
+            hidden = model(x)
         for role in (sftkey.THINK, sftkey.KEY):
-            onehot = tuple(float(r == role) for r in range(3))
-            w = sftkey.token_weights(roles, onehot)
+            w = sftkey.token_weights(roles, tuple(float(r == role) for r in range(3)))  # this role only
             with autocast(device, dtype):
-                sums[role] += sftkey.weighted_loss_sum(model(x), model.lm_head, y, w)
+                sums[role] += sftkey.weighted_loss_sum(hidden, model.lm_head, y, w)
             counts[role] += w.sum()
     mean = (sums / counts.clamp(min=1)).tolist()
     return {"thinking": mean[sftkey.THINK], "key": mean[sftkey.KEY]}
@@ -414,7 +543,8 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     """One flag per TrainConfig field, its help text taken from the field."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        flag, help_text = f"--{f.name}", f.metadata["help"] + f" (default: {f.default!r})"
+        # %(default)r, not the field's default: a parser that calls set_defaults (experiment.py) shows its own
+        flag, help_text = f"--{f.name}", f.metadata["help"] + " (default: %(default)r)"
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
@@ -455,7 +585,8 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.eval_only:
         stages, results["init"] = [], evaluate(model, enc, test, cfg, device, dtype)
     with StopSignal() as stop:
-        for name, weights, iters, lr in stages:
+        for k, (name, weights, iters, lr) in enumerate(stages):
+            steps_done = sum(stage[2] for stage in stages[:k])  # stage 2 reads on where stage 1 stopped
             path = os.path.join(cfg.out_dir, name, "ckpt.pt")
             saved = read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
             if saved is not None:
@@ -465,7 +596,7 @@ def run(cfg: TrainConfig) -> dict:
                     continue
             t0 = time.time() - (saved.get("elapsed", 0.0) if saved else 0.0)
             optimizer = train(model, train_set, val_set, cfg, weights, iters, lr, name, device, dtype, log,
-                              ckpt_path=path, resume=saved, dist=dist, stop=stop,
+                              ckpt_path=path, resume=saved, dist=dist, stop=stop, steps_before=steps_done,
                               extra={"results": results, "seconds": seconds})
             seconds[name] = time.time() - t0
             if not dist.master:
@@ -487,9 +618,55 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse flag values that would fail later (or silently do something else), before anything runs."""
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_batch_size",
+                "log_interval", "eval_interval")
+    non_negative = ("n_train", "n_val", "n_test", "max_iters", "stage2_iters", "warmup_iters", "ckpt_interval",
+                    "eval_limit", "key_weight", "stage2_lr", "weight_decay", "grad_clip")
+    problems = [f"--{name} {getattr(cfg, name)}: must be at least 1" for name in positive if getattr(cfg, name) < 1]
+    problems += [f"--{name} {getattr(cfg, name)}: must be >= 0" for name in non_negative
+                 if not getattr(cfg, name) >= 0]  # `not >=` also catches nan
+    for name in ("lr", "key_weight", "stage2_lr", "weight_decay", "grad_clip", "dropout", "min_lr_ratio"):
+        if not math.isfinite(getattr(cfg, name)):
+            problems.append(f"--{name} {getattr(cfg, name)}: must be a finite number")
+    if not cfg.lr > 0:
+        problems.append(f"--lr {cfg.lr}: must be > 0")
+    if not 0 <= cfg.dropout < 1 or not 0 <= cfg.min_lr_ratio <= 1:
+        problems.append(f"--dropout {cfg.dropout} / --min_lr_ratio {cfg.min_lr_ratio}: must lie in [0, 1)/[0, 1]")
+    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
+        problems.append(f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}")
+    if cfg.format not in D.FORMATS:
+        problems.append(f"--format {cfg.format}: unknown; use one of {', '.join(D.FORMATS)}")
+    if cfg.eval_data and not cfg.data:
+        problems.append(f"--eval_data {cfg.eval_data} needs --data (without it the synthetic task is used)")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        problems.append(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
+    if cfg.device != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            device = None
+            problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
+    if cfg.init_from.startswith(PRETRAINED):
+        if not os.path.isdir(cfg.init_from[len(PRETRAINED):]):
+            problems.append(f"--init_from {cfg.init_from}: no such directory")
+        if cfg.encoding != "gpt2":
+            problems.append(f"--init_from {cfg.init_from} needs --encoding gpt2, got {cfg.encoding}")
+    elif cfg.init_from and not os.path.isfile(cfg.init_from):
+        problems.append(f"--init_from {cfg.init_from}: no such file")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        problems.append(f"--out_dir {cfg.out_dir}: exists and is not a folder")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
+        check_config(cfg)
         run(cfg)
     except (FileNotFoundError, ValueError) as err:  # bad input or flags: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)

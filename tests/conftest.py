@@ -1,7 +1,14 @@
 """Shared test set-up: offline tiktoken files when the project's ../shared folder is present."""
 import os
 
-import pytest
+# The tests use tiny models, for which thread start-up costs more than it saves; on a shared machine
+# two threads per process can be far slower still. Subprocesses (CLI and DDP tests) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 _SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 _CACHE = os.path.join(_SHARED, "tiktoken_cache")

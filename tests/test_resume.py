@@ -31,12 +31,11 @@ def test_resume_after_signal_gives_identical_weights(tmp_path, monkeypatch, stag
     expected = _final_weights(tmp_path / "straight")
 
     out = tmp_path / "interrupted"
-    calls = {"n": 0}
     original = D.Batches.get
+    batch = at + (12 if stage == "sftkey_tag" else 0)  # stage 2 reads on after stage 1's 12 batches
 
-    def get(self, i, device):  # interrupt only inside the chosen stage
-        calls["n"] += 1
-        if i == at and (stage == "sft_tag") == (calls["n"] <= 12):
+    def get(self, i, device):  # a real SIGINT to this process, while fetching that batch
+        if i == batch:
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, i, device)
     monkeypatch.setattr(D.Batches, "get", get)

@@ -1,0 +1,461 @@
+"""The experiment: the paper's four arms, the two controls it lacked, several seeds, paired statistics.
+
+    python experiment.py                       # all six arms, 3 seeds (about 30 minutes on 2 CPU cores)
+    python experiment.py --arms sft_tag,sftkey_tag,sft_tag_long --seeds 2 --e1 200 --e2 40
+
+Arms are data (`define_arms`): each is a list of phases (per-role loss weights, steps, peak
+learning rate), a format, and optionally a parent arm whose trained weights it starts from.
+`sftkey_tag` (the method) and `sft_tag_long` (the compute-matched control) both continue from
+`sft_tag`'s weights with a fresh optimizer and the same stage-2 schedule, so the only difference
+between them is the loss on the reasoning tokens. A parent is trained once per seed and kept in
+memory. Each seed changes the initial weights, the data order and the synthetic data.
+
+Outputs in --out_dir, rewritten (atomically) after every arm: results.md, results.json, loss_log.jsonl,
+and, when matplotlib is installed, val_loss.png and accuracy.png. Every flag of train.py applies
+(they set the model, the data and the optimiser); --e1, --e2 and --lam are other names for
+--max_iters, --stage2_iters and --key_weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import data as D
+import sftkey
+import train
+from model import GPT
+
+ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sft_tag_long", "weighted")  # parents before children
+COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sft_tag_long"), ("sftkey_tag", "weighted"))
+METRICS = ("acc", "fmt", "composite")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One call of train.train: a stage name (as it appears in the log), its loss weights and schedule."""
+    stage: str
+    weights: tuple[float, float, float]
+    iters: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    tagged: bool
+    phases: tuple[Phase, ...]
+    parent: str | None = None  # start from this arm's trained weights instead of the initial ones
+    about: str = ""
+
+
+def define_arms(e1: int, e2: int, lr: float, stage2_lr: float, lam: float) -> dict[str, Arm]:
+    """The six arms, in ARM_NAMES order (every parent comes before its children)."""
+    full, key = sftkey.role_weights(), sftkey.role_weights(key_only=True)
+    arms = [
+        Arm("sft", False, (Phase("sft", full, e1, lr),), about="untagged SFT, E1"),
+        Arm("sft_tag", True, (Phase("sft_tag", full, e1, lr),), about="tagged SFT, E1"),
+        Arm("key_tag", True, (Phase("key_tag", key, e1, lr),), about="key only from the initial weights, E1"),
+        Arm("sftkey_tag", True, (Phase("sftkey_tag", key, e2, stage2_lr),), parent="sft_tag",
+            about="sft_tag, then E2 key only (the method)"),
+        Arm("sft_tag_long", True, (Phase("sft_tag_long", full, e2, stage2_lr),), parent="sft_tag",
+            about="sft_tag, then E2 more tagged SFT (compute-matched control)"),
+        Arm("weighted", True, (Phase("weighted", sftkey.role_weights(key_weight=lam), e1 + e2, lr),),
+            about=f"one stage of E1+E2 with key weight {lam:g} (up-weighting control)"),
+    ]
+    return {arm.name: arm for arm in arms}
+
+
+def with_parents(names: list[str], arms: dict[str, Arm]) -> list[str]:
+    """The requested arms plus the parents they need, in ARM_NAMES order."""
+    unknown = [n for n in names if n not in arms]
+    if unknown:
+        raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARM_NAMES)}")
+    needed = set(names)
+    for name in names:
+        parent = arms[name].parent
+        while parent:
+            needed.add(parent)
+            parent = arms[parent].parent
+    return [n for n in arms if n in needed]
+
+
+def parent_chain(arm: Arm, arms: dict[str, Arm]) -> list[Arm]:
+    """The ancestors of an arm, oldest first."""
+    chain = []
+    while arm.parent:
+        arm = arms[arm.parent]
+        chain.insert(0, arm)
+    return chain
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics (numpy only, so they can be checked on constructed inputs)
+
+def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Mean of a - b over seeds and test items, with a paired percentile-bootstrap confidence interval.
+
+    `a` and `b` are (seeds, items) per-item scores of two arms on the same test items. A bootstrap
+    sample draws item indices with replacement and uses the same indices for every seed (item i of
+    each seed's test set travels together), then averages the differences over seeds and items.
+    Seeds are not resampled: with a handful of them their spread is reported as `per_seed` instead.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(f"paired_comparison needs two equal, non-empty (seeds, items) arrays; "
+                         f"got {a.shape} and {b.shape}")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"paired_comparison: level must be in (0, 1) and n_boot >= 1, got {level} and {n_boot}")
+    diff = a - b
+    item_means = diff.mean(axis=0)  # averaging over seeds first is the same as resampling columns of diff
+    rng = np.random.default_rng(seed)
+    n = item_means.size
+    boots = np.concatenate([item_means[rng.integers(0, n, size=(min(1000, n_boot - i), n))].mean(axis=1)
+                            for i in range(0, n_boot, 1000)])  # in chunks: bounded memory for large n
+    tail = (1 - level) / 2
+    low, high = np.quantile(boots, [tail, 1 - tail])
+    return {"mean": float(diff.mean()), "ci": [float(low), float(high)], "level": level,
+            "per_seed": diff.mean(axis=1).tolist(), "n_items": n, "n_seeds": diff.shape[0], "n_boot": n_boot}
+
+
+def item_scores(result: dict, metric: str) -> np.ndarray | None:
+    """Per-item Acc (0/1) or Composite (0.7 x correct + 0.3 x formatted); None where undefined."""
+    correct = np.asarray(result["correct"], dtype=np.float64)
+    if metric == "acc":
+        return correct
+    if result["formatted"] is None:
+        return None
+    return sftkey.composite(correct, np.asarray(result["formatted"], dtype=np.float64))
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation over seeds (std None with one seed; metrics None where undefined)."""
+    out = {}
+    for key in (*METRICS, "train_seconds", "train_seconds_with_parents"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = {"mean": float(np.mean(values)) if values else None,
+                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+    return out
+
+
+def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str, dict]:
+    """The COMPARISONS whose two arms were both run, on Acc and Composite."""
+    out = {}
+    for a, b in COMPARISONS:
+        if a not in results or b not in results or len(results[a]) != len(results[b]):
+            continue
+        entry = {}
+        for metric in ("acc", "composite"):
+            sa = [item_scores(r, metric) for r in results[a]]
+            sb = [item_scores(r, metric) for r in results[b]]
+            if any(s is None for s in sa + sb):
+                continue
+            entry[metric] = paired_comparison(np.stack(sa), np.stack(sb), n_boot=n_boot, seed=seed)
+        out[f"{a} - {b}"] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the arms
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_seed(cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], enc, device: str,
+             dtype: torch.dtype, on_result, save_ckpt: bool = False) -> None:
+    """Every arm in `names` at the seed cfg.seed; parents are trained once and kept in memory.
+
+    `on_result(arm_name, result, log_rows)` is called after each arm is trained and evaluated.
+    """
+    datasets: dict[bool, tuple] = {}
+    parents = {arms[n].parent for n in names if arms[n].parent}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        arm = arms[name]
+        arm_cfg = dataclasses.replace(cfg, untagged=not arm.tagged)
+        if arm.tagged not in datasets:  # both formats of the same examples, tokenized once per seed
+            datasets[arm.tagged] = train.load_data(arm_cfg, enc)
+        train_set, val_set, test = datasets[arm.tagged]
+        torch.manual_seed(cfg.seed)  # every root arm starts from the same initial weights at this seed
+        if arm.parent:
+            model = GPT(train.model_config(arm_cfg, enc)).to(device)
+            model.load_state_dict(states[arm.parent])
+        else:
+            model = train.build_model(arm_cfg, enc, device)
+        offset = sum(p.iters for parent in parent_chain(arm, arms) for p in parent.phases)
+        rows, t0 = [], time.time()
+        for phase in arm.phases:
+            log: list[dict] = []
+            optimizer = train.train(model=model, train_set=train_set, val_set=val_set, cfg=arm_cfg,
+                                    weights=phase.weights, iters=phase.iters, peak_lr=phase.lr, stage=phase.stage,
+                                    device=device, dtype=dtype, log=log, steps_before=offset)
+            rows += [{"arm": name, "seed": cfg.seed, "global_step": offset + row["step"], **row} for row in log]
+            offset += phase.iters
+        seconds[name] = time.time() - t0
+        if name in parents:
+            states[name] = snapshot(model)
+        if save_ckpt:
+            path = os.path.join(cfg.out_dir, f"seed{cfg.seed}", name, "ckpt.pt")
+            train.save_checkpoint(path, model, optimizer, arm_cfg, offset)
+        t1 = time.time()
+        result = train.evaluate(model=model, enc=enc, examples=test, cfg=arm_cfg, device=device, dtype=dtype)
+        result.update(seed=cfg.seed, steps=sum(p.iters for p in arm.phases), train_seconds=seconds[name],
+                      train_seconds_with_parents=seconds[name] + sum(seconds[p.name] for p in parent_chain(arm, arms)),
+                      eval_seconds=time.time() - t1)
+        on_result(name, result, rows)
+
+
+class Recorder:
+    """Collects results and loss rows and rewrites every output file after each arm."""
+
+    def __init__(self, cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], seeds: list[int], n_boot: int):
+        self.cfg, self.arms, self.names, self.seeds, self.n_boot = cfg, arms, names, seeds, n_boot
+        self.results: dict[str, list[dict]] = {n: [] for n in names}
+        self.rows: list[dict] = []
+
+    def add(self, name: str, result: dict, rows: list[dict]) -> None:
+        self.results[name].append(result)
+        self.rows += rows
+        r = result
+        print(f"seed {r['seed']} | {name}: Acc {_num(r['acc'])} | Fmt {_num(r['fmt'])} | Composite "
+              f"{_num(r['composite'])} on {r['n']} test problems | trained {r['steps']} steps in "
+              f"{r['train_seconds']:.0f} s", flush=True)
+        self.write(complete=False)
+
+    def summary(self, complete: bool) -> dict:
+        done = {n: runs for n, runs in self.results.items() if runs}
+        full = {n: runs for n, runs in done.items() if len(runs) == len(self.seeds)}
+        return {"complete": complete, "config": dataclasses.asdict(self.cfg), "seeds": self.seeds,
+                "n_boot": self.n_boot,
+                "arms": {n: {"parent": self.arms[n].parent, "tagged": self.arms[n].tagged, "about": self.arms[n].about,
+                             "phases": [dataclasses.asdict(p) for p in self.arms[n].phases]} for n in self.names},
+                "results": done, "aggregates": {n: aggregate(runs) for n, runs in done.items()},
+                "comparisons": compare(full, self.n_boot, self.cfg.seed)}
+
+    def write(self, complete: bool) -> dict:
+        summary = self.summary(complete)
+        out = self.cfg.out_dir
+        train.write_json(os.path.join(out, "results.json"), summary)
+        _write_text(os.path.join(out, "results.md"), markdown(summary))
+        _write_text(os.path.join(out, "loss_log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rows))
+        return summary
+
+
+def _write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _mean_std(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return _num(stat["mean"]) + ("" if stat["std"] is None else f" ± {stat['std']:.3f}")
+
+
+def _diff(c: dict | None) -> str:
+    if c is None:
+        return "-"
+    return f"{c['mean']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+
+
+def markdown(summary: dict) -> str:
+    """results.md: the per-arm table (mean ± std over seeds), the paired comparisons and the costs."""
+    cfg, seeds = summary["config"], summary["seeds"]
+    stage2_lr = cfg["stage2_lr"] or cfg["lr"]
+    n_test = {r["n"] for runs in summary["results"].values() for r in runs}
+    lines = [f"E1 = {cfg['max_iters']} steps, E2 = {cfg['stage2_iters']} steps, lr {cfg['lr']:g} (stage 2: "
+             f"{stage2_lr:g}), λ = {cfg['key_weight']:g}, batch {cfg['batch_size']}x{cfg['grad_accum']}, "
+             f"seeds {', '.join(map(str, seeds))}, {'/'.join(map(str, sorted(n_test))) or '?'} test problems per seed"
+             + ("" if summary["complete"] else " (incomplete run)"), "",
+             "| arm | training | Acc | Fmt | Composite | train s (own) | train s (with parent) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, agg in summary["aggregates"].items():
+        about = summary["arms"][name]["about"]
+        lines.append(f"| {name} | {about} | {_mean_std(agg['acc'])} | {_mean_std(agg['fmt'])} | "
+                     f"{_mean_std(agg['composite'])} | {agg['train_seconds']['mean']:.0f} | "
+                     f"{agg['train_seconds_with_parents']['mean']:.0f} |")
+    lines += ["", f"Mean ± sample standard deviation over {len(seeds)} seed(s); Fmt is undefined for the untagged "
+                  "arm. Times are wall-clock seconds of training (mean over seeds), without evaluation."]
+    if summary["comparisons"]:
+        lines += ["", "| comparison | ΔAcc [95% CI] | ΔComposite [95% CI] | ΔAcc per seed |",
+                  "| --- | --- | --- | --- |"]
+        for name, c in summary["comparisons"].items():
+            per_seed = ", ".join(f"{d:+.3f}" for d in c["acc"]["per_seed"])
+            lines.append(f"| {name} | {_diff(c.get('acc'))} | {_diff(c.get('composite'))} | {per_seed} |")
+        lines += ["", f"Differences are means over seeds and test problems; intervals are paired percentile bootstraps "
+                      f"over test problems ({summary['n_boot']} resamples, the same problems for every seed)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
+    """val_loss.png and accuracy.png; returns the files written, or [] when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+        from matplotlib import ticker
+    except ImportError:
+        return []
+    written = []
+    curves = _val_curves(rows)
+    pair = [a for a in ("sftkey_tag", "sft_tag_long") if a in curves]  # each curve starts with sft_tag's
+    if pair:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+        for ax, role in zip(axes, ("thinking", "key")):
+            for arm in pair:
+                steps, values = curves[arm][role]
+                ax.plot(steps, values, marker=".", label=arm)
+            ax.axvline(summary["config"]["max_iters"], color="grey", linestyle=":", linewidth=1)
+            ax.set(title=f"validation loss on {role} tokens", xlabel="step (stage 2 continues after E1)",
+                   ylabel="loss (nats/token, log scale)", yscale="log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(ticker.FuncFormatter(lambda y, _: f"{y:g}"))  # 0.9, 1, 2 rather than 10^0
+            ax.legend()
+        written.append(_save(fig, os.path.join(out_dir, "val_loss.png")))
+    names = list(summary["aggregates"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 4))
+    x = np.arange(len(names))
+    for i, metric in enumerate(("acc", "fmt")):
+        stats = [summary["aggregates"][n][metric] for n in names]
+        means = [np.nan if s["mean"] is None else s["mean"] for s in stats]
+        errors = [0 if s["std"] is None else s["std"] for s in stats]
+        ax.bar(x + (i - 0.5) * 0.4, means, 0.4, yerr=errors, capsize=3, label=metric.capitalize())
+    ax.set_xticks(x, names, rotation=20)
+    ax.set(ylim=(0, 1.05), ylabel="fraction of test problems",
+           title=f"Acc and Fmt per arm (mean ± std over {len(summary['seeds'])} seeds)")
+    ax.legend()
+    written.append(_save(fig, os.path.join(out_dir, "accuracy.png")))
+    return written
+
+
+def _val_curves(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Per arm, per role: (global steps, mean over seeds of the validation loss). A child's curve
+    starts with its parent's, so the two stages read as one line."""
+    by_arm: dict[str, dict[int, list[dict]]] = {}
+    for row in rows:
+        if "val_key" in row:
+            by_arm.setdefault(row["arm"], {}).setdefault(row["global_step"], []).append(row)
+    curves = {}
+    for arm, points in by_arm.items():
+        steps = sorted(points)
+        curves[arm] = {role: (steps, [float(np.mean([r[f"val_{role}"] for r in points[s]])) for s in steps])
+                       for role in ("thinking", "key")}
+    for arm in ("sftkey_tag", "sft_tag_long"):
+        if arm in curves and "sft_tag" in curves:
+            curves[arm] = {role: (curves["sft_tag"][role][0] + curves[arm][role][0],
+                                  curves["sft_tag"][role][1] + curves[arm][role][1]) for role in curves[arm]}
+    return curves
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    """train.py's flags (with defaults sized for this experiment) plus the experiment's own."""
+    parser = train.build_parser(__doc__)
+    parser.add_argument("--arms", default=",".join(ARM_NAMES),
+                        help=f"comma-separated arms to run (default: all: {','.join(ARM_NAMES)}); the parent "
+                             "sft_tag is added when sftkey_tag or sft_tag_long needs it")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds: --seed, --seed+1, ... (default: 3)")
+    parser.add_argument("--e1", dest="max_iters", type=int, help="E1: steps of the first stage (= --max_iters)")
+    parser.add_argument("--e2", dest="stage2_iters", type=int, help="E2: steps of stage 2 (= --stage2_iters)")
+    parser.add_argument("--lam", dest="key_weight", type=float,
+                        help="λ: key-token loss weight of the weighted arm (= --key_weight)")
+    parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
+    parser.add_argument("--save_ckpt", action="store_true", help="write every arm's final weights to "
+                        "OUT_DIR/seedS/ARM/ckpt.pt (default: keep nothing but the results)")
+    # E1 ~ one epoch of the synthetic task; see the README for how the budget was sized.
+    parser.set_defaults(out_dir="out/experiment", max_iters=600, stage2_iters=120, key_weight=5.0,
+                        dtype="float32", n_val=200, eval_interval=30, log_interval=100)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
+    """(train.py's config, the experiment's own settings: names, n_seeds, n_boot, save_ckpt)."""
+    args = vars(build_parser().parse_args(argv))
+    names = [n.strip() for n in args.pop("arms").split(",") if n.strip()]
+    own = {"names": names, "n_seeds": args.pop("seeds"), "n_boot": args.pop("n_boot"),
+           "save_ckpt": args.pop("save_ckpt")}
+    cfg = train.TrainConfig(**args)
+    for flag in ("resume", "eval_only", "key_only", "untagged"):
+        if getattr(cfg, flag):
+            raise ValueError(f"--{flag} does not apply to the experiment: the arms set the loss and the format "
+                             "themselves, and a run cannot be resumed (rerun it, or run fewer --arms/--seeds)")
+    if min(own["n_seeds"], own["n_boot"], cfg.max_iters, cfg.stage2_iters) < 1:
+        raise ValueError("--seeds, --n_boot, --e1 and --e2 must all be at least 1")
+    if not names:
+        raise ValueError("--arms: no arm given")
+    return cfg, own
+
+
+def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n_boot: int = 10_000,
+                   save_ckpt: bool = False) -> dict:
+    """Every requested arm (and the parents it needs) at every seed; writes and returns the summary."""
+    arms = define_arms(cfg.max_iters, cfg.stage2_iters, cfg.lr, cfg.stage2_lr or cfg.lr, cfg.key_weight)
+    run_names = with_parents(names, arms)
+    added = [n for n in run_names if n not in names]
+    if added:
+        print(f"also running {', '.join(added)}: the arms asked for start from its weights")
+    device, dtype = train.resolve_device(cfg)
+    enc = D.get_encoding(cfg.encoding)
+    seeds = [cfg.seed + k for k in range(n_seeds)]
+    recorder = Recorder(cfg, arms, run_names, seeds, n_boot)
+    print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "
+          f"{cfg.stage2_iters} | device {device} | {str(dtype).replace('torch.', '')}", flush=True)
+    for seed in seeds:
+        run_seed(dataclasses.replace(cfg, seed=seed), arms, run_names, enc, device, dtype, recorder.add, save_ckpt)
+    summary = recorder.write(complete=True)
+    print("\n" + markdown(summary))
+    images = plot(summary, recorder.rows, cfg.out_dir)
+    if images:
+        print("plots: " + ", ".join(images))
+    else:
+        print("no plots: matplotlib is not installed (pip install matplotlib, then rerun to get them)")
+    print(f"results: {os.path.join(cfg.out_dir, 'results.md')}, results.json, loss_log.jsonl")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg, own = parse_args(argv)
+        run_experiment(cfg, **own)
+    except (FileNotFoundError, ValueError) as err:  # bad input or flags: one clear line
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # the files on disk hold every arm finished so far ("complete": false)
+        print("\ninterrupted: the results of the arms already finished are in --out_dir", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The experiment: arm definitions, shared prefixes trained once, the paired bootstrap on inputs
+with a known answer, and miniature runs that write every output (with and without matplotlib)."""
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import experiment as E
+import train
+
+E1, E2 = 6, 3
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--n_train", "300",
+        "--n_val", "20", "--n_test", "6", "--block_size", "64", "--e1", str(E1), "--e2", str(E2), "--warmup_iters", "1",
+        "--eval_interval", "2", "--log_interval", "100", "--device", "cpu", "--n_boot", "200", "--seeds", "2"]
+
+
+def test_arms_have_the_intended_weights_schedules_and_parents():
+    arms = E.define_arms(e1=10, e2=4, lr=1e-3, stage2_lr=3e-4, lam=5.0)
+    assert list(arms) == list(E.ARM_NAMES)
+    expected = {  # name: (tagged, parent, [(weights, iters, lr)])
+        "sft": (False, None, [((0, 1, 1), 10, 1e-3)]),
+        "sft_tag": (True, None, [((0, 1, 1), 10, 1e-3)]),
+        "key_tag": (True, None, [((0, 0, 1), 10, 1e-3)]),
+        "sftkey_tag": (True, "sft_tag", [((0, 0, 1), 4, 3e-4)]),
+        "sft_tag_long": (True, "sft_tag", [((0, 1, 1), 4, 3e-4)]),
+        "weighted": (True, None, [((0, 1, 5), 14, 1e-3)]),
+    }
+    for name, (tagged, parent, phases) in expected.items():
+        arm = arms[name]
+        assert (arm.tagged, arm.parent) == (tagged, parent), name
+        assert [(p.weights, p.iters, p.lr) for p in arm.phases] == phases, name
+    for i, name in enumerate(E.ARM_NAMES):  # running in this order always has a parent ready
+        assert arms[name].parent is None or E.ARM_NAMES.index(arms[name].parent) < i
+    # compute matched: the method and its control train equally long from the same parent
+    total = {n: sum(p.iters for a in [*E.parent_chain(arms[n], arms), arms[n]] for p in a.phases) for n in arms}
+    assert total["sftkey_tag"] == total["sft_tag_long"] == total["weighted"] == 14
+
+    assert E.with_parents(["sft_tag_long", "sft"], arms) == ["sft", "sft_tag", "sft_tag_long"]
+    with pytest.raises(ValueError, match="unknown arm"):
+        E.with_parents(["sftkey"], arms)
+
+
+def test_command_line_aliases_and_refusals():
+    cfg, own = E.parse_args(["--e1", "7", "--e2", "2", "--lam", "3", "--arms", "sft_tag, sftkey_tag"])
+    assert (cfg.max_iters, cfg.stage2_iters, cfg.key_weight) == (7, 2, 3.0)
+    assert own["names"] == ["sft_tag", "sftkey_tag"] and own["n_seeds"] == 3
+    cfg, _ = E.parse_args([])
+    assert cfg.dtype == "float32" and cfg.max_iters > cfg.stage2_iters > 0
+    assert f"(default: {cfg.max_iters})" in E.build_parser().format_help()  # --help shows the experiment's own
+    for flag in ("--resume", "--key_only", "--untagged"):
+        with pytest.raises(ValueError, match=flag):
+            E.parse_args([flag])
+    with pytest.raises(ValueError, match="at least 1"):
+        E.parse_args(["--seeds", "0"])
+
+
+def test_paired_comparison_known_answers():
+    ones, zeros = np.ones((2, 50)), np.zeros((2, 50))
+    c = E.paired_comparison(ones, zeros, n_boot=500)
+    assert c["mean"] == 1.0 and c["ci"] == [1.0, 1.0] and c["per_seed"] == [1.0, 1.0]
+
+    # Seed 0 gains on the items seed 1 loses: every item's seed-average is 0, so resampling the same
+    # items for all seeds gives exactly 0 (independent resampling per seed would not).
+    a = np.array([[1, 0] * 50, [0, 1] * 50], dtype=float)
+    b = a[::-1]
+    c = E.paired_comparison(a, b, n_boot=500)
+    assert c["mean"] == 0.0 and c["ci"] == [0.0, 0.0] and c["per_seed"] == [0.0, 0.0]
+
+    # One seed, 30% of 2000 items improved: mean 0.3, CI close to the normal 0.3 ± 1.96 sqrt(0.21/2000).
+    n = 2000
+    a = np.zeros((1, n))
+    a[0, :600] = 1
+    c = E.paired_comparison(a, np.zeros((1, n)), n_boot=4000, seed=1)
+    half = 1.96 * np.sqrt(0.3 * 0.7 / n)
+    assert c["mean"] == pytest.approx(0.3)
+    assert c["ci"][0] == pytest.approx(0.3 - half, abs=0.2 * half)
+    assert c["ci"][1] == pytest.approx(0.3 + half, abs=0.2 * half)
+    # swapping the arms mirrors the answer; the seed makes it reproducible
+    mirrored = E.paired_comparison(np.zeros((1, n)), a, n_boot=4000, seed=1)
+    assert mirrored["mean"] == pytest.approx(-0.3)
+    assert mirrored["ci"] == pytest.approx([-c["ci"][1], -c["ci"][0]])
+    assert E.paired_comparison(a, np.zeros((1, n)), n_boot=4000, seed=1) == c
+
+    with pytest.raises(ValueError, match="equal"):
+        E.paired_comparison(np.zeros((2, 5)), np.zeros((2, 6)))
+
+
+def _fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+
+def test_shared_prefix_is_trained_once_and_children_start_from_it(tmp_path, monkeypatch, capsys):
+    calls = []
+    original = train.train
+
+    def counting(**kwargs):
+        start = _fingerprint(kwargs["model"])
+        optimizer = original(**kwargs)
+        calls.append({"stage": kwargs["stage"], "seed": kwargs["cfg"].seed, "iters": kwargs["iters"],
+                      "weights": kwargs["weights"], "start": start, "end": _fingerprint(kwargs["model"])})
+        return optimizer
+    monkeypatch.setattr(train, "train", counting)
+    cfg, own = E.parse_args([*TINY, "--arms", "sft,sftkey_tag,sft_tag_long", "--out_dir", str(tmp_path)])
+    summary = E.run_experiment(cfg, **own)
+
+    seeds = [cfg.seed, cfg.seed + 1]
+    assert [(c["seed"], c["stage"]) for c in calls] == [
+        (s, stage) for s in seeds for stage in ("sft", "sft_tag", "sftkey_tag", "sft_tag_long")]
+    assert sum(c["iters"] for c in calls) == 2 * (2 * E1 + 2 * E2)
+    by = {(c["seed"], c["stage"]): c for c in calls}
+    for s in seeds:
+        for child in ("sftkey_tag", "sft_tag_long"):
+            assert torch.equal(by[s, child]["start"], by[s, "sft_tag"]["end"])
+        assert torch.equal(by[s, "sft"]["start"], by[s, "sft_tag"]["start"])  # same init within a seed
+    assert not torch.equal(by[seeds[0], "sft_tag"]["start"], by[seeds[1], "sft_tag"]["start"])
+
+    assert set(summary["results"]) == {"sft", "sft_tag", "sftkey_tag", "sft_tag_long"}
+    assert all(r["fmt"] is None and r["composite"] is None for r in summary["results"]["sft"])
+    assert "| sft | untagged SFT, E1 |" in (tmp_path / "results.md").read_text()
+    assert set(summary["comparisons"]) == {"sftkey_tag - sft_tag", "sftkey_tag - sft_tag_long"}
+    plotted = {p.name for p in tmp_path.glob("*.png")}
+    if importlib.util.find_spec("matplotlib"):
+        assert plotted == {"val_loss.png", "accuracy.png"}
+    else:
+        assert not plotted and "pip install matplotlib" in capsys.readouterr().out
+
+
+def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    E.main([*TINY, "--arms", "sft_tag,sftkey_tag", "--out_dir", str(tmp_path)])
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png"))
+
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["complete"] and summary["config"]["max_iters"] == E1 and len(summary["seeds"]) == 2
+    for arm in ("sft_tag", "sftkey_tag"):
+        runs = summary["results"][arm]
+        assert [r["seed"] for r in runs] == summary["seeds"]
+        for r in runs:
+            assert len(r["correct"]) == len(r["formatted"]) == r["n"] == 6
+            assert r["acc"] == pytest.approx(np.mean(r["correct"]))
+            assert r["train_seconds"] > 0 and r["train_seconds_with_parents"] >= r["train_seconds"]
+        for metric in ("acc", "fmt", "composite"):
+            stat = summary["aggregates"][arm][metric]
+            assert stat["mean"] == pytest.approx(np.mean([r[metric] for r in runs]))
+            assert stat["std"] == pytest.approx(np.std([r[metric] for r in runs], ddof=1))
+    comparison = summary["comparisons"]["sftkey_tag - sft_tag"]
+    for metric in ("acc", "composite"):
+        c = comparison[metric]
+        per_seed = [x[metric] - y[metric] for x, y in zip(summary["results"]["sftkey_tag"],
+                                                           summary["results"]["sft_tag"])]
+        assert c["per_seed"] == pytest.approx(per_seed)
+        assert c["ci"][0] <= c["mean"] <= c["ci"][1] and c["n_items"] == 6
+
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| sft_tag |" in markdown and "| sftkey_tag |" in markdown and "sftkey_tag - sft_tag" in markdown
+    rows = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    expected = {(arm, seed) for arm in ("sft_tag", "sftkey_tag") for seed in summary["seeds"]}
+    assert {(r["arm"], r["seed"]) for r in rows} == expected
+    stage2 = [r for r in rows if r["arm"] == "sftkey_tag"]
+    assert min(r["global_step"] for r in stage2) == E1 and any("val_key" in r for r in stage2)

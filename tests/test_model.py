@@ -1,0 +1,150 @@
+"""The network and the loss on its outputs: causality, KV-cache and batched generation against
+cache-free generation of each prompt alone, the weighted loss, and the key-only gradient."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data as D
+import sftkey
+from model import GPT, GPTConfig
+
+VOCAB = 53
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU OpenMP's waiting
+    made these tests ~100x slower (measured: 2.5 ms vs 218 ms per forward). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_model(seed: int = 0, std: float = 0.4, block_size: int = 48) -> GPT:
+    """A float64 model with large random weights: peaked, varied logits, so a wrong token shows.
+
+    float64 keeps summation-order differences (cache vs no cache, batch vs alone) far below the
+    gap between the two largest logits, so the comparisons below can demand exact equality.
+    """
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    return model.double().eval()
+
+
+def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+NEVER = -1  # a stop token that is never produced
+
+
+def test_hidden_states_are_causal():
+    model = random_model()
+    x = torch.tensor(random_prompts([20])[0])[None]
+    full = model(x)
+    assert full.shape == (1, 20, 32)
+    assert torch.allclose(model(x[:, :12]), full[:, :12], atol=1e-12)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_kv_cache_gives_the_tokens_of_cache_free_generation():
+    model = random_model()
+    for prompt in random_prompts([1, 5, 11]):
+        slow = model.generate([prompt], 25, NEVER, use_cache=False)
+        fast = model.generate([prompt], 25, NEVER, use_cache=True)
+        assert fast == slow
+        assert len(slow[0]) == 25 and len(set(slow[0])) >= 5  # non-trivial output: the test can fail
+
+
+def test_batched_left_padded_generation_matches_each_prompt_alone():
+    model = random_model()
+    prompts = random_prompts([3, 1, 9, 6])
+    alone = [model.generate([p], 20, NEVER, use_cache=False)[0] for p in prompts]
+    assert len({tuple(a) for a in alone}) == len(prompts)
+    for use_cache in (True, False):
+        assert model.generate(prompts, 20, NEVER, use_cache=use_cache) == alone
+
+
+def test_rows_stop_at_their_own_stop_token():
+    model = random_model()
+    prompts = random_prompts([4, 2, 8])
+    free = [model.generate([p], 20, NEVER, use_cache=False)[0] for p in prompts]
+    stop = free[0][6]  # row 0 is sure to stop early; other rows stop wherever they produce it
+    expected = [out[:out.index(stop) + 1] if stop in out else out for out in free]
+    assert len(expected[0]) <= 7
+    assert model.generate(prompts, 20, stop, use_cache=True) == expected
+    assert [model.generate([p], 20, stop, use_cache=True)[0] for p in prompts] == expected
+
+
+def test_generation_stays_inside_block_size():
+    model = random_model(block_size=16)
+    out = model.generate(random_prompts([10, 3]), 100, NEVER)
+    assert [len(o) for o in out] == [6, 6]  # the batch is as wide as its longest prompt
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(random_prompts([16]), 4, NEVER)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+def tagged_batch(n: int = 3, seed: int = 0):
+    enc = D.char_encoding()
+    s = D.tokenize(D.synthetic_task(n, seed), enc, block_size=96)
+    return D.collate(s.ids, s.roles, "cpu")
+
+
+def small_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=320, block_size=96, n_layer=2, n_head=2, n_embd=32))
+
+
+def test_weighted_loss_sum_equals_full_projection():
+    model = small_model()
+    x, y, roles = tagged_batch()
+    for weights in (sftkey.role_weights(), sftkey.role_weights(key_only=True), sftkey.role_weights(key_weight=3.0)):
+        w = sftkey.token_weights(roles, weights)
+        hidden = model(x)
+        expected = (F.cross_entropy(model.lm_head(hidden).flatten(0, 1), y.flatten(), reduction="none")
+                    * w.flatten()).sum()
+        got = sftkey.weighted_loss_sum(hidden, model.lm_head, y, w)
+        assert torch.allclose(got, expected, rtol=1e-5)
+    empty = sftkey.weighted_loss_sum(model(x), model.lm_head, y, torch.zeros_like(w))
+    assert empty.item() == 0.0
+
+
+def gradient(model: GPT, x, y, roles, key_only: bool) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model)
+    w = sftkey.token_weights(roles, sftkey.role_weights(key_only=key_only))
+    (sftkey.weighted_loss_sum(model(x), model.lm_head, y, w) / w.sum()).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_key_only_gradient_ignores_thinking_targets_but_not_key_targets():
+    model = small_model()
+    x, y, roles = tagged_batch()
+    think, key = roles == sftkey.THINK, roles == sftkey.KEY
+    y_think = torch.where(think, (y + 7) % 256, y)  # other targets at every thinking position
+    y_key = y.clone()
+    y_key[key.nonzero()[0].unbind()] += 1  # one key target changed
+    assert not torch.equal(y_think, y) and not torch.equal(y_key, y)
+
+    base = gradient(model, x, y, roles, key_only=True)
+    assert same(gradient(model, x, y_think, roles, key_only=True), base)
+    assert not same(gradient(model, x, y_key, roles, key_only=True), base)
+
+    base = gradient(model, x, y, roles, key_only=False)
+    assert not same(gradient(model, x, y_think, roles, key_only=False), base)
+    assert not same(gradient(model, x, y_key, roles, key_only=False), base)

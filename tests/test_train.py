@@ -1,0 +1,265 @@
+"""The loop: per-role weights, the input/target/role shift, the loss of a step under gradient
+accumulation (through `train.train` itself), overfitting a few examples, and the default run in
+miniature through the command line."""
+import copy
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data as D
+import sftkey
+import train
+from model import GPT, GPTConfig
+from sftkey import KEY, PAD, PROMPT, THINK
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU OpenMP's waiting
+    made small models ~100x slower (measured). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and the shift
+
+def test_role_weights_of_each_stage():
+    assert sftkey.role_weights() == (0.0, 1.0, 1.0)
+    assert sftkey.role_weights(key_only=True) == (0.0, 0.0, 1.0)
+    assert sftkey.role_weights(key_weight=4.0) == (0.0, 1.0, 4.0)
+    assert sftkey.role_weights(key_only=True, key_weight=2.0) == (0.0, 0.0, 2.0)
+
+
+def test_token_weights_give_pad_zero():
+    roles = torch.tensor([[PROMPT, THINK, THINK, KEY, KEY, PAD], [PROMPT, PROMPT, KEY, PAD, PAD, PAD]])
+    assert sftkey.token_weights(roles, (0.0, 1.0, 1.0)).tolist() == [[0, 1, 1, 1, 1, 0], [0, 0, 1, 0, 0, 0]]
+    assert sftkey.token_weights(roles, (0.0, 0.0, 1.0)).tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0]]
+    assert sftkey.token_weights(roles, (0.0, 0.5, 3.0)).tolist() == [[0, .5, .5, 3, 3, 0], [0, 0, 3, 0, 0, 0]]
+    assert sftkey.token_weights(roles, (0.0, 1.0, 1.0)).dtype.is_floating_point
+
+
+def test_collate_shift_position_t_predicts_token_t_plus_1_with_its_role():
+    enc = D.char_encoding()
+    tok = lambda s: enc.encode_single_token(s)  # noqa: E731
+    short = D.tokenize([D.Example("Q: 1+2", "1+2=3", "3"), D.Example("Q: 5", "5", "5")], enc, 64)
+    x, y, roles = D.collate(short.ids, short.roles, "cpu")
+    ids = short.ids[0].tolist()
+    # "Q: 1+2\n" (7 prompt tokens), <Thinking> 1+2=3 </Thinking> (7), <Answer> 3 </Answer> EOT (4)
+    assert ids == [tok(c) for c in "Q: 1+2\n"] + [tok("<Thinking>")] + [tok(c) for c in "1+2=3"] + \
+        [tok("</Thinking>"), tok("<Answer>"), tok("3"), tok("</Answer>"), enc.eot_token]
+    assert x.shape == y.shape == roles.shape == (2, len(ids) - 1)
+    assert x[0].tolist() == ids[:-1] and y[0].tolist() == ids[1:]
+    # The prompt's last position (its newline) predicts the first <Thinking>, a THINK target.
+    assert x[0, 6] == tok("\n") and y[0, 6] == tok("<Thinking>") and roles[0, 6] == THINK
+    assert roles[0, :6].tolist() == [PROMPT] * 6  # prompt tokens predicted from the prompt
+    # </Thinking> predicts <Answer> (KEY) and </Answer> predicts end-of-text (KEY).
+    assert x[0, 13] == tok("</Thinking>") and y[0, 13] == tok("<Answer>") and roles[0, 13] == KEY
+    assert x[0, -1] == tok("</Answer>") and y[0, -1] == enc.eot_token and roles[0, -1] == KEY
+    assert roles[0].tolist() == [PROMPT] * 6 + [THINK] * 7 + [KEY] * 4
+    # The shorter row is right-padded; its padding carries the PAD role and so no weight.
+    n = len(short.ids[1]) - 1
+    assert y[1, n - 1] == enc.eot_token and roles[1, n:].tolist() == [PAD] * (x.shape[1] - n)
+    assert int(sftkey.token_weights(roles, sftkey.role_weights()).sum()) == 11 + 3 + 4  # THINK+KEY targets
+    assert int(sftkey.token_weights(roles, sftkey.role_weights(key_only=True)).sum()) == 4 + 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss of one optimizer step, through train.train
+
+class GradRecorder(torch.optim.Optimizer):
+    """Stands in for AdamW inside train.train: keeps the gradient it is given, changes nothing."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = [name for name, _ in model.named_parameters()]
+        super().__init__(list(model.parameters()), {"lr": 0.0})
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = self.param_groups[0]["params"]
+        self.grads.append({n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                           for n, p in zip(self.names, params)})
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=32))
+
+
+def train_one_step(model: GPT, data: D.TokenizedSet, weights, batch_size: int, grad_accum: int):
+    """The gradient and logged loss of train.train's first step (no clipping, no decay)."""
+    model = copy.deepcopy(model)
+    recorder = GradRecorder(model)
+    model.configure_optimizer = lambda *args, **kwargs: recorder
+    cfg = train.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, grad_clip=0.0, weight_decay=0.0,
+                            log_interval=1, eval_interval=1000, seed=5)
+    log: list[dict] = []
+    train.train(model=model, train_set=data, val_set=data, cfg=cfg, weights=weights, iters=1, peak_lr=1.0,
+                stage="test", device="cpu", dtype=torch.float32, log=log)
+    assert len(recorder.grads) == 1
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    return recorder.grads[0], losses[0]
+
+
+def direct_gradient(model: GPT, parts: list[tuple[list, list]], weights, normalise: str):
+    """Reference: the step loss written out by hand over the micro-batches `parts`.
+
+    normalise="step": sum of weighted token losses over all parts / sum of all weights (the rule);
+    "mean_of_means": each part's own weighted mean, averaged (the known-wrong rule).
+    """
+    model = copy.deepcopy(model)
+    sums, totals = [], []
+    for ids, roles in parts:
+        x, y, r = D.collate(ids, roles, "cpu")
+        w = sftkey.token_weights(r, weights)
+        sums.append(sftkey.weighted_loss_sum(model(x), model.lm_head, y, w))
+        totals.append(w.sum())
+    if normalise == "step":
+        loss = sum(sums) / sum(totals)
+    else:
+        loss = sum(s / t for s, t in zip(sums, totals)) / len(sums)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, float(loss.detach())
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in b)
+
+
+@pytest.fixture(scope="module")
+def six_examples() -> D.TokenizedSet:
+    # Reasoning and answers of very different lengths: Batches groups similar lengths, so the three
+    # micro-batches of two hold very different numbers of supervised tokens in every stage.
+    examples = [D.Example("Q: 1+1", "1+1=2", "2"), D.Example("Q: 3-1", "3-1=2", "2"),
+                D.Example("Q: 9+8+7", "9+8=17 17+7=24", "24"), D.Example("Q: 5+4", "5+4=9", "9"),
+                D.Example("Q: 99+99+99+99", "99+99=198 198+99=297 297+99=396", "396"),
+                D.Example("Q: 10-90-90-90", "10-90=-80 -80-90=-170 -170-90=-260", "-260")]
+    return D.tokenize(examples, D.char_encoding(), block_size=96)
+
+
+@pytest.mark.parametrize("weights", [sftkey.role_weights(), sftkey.role_weights(key_only=True),
+                                     sftkey.role_weights(key_weight=3.0)])
+def test_accumulated_micro_batches_equal_one_batch(six_examples, weights):
+    model = tiny_model()
+    accumulated, acc_loss = train_one_step(model, six_examples, weights, batch_size=2, grad_accum=3)
+    whole, whole_loss = train_one_step(model, six_examples, weights, batch_size=6, grad_accum=1)
+    everything = [(six_examples.ids, six_examples.roles)]
+    reference, ref_loss = direct_gradient(model, everything, weights, "step")
+    assert max_rel_diff(accumulated, reference) < 1e-4
+    assert max_rel_diff(whole, reference) < 1e-4
+    assert acc_loss == pytest.approx(ref_loss, rel=1e-5) and whole_loss == pytest.approx(ref_loss, rel=1e-5)
+    # The comparison can fail: averaging the micro-batches' own means gives another gradient.
+    batches = D.Batches(six_examples, 2, seed=5)
+    parts = [([six_examples.ids[j] for j in batches.indices(i)], [six_examples.roles[j] for j in batches.indices(i)])
+             for i in range(3)]
+    wrong, _ = direct_gradient(model, parts, weights, "mean_of_means")
+    assert max_rel_diff(wrong, reference) > 1e-2
+
+
+def test_micro_batch_with_zero_weight_adds_nothing(six_examples):
+    key_only = sftkey.role_weights(key_only=True)
+    ids, roles = six_examples.ids, six_examples.roles
+    no_key = roles[1].copy()
+    no_key[:] = PROMPT  # a micro-batch whose every target is prompt (or padding): weight 0 in stage 2
+    mixed = D.TokenizedSet(six_examples.examples[:2], [ids[0], ids[1]], [roles[0], no_key], {})
+    alone = D.TokenizedSet(six_examples.examples[:1], [ids[0]], [roles[0]], {})
+    with_empty, loss = train_one_step(tiny_model(), mixed, key_only, batch_size=1, grad_accum=2)
+    without, loss_alone = train_one_step(tiny_model(), alone, key_only, batch_size=1, grad_accum=1)
+    assert all(torch.isfinite(g).all() for g in with_empty.values()) and np.isfinite(loss)
+    assert max_rel_diff(with_empty, without) < 1e-5
+    assert loss == pytest.approx(loss_alone, rel=1e-6)
+
+    nothing = D.TokenizedSet(six_examples.examples[1:2], [ids[1]], [no_key], {})
+    grads, loss = train_one_step(tiny_model(), nothing, key_only, batch_size=1, grad_accum=1)
+    assert loss == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+
+def test_tiny_model_overfits_a_few_examples_and_generates_them():
+    enc = D.char_encoding()
+    examples = D.synthetic_task(4, seed=3)
+    data = D.tokenize(examples, enc, block_size=64)
+    cfg = train.TrainConfig(batch_size=4, block_size=64, lr=3e-3, warmup_iters=10, weight_decay=0.0,
+                            log_interval=1000, eval_interval=1000, eval_batch_size=4, seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=64))
+    before = train.evaluate(model, enc, examples, cfg, "cpu", torch.float32)
+    train.train(model=model, train_set=data, val_set=data, cfg=cfg, weights=sftkey.role_weights(), iters=200,
+                peak_lr=cfg.lr, stage="overfit", device="cpu", dtype=torch.float32, log=[])
+    model.eval()
+    for ex, ids in zip(examples, data.ids):
+        prompt = enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP)
+        assert ids[:len(prompt)].tolist() == prompt
+        assert model.generate([prompt], 64, enc.eot_token) == [ids[len(prompt):].tolist()]
+    after = train.evaluate(model, enc, examples, cfg, "cpu", torch.float32)
+    assert (after["acc"], after["fmt"], after["composite"], after["n"]) == (1.0, 1.0, pytest.approx(1.0), 4)
+    assert before["fmt"] == 0.0 and before["acc"] < 1.0  # it was learnt, not there from the start
+
+
+# ---------------------------------------------------------------------------------------------
+# The default run in miniature, through the command line
+
+MINI = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_train", "60", "--n_val", "6", "--n_test", "5",
+        "--max_iters", "4", "--stage2_iters", "2", "--batch_size", "8", "--warmup_iters", "1",
+        "--log_interval", "1", "--eval_interval", "2", "--device", "cpu", "--dtype", "float32"]
+
+
+def test_default_run_in_miniature_writes_results_and_checkpoints(tmp_path, capsys):
+    train.main([*MINI, "--out_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| sft_tag |" in printed and "| sftkey_tag |" in printed
+
+    with open(tmp_path / "results.json") as f:
+        summary = json.load(f)
+    assert list(summary["results"]) == ["sft_tag", "sftkey_tag"]
+    for r in summary["results"].values():
+        assert r["n"] == 5 and len(r["correct"]) == 5
+        assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["fmt"] <= 1.0
+        assert r["composite"] == pytest.approx(0.7 * r["acc"] + 0.3 * r["fmt"])
+    train_summary, val_summary = summary["data"]
+    assert train_summary["examples"] + train_summary["dropped_too_long"] == 54 and val_summary["examples"] == 6
+    for s in summary["data"]:
+        assert {"straddling_tokens", "prompt_prefix_mismatches", "key_fraction"} <= set(s)
+    assert summary["config"]["max_iters"] == 4 and summary["config"]["stage2_iters"] == 2
+
+    log = summary["log"]
+    steps = {stage: [e["step"] for e in log if e["stage"] == stage and "loss" in e] for stage in summary["results"]}
+    assert steps == {"sft_tag": [0, 1, 2, 3], "sftkey_tag": [0, 1]}
+    for stage in summary["results"]:  # validation loss split by role in both stages
+        val = [e for e in log if e["stage"] == stage and "val_key" in e]
+        assert val and all(np.isfinite(e["val_thinking"]) and np.isfinite(e["val_key"]) for e in val)
+    assert all(np.isfinite(e["loss"]) for e in log if "loss" in e)
+
+    ckpts = {stage: torch.load(tmp_path / stage / "ckpt.pt", weights_only=True) for stage in ("sft_tag", "sftkey_tag")}
+    assert ckpts["sft_tag"]["step"] == 4 and ckpts["sftkey_tag"]["step"] == 2
+    for ckpt in ckpts.values():
+        assert ckpt["model_config"]["n_embd"] == 32 and ckpt["optimizer"] is not None
+    moved = [k for k in ckpts["sft_tag"]["model"] if not torch.equal(ckpts["sft_tag"]["model"][k],
+                                                                     ckpts["sftkey_tag"]["model"][k])]
+    assert moved  # stage 2 trained further
+
+
+def test_help_exits_zero_and_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    squeezed = "".join(text.split())  # argparse re-wraps help text
+    for f in dataclasses.fields(train.TrainConfig):
+        assert f"--{f.name}" in text
+        assert "".join(f.metadata["help"].split()) in squeezed, f"--{f.name} is not documented"
+    # The flags other tools rely on (issue 2).
+    for flag in ("out_dir", "data", "format", "encoding", "init_from", "key_only", "max_iters", "batch_size",
+                 "block_size", "n_layer", "n_head", "n_embd", "lr", "seed", "device", "dtype", "eval_only",
+                 "eval_limit"):
+        assert f"--{flag} " in text or f"--{flag}\n" in text
