@@ -2,13 +2,16 @@
 
 Pre-LayerNorm blocks, learned positions, causal attention through
 `scaled_dot_product_attention`, input and output embeddings tied. Parameter names follow GPT-2
-(transformer.wte, transformer.h.0.attn.c_attn, ...) so that GPT-2's weights load by name.
+(transformer.wte, transformer.h.0.attn.c_attn, ...) so that GPT-2's weights load by name
+(`GPT.from_pretrained` reads a Hugging Face checkpoint folder).
 `forward` returns the final hidden states, not logits: the loss (sftkey.py) projects only the
 positions that carry a loss onto the vocabulary.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +118,49 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @classmethod
+    def from_pretrained(cls, path: str, block_size: int | None = None, dropout: float = 0.0) -> GPT:
+        """GPT-2 from a local Hugging Face checkpoint folder, in float32 on the CPU.
+
+        Reads `model.safetensors` (when the optional `safetensors` package imports) or
+        `pytorch_model.bin` (torch.load with weights_only=True), any of the four GPT-2 sizes: the
+        shape comes from the tensors (layers from the h.N blocks, width and vocabulary from wte,
+        positions from wpe) and n_head from config.json, or GPT-2's own table when it is absent.
+        `block_size` crops the position table (it cannot exceed the checkpoint's). Hugging Face's
+        `transformers` is not needed.
+        """
+        tensors, source = _read_hf_tensors(path)
+        config = _gpt2_config(tensors, path, source, dropout)
+        if block_size is not None:
+            if block_size > config.block_size:
+                raise ValueError(f"--block_size {block_size} exceeds the {config.block_size} positions of {source}")
+            config.block_size = block_size
+        state = _gpt2_state_dict(tensors, config, source)
+        with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
+            model = cls(config)
+        _check_names_and_shapes(state, model, source)
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign replaced both; tie them again
+        return model
+
+    def flops_per_token(self, seq_len: float, projected_fraction: float = 1.0) -> float:
+        """Matmul FLOPs of one training step (forward + backward) per input position.
+
+        FLOPs/token = 6 * N  +  12 * n_layer * n_embd * seq_len  +  6 * n_embd * vocab * projected_fraction
+          - N: weights of the linear layers inside the blocks (12 * n_embd^2 per layer); each does a
+            multiply-add per token in the forward (2N) and twice that in the backward (4N).
+          - attention: q.k and attn.v cost 2 * n_embd * seq_len each per token and layer in the forward,
+            times 3 with the backward; counted over the full square, causal masking not discounted.
+          - vocabulary projection: only the projected share of positions pays for it (all of them
+            in the plain way; those with a loss weight in sftkey.weighted_loss_sum).
+        LayerNorm, GELU, softmax, biases, embedding lookups and the optimizer are left out: they
+        are O(n_embd) per token, small next to the matmuls.
+        """
+        c = self.config
+        n = sum(m.weight.numel() for m in self.transformer.h.modules() if isinstance(m, nn.Linear))
+        return 6 * n + 12 * c.n_layer * c.n_embd * seq_len + 6 * c.n_embd * c.vocab_size * projected_fraction
+
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """Hidden states (B, T, n_embd) after the final LayerNorm.
@@ -144,13 +190,14 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_token: int,
-                 use_cache: bool = True) -> list[list[int]]:
+                 use_cache: bool = True, n_vocab: int | None = None) -> list[list[int]]:
         """Greedy continuation of a batch of prompts of any lengths, until `stop_token` or the limit.
 
         Prompts are left-padded; each row's positions start at 0 at its first real token and an
         attention mask hides the padding, so a row's tokens do not depend on the rest of the batch.
         `use_cache=False` re-runs the whole prefix at every step (the slow reference the tests and
-        bench.py compare against). Returned rows include the stop token when it was produced.
+        bench.py compare against). `n_vocab` limits the choice to the tokenizer's ids (the embedding
+        table is padded to a multiple of 64). Returned rows include the stop token when it was produced.
         """
         device, B = self.transformer.wte.weight.device, len(prompts)
         width = max(len(p) for p in prompts)
@@ -174,7 +221,7 @@ class GPT(nn.Module):
         start = 0  # first position fed in this step: everything at step 0, then only the new token
         for t in range(width, total):
             h = self(idx[:, start:t], pos[:, start:t], mask[:, :, start:t, :t], cache)
-            nxt = self.lm_head(h[:, -1]).argmax(-1)
+            nxt = self.lm_head(h[:, -1])[:, :n_vocab].argmax(-1)  # never a padding id the tokenizer lacks
             idx[:, t] = nxt
             for row in (~done).nonzero().flatten().tolist():
                 out[row].append(int(nxt[row]))
@@ -183,3 +230,93 @@ class GPT(nn.Module):
                 break
             start = t if use_cache else 0
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 checkpoints
+
+_GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head of GPT-2 small, medium, large, xl
+# Hugging Face stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The checkpoint's tensors, keys without the optional "transformer." prefix, and the file read."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"gpt2:{path}: no such directory")
+    st_file, bin_file = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        load_file = None
+    if os.path.isfile(st_file) and load_file is not None:
+        tensors, source = load_file(st_file), st_file
+    elif os.path.isfile(bin_file):
+        tensors, source = torch.load(bin_file, map_location="cpu", weights_only=True), bin_file  # never unpickle code
+    elif os.path.isfile(st_file):
+        raise FileNotFoundError(f"{st_file}: reading it needs the safetensors package (pip install safetensors), "
+                                f"or put a pytorch_model.bin beside it")
+    else:
+        raise FileNotFoundError(f"gpt2:{path}: holds neither model.safetensors nor pytorch_model.bin "
+                                f"(sharded checkpoints are not supported)")
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{source}: not a state dict of tensors")
+    return {k.removeprefix("transformer."): t for k, t in tensors.items()}, source
+
+
+def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropout: float) -> GPTConfig:
+    for name in ("wte.weight", "wpe.weight"):
+        if name not in tensors:
+            raise ValueError(f"{source}: no tensor {name}; is it a GPT-2 checkpoint?")
+    vocab, n_embd = tensors["wte.weight"].shape
+    n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
+    hf = {}
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            hf = json.load(f)
+    # Variants whose arithmetic differs from GPT-2's would load without error and compute
+    # something else: refuse them by name.
+    unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+                   "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
+    for key, allowed in unsupported.items():
+        if key in hf and hf[key] not in allowed:
+            raise ValueError(f"{config_file}: {key}={hf[key]!r} is not supported (GPT-2 has {allowed[0]!r})")
+    n_head = hf.get("n_head", _GPT2_HEADS.get(n_embd))
+    if n_head is None:
+        raise ValueError(f"gpt2:{path}: n_head is not in the tensors' shapes and there is no config.json giving it "
+                         f"(width {n_embd} is none of GPT-2's sizes {sorted(_GPT2_HEADS)})")
+    if n_embd % n_head:
+        raise ValueError(f"gpt2:{path}: width {n_embd} is not a multiple of n_head {n_head}")
+    return GPTConfig(vocab_size=vocab, block_size=tensors["wpe.weight"].shape[0], n_layer=n_layer,
+                     n_head=n_head, n_embd=n_embd, dropout=dropout)
+
+
+def _gpt2_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, source: str) -> dict[str, torch.Tensor]:
+    """Hugging Face's names and layouts turned into this model's state dict (float32)."""
+    state = {}
+    for key, tensor in tensors.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+            continue
+        if key == "lm_head.weight":  # GPT-2 ties it to wte; a different tensor is another model
+            if not torch.equal(tensor, tensors["wte.weight"]):
+                raise ValueError(f"{source}: lm_head.weight differs from wte.weight; only tied GPT-2 is supported")
+            continue
+        tensor = tensor.float()
+        state["transformer." + key] = tensor.t().contiguous() if key.endswith(_CONV1D) else tensor.contiguous()
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size].clone()
+    return state
+
+
+def _check_names_and_shapes(state: dict[str, torch.Tensor], model: GPT, source: str) -> None:
+    """A clear error for a missing, unexpected or misshapen tensor (load_state_dict's is a wall of text)."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(k.removeprefix("transformer.") for k in expected.keys() - state.keys())
+    unexpected = sorted(k.removeprefix("transformer.") for k in state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source}: not GPT-2's tensors: missing {missing[:5] or 'none'}, "
+                         f"unexpected {unexpected[:5] or 'none'}")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise ValueError(f"{source}: {key.removeprefix('transformer.')} has shape {tuple(state[key].shape)}, "
+                             f"expected {tuple(shape)} (after transposing Conv1D weights)")

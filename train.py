@@ -498,7 +498,7 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
     for start in range(0, len(order), cfg.eval_batch_size):
         rows = order[start:start + cfg.eval_batch_size]
         with autocast(device, dtype):
-            outs = model.generate([prompts[i] for i in rows], cfg.block_size, enc.eot_token)
+            outs = model.generate([prompts[i] for i in rows], cfg.block_size, enc.eot_token, n_vocab=enc.n_vocab)
         for i, out in zip(rows, outs):
             ended = bool(out) and out[-1] == enc.eot_token
             response = enc.decode(out[:-1] if ended else out)

@@ -1,0 +1,203 @@
+"""Bad input through the command line: one clear error naming file, line and problem, no traceback.
+
+Every case runs `train.main` in-process (a subprocess costs seconds of imports each) and checks the
+exit code, the message on stderr and that nothing was written to --out_dir; one case runs
+`python train.py` in a subprocess to prove the same end to end. `--skip_bad_lines` is tested at
+the end, both in `data.read_examples` and through a tiny training run.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data as D
+import train
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--max_iters", "1", "--stage2_iters", "0",
+        "--n_train", "40", "--n_test", "4", "--n_val", "2", "--eval_limit", "1", "--eval_interval", "1000",
+        "--log_interval", "1000"]
+GOOD_GSM8K = json.dumps({"question": "What is 2+3?", "answer": "2+3=5\n#### 5"})
+
+
+def jsonl(*records) -> str:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n"
+
+
+def run_main(args: list[str], out_dir: Path, capsys) -> tuple[int, str]:
+    """train.main with tiny-model flags; returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + args + ["--out_dir", str(out_dir)])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def assert_clean_failure(code: int, err: str, out_dir: Path, *fragments: str) -> None:
+    assert code not in (0, None), err
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0, f"not one paragraph: {err!r}"
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert not out_dir.exists() or not any(out_dir.iterdir()), "something was written to --out_dir"
+
+
+# (name, file contents (str or bytes), extra flags, line named in the error (None: no line), problem)
+DATA_CASES = [
+    ("invalid JSON", jsonl(GOOD_GSM8K, '{"question": "x", "answer": '), [], 2, "invalid JSON"),
+    ("not an object", jsonl(GOOD_GSM8K, GOOD_GSM8K, "[1, 2]"), [], 3, "expected a JSON object, got list"),
+    ("a string line", jsonl('"just text"'), [], 1, "expected a JSON object, got str"),
+    ("missing field", jsonl(GOOD_GSM8K, {"question": "x"}), [], 2, "missing field 'answer'"),
+    ("non-string field", jsonl({"question": "x", "answer": 5}), [], 1, "field 'answer' must be a string, got int"),
+    ("null field", jsonl({"prompt": None, "thinking": "a", "answer": "1"}), ["--format", "tagged"], 1,
+     "field 'prompt' must be a string, got NoneType"),
+    ("no #### line", jsonl({"question": "x", "answer": "just reasoning"}), [], 1, "no final line '#### <answer>'"),
+    ("empty answer", jsonl(GOOD_GSM8K, {"question": "x", "answer": "a\n####   "}), [], 2, "empty answer"),
+    ("blank tagged answer", jsonl({"prompt": "x", "thinking": "a", "answer": " \t"}), ["--format", "tagged"], 1,
+     "empty answer"),
+    ("</Answer> in the answer", jsonl({"prompt": "x", "thinking": "a", "answer": "5</Answer>"}),
+     ["--format", "tagged"], 1, "the answer contains the tag </Answer>"),
+    ("<Thinking> in the thinking", jsonl(GOOD_GSM8K, {"question": "x", "answer": "a <Thinking> b\n#### 1"}), [], 2,
+     "the thinking contains the tag <Thinking>"),
+    ("completion without tags", jsonl({"prompt": "x", "completion": "the answer is 5"}), ["--format", "completion"],
+     1, "must hold <Thinking> exactly once, found it 0 times"),
+    ("completion with a tag twice",
+     jsonl({"prompt": "x", "completion": "<Thinking>a</Thinking><Answer>1</Answer><Answer>2</Answer>"}),
+     ["--format", "completion"], 1, "must hold <Answer> exactly once, found it 2 times"),
+    ("completion tags out of order",
+     jsonl({"prompt": "x", "completion": "<Answer>1</Answer><Thinking>a</Thinking>"}), ["--format", "completion"],
+     1, "is not <Thinking>…</Thinking><Answer>…</Answer>"),
+    ("<|endoftext|> in the prompt", jsonl(GOOD_GSM8K, {"question": "a<|endoftext|>b", "answer": "c\n#### 1"}), [],
+     2, "the prompt contains '<|endoftext|>'"),
+    ("<|endoftext|> in the answer", jsonl({"question": "a", "answer": "c\n#### 1<|endoftext|>"}), [], 1,
+     "the answer contains '<|endoftext|>'"),
+    ("invalid UTF-8", (jsonl(GOOD_GSM8K, GOOD_GSM8K) + '{"question": "caf').encode() + b"\xe9\"}\n", [], 3,
+     "not valid UTF-8"),
+    ("lone surrogate", jsonl(GOOD_GSM8K, '{"question": "\\ud800", "answer": "a\\n#### 1"}'), [], 2,
+     "not a Unicode character"),
+    ("deeply nested JSON", jsonl("[" * 100000), [], 1, "invalid JSON"),
+    ("empty file", "", [], None, "no examples in the file"),
+    ("only blank lines", "\n  \n\t\n", [], None, "no examples in the file"),
+    ("all too long", jsonl(*[{"question": "x" * 300, "answer": "a\n#### 1"}] * 30), [], None,
+     "longer than --block_size 96"),
+    ("too few for a validation set", jsonl(*[GOOD_GSM8K] * 3), [], None, "leave no validation set"),
+]
+
+
+@pytest.mark.parametrize("name, contents, flags, line, problem", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data_file(tmp_path, capsys, name, contents, flags, line, problem):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(contents if isinstance(contents, bytes) else contents.encode("utf-8"))
+    code, err = run_main(["--data", str(path), *flags], tmp_path / "out", capsys)
+    where = f"{path}:{line}:" if line else f"{path}:"
+    assert_clean_failure(code, err, tmp_path / "out", where, problem)
+
+
+def test_bad_line_in_eval_data_is_named(tmp_path, capsys):
+    train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train_file.write_text(jsonl(*[GOOD_GSM8K] * 20))
+    test_file.write_text(jsonl(GOOD_GSM8K, GOOD_GSM8K, GOOD_GSM8K, "{oops"))
+    code, err = run_main(["--data", str(train_file), "--eval_data", str(test_file)], tmp_path / "out", capsys)
+    assert_clean_failure(code, err, tmp_path / "out", f"{test_file}:4:", "invalid JSON")
+
+
+def bad_tiktoken(tmp_path: Path) -> str:
+    path = tmp_path / "broken.tiktoken"
+    path.write_text("YQ== 0\nnot base64 at all\n")
+    return str(path)
+
+
+FLAG_CASES = [
+    ("unknown format", lambda tmp: ["--format", "xml"], "--format xml: unknown"),
+    ("unknown encoding", lambda tmp: ["--encoding", "nope"], "--encoding nope: unknown"),
+    ("missing .tiktoken", lambda tmp: ["--encoding", str(tmp / "none.tiktoken")], "no such file"),
+    ("broken .tiktoken", lambda tmp: ["--encoding", bad_tiktoken(tmp)], "broken.tiktoken:2: not a '<base64 token>"),
+    ("missing --init_from", lambda tmp: ["--init_from", str(tmp / "ckpt.pt")], "--init_from"),
+    ("missing --data", lambda tmp: ["--data", str(tmp / "none.jsonl")], "none.jsonl: no such file"),
+    ("--data is a folder", lambda tmp: ["--data", str(tmp)], "cannot read it"),
+    ("--eval_data without --data", lambda tmp: ["--eval_data", str(tmp / "x.jsonl")], "needs --data"),
+    ("heads do not divide the width", lambda tmp: ["--n_embd", "10", "--n_head", "3"], "not a multiple of --n_head"),
+    ("zero batch size", lambda tmp: ["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    ("nan learning rate", lambda tmp: ["--lr", "nan"], "--lr nan: must be a finite number"),
+    ("unknown device", lambda tmp: ["--device", "tpu"], "--device tpu: not a device"),
+    ("unknown dtype", lambda tmp: ["--dtype", "float8"], "--dtype float8"),
+]
+
+
+@pytest.mark.parametrize("name, flags, problem", FLAG_CASES, ids=[c[0] for c in FLAG_CASES])
+def test_bad_flag(tmp_path, capsys, name, flags, problem):
+    code, err = run_main(flags(tmp_path), tmp_path / "out", capsys)
+    assert_clean_failure(code, err, tmp_path / "out", problem)
+
+
+def test_out_dir_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "results"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--out_dir", str(target)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and "exists and is not a folder" in err and "Traceback" not in err
+    assert target.read_text() == "keep me"
+
+
+def test_end_to_end_no_traceback(tmp_path):
+    """The real command line, in its own process: exit code 2, one line on stderr, nothing written."""
+    (tmp_path / "data.jsonl").write_text(jsonl(GOOD_GSM8K, "{bad"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "train.py", *TINY, "--data", str(tmp_path / "data.jsonl"),
+                           "--out_dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "data.jsonl:2: invalid JSON" in proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading details and --skip_bad_lines
+
+def test_line_numbers_count_only_newlines(tmp_path):
+    """U+2028 inside a JSON string, CRLF line ends and a byte-order mark are not bad lines."""
+    path = tmp_path / "data.jsonl"
+    good = json.dumps({"question": "a\u2028b\u0085c", "answer": "d\n#### 1"}, ensure_ascii=False)
+    path.write_bytes(b"\xef\xbb\xbf" + (good + "\r\n" + good + "\r\n{oops\r\n").encode("utf-8"))
+    with pytest.raises(D.DataError, match=r"data\.jsonl:3: invalid JSON"):
+        D.read_examples(str(path), "gsm8k")
+    examples = D.read_examples(str(path), "gsm8k", skip_bad_lines=True)
+    assert [e.prompt for e in examples] == ["a\u2028b\u0085c"] * 2
+    assert examples[1].source == f"{path}:2"
+
+
+def test_skip_bad_lines_counts_and_names_each(tmp_path):
+    path = tmp_path / "data.jsonl"
+    lines = [GOOD_GSM8K, "{oops", GOOD_GSM8K, json.dumps({"question": "x"}), "", GOOD_GSM8K, "[]"]
+    path.write_text("\n".join(lines))
+    skipped: list[str] = []
+    examples = D.read_examples(str(path), "gsm8k", skip_bad_lines=True, skipped=skipped)
+    assert len(examples) == 3
+    assert [s.split(": ", 1)[0] for s in skipped] == [f"{path}:2", f"{path}:4", f"{path}:7"]
+    with pytest.raises(D.DataError, match=":2: invalid JSON"):
+        D.read_examples(str(path), "gsm8k")
+
+
+def test_skip_bad_lines_with_nothing_left(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("{oops\n[]\n")
+    with pytest.raises(D.DataError, match=r"no examples in the file \(2 bad lines skipped"):
+        D.read_examples(str(path), "gsm8k", skip_bad_lines=True)
+
+
+def test_skip_bad_lines_through_a_training_run(tmp_path, capsys):
+    """A tiny run on a file with two bad lines: it trains, and the summary reports both."""
+    path = tmp_path / "data.jsonl"
+    good = [{"prompt": f"Q: {a}+{b}", "thinking": f"{a}+{b}={a + b}", "answer": str(a + b)}
+            for a in range(4) for b in range(4)]
+    path.write_text(jsonl(*good[:5], "not json", *good[5:], {"prompt": "x", "thinking": "y"}))
+    out = tmp_path / "out"
+    train.main(TINY + ["--data", str(path), "--format", "tagged", "--skip_bad_lines", "--out_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "skipped 2 bad lines" in printed and f"{path}:6: invalid JSON" in printed
+    summary = json.loads((out / "results.json").read_text())["data"][0]
+    assert summary["skipped_bad_lines"] == 2 and summary["examples"] + 1 == len(good)  # one held out
+    assert any(line.startswith(f"{path}:18: missing field 'answer'") for line in summary["bad_lines"])
