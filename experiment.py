@@ -177,7 +177,7 @@ def run_seed(cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], enc
     """
     datasets: dict[bool, tuple] = {}
     parents = {arms[n].parent for n in names if arms[n].parent}
-    states: dict[str, dict[str, torch.Tensor]] = {}
+    states: dict[str, tuple] = {}  # parent arm -> (its GPTConfig, its trained weights)
     seconds: dict[str, float] = {}
     for name in names:
         arm = arms[name]
@@ -186,9 +186,10 @@ def run_seed(cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], enc
             datasets[arm.tagged] = train.load_data(arm_cfg, enc)
         train_set, val_set, test = datasets[arm.tagged]
         torch.manual_seed(cfg.seed)  # every root arm starts from the same initial weights at this seed
-        if arm.parent:
-            model = GPT(train.model_config(arm_cfg, enc)).to(device)
-            model.load_state_dict(states[arm.parent])
+        if arm.parent:  # the parent's shape, which --init_from gpt2:DIR may have set
+            config, state = states[arm.parent]
+            model = GPT(config).to(device)
+            model.load_state_dict(state)
         else:
             model = train.build_model(arm_cfg, enc, device)
         offset = sum(p.iters for parent in parent_chain(arm, arms) for p in parent.phases)
@@ -202,7 +203,7 @@ def run_seed(cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], enc
             offset += phase.iters
         seconds[name] = time.time() - t0
         if name in parents:
-            states[name] = snapshot(model)
+            states[name] = (model.config, snapshot(model))
         if save_ckpt:
             path = os.path.join(cfg.out_dir, f"seed{cfg.seed}", name, "ckpt.pt")
             train.save_checkpoint(path, model, optimizer, arm_cfg, offset)
@@ -279,7 +280,7 @@ def _diff(c: dict | None) -> str:
 def markdown(summary: dict) -> str:
     """results.md: the per-arm table (mean ± std over seeds), the paired comparisons and the costs."""
     cfg, seeds = summary["config"], summary["seeds"]
-    stage2_lr = cfg["stage2_lr"] or cfg["lr"]
+    stage2_lr = train.stage2_peak_lr(train.TrainConfig(**cfg))
     n_test = {r["n"] for runs in summary["results"].values() for r in runs}
     lines = [f"E1 = {cfg['max_iters']} steps, E2 = {cfg['stage2_iters']} steps, lr {cfg['lr']:g} (stage 2: "
              f"{stage2_lr:g}), λ = {cfg['key_weight']:g}, batch {cfg['batch_size']}x{cfg['grad_accum']}, "
@@ -418,7 +419,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
 def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n_boot: int = 10_000,
                    save_ckpt: bool = False) -> dict:
     """Every requested arm (and the parents it needs) at every seed; writes and returns the summary."""
-    arms = define_arms(cfg.max_iters, cfg.stage2_iters, cfg.lr, cfg.stage2_lr or cfg.lr, cfg.key_weight)
+    arms = define_arms(cfg.max_iters, cfg.stage2_iters, cfg.lr, train.stage2_peak_lr(cfg), cfg.key_weight)
     run_names = with_parents(names, arms)
     added = [n for n in run_names if n not in names]
     if added:

@@ -250,15 +250,20 @@ def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
     except ImportError:
         load_file = None
     if os.path.isfile(st_file) and load_file is not None:
-        tensors, source = load_file(st_file), st_file
-    elif os.path.isfile(bin_file):
-        tensors, source = torch.load(bin_file, map_location="cpu", weights_only=True), bin_file  # never unpickle code
+        source, read = st_file, load_file
+    elif os.path.isfile(bin_file):  # weights_only: never unpickle code
+        source, read = bin_file, lambda f: torch.load(f, map_location="cpu", weights_only=True)
     elif os.path.isfile(st_file):
         raise FileNotFoundError(f"{st_file}: reading it needs the safetensors package (pip install safetensors), "
                                 f"or put a pytorch_model.bin beside it")
     else:
         raise FileNotFoundError(f"gpt2:{path}: holds neither model.safetensors nor pytorch_model.bin "
                                 f"(sharded checkpoints are not supported)")
+    try:
+        tensors = read(source)
+    except Exception as err:  # truncated, foreign, or holding pickled objects other than tensors
+        raise ValueError(f"{source}: cannot be read as a checkpoint of tensors ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no details'})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError(f"{source}: not a state dict of tensors")
     return {k.removeprefix("transformer."): t for k, t in tensors.items()}, source

@@ -62,7 +62,9 @@ def tag(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]],
     Rule for a token that overlaps two spans (BPE can merge across a boundary, e.g. GPT-2's `><`
     in `</Thinking><Answer>`): if it holds any byte of the Key it is KEY, so every answer character
     is supervised in stage 2; otherwise if it holds any byte of the prompt it is PROMPT, so no
-    prompt character is ever supervised; otherwise THINK. Overlap is decided on bytes, which is
+    prompt character is ever supervised; otherwise THINK. A token holding bytes of the prompt and
+    of the Key (possible only when a merge swallows the whole reasoning) fits no role: ValueError.
+    Overlap is decided on bytes, which is
     exact also for tokens that start or end inside a multi-byte character (tiktoken's
     `decode_with_offsets` gives character offsets, which lose the partial character).
     `byte_lengths` (from `token_byte_lengths`) only makes tagging many texts faster.
@@ -164,7 +166,11 @@ def format_ok(response: str, ended: bool) -> bool:
 
 
 def extract_answer(response: str, tagged: bool = True) -> str | None:
-    """The answer a response gives: inside `<Answer>…</Answer>` (tagged) or after `####`."""
+    """The answer a response gives: inside `<Answer>…</Answer>` (tagged) or after `####`.
+
+    Lenient on purpose: an answer whose `</Answer>` is missing (cut off at the length limit) still
+    counts for Acc; the strict layout is what Fmt scores.
+    """
     if tagged:
         start = response.find(ANSWER_OPEN)
         if start < 0:

@@ -60,7 +60,8 @@ class TrainConfig:
     key_weight: float = _flag(1.0, "loss weight of answer tokens; > 1 is the single-stage up-weighting control")
     max_iters: int = _flag(1500, "optimizer steps of the (first) stage")
     stage2_iters: int = _flag(300, "then this many key-only steps from the result (0 = a single stage)")
-    stage2_lr: float = _flag(0.0, "peak learning rate of stage 2 (0 = same as --lr)")
+    stage2_lr: float = _flag(0.0, "peak learning rate of stage 2 (0 = lr x min_lr_ratio, where stage 1's schedule "
+                                  "ended: stage 2 fine-tunes a converged model)")
     # model
     block_size: int = _flag(96, "longest sequence in tokens; longer examples are dropped and counted")
     n_layer: int = _flag(4, "transformer blocks")
@@ -98,8 +99,9 @@ def resolve_device(cfg: TrainConfig, dist: Dist | None = None) -> tuple[str, tor
     if dist is not None and dist.world > 1 and device == "cuda":
         device = f"cuda:{dist.local_rank}"  # one GPU per rank
     if cfg.dtype == "auto":
-        bf16 = (torch.cuda.is_bf16_supported() if device.startswith("cuda")
-                else getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+        # is_bf16_supported() is also true where bf16 is only emulated (before Ampere), which is slow
+        bf16 = (torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
+                if device.startswith("cuda") else getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
         return device, torch.bfloat16 if bf16 else torch.float32
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
@@ -367,6 +369,10 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------------
 # The loop
 
+def stage2_peak_lr(cfg: TrainConfig) -> float:
+    return cfg.stage2_lr or cfg.lr * cfg.min_lr_ratio
+
+
 def lr_at(step: int, iters: int, peak: float, cfg: TrainConfig) -> float:
     warmup = min(cfg.warmup_iters, iters // 10)
     if step < warmup:
@@ -580,7 +586,7 @@ def run(cfg: TrainConfig) -> dict:
     first = "sft" if cfg.untagged else "key_tag" if cfg.key_only else "sft_tag"
     stages = [(first, sftkey.role_weights(cfg.key_only, cfg.key_weight), cfg.max_iters, cfg.lr)]
     if cfg.stage2_iters > 0:
-        stages.append(("sftkey_tag", sftkey.role_weights(key_only=True), cfg.stage2_iters, cfg.stage2_lr or cfg.lr))
+        stages.append(("sftkey_tag", sftkey.role_weights(key_only=True), cfg.stage2_iters, stage2_peak_lr(cfg)))
     results, log, seconds = {}, [], {}
     if cfg.eval_only:
         stages, results["init"] = [], evaluate(model, enc, test, cfg, device, dtype)

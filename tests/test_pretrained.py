@@ -1,0 +1,214 @@
+"""GPT.from_pretrained and --init_from gpt2:DIR, on small random checkpoints in Hugging Face's layout.
+
+The checkpoints are built here tensor by tensor with GPT-2's names and shapes (Conv1D weights
+stored as (in, out), the attention-mask buffers, with or without the "transformer." prefix), so
+the tests need neither `transformers` nor a download. The logits are checked against a float64
+forward pass written directly from those tensors, independent of model.py.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import train
+from model import GPT
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_tensors(n_layer: int, n_embd: int, vocab: int, n_positions: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """GPT-2's tensors under Hugging Face's names (no prefix), random, with the mask buffers."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, std=0.1, mean=0.0: mean + std * torch.randn(*shape, generator=g)  # noqa: E731
+    C = n_embd
+    t = {"wte.weight": rand(vocab, C, std=0.3), "wpe.weight": rand(n_positions, C, std=0.1),
+         "ln_f.weight": rand(C, mean=1.0), "ln_f.bias": rand(C)}
+    for i in range(n_layer):
+        p = f"h.{i}."
+        t.update({p + "ln_1.weight": rand(C, mean=1.0), p + "ln_1.bias": rand(C),
+                  p + "attn.c_attn.weight": rand(C, 3 * C, std=0.3), p + "attn.c_attn.bias": rand(3 * C),
+                  p + "attn.c_proj.weight": rand(C, C), p + "attn.c_proj.bias": rand(C),
+                  p + "ln_2.weight": rand(C, mean=1.0), p + "ln_2.bias": rand(C),
+                  p + "mlp.c_fc.weight": rand(C, 4 * C), p + "mlp.c_fc.bias": rand(4 * C),
+                  p + "mlp.c_proj.weight": rand(4 * C, C), p + "mlp.c_proj.bias": rand(C),
+                  # buffers that Hugging Face saves with the weights; they are not parameters
+                  p + "attn.bias": torch.ones(n_positions, n_positions).tril().view(1, 1, n_positions, n_positions),
+                  p + "attn.masked_bias": torch.tensor(-1e4)})
+    return t
+
+
+def write_checkpoint(folder, tensors: dict, prefix: bool = False, n_head: int | None = None,
+                     extra_config: dict | None = None) -> str:
+    os.makedirs(folder, exist_ok=True)
+    saved = {("transformer." if prefix else "") + k: v for k, v in tensors.items()}
+    torch.save(saved, os.path.join(folder, "pytorch_model.bin"))
+    if n_head is not None:
+        n_positions, n_embd = tensors["wpe.weight"].shape
+        config = {"model_type": "gpt2", "n_head": n_head, "n_embd": n_embd, "n_positions": n_positions,
+                  "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, **(extra_config or {})}
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+    return str(folder)
+
+
+def reference_logits(t: dict[str, torch.Tensor], ids: torch.Tensor, n_head: int) -> torch.Tensor:
+    """GPT-2's forward pass in float64, straight from the Hugging Face tensors (Conv1D: x @ W + b)."""
+    t = {k: v.double() for k, v in t.items()}
+
+    def layer_norm(x, name):
+        mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-5) * t[name + ".weight"] + t[name + ".bias"]
+
+    def gelu(x):  # GPT-2's tanh approximation
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    T, C = ids.numel(), t["wte.weight"].shape[1]
+    d = C // n_head
+    x = t["wte.weight"][ids] + t["wpe.weight"][:T]
+    n_layer = len({k.split(".")[1] for k in t if k.startswith("h.")})
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(n_layer):
+        p = f"h.{i}."
+        qkv = layer_norm(x, p + "ln_1") @ t[p + "attn.c_attn.weight"] + t[p + "attn.c_attn.bias"]
+        q, k, v = (qkv[:, j * C:(j + 1) * C].reshape(T, n_head, d).transpose(0, 1) for j in range(3))
+        scores = (q @ k.transpose(1, 2) / math.sqrt(d)).masked_fill(~causal, float("-inf"))
+        y = (torch.softmax(scores, -1) @ v).transpose(0, 1).reshape(T, C)
+        x = x + y @ t[p + "attn.c_proj.weight"] + t[p + "attn.c_proj.bias"]
+        hidden = gelu(layer_norm(x, p + "ln_2") @ t[p + "mlp.c_fc.weight"] + t[p + "mlp.c_fc.bias"])
+        x = x + hidden @ t[p + "mlp.c_proj.weight"] + t[p + "mlp.c_proj.bias"]
+    return layer_norm(x, "ln_f") @ t["wte.weight"].T
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_load_is_exact_and_logits_match_the_reference(tmp_path, prefix):
+    tensors = hf_tensors(n_layer=2, n_embd=32, vocab=97, n_positions=40)
+    model = GPT.from_pretrained(write_checkpoint(tmp_path, tensors, prefix=prefix, n_head=4))
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.block_size) == (2, 4, 32, 97, 40)
+    ours = model.state_dict()
+    for name, tensor in tensors.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            assert "transformer." + name not in ours
+            continue
+        expected = tensor.T if name.endswith(CONV1D) else tensor
+        assert torch.equal(ours["transformer." + name], expected), name
+    loaded = {"transformer." + k for k in tensors if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    assert set(ours) == loaded | {"lm_head.weight"}
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, not a copy
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+
+    ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        logits = model.lm_head(model(ids[None]))[0].double()
+    ref = reference_logits(tensors, ids, n_head=4)
+    # float32 rounding through two layers: errors of order 1e-6 relative to the logits' scale
+    err = (logits - ref).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item(), err
+    # and the loaded model actually differs from position to position (the check is not vacuous)
+    assert ref.std(0).min() > 0.1
+
+
+def test_block_size_crops_the_position_table_and_cannot_grow_it(tmp_path):
+    tensors = hf_tensors(n_layer=1, n_embd=16, vocab=50, n_positions=32)
+    folder = write_checkpoint(tmp_path, tensors, n_head=2)
+    full, cropped = GPT.from_pretrained(folder), GPT.from_pretrained(folder, block_size=12)
+    assert cropped.config.block_size == 12
+    assert torch.equal(cropped.transformer.wpe.weight, tensors["wpe.weight"][:12])
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(full(ids), cropped(ids))
+    with pytest.raises(ValueError, match="block_size 33 exceeds the 32 positions"):
+        GPT.from_pretrained(folder, block_size=33)
+
+
+def test_n_head_from_gpt2_table_without_config_json(tmp_path):
+    # GPT-2 small's width with a tiny vocabulary and one layer: the head count comes from the table.
+    folder = write_checkpoint(tmp_path / "small", hf_tensors(n_layer=1, n_embd=768, vocab=8, n_positions=4))
+    assert GPT.from_pretrained(folder).config.n_head == 12
+    odd = write_checkpoint(tmp_path / "odd", hf_tensors(n_layer=1, n_embd=24, vocab=8, n_positions=4))
+    with pytest.raises(ValueError, match="n_head"):
+        GPT.from_pretrained(odd)
+
+
+def test_clear_errors_for_bad_folders_and_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        GPT.from_pretrained(str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
+        GPT.from_pretrained(str(tmp_path))
+
+    tensors = hf_tensors(n_layer=2, n_embd=16, vocab=30, n_positions=8)
+    missing = dict(tensors)
+    del missing["h.1.mlp.c_fc.bias"]
+    with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.bias'\]"):
+        GPT.from_pretrained(write_checkpoint(tmp_path / "missing", missing, n_head=2))
+    untied = {**tensors, "lm_head.weight": tensors["wte.weight"] + 1}
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        GPT.from_pretrained(write_checkpoint(tmp_path / "untied", untied, n_head=2))
+    with pytest.raises(ValueError, match="activation_function"):
+        GPT.from_pretrained(write_checkpoint(tmp_path / "relu", tensors, n_head=2,
+                                             extra_config={"activation_function": "relu"}))
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint of tensors"):
+        GPT.from_pretrained(str(tmp_path / "garbage"))
+    tied = {**tensors, "lm_head.weight": tensors["wte.weight"].clone()}  # a tied copy is fine
+    assert GPT.from_pretrained(write_checkpoint(tmp_path / "tied", tied, n_head=2)).config.n_layer == 2
+
+
+def test_safetensors_file_loads_or_names_the_missing_package(tmp_path):
+    tensors = hf_tensors(n_layer=1, n_embd=16, vocab=30, n_positions=8)
+    try:
+        from safetensors.torch import save_file
+    except ImportError:  # the package is optional: the error must say what to install
+        (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
+        with pytest.raises(FileNotFoundError, match="pip install safetensors"):
+            GPT.from_pretrained(str(tmp_path))
+        return
+    save_file({"transformer." + k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"n_head": 2}))
+    model = GPT.from_pretrained(str(tmp_path))
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, tensors["h.0.attn.c_attn.weight"].T)
+
+
+TAGGED = [{"prompt": f"What is {a} plus {b}?", "thinking": f"{a} + {b} = {a + b}", "answer": str(a + b)}
+          for a, b in [(2, 3), (10, 7), (4, 4), (21, 9), (6, 13), (8, 1), (30, 12), (5, 5), (17, 3), (11, 11)]]
+
+
+def test_cli_init_from_gpt2_trains_both_stages_and_keeps_the_checkpoint_shape(tmp_path, capsys, gpt2_encoding):
+    vocab = gpt2_encoding.n_vocab  # 50257: a real GPT-2 vocabulary, never rounded up
+    folder = write_checkpoint(tmp_path / "gpt2", hf_tensors(n_layer=1, n_embd=16, vocab=vocab, n_positions=64),
+                              n_head=2)
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in TAGGED) + "\n")
+    # The shape flags below disagree with the checkpoint on purpose: they must not apply.
+    common = ["--data", str(data), "--format", "tagged", "--eval_data", str(data), "--encoding", "gpt2",
+              "--block_size", "32", "--n_layer", "3", "--n_embd", "64", "--batch_size", "4", "--n_val", "1",
+              "--eval_limit", "1", "--log_interval", "1", "--eval_interval", "100", "--device", "cpu",
+              "--dtype", "float32"]
+    out = tmp_path / "out"
+    train.main(common + ["--init_from", f"gpt2:{folder}", "--max_iters", "2", "--stage2_iters", "1",
+                         "--out_dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) == {"sft_tag", "sftkey_tag"}
+    ckpt = torch.load(out / "sft_tag" / "ckpt.pt", weights_only=True)
+    assert {k: ckpt["model_config"][k] for k in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head")} == \
+        {"vocab_size": vocab, "block_size": 32, "n_layer": 1, "n_embd": 16, "n_head": 2}
+
+    # Stage 2 by hand from that checkpoint: its 50257-token vocabulary is accepted as it is.
+    train.main(common + ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--init_from",
+                         str(out / "sft_tag" / "ckpt.pt"), "--key_only", "--max_iters", "1", "--stage2_iters", "0",
+                         "--out_dir", str(tmp_path / "by_hand")])
+    assert "key_tag" in json.loads((tmp_path / "by_hand" / "results.json").read_text())["results"]
+
+    for flags, message in [(["--encoding", "sftkey-chars"], "needs --encoding gpt2"),
+                           (["--block_size", "65"], "block_size 65 exceeds the 64 positions"),
+                           (["--init_from", f"gpt2:{tmp_path / 'nowhere'}"], "no such directory")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(common + ["--init_from", f"gpt2:{folder}", "--max_iters", "1", "--stage2_iters", "0",
+                                 "--out_dir", str(tmp_path / "bad")] + flags)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
