@@ -16,7 +16,6 @@ being compared taking turns so that a shared machine's changing load falls on al
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -188,11 +187,11 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: tuple[torch.
 
 
 def generation(model: GPT, prompts: list[list[int]], new_tokens: int, use_cache: bool, device: str,
-               dtype: torch.dtype) -> Callable[[], None]:
+               dtype: torch.dtype, n_vocab: int) -> Callable[[], None]:
     """Greedy generation of exactly `new_tokens` per prompt (the stop token -1 is never produced)."""
     def generate() -> None:
         with T.autocast(device, dtype):
-            out = model.generate(prompts, new_tokens, stop_token=-1, use_cache=use_cache)
+            out = model.generate(prompts, new_tokens, stop_token=-1, use_cache=use_cache, n_vocab=n_vocab)
         if any(len(row) != new_tokens for row in out):
             raise RuntimeError("generation stopped early; the timing would not be comparable")
     return generate
@@ -214,7 +213,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                            else os.cpu_count()))
     torch.manual_seed(args.seed)
-    device, dtype = T.resolve_device(T.TrainConfig(device=args.device, dtype=args.dtype))
+    device, dtype = T.resolve_device(T.TrainConfig(device=args.device, dtype=args.dtype, n_embd=args.n_embd))
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
     bf16_ok = not device.startswith("cuda") or torch.cuda.is_bf16_supported()
     started = time.time()
@@ -273,8 +272,8 @@ def run(args) -> dict:
     groups = {"single": prompts[:1], "batched": prompts}
     for group in groups.values():
         for use_cache in (False, True):  # warm-up: a few tokens only
-            generation(model, group, 4, use_cache, device, dtype)()
-    gens = {(g, c): generation(model, group, args.new_tokens, c, device, dtype)
+            generation(model, group, 4, use_cache, device, dtype, enc.n_vocab)()
+    gens = {(g, c): generation(model, group, args.new_tokens, c, device, dtype, enc.n_vocab)
             for g, group in groups.items() for c in (False, True)}
     seconds = interleaved_seconds(gens, device, 0, args.gen_iters)
     model.train()

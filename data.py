@@ -343,10 +343,10 @@ class Batches:
     Each epoch is a fresh permutation; within windows of `window` batches the examples are sorted
     by length so that a batch holds sequences of similar length (little padding), and the batches'
     order is shuffled again. Being a pure function of (seed, i) makes a resumed run see exactly
-    the batches an uninterrupted one would. Padding falls roughly as 1/window while batch-mates come
-    from a smaller random pool the smaller the window: on GSM8K train (gpt2, batch 32) padding is 44%
-    of computed positions with no grouping, 11% at window 8, 6% at 16, 2% at 64 (bench.py measures
-    it); 16 keeps it under 10% at batch sizes up to 32 with pools a quarter of 64's.
+    the batches an uninterrupted one would. Padding falls roughly as 1/window, while a smaller window
+    draws batch-mates from a smaller random pool: on GSM8K train (gpt2, batch 32) padding is 47% of
+    computed positions with no grouping, 7% at window 16, 2% at 64 (bench.py measures it); 16 keeps
+    it under 10% at batch sizes up to 32 with pools a quarter the size of 64's.
     """
 
     def __init__(self, data: TokenizedSet, batch_size: int, seed: int, window: int = 16):

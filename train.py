@@ -87,7 +87,8 @@ class TrainConfig:
     log_interval: int = _flag(50, "steps between log lines")
     # hardware
     device: str = _flag("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    dtype: str = _flag("auto", "auto (bfloat16 autocast on CUDA and on CPUs with AVX-512 BF16), float32, bfloat16")
+    dtype: str = _flag("auto", "auto (bfloat16 autocast on CUDA from Ampere on, and on CPUs with AVX-512 BF16 when "
+                               "--n_embd >= 256, where it is faster), float32, bfloat16")
     compile: bool = _flag(False, "torch.compile the model for training")
 
 
@@ -99,9 +100,12 @@ def resolve_device(cfg: TrainConfig, dist: Dist | None = None) -> tuple[str, tor
     if dist is not None and dist.world > 1 and device == "cuda":
         device = f"cuda:{dist.local_rank}"  # one GPU per rank
     if cfg.dtype == "auto":
-        # is_bf16_supported() is also true where bf16 is only emulated (before Ampere), which is slow
+        # is_bf16_supported() is also true where bf16 is only emulated (before Ampere), which is slow.
+        # On a CPU with AVX-512 BF16, bf16 pays off only once matmuls dominate: bench.py measured it
+        # 0.7x float32's speed at the default width 128 and faster at 384, so narrow models stay float32.
         bf16 = (torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
-                if device.startswith("cuda") else getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+                if device.startswith("cuda") else
+                getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() and cfg.n_embd >= 256)
         return device, torch.bfloat16 if bf16 else torch.float32
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
@@ -385,7 +389,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
           weights: tuple[float, float, float], iters: int, peak_lr: float, stage: str,
           device: str, dtype: torch.dtype, log: list[dict], ckpt_path: str | None = None,
           resume: dict | None = None, dist: Dist | None = None, stop: StopSignal | None = None,
-          extra: dict | None = None, steps_before: int = 0) -> torch.optim.Optimizer:
+          extra: dict | None = None, steps_before: int = 0, peak: float | None = None) -> torch.optim.Optimizer:
     """Train `iters` optimizer steps with per-role loss `weights`. Both stages run through here.
 
     The loss of a step is sum(weight x token loss) / sum(weight), both sums over all micro-batches
@@ -395,6 +399,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
     to `ckpt_path` every --ckpt_interval steps and when `stop` reports SIGINT/SIGTERM; `extra` is
     stored in them too (what run() needs to resume the stages around this one). `steps_before`
     counts the steps earlier stages took on this data, so the data stream continues after them.
+    `peak` (FLOP/s of the device, from peak_flops) adds the MFU to the log.
     """
     dist = dist or Dist()
     optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
@@ -407,7 +412,9 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
     batches = D.Batches(train_set, cfg.batch_size, cfg.seed)
-    start, tokens = time.time(), torch.zeros((), device=device)
+    start, val_seconds = time.time(), 0.0
+    # real tokens, computed positions (with padding), projected positions: summed on the device, read at log time
+    counts = torch.zeros(3, device=device)
 
     def checkpoint(step: int) -> None:
         if ckpt_path and dist.master:
@@ -434,7 +441,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
                     loss = sftkey.weighted_loss_sum(net(x), model.lm_head, y, w) * scale
                 loss.backward()
             step_loss += loss.detach() / dist.world
-            tokens += (roles != sftkey.PAD).sum()
+            counts += torch.stack([(roles != sftkey.PAD).sum(), torch.tensor(roles.numel()), (w != 0).sum()])
         # The norm is the same on every rank; checking it before the update keeps the weights good.
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
@@ -447,14 +454,22 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         if step % cfg.log_interval == 0 or done == iters:
             step_loss = float(dist.all_reduce(step_loss))
             elapsed = time.time() - start
-            rate = float(dist.all_reduce(tokens.clone())) / elapsed
-            eta = elapsed / (done - first_step) * (iters - done)
+            real, computed, projected = dist.all_reduce(counts.clone()).tolist()
+            rate = real / (elapsed - val_seconds)  # training throughput: validation time left out
+            eta = (elapsed - val_seconds) / (done - first_step) * (iters - done)
+            row = {"stage": stage, "step": step, "lr": lr, "loss": step_loss, "tokens_per_s": rate}
+            if peak:  # FLOPs per computed position at the mean padded width, times positions per second
+                width = computed / ((done - first_step) * cfg.grad_accum * dist.world * cfg.batch_size)
+                row["mfu"] = mfu(model, computed / (elapsed - val_seconds), width, projected / computed, peak * dist.world)
             if dist.master:
-                print(f"{stage} step {step:5d}/{iters} | lr {lr:.2e} | loss {step_loss:.4f} | {rate:,.0f} tok/s | "
-                      f"{_clock(elapsed)} elapsed | ETA {_clock(eta)}", flush=True)
-            log.append({"stage": stage, "step": step, "lr": lr, "loss": step_loss, "tokens_per_s": rate})
+                print(f"{stage} step {step:5d}/{iters} | lr {lr:.2e} | loss {step_loss:.4f} | {rate:,.0f} tok/s"
+                      + (f" | MFU {row['mfu']:.1%}" if peak else "")
+                      + f" | {_clock(elapsed)} elapsed | ETA {_clock(eta)}", flush=True)
+            log.append(row)
         if dist.master and (step % cfg.eval_interval == 0 or done == iters):
+            t0 = time.time()
             val = validation_loss(model, val_set, cfg, device, dtype)
+            val_seconds += time.time() - t0
             print(f"{stage} step {step:5d} | val loss: thinking {val['thinking']:.4f} | key {val['key']:.4f}",
                   flush=True)
             log.append({"stage": stage, "step": step, **{f"val_{k}": v for k, v in val.items()}})
@@ -588,6 +603,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.stage2_iters > 0:
         stages.append(("sftkey_tag", sftkey.role_weights(key_only=True), cfg.stage2_iters, stage2_peak_lr(cfg)))
     results, log, seconds = {}, [], {}
+    peak = peak_flops(device, dtype)
     if cfg.eval_only:
         stages, results["init"] = [], evaluate(model, enc, test, cfg, device, dtype)
     with StopSignal() as stop:
@@ -602,7 +618,7 @@ def run(cfg: TrainConfig) -> dict:
                     continue
             t0 = time.time() - (saved.get("elapsed", 0.0) if saved else 0.0)
             optimizer = train(model, train_set, val_set, cfg, weights, iters, lr, name, device, dtype, log,
-                              ckpt_path=path, resume=saved, dist=dist, stop=stop, steps_before=steps_done,
+                              ckpt_path=path, resume=saved, dist=dist, stop=stop, steps_before=steps_done, peak=peak,
                               extra={"results": results, "seconds": seconds})
             seconds[name] = time.time() - t0
             if not dist.master:
