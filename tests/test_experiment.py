@@ -48,8 +48,8 @@ def test_command_line_aliases_and_refusals():
     assert (cfg.max_iters, cfg.stage2_iters, cfg.key_weight) == (7, 2, 3.0)
     assert own["names"] == ["sft_tag", "sftkey_tag"] and own["n_seeds"] == 3
     cfg, _ = E.parse_args([])
-    assert cfg.dtype == "float32" and cfg.max_iters > cfg.stage2_iters > 0
-    assert f"(default: {cfg.max_iters})" in E.build_parser().format_help()  # --help shows the experiment's own
+    assert cfg.key_weight == 5.0 and cfg.max_iters > cfg.stage2_iters > 0
+    assert "(default: 5.0)" in E.build_parser().format_help()  # --help shows the experiment's own λ
     for flag in ("--resume", "--key_only", "--untagged"):
         with pytest.raises(ValueError, match=flag):
             E.parse_args([flag])
