@@ -218,19 +218,15 @@ class GPT(nn.Module):
         mask = ((causal & real[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device))[:, None]
         cache = KVCache(self.config, B, total) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        out: list[list[int]] = [[] for _ in range(B)]
-        start = 0  # first position fed in this step: everything at step 0, then only the new token
-        for t in range(width, total):
-            h = self(idx[:, start:t], pos[:, start:t], mask[:, :, start:t, :t], cache)
+        start, end = 0, width  # fed this step: the whole prompt at first, then only the newest token
+        while end < total and not done.all():
+            h = self(idx[:, start:end], pos[:, start:end], mask[:, :, start:end, :end], cache)
             nxt = self.lm_head(h[:, -1])[:, :n_vocab].argmax(-1)  # never a padding id the tokenizer lacks
-            idx[:, t] = nxt
-            for row in (~done).nonzero().flatten().tolist():
-                out[row].append(int(nxt[row]))
+            idx[:, end] = nxt
             done |= nxt == stop_token
-            if done.all():
-                break
-            start = t if use_cache else 0
-        return out
+            start, end = (end if use_cache else 0), end + 1
+        rows = idx[:, width:end].tolist()  # rows that stopped early went on; cut them at their stop token
+        return [row[:row.index(stop_token) + 1] if stop_token in row else row for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------
