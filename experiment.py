@@ -1,6 +1,6 @@
 """The experiment: the paper's four arms, the two controls it lacked, several seeds, paired statistics.
 
-    python experiment.py                       # all six arms, 3 seeds (about 30 minutes on 2 CPU cores)
+    python experiment.py                       # all six arms, 3 seeds (about 40 minutes on 2 CPU cores)
     python experiment.py --arms sft_tag,sftkey_tag,sft_tag_long --seeds 2 --e1 200 --e2 40
 
 Arms are data (`define_arms`): each is a list of phases (per-role loss weights, steps, peak
@@ -8,12 +8,13 @@ learning rate), a format, and optionally a parent arm whose trained weights it s
 `sftkey_tag` (the method) and `sft_tag_long` (the compute-matched control) both continue from
 `sft_tag`'s weights with a fresh optimizer and the same stage-2 schedule, so the only difference
 between them is the loss on the reasoning tokens. A parent is trained once per seed and kept in
-memory. Each seed changes the initial weights, the data order and the synthetic data.
+memory. Each seed changes the initial weights, the data order and the validation split; the test
+problems stay the same (--data_seed or --eval_data fixes them).
 
 Outputs in --out_dir, rewritten (atomically) after every arm: results.md, results.json, loss_log.jsonl,
-and, when matplotlib is installed, val_loss.png and accuracy.png. Every flag of train.py applies
-(they set the model, the data and the optimiser); --e1, --e2 and --lam are other names for
---max_iters, --stage2_iters and --key_weight.
+and, when matplotlib is installed, val_loss.png and accuracy.png (--plot_only redraws them later).
+Every flag of train.py applies (they set the model, the data and the optimiser); --e1, --e2 and
+--lam are other names for --max_iters, --stage2_iters and --key_weight.
 """
 from __future__ import annotations
 
@@ -327,8 +328,10 @@ def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
             ax.axvline(summary["config"]["max_iters"], color="grey", linestyle=":", linewidth=1)
             ax.set(title=f"validation loss on {role} tokens", xlabel="step (stage 2 continues after E1)",
                    ylabel="loss (nats/token, log scale)", yscale="log")
-            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis(ticker.FuncFormatter(lambda y, _: f"{y:g}"))  # 0.9, 1, 2 rather than 10^0
+            # Plain numbers (0.1, 1) rather than 10^-1, 10^0; of the minor ticks only 2s and 5s are labelled.
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(ticker.FuncFormatter(
+                lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "25" else ""))
             ax.legend()
         written.append(_save(fig, os.path.join(out_dir, "val_loss.png")))
     names = list(summary["aggregates"])
@@ -390,6 +393,8 @@ def build_parser():
     parser.add_argument("--lam", dest="key_weight", type=float,
                         help="λ: key-token loss weight of the weighted arm (= --key_weight)")
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
+    parser.add_argument("--plot_only", action="store_true", help="train nothing: redraw the plots from the "
+                        "results.json and loss_log.jsonl already in --out_dir (after pip install matplotlib)")
     parser.add_argument("--save_ckpt", action="store_true", help="write every arm's final weights to "
                         "OUT_DIR/seedS/ARM/ckpt.pt (default: keep nothing but the results)")
     # E1 and E2 are train.py's stage budgets, so an arm here is the default run's; see the README.
@@ -402,7 +407,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     args = vars(build_parser().parse_args(argv))
     names = [n.strip() for n in args.pop("arms").split(",") if n.strip()]
     own = {"names": names, "n_seeds": args.pop("seeds"), "n_boot": args.pop("n_boot"),
-           "save_ckpt": args.pop("save_ckpt")}
+           "save_ckpt": args.pop("save_ckpt"), "plot_only": args.pop("plot_only")}
     cfg = train.TrainConfig(**args)
     for flag in ("resume", "eval_only", "key_only", "untagged"):
         if getattr(cfg, flag):
@@ -415,9 +420,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     return cfg, own
 
 
+def replot(out_dir: str) -> list[str]:
+    """The plots of a finished run, from the files it wrote."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out_dir, "loss_log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return plot(summary, rows, out_dir)
+
+
 def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n_boot: int = 10_000,
-                   save_ckpt: bool = False) -> dict:
-    """Every requested arm (and the parents it needs) at every seed; writes and returns the summary."""
+                   save_ckpt: bool = False, plot_only: bool = False) -> dict | None:
+    """Every requested arm (and the parents it needs) at every seed; writes and returns the summary.
+    With `plot_only`, only redraws the plots of the run already in cfg.out_dir."""
+    if plot_only:
+        images = replot(cfg.out_dir)
+        print("plots: " + ", ".join(images) if images else "no plots: matplotlib is not installed (pip install matplotlib)")
+        return None
     arms = define_arms(cfg.max_iters, cfg.stage2_iters, cfg.lr, train.stage2_peak_lr(cfg), cfg.key_weight)
     run_names = with_parents(names, arms)
     added = [n for n in run_names if n not in names]
@@ -437,7 +456,8 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     if images:
         print("plots: " + ", ".join(images))
     else:
-        print("no plots: matplotlib is not installed (pip install matplotlib, then rerun to get them)")
+        print("no plots: matplotlib is not installed (pip install matplotlib, then add --plot_only to "
+              "this command to draw them from the files written)")
     print(f"results: {os.path.join(cfg.out_dir, 'results.md')}, results.json, loss_log.jsonl")
     return summary
 

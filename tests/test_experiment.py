@@ -162,3 +162,8 @@ def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monk
     assert {(r["arm"], r["seed"]) for r in rows} == expected
     stage2 = [r for r in rows if r["arm"] == "sftkey_tag"]
     assert min(r["global_step"] for r in stage2) == E1 and any("val_key" in r for r in stage2)
+
+    monkeypatch.undo()  # matplotlib is back (where installed): --plot_only draws the plots from the files
+    if importlib.util.find_spec("matplotlib"):
+        E.main(["--plot_only", "--out_dir", str(tmp_path)])
+        assert {p.name for p in tmp_path.glob("*.png")} == {"val_loss.png", "accuracy.png"}

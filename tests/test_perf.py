@@ -123,7 +123,8 @@ def test_batches_window_trades_padding_for_mixing():
 def test_bench_runs_end_to_end_and_writes_every_figure(tmp_path):
     """The quick configuration, on GSM8K-shaped synthetic text (so it does not need ../shared/gsm8k)."""
     path = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "bench.py", "--quick", "--data", "", "--threads", "1", "--json", str(path)],
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--data", "", "--threads", "1", "--emulated_bf16",
+                           "--json", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = json.loads(path.read_text())
