@@ -65,6 +65,17 @@ def test_kv_cache_gives_the_tokens_of_cache_free_generation():
         assert len(slow[0]) == 25 and len(set(slow[0])) >= 5  # non-trivial output: the test can fail
 
 
+def test_generation_is_greedy_decoding_through_lm_head():
+    """generate() writes the output projection as W @ h.T for speed; it must pick lm_head's argmax."""
+    model = random_model()
+    prompt = random_prompts([7])[0]
+    x = torch.tensor(prompt)[None]
+    with torch.no_grad():
+        for _ in range(15):
+            x = torch.cat([x, model.lm_head(model(x))[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert model.generate([prompt], 15, NEVER) == [x[0, 7:].tolist()]
+
+
 def test_batched_left_padded_generation_matches_each_prompt_alone():
     model = random_model()
     prompts = random_prompts([3, 1, 9, 6])
