@@ -38,6 +38,8 @@ if os.path.isdir(os.path.join(_SHARED, "tiktoken_cache")):  # offline copies of 
 
 import data as D  # noqa: E402  (after TIKTOKEN_CACHE_DIR is set)
 import sftkey  # noqa: E402
+import checkpoints as ckpts  # noqa: E402
+import runtime as R  # noqa: E402
 import train as T  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -179,7 +181,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: tuple[torch.
     loss_sum = full_projection_loss_sum if full else sftkey.weighted_loss_sum
 
     def step() -> None:
-        with T.autocast(device, dtype):
+        with R.autocast(device, dtype):
             loss = loss_sum(model(x), model.lm_head, y, w) / w.sum()
         loss.backward()
         optimizer.step()
@@ -191,7 +193,7 @@ def generation(model: GPT, prompts: list[list[int]], new_tokens: int, use_cache:
                dtype: torch.dtype, n_vocab: int) -> Callable[[], None]:
     """Greedy generation of exactly `new_tokens` per prompt (the stop token -1 is never produced)."""
     def generate() -> None:
-        with T.autocast(device, dtype):
+        with R.autocast(device, dtype):
             out = model.generate(prompts, new_tokens, stop_token=-1, use_cache=use_cache, n_vocab=n_vocab)
         if any(len(row) != new_tokens for row in out):
             raise RuntimeError("generation stopped early; the timing would not be comparable")
@@ -214,11 +216,11 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                            else os.cpu_count()))
     torch.manual_seed(args.seed)
-    device, dtype = T.resolve_device(T.TrainConfig(device=args.device, dtype=args.dtype, n_embd=args.n_embd))
+    device, dtype = R.resolve_device(T.TrainConfig(device=args.device, dtype=args.dtype, n_embd=args.n_embd))
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
     # Emulated bf16 (a CPU without AVX-512 BF16, a GPU before Ampere) is hundreds of times slower:
     # timing it would take hours and say nothing about the method, so it is only timed when native.
-    bf16_ok = T.native_bf16(device) or dtype == torch.bfloat16 or args.emulated_bf16
+    bf16_ok = R.native_bf16(device) or dtype == torch.bfloat16 or args.emulated_bf16
     started = time.time()
     out: dict = {"device": device, "device_name": device_name(device), "dtype": name(dtype),
                  "threads": torch.get_num_threads()}
@@ -231,7 +233,7 @@ def run(args) -> dict:
     model = GPT(config).to(device)
     optimizer = model.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.split(":")[0])
     dtypes = (dtype, other) if bf16_ok else (dtype,)
-    peaks = {d: T.peak_flops(device, d, size=args.peak_size) for d in dtypes}
+    peaks = {d: R.peak_flops(device, d, size=args.peak_size) for d in dtypes}
     out["peak_flops"] = {name(d): p for d, p in peaks.items()}
 
     # 1. the training step (and 4. its other dtype), all configurations taking turns
@@ -252,7 +254,7 @@ def run(args) -> dict:
         rate = real / seconds[key]
         runs[key] = {"tokens_per_s": rate, "step_ms": 1000 * seconds[key], "dtype": name(d),
                      "memory_mb": step_memory(steps[key], device) / 2 ** 20, "projected_fraction": projected,
-                     "mfu": T.mfu(model, rate, x.size(1), projected, peaks[d])}
+                     "mfu": R.mfu(model, rate, x.size(1), projected, peaks[d])}
     base = runs["full"]["tokens_per_s"]
     labels = {"full": ("every position (plain)", "any"), "sft": ("supervised only", "stage 1 (SFT-Tag)"),
               "key": ("supervised only", "stage 2 (Key)")}
@@ -348,7 +350,7 @@ def default_model_rates(device: str, args) -> dict[str, float]:
     enc = D.get_encoding(cfg.encoding)
     data = D.tokenize(D.synthetic_task(2 * cfg.batch_size, cfg.seed), enc, cfg.block_size, name="synthetic")
     batch = D.Batches(data, cfg.batch_size, cfg.seed).get(0, device)
-    model = GPT(T.model_config(cfg, enc)).to(device)
+    model = GPT(ckpts.model_config(cfg, enc)).to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     w = sftkey.token_weights(batch[2], sftkey.role_weights())
     steps = {name(d): train_step(model, optimizer, batch, w, False, device, d) for d in (torch.float32, torch.bfloat16)}
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"kv_cache_speedup {out['kv_cache_speedup']:.1f} | padding_fraction {out['padding_fraction']:.3f} | "
           f"bf16_speedup {out['bf16_speedup'] or float('nan'):.2f} | mfu {out['mfu']:.3f}")
     if args.json:
-        T.write_json(args.json, out)
+        ckpts.write_json(args.json, out)
     return out
 
 

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import checkpoints as ckpts
 import data as D
+import runtime
 import sftkey
 import train
 from model import GPT
@@ -184,7 +186,7 @@ def run_seed(cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], enc
         arm = arms[name]
         arm_cfg = dataclasses.replace(cfg, untagged=not arm.tagged)
         if arm.tagged not in datasets:  # both formats of the same examples, tokenized once per seed
-            datasets[arm.tagged] = train.load_data(arm_cfg, enc)
+            datasets[arm.tagged] = D.load_data(arm_cfg, enc)
         train_set, val_set, test = datasets[arm.tagged]
         torch.manual_seed(cfg.seed)  # every root arm starts from the same initial weights at this seed
         if arm.parent:  # the parent's shape, which --init_from gpt2:DIR may have set
@@ -192,7 +194,7 @@ def run_seed(cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], enc
             model = GPT(config).to(device)
             model.load_state_dict(state)
         else:
-            model = train.build_model(arm_cfg, enc, device)
+            model = ckpts.build_model(arm_cfg, enc, device)
         offset = sum(p.iters for parent in parent_chain(arm, arms) for p in parent.phases)
         rows, t0 = [], time.time()
         for phase in arm.phases:
@@ -207,7 +209,7 @@ def run_seed(cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], enc
             states[name] = (model.config, snapshot(model))
         if save_ckpt:
             path = os.path.join(cfg.out_dir, f"seed{cfg.seed}", name, "ckpt.pt")
-            train.save_checkpoint(path, model, optimizer, arm_cfg, offset)
+            ckpts.save_checkpoint(path, model, optimizer, arm_cfg, offset)
         t1 = time.time()
         result = train.evaluate(model=model, enc=enc, examples=test, cfg=arm_cfg, device=device, dtype=dtype)
         result.update(seed=cfg.seed, steps=sum(p.iters for p in arm.phases), train_seconds=seconds[name],
@@ -246,7 +248,7 @@ class Recorder:
     def write(self, complete: bool) -> dict:
         summary = self.summary(complete)
         out = self.cfg.out_dir
-        train.write_json(os.path.join(out, "results.json"), summary)
+        ckpts.write_json(os.path.join(out, "results.json"), summary)
         _write_text(os.path.join(out, "results.md"), markdown(summary))
         _write_text(os.path.join(out, "loss_log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rows))
         return summary
@@ -442,7 +444,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     added = [n for n in run_names if n not in names]
     if added:
         print(f"also running {', '.join(added)}: the arms asked for start from its weights")
-    device, dtype = train.resolve_device(cfg)
+    device, dtype = runtime.resolve_device(cfg)
     enc = D.get_encoding(cfg.encoding)
     seeds = [cfg.seed + k for k in range(n_seeds)]
     recorder = Recorder(cfg, arms, run_names, seeds, n_boot)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import data as D
 import train
 from model import GPT
@@ -54,7 +55,7 @@ def test_the_payload_is_live(tmp_path):
 
 def tiny_config(encoding: str = D.SYNTHETIC_ENCODING, extra: list[str] | None = None):
     cfg = train.parse_args(TINY + ["--encoding", encoding] + (extra or []))
-    return cfg, train.model_config(cfg, D.get_encoding(encoding))
+    return cfg, checkpoints.model_config(cfg, D.get_encoding(encoding))
 
 
 @pytest.mark.parametrize("how", ["torch.save", "pickle protocol 2", "pickle protocol 4"])
@@ -63,7 +64,7 @@ def test_malicious_checkpoint_is_refused(tmp_path, how):
     write_malicious(path, marker, how)
     _, mconf = tiny_config()
     with pytest.raises(ValueError, match="refused to load.*could run code"):
-        train.load_checkpoint(str(path), mconf, "cpu")
+        checkpoints.load_checkpoint(str(path), mconf, "cpu")
     assert not marker.exists()
 
 
@@ -85,14 +86,14 @@ def checkpoint(tmp_path) -> tuple[Path, GPT]:
     torch.manual_seed(0)
     model = GPT(mconf)
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(str(path), model, None, cfg, step=0)
+    checkpoints.save_checkpoint(str(path), model, None, cfg, step=0)
     return path, model
 
 
 def test_matching_checkpoint_loads(checkpoint):
     path, model = checkpoint
     _, mconf = tiny_config()
-    loaded, ckpt = train.load_checkpoint(str(path), mconf, "cpu", encoding=D.SYNTHETIC_ENCODING)
+    loaded, ckpt = checkpoints.load_checkpoint(str(path), mconf, "cpu", encoding=D.SYNTHETIC_ENCODING)
     assert ckpt["step"] == 0
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
@@ -153,7 +154,7 @@ def test_unusable_checkpoints(checkpoint, tmp_path, contents, problem):
     else:
         torch.save(contents, bad)
     with pytest.raises(ValueError, match=problem):
-        train.load_checkpoint(str(bad), model.config, "cpu")
+        checkpoints.load_checkpoint(str(bad), model.config, "cpu")
 
 
 def test_every_torch_load_is_weights_only():

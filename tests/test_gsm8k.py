@@ -134,6 +134,6 @@ def test_test_prompt_longer_than_the_block_is_refused_before_training(tmp_path, 
     cfg = train.TrainConfig(data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "test.jsonl"),
                             format="tagged", encoding="gpt2", block_size=32, n_val=2)
     with pytest.raises(D.DataError, match=r"test.jsonl:2: the prompt alone fills --block_size 32"):
-        train.load_data(cfg, gpt2_encoding)
+        D.load_data(cfg, gpt2_encoding)
     cfg.eval_limit = 1  # only the first test example is used: nothing to refuse
-    assert len(train.load_data(cfg, gpt2_encoding)[2]) == 1
+    assert len(D.load_data(cfg, gpt2_encoding)[2]) == 1

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import data as D
+import runtime
 import sftkey
 import train as T
 from model import GPT, GPTConfig
@@ -82,9 +83,9 @@ def test_flop_formula_matches_counted_matmul_flops(batch, full):
 
 def test_mfu_is_formula_flops_over_peak():
     model = _model()
-    peak = T.peak_flops("cpu", torch.float32, size=128, repeats=1)
+    peak = runtime.peak_flops("cpu", torch.float32, size=128, repeats=1)
     assert math.isfinite(peak) and peak > 0
-    assert T.mfu(model, 1000.0, 50, 0.1, peak) == pytest.approx(model.flops_per_token(50, 0.1) * 1000.0 / peak)
+    assert runtime.mfu(model, 1000.0, 50, 0.1, peak) == pytest.approx(model.flops_per_token(50, 0.1) * 1000.0 / peak)
 
 
 def test_peak_memory_sees_the_full_logits(batch):

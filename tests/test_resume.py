@@ -7,7 +7,9 @@ import signal
 import pytest
 import torch
 
+import checkpoints
 import data as D
+import runtime
 import sftkey
 import train
 
@@ -39,7 +41,7 @@ def test_resume_after_signal_gives_identical_weights(tmp_path, monkeypatch, stag
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, i, device)
     monkeypatch.setattr(D.Batches, "get", get)
-    with pytest.raises(train.Interrupted, match="--resume"):
+    with pytest.raises(runtime.Interrupted, match="--resume"):
         train.run(_config(out))
     saved = torch.load(out / stage / "ckpt.pt", weights_only=True)
     assert saved["step"] == at + 1  # the step in flight was finished, then checkpointed
@@ -78,7 +80,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cfg = _config(tmp_path)
     model = train.GPT(train.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=1, n_embd=8))
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, model, None, cfg, step=1)
+    checkpoints.save_checkpoint(path, model, None, cfg, step=1)
 
     def crash(obj, f, *args, **kwargs):
         with open(f, "wb") as handle:
@@ -86,5 +88,5 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        train.save_checkpoint(path, model, None, cfg, step=2)
+        checkpoints.save_checkpoint(path, model, None, cfg, step=2)
     assert torch.load(path, weights_only=True)["step"] == 1

@@ -1,0 +1,342 @@
+"""Run-time plumbing for train.py: device and dtype, DDP, stop signals, throughput and MFU, flag checks.
+
+Nothing here is SFTKey: a reader of the method can skip this file. train.py meets it through a few
+one-line hooks: `Dist` (this process's place in a torchrun job), `StopSignal` (SIGINT/SIGTERM become
+a request to stop after the current step), `Meter` (tokens/s, MFU and ETA of the log lines) and
+`check_config` (bad flags refused before anything runs).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data as D
+import sftkey
+
+PRETRAINED = "gpt2:"  # --init_from gpt2:DIR loads a Hugging Face GPT-2 checkpoint folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and dtype
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware. Elsewhere bf16 is emulated and slow:
+    CUDA before Ampere (where is_bf16_supported() is still true), and CPUs without AVX-512 BF16
+    (an AMD EPYC here ran a bf16 matmul at 0.3 GFLOP/s against 69 GFLOP/s in float32)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def resolve_device(cfg, dist: Dist | None = None) -> tuple[str, torch.dtype]:
+    """The device and compute dtype the --device and --dtype flags ask for on this machine."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if dist is not None and dist.world > 1 and device == "cuda":
+        device = f"cuda:{dist.local_rank}"  # one GPU per rank
+    if cfg.dtype == "auto":
+        # On a CPU with AVX-512 BF16, bf16 pays off only once matmuls dominate: bench.py measured it
+        # 0.7x float32's speed at the default width 128 and faster at 384, so narrow models stay float32.
+        bf16 = native_bf16(device) and (device.startswith("cuda") or cfg.n_embd >= 256)
+        return device, torch.bfloat16 if bf16 else torch.float32
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
+    return device, getattr(torch, cfg.dtype)
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """bf16 autocast: matmuls in bfloat16, weights and optimizer state in float32 (no loss scaling needed)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def set_up_device(device: str, seed: int) -> None:
+    """Seed the RNG; on CUDA let float32 matmuls use TF32 tensor cores (bf16 autocast covers the rest)."""
+    torch.manual_seed(seed)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"  # where the collectives' tensors live: the rank's GPU with NCCL, the CPU with gloo
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, cfg) -> Dist:
+        if "RANK" not in os.environ:  # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
+            return cls()
+        cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+        local_rank = int(os.environ["LOCAL_RANK"])
+        dist = cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
+                   f"cuda:{local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        return dist
+
+    def wrap(self, model: torch.nn.Module, device: str) -> torch.nn.Module:
+        """The module to call in training: DDP around `model` when there are several ranks."""
+        if self.world == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda")
+                                                         else None)
+
+    def no_sync(self, net: torch.nn.Module, last_micro_batch: bool):
+        """Gradient accumulation: DDP all-reduces the gradients on the last micro-batch of a step only."""
+        if self.world > 1 and not last_micro_batch:
+            return net.no_sync()
+        return contextlib.nullcontext()
+
+    def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(value, op=getattr(torch.distributed.ReduceOp, op.upper()))
+        return value
+
+    def close(self) -> None:
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop signals
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM into a request the loop honours after the current step.
+
+    A second signal interrupts at once. Handlers are installed only inside the `with` block.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = True
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, dist: Dist) -> bool:
+        """Whether to stop now; with several ranks, stop when any rank got the signal (all agree)."""
+        if dist.world == 1:
+            return self.received
+        flag = torch.tensor(float(self.received), device=dist.device)
+        return bool(dist.all_reduce(flag, op="max"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput and MFU
+
+# Dense bfloat16 tensor-core peaks from the vendors' data sheets, FLOP/s; longer names first so that
+# "L40S" is not taken for "L4". Other devices and dtypes are measured.
+_GPU_BF16_PEAKS = (("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+                   ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
+
+
+def peak_flops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The device's peak matmul FLOP/s at `dtype`, for MFU. Call it once, at start-up.
+
+    A known GPU at bfloat16 is looked up; anything else is measured: the best of `repeats` timed
+    size x size matrix products (2 * size^3 FLOPs each) after one untimed warm-up. On a CPU shared
+    with other work the measurement is only as steady as the machine.
+    """
+    if device.startswith("cuda") and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _GPU_BF16_PEAKS:
+            if key in name:
+                return peak
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = math.inf
+    for i in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        if i > 0:  # the first product pays for kernel selection and page faults
+            best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, peak: float) -> float:
+    """Model FLOPs utilisation of training: matmul FLOP/s achieved (GPT.flops_per_token) over `peak`.
+
+    `tokens_per_s` counts real (non-padding) input positions, `seq_len` is the mean padded width of
+    the micro-batches, `projected_fraction` the share of real positions with a non-zero loss weight
+    (the ones projected onto the vocabulary), `peak` comes from peak_flops.
+    """
+    return model.flops_per_token(seq_len, projected_fraction) * tokens_per_s / peak
+
+
+class Meter:
+    """What the log lines of one stage report: loss, tokens/s, MFU and ETA, validation time left out.
+
+    Token counts stay on the device (reading them would wait for the GPU at every step) and are
+    summed over ranks only when a line is logged.
+    """
+
+    def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None):
+        self.model, self.cfg, self.dist, self.peak = model, cfg, dist, peak
+        self.iters, self.first_step = iters, first_step
+        self.start, self.paused_seconds = time.time(), 0.0
+        # non-padding input positions, positions the model ran (padding included), positions with a loss weight
+        self.real, self.computed, self.projected = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+
+    def count(self, roles: torch.Tensor, weights: torch.Tensor) -> None:
+        self.real += (roles != sftkey.PAD).sum()
+        self.computed += roles.numel()
+        self.projected += (weights != 0).sum()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (validation) counts neither in tokens/s nor in the ETA."""
+        t0 = time.time()
+        yield
+        self.paused_seconds += time.time() - t0
+
+    def line(self, stage: str, step: int, lr: float, step_loss: torch.Tensor) -> dict:
+        """The log row of `step` (a dict for results.json), printed on rank 0."""
+        dist, done = self.dist, step + 1
+        loss = float(dist.all_reduce(step_loss.detach().clone())) / dist.world
+        real, computed, projected = dist.all_reduce(torch.stack([self.real, self.computed, self.projected])).tolist()
+        elapsed = time.time() - self.start
+        busy = elapsed - self.paused_seconds
+        rate = real / busy
+        eta = busy / (done - self.first_step) * (self.iters - done)
+        row = {"stage": stage, "step": step, "lr": lr, "loss": loss, "tokens_per_s": rate}
+        if self.peak:  # FLOPs per computed position at the mean padded width, times positions per second
+            width = computed / ((done - self.first_step) * self.cfg.grad_accum * dist.world * self.cfg.batch_size)
+            row["mfu"] = mfu(self.model, computed / busy, width, projected / computed, self.peak * dist.world)
+        if dist.master:
+            print(f"{stage} step {step:5d}/{self.iters} | lr {lr:.2e} | loss {loss:.4f} | {rate:,.0f} tok/s"
+                  + (f" | MFU {row['mfu']:.1%}" if self.peak else "")
+                  + f" | {clock(elapsed)} elapsed | ETA {clock(eta)}", flush=True)
+        return row
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def number(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_setup(data_summaries: list[str], model, device: str, dist: Dist, dtype: torch.dtype) -> None:
+    print("\n".join(data_summaries))
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
+          f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).replace('torch.', '')}")
+
+
+def print_result(stage: str, r: dict, seconds: float) -> None:
+    print(f"{stage}: Acc {number(r['acc'])} | Fmt {number(r['fmt'])} | Composite {number(r['composite'])} on "
+          f"{r['n']} test examples | trained in {clock(seconds)}", flush=True)
+    for sample in r["samples"][:1]:
+        print(f"  e.g. {sample['prompt']!r} -> {sample['response']!r} (reference {sample['reference']!r})")
+
+
+def results_table(results: dict[str, dict]) -> str:
+    lines = ["| arm | Acc | Fmt | Composite | n |", "| --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {number(r['acc'])} | {number(r['fmt'])} | {number(r['composite'])} | {r['n']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+
+def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
+    """One flag per field of the `config_class` dataclass, its help text taken from the field's metadata."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(config_class):
+        # %(default)r, not the field's default: a parser that calls set_defaults (experiment.py) shows its own
+        flag, help_text = f"--{f.name}", f.metadata["help"] + " (default: %(default)r)"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
+    return parser
+
+
+def check_config(cfg) -> None:
+    """Refuse flag values that would fail later (or silently do something else), before anything runs."""
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_batch_size",
+                "log_interval", "eval_interval")
+    non_negative = ("n_train", "n_val", "n_test", "max_iters", "stage2_iters", "warmup_iters", "ckpt_interval",
+                    "eval_limit", "key_weight", "stage2_lr", "weight_decay", "grad_clip")
+    problems = [f"--{name} {getattr(cfg, name)}: must be at least 1" for name in positive if getattr(cfg, name) < 1]
+    problems += [f"--{name} {getattr(cfg, name)}: must be >= 0" for name in non_negative
+                 if not getattr(cfg, name) >= 0]  # `not >=` also catches nan
+    for name in ("lr", "key_weight", "stage2_lr", "weight_decay", "grad_clip", "dropout", "min_lr_ratio"):
+        if not math.isfinite(getattr(cfg, name)):
+            problems.append(f"--{name} {getattr(cfg, name)}: must be a finite number")
+    if not cfg.lr > 0:
+        problems.append(f"--lr {cfg.lr}: must be > 0")
+    if not 0 <= cfg.dropout < 1 or not 0 <= cfg.min_lr_ratio <= 1:
+        problems.append(f"--dropout {cfg.dropout} / --min_lr_ratio {cfg.min_lr_ratio}: must lie in [0, 1)/[0, 1]")
+    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
+        problems.append(f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}")
+    if cfg.format not in D.FORMATS:
+        problems.append(f"--format {cfg.format}: unknown; use one of {', '.join(D.FORMATS)}")
+    if cfg.eval_data and not cfg.data:
+        problems.append(f"--eval_data {cfg.eval_data} needs --data (without it the synthetic task is used)")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        problems.append(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
+    if cfg.device != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            device = None
+            problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
+    if cfg.init_from.startswith(PRETRAINED):
+        if not os.path.isdir(cfg.init_from[len(PRETRAINED):]):
+            problems.append(f"--init_from {cfg.init_from}: no such directory")
+        if cfg.encoding != "gpt2":
+            problems.append(f"--init_from {cfg.init_from} needs --encoding gpt2, got {cfg.encoding}")
+    elif cfg.init_from and not os.path.isfile(cfg.init_from):
+        problems.append(f"--init_from {cfg.init_from}: no such file")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        problems.append(f"--out_dir {cfg.out_dir}: exists and is not a folder")
+    if problems:
+        raise ValueError("; ".join(problems))
