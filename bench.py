@@ -36,10 +36,10 @@ _SHARED = os.path.join(_HERE, "..", "shared")
 if os.path.isdir(os.path.join(_SHARED, "tiktoken_cache")):  # offline copies of GPT-2's BPE files
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(_SHARED, "tiktoken_cache"))
 
-import data as D  # noqa: E402  (after TIKTOKEN_CACHE_DIR is set)
-import sftkey  # noqa: E402
-import checkpoints as ckpts  # noqa: E402
+import checkpoints as ckpts  # noqa: E402  (after TIKTOKEN_CACHE_DIR is set)
+import data as D  # noqa: E402
 import runtime as R  # noqa: E402
+import sftkey  # noqa: E402
 import train as T  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -203,10 +203,6 @@ def generation(model: GPT, prompts: list[list[int]], new_tokens: int, use_cache:
 # ---------------------------------------------------------------------------------------------
 # The run
 
-def name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
@@ -222,7 +218,7 @@ def run(args) -> dict:
     # timing it would take hours and say nothing about the method, so it is only timed when native.
     bf16_ok = R.native_bf16(device) or dtype == torch.bfloat16 or args.emulated_bf16
     started = time.time()
-    out: dict = {"device": device, "device_name": device_name(device), "dtype": name(dtype),
+    out: dict = {"device": device, "device_name": device_name(device), "dtype": R.dtype_name(dtype),
                  "threads": torch.get_num_threads()}
     tables = []
 
@@ -234,7 +230,7 @@ def run(args) -> dict:
     optimizer = model.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.split(":")[0])
     dtypes = (dtype, other) if bf16_ok else (dtype,)
     peaks = {d: R.peak_flops(device, d, size=args.peak_size) for d in dtypes}
-    out["peak_flops"] = {name(d): p for d, p in peaks.items()}
+    out["peak_flops"] = {R.dtype_name(d): p for d, p in peaks.items()}
 
     # 1. the training step (and 4. its other dtype), all configurations taking turns
     rows = median_batch(data, args.batch_size)
@@ -244,7 +240,7 @@ def run(args) -> dict:
              "stage 2": sftkey.token_weights(roles, sftkey.role_weights(key_only=True))}
     configs = {"full": ("stage 1", True, dtype), "sft": ("stage 1", False, dtype), "key": ("stage 2", False, dtype)}
     if bf16_ok:
-        configs["sft_" + name(other)] = ("stage 1", False, other)
+        configs["sft_" + R.dtype_name(other)] = ("stage 1", False, other)
     steps = {k: train_step(model, optimizer, batch, masks[m], full, device, d) for k, (m, full, d) in configs.items()}
     seconds = interleaved_seconds(steps, device, args.warmup, args.iters)
     real = int((roles != sftkey.PAD).sum())
@@ -252,14 +248,14 @@ def run(args) -> dict:
     for key, (mask, full, d) in configs.items():
         projected = (x.numel() if full else int((masks[mask] != 0).sum())) / real
         rate = real / seconds[key]
-        runs[key] = {"tokens_per_s": rate, "step_ms": 1000 * seconds[key], "dtype": name(d),
+        runs[key] = {"tokens_per_s": rate, "step_ms": 1000 * seconds[key], "dtype": R.dtype_name(d),
                      "memory_mb": step_memory(steps[key], device) / 2 ** 20, "projected_fraction": projected,
                      "mfu": R.mfu(model, rate, x.size(1), projected, peaks[d])}
     base = runs["full"]["tokens_per_s"]
     labels = {"full": ("every position (plain)", "any"), "sft": ("supervised only", "stage 1 (SFT-Tag)"),
               "key": ("supervised only", "stage 2 (Key)")}
     tables.append((f"Training step: {args.n_layer} layers x {args.n_embd}, vocabulary {config.vocab_size}, "
-                   f"batch {x.size(0)} x {x.size(1)} tokens, {name(dtype)}, {device}",
+                   f"batch {x.size(0)} x {x.size(1)} tokens, {R.dtype_name(dtype)}, {device}",
                    _table(["projected onto the vocabulary", "mask", "share projected", "tokens/s", "step ms",
                            "step memory MB", "MFU", "speedup"],
                           [[*labels[k], f"{runs[k]['projected_fraction']:.0%}", f"{runs[k]['tokens_per_s']:,.0f}",
@@ -291,7 +287,7 @@ def run(args) -> dict:
         gen_rows += [[len(group), "re-run the whole prefix", f"{rates[0]:,.1f}", "1.00x"],
                      [len(group), "KV cache", f"{rates[1]:,.1f}", f"{rates[1] / rates[0]:.2f}x"]]
     tables.append((f"Greedy generation: {args.new_tokens} new tokens per prompt, prompts of "
-                   f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {name(dtype)}",
+                   f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {R.dtype_name(dtype)}",
                    _table(["prompts", "method", "tokens/s", "speedup"], gen_rows)))
     out["generation"] = gen
     out["kv_cache_speedup"] = gen["kv_cache_speedup_batched"]  # evaluation generates in batches
@@ -312,11 +308,11 @@ def run(args) -> dict:
 
     # 4. precision: the stage-1 (supervised-only) step at both dtypes
     if bf16_ok:
-        pair = {d: runs["sft" if d == dtype else "sft_" + name(other)]["tokens_per_s"] for d in dtypes}
+        pair = {d: runs["sft" if d == dtype else "sft_" + R.dtype_name(other)]["tokens_per_s"] for d in dtypes}
         small = default_model_rates(device, args)
         out["bf16_speedup"] = pair[torch.bfloat16] / pair[torch.float32]
         out["bf16_speedup_default_model"] = small["bfloat16"] / small["float32"]
-        out["precision"] = {"bench_model": {name(d): r for d, r in pair.items()}, "default_model": small}
+        out["precision"] = {"bench_model": {R.dtype_name(d): r for d, r in pair.items()}, "default_model": small}
         dflt = T.TrainConfig()
         tables.append(("Precision: stage-1 training step, float32 vs bfloat16 autocast",
                        _table(["model", "float32 tokens/s", "bfloat16 tokens/s", "bf16 speedup"],
@@ -353,7 +349,7 @@ def default_model_rates(device: str, args) -> dict[str, float]:
     model = GPT(ckpts.model_config(cfg, enc)).to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     w = sftkey.token_weights(batch[2], sftkey.role_weights())
-    steps = {name(d): train_step(model, optimizer, batch, w, False, device, d) for d in (torch.float32, torch.bfloat16)}
+    steps = {R.dtype_name(d): train_step(model, optimizer, batch, w, False, device, d) for d in (torch.float32, torch.bfloat16)}
     seconds = interleaved_seconds(steps, device, args.warmup, args.small_iters)
     return {key: int((batch[2] != sftkey.PAD).sum()) / s for key, s in seconds.items()}
 

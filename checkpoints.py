@@ -30,11 +30,16 @@ _CONFIG_FLAGS = {"vocab_size": "--encoding", "block_size": "--block_size", "n_la
                  "n_head": "--n_head", "n_embd": "--n_embd", "dropout": "--dropout"}
 
 
-def write_json(path: str, obj) -> None:
+def write_text(path: str, text: str) -> None:
+    """Written whole or not at all: to a temporary file, then renamed over `path`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dict | None = None) -> None:

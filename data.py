@@ -386,15 +386,15 @@ def load_data(cfg, enc: tiktoken.Encoding) -> tuple[TokenizedSet, TokenizedSet, 
     """The (train, validation) tokenized sets and the test examples that train.py's flags (`cfg`) ask for."""
     bad_lines: list[str] = []  # with --skip_bad_lines, "file:line: problem" of each skipped line
     if cfg.data:
-        read = lambda path: read_examples(path, cfg.format, cfg.strip_calculator, cfg.skip_bad_lines, bad_lines)  # noqa: E731
-        examples, test = read(cfg.data), (read(cfg.eval_data) if cfg.eval_data else [])
+        examples, test = (read_examples(path, cfg.format, cfg.strip_calculator, cfg.skip_bad_lines, bad_lines)
+                          if path else [] for path in (cfg.data, cfg.eval_data))
     else:
         everything = synthetic_task(cfg.n_train + cfg.n_test, cfg.data_seed)
         examples, test = everything[:cfg.n_train], everything[cfg.n_train:]
     train_examples, val_examples = split(examples, cfg.n_val, cfg.seed)
     if not val_examples:
         raise DataError(f"{cfg.data or 'synthetic task'}: {len(examples)} examples leave no validation set, which "
-                          f"takes --n_val {cfg.n_val} but at most a tenth of them; use --n_val >= 1 and >= 10 examples")
+                        f"takes --n_val {cfg.n_val} but at most a tenth of them; use --n_val >= 1 and >= 10 examples")
     train_set = tokenize(train_examples, enc, cfg.block_size, not cfg.untagged, name=cfg.data or "synthetic train")
     val_set = tokenize(val_examples, enc, cfg.block_size, not cfg.untagged, name="validation")
     if bad_lines:
@@ -404,5 +404,5 @@ def load_data(cfg, enc: tiktoken.Encoding) -> tuple[TokenizedSet, TokenizedSet, 
     too_long = [ex for ex in test if len(enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP)) >= cfg.block_size]
     if too_long:
         raise DataError(f"{too_long[0].source or 'test set'}: the prompt alone fills --block_size {cfg.block_size} "
-                          f"tokens, leaving no room for a response ({len(too_long)} test prompts do); raise --block_size")
+                        f"tokens, leaving no room for a response ({len(too_long)} test prompts do); raise --block_size")
     return train_set, val_set, test

@@ -229,9 +229,9 @@ class Recorder:
     def add(self, name: str, result: dict, rows: list[dict]) -> None:
         self.results[name].append(result)
         self.rows += rows
-        r = result
-        print(f"seed {r['seed']} | {name}: Acc {_num(r['acc'])} | Fmt {_num(r['fmt'])} | Composite "
-              f"{_num(r['composite'])} on {r['n']} test problems | trained {r['steps']} steps in "
+        r, num = result, runtime.number
+        print(f"seed {r['seed']} | {name}: Acc {num(r['acc'])} | Fmt {num(r['fmt'])} | Composite "
+              f"{num(r['composite'])} on {r['n']} test problems | trained {r['steps']} steps in "
               f"{r['train_seconds']:.0f} s", flush=True)
         self.write(complete=False)
 
@@ -249,29 +249,18 @@ class Recorder:
         summary = self.summary(complete)
         out = self.cfg.out_dir
         ckpts.write_json(os.path.join(out, "results.json"), summary)
-        _write_text(os.path.join(out, "results.md"), markdown(summary))
-        _write_text(os.path.join(out, "loss_log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rows))
+        ckpts.write_text(os.path.join(out, "results.md"), markdown(summary))
+        ckpts.write_text(os.path.join(out, "loss_log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rows))
         return summary
-
-
-def _write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
 
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def _mean_std(stat: dict) -> str:
     if stat["mean"] is None:
         return "-"
-    return _num(stat["mean"]) + ("" if stat["std"] is None else f" ± {stat['std']:.3f}")
+    return runtime.number(stat["mean"]) + ("" if stat["std"] is None else f" ± {stat['std']:.3f}")
 
 
 def _diff(c: dict | None) -> str:
@@ -449,7 +438,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     seeds = [cfg.seed + k for k in range(n_seeds)]
     recorder = Recorder(cfg, arms, run_names, seeds, n_boot)
     print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "
-          f"{cfg.stage2_iters} | device {device} | {str(dtype).replace('torch.', '')}", flush=True)
+          f"{cfg.stage2_iters} | device {device} | {runtime.dtype_name(dtype)}", flush=True)
     for seed in seeds:
         run_seed(dataclasses.replace(cfg, seed=seed), arms, run_names, enc, device, dtype, recorder.add, save_ckpt)
     summary = recorder.write(complete=True)

@@ -252,6 +252,10 @@ class Meter:
         return row
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -264,7 +268,7 @@ def number(value) -> str:
 def print_setup(data_summaries: list[str], model, device: str, dist: Dist, dtype: torch.dtype) -> None:
     print("\n".join(data_summaries))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-          f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).replace('torch.', '')}")
+          f"{model.config.n_embd} wide | device {device} x{dist.world} | {dtype_name(dtype)}")
 
 
 def print_result(stage: str, r: dict, seconds: float) -> None:
