@@ -203,11 +203,11 @@ class ScriptedModel:
     def eval(self):
         return self
 
-    def generate(self, prompts, max_new_tokens, stop_token, n_vocab=None):
+    def generate(self, prompts, *args, **kwargs):  # the limits do not matter to a script
         outs = []
         for ids in prompts:
             response, ended = self.script[self.enc.decode(ids)]
-            outs.append(self.enc.encode_ordinary(response) + ([stop_token] if ended else []))
+            outs.append(self.enc.encode_ordinary(response) + ([self.enc.eot_token] if ended else []))
         return outs
 
 
