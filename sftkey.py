@@ -14,6 +14,7 @@ train.py.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 import numpy as np
 import tiktoken
@@ -157,47 +158,65 @@ def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
 # Scoring a generated response (the text the model wrote after the prompt, without end-of-text).
 
 _TAGGED = re.compile(r"<Thinking>(.*)</Thinking><Answer>(.*)</Answer>", re.S)
+_REFUSED = TAGS + ("<|endoftext|>",)  # what data.py refuses inside a thinking or an answer
 
 
 def format_ok(response: str, ended: bool) -> bool:
-    """Fmt: exactly `<Thinking>…</Thinking><Answer>…</Answer>`, then end-of-text, nothing else."""
+    """Fmt: exactly `<Thinking>…</Thinking><Answer>…</Answer>`, then end-of-text, nothing else.
+
+    Strict where the training data is: the answer is not empty or only whitespace, and neither
+    part holds a tag or the text `<|endoftext|>` (data.py refuses such examples). The reasoning
+    may be empty, as it may in the data.
+    """
     match = _TAGGED.fullmatch(response)
-    return bool(ended and match and not any(t in g for g in match.groups() for t in TAGS))
+    if not (ended and match):
+        return False
+    thinking, answer = match.groups()
+    return bool(answer.strip()) and not any(t in g for g in (thinking, answer) for t in _REFUSED)
 
 
 def extract_answer(response: str, tagged: bool = True) -> str | None:
-    """The answer a response gives: inside `<Answer>…</Answer>` (tagged) or after `####`.
+    """The answer a response gives, for Acc: the last one outside the reasoning.
 
+    Tagged: the last `<Answer>` after the first `</Thinking>` (where the reasoning ends), or the
+    last `<Answer>` anywhere when there is no `</Thinking>`; so an answer drafted inside the
+    reasoning never counts once the reasoning is closed. Untagged: the line after the last `####`.
     Lenient on purpose: an answer whose `</Answer>` is missing (cut off at the length limit) still
     counts for Acc; the strict layout is what Fmt scores.
     """
     if tagged:
-        start = response.find(ANSWER_OPEN)
-        if start < 0:
-            return None
-        rest = response[start + len(ANSWER_OPEN):]
-        return rest.split(ANSWER_CLOSE, 1)[0]
+        close = response.find(THINK_CLOSE)
+        start = response.rfind(ANSWER_OPEN, close + len(THINK_CLOSE) if close >= 0 else 0)
+        return None if start < 0 else response[start + len(ANSWER_OPEN):].split(ANSWER_CLOSE, 1)[0]
     start = response.rfind("####")
     return None if start < 0 else response[start + 4:].strip().split("\n", 1)[0]
 
 
-def normalize(answer: str) -> str | float:
-    """Whitespace folded; a number (commas, $ and a trailing % dropped) becomes a float."""
+# An optional sign and `$` in either order, ASCII digits with commas between groups of exactly
+# three, an optional decimal part, an optional `%`. No exponents, `_`, inf, nan or other scripts' digits.
+_NUMBER = re.compile(r"(?:([-+\u2212])\$?|\$([-+\u2212])?)?(\d{1,3}(?:,\d{3})+|\d+)?(\.\d+)?%?", re.ASCII)
+
+
+def normalize(answer: str) -> str | Fraction:
+    """Whitespace folded; a number becomes its exact value (a Fraction), so no two numbers that
+    differ, however little, are equal. A number may end in one `.`, read as the end of a sentence
+    ("18." is 18, as Python also reads it). `-` and U+2212 `−` are minus signs. Anything else, and
+    a number too long for Python's int() (over 4300 digits), stays text."""
     text = " ".join(answer.split())
-    try:
-        return float(text.replace(",", "").lstrip("$").rstrip("%"))
-    except ValueError:
+    match = _NUMBER.fullmatch(text.removesuffix("."))
+    if not match or not (match[3] or match[4]):
         return text
+    try:
+        value = Fraction((match[3] or "0").replace(",", "") + (match[4] or ""))
+    except ValueError:  # more digits than sys.get_int_max_str_digits()
+        return text
+    return -value if (match[1] or match[2]) in ("-", "\u2212") else value
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:
-    """Acc for one example: equal after `normalize` (so "1,000" == "1000.0")."""
-    if predicted is None:
-        return False
-    a, b = normalize(predicted), normalize(reference)
-    if isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) <= 1e-6 * max(1.0, abs(b))
-    return a == b
+    """Acc for one example: equal after `normalize`, numbers exactly ("1,000" == "$1,000" == "1000.0",
+    but 2499998 != 2500000), anything else as text. A number never equals a text."""
+    return predicted is not None and normalize(predicted) == normalize(reference)
 
 
 def composite(acc: float, fmt: float) -> float:

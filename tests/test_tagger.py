@@ -1,4 +1,4 @@
-"""The span tagger (`sftkey.render`, `sftkey.tag`, `sftkey.count_straddling`) and answer scoring.
+"""The span tagger (`sftkey.render`, `sftkey.tag`, `sftkey.count_straddling`); scoring is in test_scoring.py.
 
 The tagger is checked on tokenizers built here: hand-made ones whose merges make one token
 straddle a chosen boundary, a byte-only one for multi-byte characters and emoji, a small BPE
@@ -274,65 +274,3 @@ def test_gpt2_literal_endoftext_is_plain_text(gpt2_encoding):
     text, spans = sftkey.render("What is <|endoftext|>?", "It is the string <|endoftext|>.", "<|endoftext|>")
     ids, _ = check_tagging(gpt2_encoding, text, spans)
     assert ids.count(gpt2_encoding.eot_token) == 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring
-
-GOOD = "<Thinking>48/2 = 24\n48+24 = 72</Thinking><Answer>72</Answer>"
-
-
-@pytest.mark.parametrize("response, ended, ok", [
-    (GOOD, True, True),
-    (GOOD, False, False),  # no end-of-text
-    (GOOD + " more", True, False),  # text after </Answer>
-    (GOOD + "\n", True, False),
-    (" " + GOOD, True, False),  # text before <Thinking>
-    ("<Thinking>a</Thinking> <Answer>72</Answer>", True, False),  # nothing between the tags
-    ("<Thinking>a</Thinking>", True, False),  # missing answer
-    ("<Answer>72</Answer>", True, False),  # missing reasoning
-    ("<Thinking>a<Answer>72</Answer>", True, False),
-    ("<Thinking>a</Thinking><Answer>72", True, False),
-    ("<Thinking>a</Thinking><Answer>7</Answer><Answer>2</Answer>", True, False),  # a tag twice
-    ("<Thinking></Thinking><Answer></Answer>", True, True),  # empty parts are still the format
-    ("", True, False),
-])
-def test_format_ok(response, ended, ok):
-    assert sftkey.format_ok(response, ended) is ok
-
-
-def test_extract_answer():
-    assert sftkey.extract_answer(GOOD) == "72"
-    assert sftkey.extract_answer(GOOD + " and then 73") == "72"  # text after </Answer> ignored
-    assert sftkey.extract_answer("<Thinking>x</Thinking><Answer> $1,000 </Answer>") == " $1,000 "
-    assert sftkey.extract_answer("<Thinking>x</Thinking>72") is None  # missing tag
-    assert sftkey.extract_answer("") is None
-    assert sftkey.extract_answer("48+24 = 72\n#### 72", tagged=False) == "72"
-    assert sftkey.extract_answer("#### 1\n#### 72\nmore", tagged=False) == "72"
-    assert sftkey.extract_answer("no marker", tagged=False) is None
-
-
-@pytest.mark.parametrize("raw, value", [
-    ("72", 72.0), ("72.0", 72.0), (" 72 ", 72.0), ("1,000", 1000.0), ("$1,000", 1000.0),
-    ("-3", -3.0), ("50%", 50.0), ("  seventy   two\n", "seventy two"),
-])
-def test_normalize(raw, value):
-    assert sftkey.normalize(raw) == value
-
-
-@pytest.mark.parametrize("predicted, reference, match", [
-    ("72", "72", True), ("72.0", "72", True), ("72", "72.00", True), (" 72\n", "72", True),
-    ("1,000", "1000", True), ("$1,000", "1000", True), ("$1,000.00", "1,000", True),
-    ("73", "72", False), ("72.5", "72", False), ("-72", "72", False), ("7 2", "72", False),
-    ("", "72", False), (None, "72", False), ("seventy  two", "seventy two", True), ("abc", "abd", False),
-])
-def test_answers_match(predicted, reference, match):
-    assert sftkey.answers_match(predicted, reference) is match
-
-
-def test_scoring_a_response_end_to_end():
-    response = "<Thinking>2+3=5</Thinking><Answer>5.0</Answer> trailing"
-    assert sftkey.answers_match(sftkey.extract_answer(response), "5")
-    assert not sftkey.format_ok(response, ended=True)
-    assert sftkey.composite(1.0, 0.0) == pytest.approx(0.7)
-    assert sftkey.composite(0.5, 1.0) == pytest.approx(0.65)

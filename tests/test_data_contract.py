@@ -1,0 +1,183 @@
+"""What data.py promises about a data set: the figures of `tokenize(...).summary`, the block-size
+cut, `split`, and the synthetic task's problems.
+
+The summary is printed at the start of every run and stored in results.json; it is how one sees
+that a data set holds what one thinks (how long the reasoning is next to the answer, how many
+examples were dropped, whether the tokenizer merges across the template's boundaries). Each figure
+is compared with a direct count on small hand-made sets where the figures all differ: with
+`sftkey-chars` (one token per ASCII character or tag, so counts follow from string lengths) and
+with GPT-2's real tokenizer for the tokens that straddle a boundary and the prompts that do not
+tokenize as a prefix of their example.
+"""
+import re
+
+import pytest
+
+import data as D
+import sftkey
+
+CHARS = D.char_encoding()
+
+
+def char_role_counts(ex: D.Example) -> tuple[int, int, int]:
+    """Tokens per role with sftkey-chars, from the template: prompt + "\\n"; <Thinking> text
+    </Thinking>; <Answer> text </Answer> end-of-text (each tag is one token)."""
+    return len(ex.prompt) + 1, len(ex.thinking) + 2, len(ex.answer) + 3
+
+
+def model_reads(ex: D.Example) -> int:
+    """Tokens the model reads of an example: all but the final end-of-text."""
+    return sum(char_role_counts(ex)) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary's figures
+
+KEPT = [D.Example("Q: 1+2", "1+2=3", "3"),
+        D.Example("Q: 10+25-3", "10+25=35 35-3=32", "32"),
+        D.Example("What is nine?", "9", "9")]
+TOO_LONG = D.Example("Q: " + "1+" * 20 + "1", "1+1=2 " * 8, "1234567")  # longest in every role
+
+
+def test_summary_figures_match_a_direct_count_with_the_char_encoding():
+    block = max(model_reads(ex) for ex in KEPT) + 1
+    assert model_reads(TOO_LONG) > block
+    s = D.tokenize(KEPT[:2] + [TOO_LONG] + KEPT[2:], CHARS, block).summary
+    counts = [char_role_counts(ex) for ex in KEPT]
+    prompt, thinking, key = ([c[i] for c in counts] for i in range(3))
+    assert (prompt, thinking, key) == ([7, 11, 14], [7, 18, 3], [4, 5, 4])  # by hand, from the texts
+    assert s["examples"] == 3 and s["dropped_too_long"] == 1
+    assert s["prompt_tokens_mean"] == pytest.approx(32 / 3) and s["prompt_tokens_max"] == 14
+    assert s["thinking_tokens_mean"] == pytest.approx(28 / 3) and s["thinking_tokens_max"] == 18
+    assert s["key_tokens_mean"] == pytest.approx(13 / 3) and s["key_tokens_max"] == 5
+    # Over the whole set (not a mean of per-example fractions, which would be 0.384).
+    assert s["key_fraction"] == pytest.approx(sum(key) / (sum(thinking) + sum(key))) == pytest.approx(13 / 41)
+    # Every tag is one token and every other token one character: nothing straddles or re-tokenizes.
+    assert s["straddling_tokens"] == 0 and s["prompt_prefix_mismatches"] == 0
+
+
+# Prompts ending in "\n" tokenize differently alone ("\n\n" is one GPT-2 token) than followed by the
+# separator and the response (the newlines split before a non-space); an untagged reasoning
+# starting with "\n\n" makes one "\n\n" token of the prompt's separator and its first newline.
+GPT2_SET = [D.Example("Q: 2+3", "2+3=5", "5"),
+            D.Example("Q: 7\n", "7", "7"),
+            D.Example("Q: 1+1", "1+1=2", "2"),
+            D.Example("List:\n", "none", "0"),
+            D.Example("Q", "\n\nx", "1")]
+
+
+def direct_counts(enc, examples, tagged: bool) -> tuple[int, int]:
+    """(straddling tokens, prompt-prefix mismatches), counted from the tokenizer's own output: a
+    token straddles when its bytes run across the start of the reasoning or of the Key."""
+    straddling = mismatches = 0
+    for ex in examples:
+        text, spans = sftkey.render(ex.prompt, ex.thinking, ex.answer, tagged)
+        ids = enc.encode_ordinary(text)
+        bounds = [len(text[:spans[i][0]].encode()) for i in (1, 2)]
+        at = 0
+        for token in enc.decode_tokens_bytes(ids):
+            straddling += sum(at < b < at + len(token) for b in bounds)
+            at += len(token)
+        prompt_ids = enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP)
+        mismatches += ids[:len(prompt_ids)] != prompt_ids
+    return straddling, mismatches
+
+
+def test_gpt2_straddling_tokens_and_prefix_mismatches_tagged(gpt2_encoding):
+    s = D.tokenize(GPT2_SET, gpt2_encoding, 64).summary
+    # Tagged: `><` of `</Thinking><Answer>` straddles once per example; the prompts ending in "\n"
+    # mismatch (the reasoning starts with `<Thinking>`, so E's "\n\n" does not reach the prompt).
+    assert (s["examples"], s["straddling_tokens"], s["prompt_prefix_mismatches"]) == (5, 5, 2)
+    assert direct_counts(gpt2_encoding, GPT2_SET, tagged=True) == (5, 2)
+
+
+def test_gpt2_straddling_tokens_and_prefix_mismatches_untagged(gpt2_encoding):
+    s = D.tokenize(GPT2_SET, gpt2_encoding, 64, tagged=False).summary
+    # Untagged: only E's "\n\n" straddles (prompt separator + reasoning), and E mismatches too.
+    assert (s["examples"], s["straddling_tokens"], s["prompt_prefix_mismatches"]) == (5, 1, 3)
+    assert direct_counts(gpt2_encoding, GPT2_SET, tagged=False) == (1, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The block-size cut
+
+def test_tokenize_keeps_an_example_that_exactly_fills_the_block_and_drops_one_token_more():
+    short, exact = D.Example("Q", "a", "1"), D.Example("Q: 12+30", "12+30=42", "42")
+    n = model_reads(exact)
+    kept = D.tokenize([short, exact], CHARS, block_size=n)
+    assert kept.summary["dropped_too_long"] == 0 and kept.examples == [short, exact]
+    assert len(kept.ids[1]) - 1 == n
+    cut = D.tokenize([short, exact], CHARS, block_size=n - 1)
+    assert cut.summary["dropped_too_long"] == 1 and cut.examples == [short]
+
+
+def test_tokenize_refuses_a_set_where_nothing_fits():
+    with pytest.raises(D.DataError, match="longer than --block_size"):
+        D.tokenize([D.Example("Q: 12+30", "12+30=42", "42")], CHARS, block_size=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# split
+
+@pytest.mark.parametrize("n, n_val, expected", [(50, 3, 3), (50, 5, 5), (50, 9, 5), (25, 10, 2), (9, 4, 0)])
+def test_split_sizes_are_min_of_n_val_and_a_tenth(n, n_val, expected):
+    examples = D.synthetic_task(n, seed=0)
+    train_part, val = D.split(examples, n_val, seed=1)
+    assert len(val) == expected == min(n_val, n // 10)
+    assert len(train_part) == n - expected
+
+
+def test_split_is_a_disjoint_partition():
+    examples = D.synthetic_task(60, seed=0)
+    train_part, val = D.split(examples, 6, seed=2)
+    train_ids, val_ids = {id(e) for e in train_part}, {id(e) for e in val}
+    assert not train_ids & val_ids
+    assert train_ids | val_ids == {id(e) for e in examples}
+    assert len(train_ids) + len(val_ids) == len(examples)  # no example twice in a part
+
+
+def test_split_is_seeded():
+    examples = D.synthetic_task(60, seed=0)
+    assert D.split(examples, 6, seed=2) == D.split(examples, 6, seed=2)
+    assert D.split(examples, 6, seed=2)[1] != D.split(examples, 6, seed=3)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic task
+
+STEP = re.compile(r"(\d+)([+-])(\d)=(\d+)")
+
+
+def left_to_right(prompt: str) -> int:
+    """The value of "Q: 17+8-5" evaluated here, term by term."""
+    terms = re.findall(r"([+-]?)(\d+)", prompt.removeprefix("Q: "))
+    return sum(-int(x) if sign == "-" else int(x) for sign, x in terms)
+
+
+def test_synthetic_answers_are_the_prompts_arithmetic_and_the_steps_chain():
+    examples = D.synthetic_task(300, seed=5)
+    step_counts = set()
+    for ex in examples:
+        assert re.fullmatch(r"Q: \d+([+-]\d)+", ex.prompt), ex.prompt
+        assert ex.answer == str(left_to_right(ex.prompt))
+        start = int(re.match(r"Q: (\d+)", ex.prompt)[1])
+        assert 1 <= start < 20
+        steps = [STEP.fullmatch(s) for s in ex.thinking.split(" ")]
+        assert all(steps), ex.thinking
+        total, ops = start, re.findall(r"[+-]\d", ex.prompt.removeprefix(f"Q: {start}"))
+        assert len(steps) == len(ops)
+        for step, op in zip(steps, ops):
+            a, sign, x, result = int(step[1]), step[2], int(step[3]), int(step[4])
+            assert a == total and sign + str(x) == op and 1 <= x <= 9
+            assert result == (a + x if sign == "+" else a - x) >= 0  # never below zero
+            total = result
+        assert str(total) == ex.answer
+        step_counts.add(len(steps))
+    assert step_counts == {1, 2, 3, 4, 5}
+
+
+def test_synthetic_problems_are_distinct_and_seeded():
+    a = D.synthetic_task(200, seed=7)
+    assert len({ex.prompt for ex in a}) == 200
+    assert D.synthetic_task(200, seed=7) == a
+    assert [ex.prompt for ex in D.synthetic_task(200, seed=8)] != [ex.prompt for ex in a]
