@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import data as D
 import experiment as E
 import sftkey
@@ -449,7 +450,7 @@ def test_child_arms_continue_the_data_stream_after_their_parent(cfg, enc, fakes)
 
 def test_root_arms_share_the_seeded_init_and_children_start_from_their_parent(cfg, enc, fakes):
     torch.manual_seed(cfg.seed)
-    init = _fingerprint(train.build_model(cfg, enc, "cpu"))
+    init = _fingerprint(checkpoints.build_model(cfg, enc, "cpu"))
     torch.manual_seed(12345)  # the arms must not depend on the RNG state they find
     _run_seed(cfg, enc, _arms(cfg), list(E.ARM_NAMES))
     by = {c["stage"]: c for c in fakes.calls}
@@ -486,7 +487,7 @@ def test_experiment_runs_consecutive_seeds_with_different_inits(cfg, enc, fakes,
     starts = [c["start"] for c in fakes.calls if c["stage"] == "sft_tag"]
     for s, start in zip(seeds, starts):
         torch.manual_seed(s)
-        assert torch.equal(start, _fingerprint(train.build_model(cfg, enc, "cpu")))
+        assert torch.equal(start, _fingerprint(checkpoints.build_model(cfg, enc, "cpu")))
     assert not torch.equal(starts[0], starts[1])
 
 

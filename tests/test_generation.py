@@ -3,7 +3,7 @@
 Generation that quietly stops using its KV cache gives the same tokens, only quadratically slower,
 so comparing outputs (test_model.py) cannot see it: here the width of every forward call and the
 cache's final length are checked. The `n_vocab` limit is checked where it matters, with the
-padding rows of the embedding rigged to win the argmax. And `train.build_model` must round the
+padding rows of the embedding rigged to win the argmax. And `checkpoints.build_model` must round the
 vocabulary up to a multiple of 64 while covering every id of the encoding, end-of-text included.
 """
 import math
@@ -12,6 +12,7 @@ import pytest
 import tiktoken
 import torch
 
+import checkpoints
 import data as D
 import model as M
 import train
@@ -133,7 +134,7 @@ def small_config(**kw) -> train.TrainConfig:
     (byte_encoding_with(64), 384),  # one id more -> the next multiple
 ])
 def test_build_model_rounds_the_vocabulary_up_to_a_multiple_of_64(enc, expected):
-    model = train.build_model(small_config(), enc, "cpu")
+    model = checkpoints.build_model(small_config(), enc, "cpu")
     vocab = model.config.vocab_size
     if expected is None:
         assert enc.n_vocab % 64 != 0
@@ -148,7 +149,7 @@ def test_build_model_rounds_the_vocabulary_up_to_a_multiple_of_64(enc, expected)
 
 def test_char_encoding_model_embeds_every_token_of_a_tokenized_set():
     enc = D.char_encoding()
-    model = train.build_model(small_config(), enc, "cpu")
+    model = checkpoints.build_model(small_config(), enc, "cpu")
     s = D.tokenize(D.synthetic_task(20, seed=0), enc, block_size=96)
     used = {int(t) for ids in s.ids for t in ids}
     assert enc.eot_token in used and max(used) < model.config.vocab_size
