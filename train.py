@@ -21,9 +21,9 @@ import torch
 
 import checkpoints as ckpts
 import data as D
-import sftkey
-from model import GPT, GPTConfig
 import runtime
+import sftkey
+from model import GPT
 from runtime import Dist, Interrupted, Meter, StopSignal, autocast
 
 

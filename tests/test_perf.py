@@ -19,7 +19,6 @@ import bench
 import data as D
 import runtime
 import sftkey
-import train as T
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

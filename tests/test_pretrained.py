@@ -1,4 +1,4 @@
-"""GPT.from_pretrained and --init_from gpt2:DIR, on small random checkpoints in Hugging Face's layout.
+"""checkpoints.gpt2_from_hf and --init_from gpt2:DIR, on small random checkpoints in Hugging Face's layout.
 
 The checkpoints are built here tensor by tensor with GPT-2's names and shapes (Conv1D weights
 stored as (in, out), the attention-mask buffers, with or without the "transformer." prefix), so
@@ -14,7 +14,6 @@ import torch
 
 import checkpoints
 import train
-from model import GPT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

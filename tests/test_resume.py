@@ -12,6 +12,7 @@ import data as D
 import runtime
 import sftkey
 import train
+from model import GPT, GPTConfig
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--n_train", "300",
         "--n_val", "20", "--n_test", "4", "--max_iters", "12", "--stage2_iters", "6", "--warmup_iters", "2",
@@ -78,7 +79,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cfg = _config(tmp_path)
-    model = train.GPT(train.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=1, n_embd=8))
     path = str(tmp_path / "ckpt.pt")
     checkpoints.save_checkpoint(path, model, None, cfg, step=1)
 
