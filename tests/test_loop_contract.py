@@ -186,7 +186,8 @@ def test_each_epoch_covers_distinct_examples_and_seeds_and_epochs_differ(tokeniz
         assert len(epoch) == len(set(epoch.tolist())) == 40 and set(epoch.tolist()) <= set(range(42))
     assert epochs[0].tolist() != epochs[1].tolist()
     other = D.Batches(tokenized, 4, seed=10)
-    assert [other.indices(i).tolist() for i in range(per_epoch)] != [batches.indices(i).tolist() for i in range(per_epoch)]
+    first_epoch = lambda b: [b.indices(i).tolist() for i in range(per_epoch)]  # noqa: E731
+    assert first_epoch(other) != first_epoch(batches)
 
 
 def test_batches_hold_similar_lengths(tokenized):
