@@ -28,8 +28,27 @@ def _final_weights(out_dir) -> dict:
     return torch.load(os.path.join(out_dir, "sftkey_tag", "ckpt.pt"), weights_only=True)["model"]
 
 
+@pytest.fixture
+def own_signal_handlers():
+    """Handlers of the test's own for SIGINT and SIGTERM while it runs, whatever the process started
+    with (under nohup or as a background job SIGINT starts ignored); the originals are put back after.
+    Distinct functions, so the test sees that a run restores the handler it found, not some default."""
+    def on_sigint(signum, frame):  # as Python's default handler does
+        raise KeyboardInterrupt
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+    handlers = {signal.SIGINT: on_sigint, signal.SIGTERM: on_sigterm}
+    before = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        yield handlers
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 @pytest.mark.parametrize("stage, at", [("sft_tag", 5), ("sftkey_tag", 3)])
-def test_resume_after_signal_gives_identical_weights(tmp_path, monkeypatch, stage, at):
+def test_resume_after_signal_gives_identical_weights(tmp_path, monkeypatch, own_signal_handlers, stage, at):
     straight = train.run(_config(tmp_path / "straight"))
     expected = _final_weights(tmp_path / "straight")
 
@@ -46,7 +65,8 @@ def test_resume_after_signal_gives_identical_weights(tmp_path, monkeypatch, stag
         train.run(_config(out))
     saved = torch.load(out / stage / "ckpt.pt", weights_only=True)
     assert saved["step"] == at + 1  # the step in flight was finished, then checkpointed
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    for sig, handler in own_signal_handlers.items():  # the handlers installed before the run, restored
+        assert signal.getsignal(sig) is handler, sig.name
 
     monkeypatch.setattr(D.Batches, "get", original)
     summary = train.run(_config(out, "--resume"))
