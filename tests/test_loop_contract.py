@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import data as D
+import runtime
 import sftkey
 import train
 from model import GPT, GPTConfig
@@ -220,8 +221,7 @@ def test_micro_batch_index_is_step_times_grad_accum_plus_i_after_earlier_steps(t
 
 def test_run_stage2_continues_the_data_stream_after_stage1(tmp_path, monkeypatch):
     fetched = record_batch_numbers(monkeypatch)
-    if hasattr(train, "peak_flops"):  # the MFU measurement is slow and not under test
-        monkeypatch.setattr(train, "peak_flops", lambda *args, **kwargs: 1e12)
+    monkeypatch.setattr(runtime, "peak_flops", lambda *args, **kwargs: 1e12)  # slow, and not under test
     train.run(train.parse_args(["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "4",
                                 "--n_train", "60", "--n_val", "6", "--n_test", "1", "--grad_accum", "2",
                                 "--max_iters", "3", "--stage2_iters", "2", "--warmup_iters", "1",

@@ -21,7 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data as D
+import runtime
 import train
 from sftkey import KEY, THINK
 
@@ -34,8 +36,7 @@ def no_flops_measurement():
     """run() times 2048x2048 matrix products for the MFU column (about 2.5 s per run on one
     thread); the MFU is not under test here. Where the function lives elsewhere, runs are only slower."""
     with pytest.MonkeyPatch.context() as mp:
-        if hasattr(train, "peak_flops"):
-            mp.setattr(train, "peak_flops", lambda *args, **kwargs: 1e12)
+        mp.setattr(runtime, "peak_flops", lambda *args, **kwargs: 1e12)  # slow, and not under test
         yield
 
 
@@ -74,7 +75,7 @@ def weights_of(path) -> dict:
 
 def model_with(path, argv):
     cfg = train.parse_args(argv)
-    model = train.build_model(cfg, D.get_encoding(cfg.encoding), "cpu")
+    model = checkpoints.build_model(cfg, D.get_encoding(cfg.encoding), "cpu")
     model.load_state_dict(weights_of(path))
     return model.eval()
 
@@ -219,7 +220,7 @@ def test_data_seed_changes_the_problems_but_seed_keeps_the_test_set():
     enc = D.char_encoding()
 
     def problems(*extra):
-        train_set, val_set, test = train.load_data(train.parse_args([*SYNTH, *extra]), enc)
+        train_set, val_set, test = D.load_data(train.parse_args([*SYNTH, *extra]), enc)
         return {ex.prompt for ex in train_set.examples + val_set.examples}, [ex.prompt for ex in test]
     base_pool, base_test = problems("--seed", "1", "--data_seed", "0")
     seed_pool, seed_test = problems("--seed", "2", "--data_seed", "0")
