@@ -109,31 +109,37 @@ class Example:
     source: str = field(default="", compare=False)  # "file:line" it was read from, for error messages
 
 
-def synthetic_task(n: int, seed: int) -> list[Example]:
+def synthetic_task(n: int, seed: int | list, exclude: frozenset = frozenset(), distinct: bool = True) -> list[Example]:
     """Multi-step arithmetic with a worked solution, generated deterministically from `seed`.
 
     "Q: 17+8-5+9" is solved as "17+8=25 25-5=20 20+9=29" with answer "29": a start below 20, then
-    one to five additions or subtractions of a digit, never going below zero. Each step is easy
-    and the number of steps varies, so a small model's accuracy grows gradually with training
-    rather than all at once, and the reasoning is long next to the answer. Problems are distinct
-    within a call.
+    one to five (uniformly) additions or subtractions of a digit, never going below zero. Easy steps in
+    varying number make a small model's accuracy grow gradually, not all at once, and the reasoning
+    long next to the answer. A problem in `exclude` or (with `distinct`) a repeat is redrawn with as
+    many steps, so that step counts keep their law exactly (306 one-step problems would run out).
     """
     rng = np.random.default_rng(seed)
-    seen, examples = set(), []
+    seen, examples = set(exclude), []
     while len(examples) < n:
-        total = int(rng.integers(1, 20))
-        prompt, steps = f"Q: {total}", []
-        for _ in range(int(rng.integers(1, 6))):
-            x = int(rng.integers(1, 10))
-            op = "-" if x <= total and rng.random() < 0.5 else "+"
-            new = total - x if op == "-" else total + x
-            prompt += f"{op}{x}"
-            steps.append(f"{total}{op}{x}={new}")
-            total = new
-        if prompt not in seen:
-            seen.add(prompt)
-            examples.append(Example(prompt, " ".join(steps), str(total)))
+        example, tries = _problem(rng), 0
+        while example.prompt in seen:
+            if (tries := tries + 1) > 10_000:
+                raise DataError(f"no {example.thinking.count('=')}-step synthetic problem left to draw: lower --n_test")
+            example = _problem(rng, example.thinking.count("="))
+        seen.update([example.prompt] if distinct else [])
+        examples.append(example)
     return examples
+
+
+def _problem(rng: np.random.Generator, n_steps: int = 0) -> Example:
+    total = int(rng.integers(1, 20))
+    prompt, steps = f"Q: {total}", []
+    for _ in range(n_steps or int(rng.integers(1, 6))):
+        x = int(rng.integers(1, 10))
+        op = "-" if x <= total and rng.random() < 0.5 else "+"
+        prompt += f"{op}{x}"
+        steps.append(f"{total}{op}{x}={(total := total - x if op == '-' else total + x)}")
+    return Example(prompt, " ".join(steps), str(total))
 
 
 def read_examples(path: str, fmt: str, strip_calculator: bool = False, skip_bad_lines: bool = False,
@@ -388,9 +394,8 @@ def load_data(cfg, enc: tiktoken.Encoding) -> tuple[TokenizedSet, TokenizedSet, 
     if cfg.data:
         examples, test = (read_examples(path, cfg.format, cfg.strip_calculator, cfg.skip_bad_lines, bad_lines)
                           if path else [] for path in (cfg.data, cfg.eval_data))
-    else:
-        everything = synthetic_task(cfg.n_train + cfg.n_test, cfg.data_seed)
-        examples, test = everything[:cfg.n_train], everything[cfg.n_train:]
+    else:  # see synthetic_split
+        examples, test = synthetic_split(cfg.n_train, cfg.n_test, cfg.data_seed)
     train_examples, val_examples = split(examples, cfg.n_val, cfg.seed)
     if not val_examples:
         raise DataError(f"{cfg.data or 'synthetic task'}: {len(examples)} examples leave no validation set, which "
@@ -406,3 +411,16 @@ def load_data(cfg, enc: tiktoken.Encoding) -> tuple[TokenizedSet, TokenizedSet, 
         raise DataError(f"{too_long[0].source or 'test set'}: the prompt alone fills --block_size {cfg.block_size} "
                         f"tokens, leaving no room for a response ({len(too_long)} test prompts do); raise --block_size")
     return train_set, val_set, test
+
+
+def synthetic_split(n_train: int, n_test: int, data_seed: int) -> tuple[list[Example], list[Example]]:
+    """(training, test) problems of the synthetic task, both drawn from its law (`synthetic_task`).
+
+    The test set is n_test distinct problems from a stream seeded by (data_seed, 1): it depends on
+    --data_seed and --n_test alone (the first k the same for any n_test >= k). Training problems,
+    seeded by (data_seed, 0), are never test ones and may repeat (rejecting repeats among 20,000 would
+    use up short problems); so may the validation ones carved from them by `split`: their losses are
+    a diagnostic of training, the test set is what is scored.
+    """
+    test = synthetic_task(n_test, [data_seed, 1])
+    return synthetic_task(n_train, [data_seed, 0], frozenset(ex.prompt for ex in test), distinct=False), test

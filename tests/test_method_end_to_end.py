@@ -227,5 +227,6 @@ def test_data_seed_changes_the_problems_but_seed_keeps_the_test_set():
     other_pool, other_test = problems("--seed", "1", "--data_seed", "3")
     # --seed only re-splits train/validation: the same problems, the same test items in the same order
     assert seed_test == base_test and seed_pool == base_pool
-    assert base_pool | set(base_test) == {ex.prompt for ex in D.synthetic_task(60 + 2, 0)}
+    pool, test = D.synthetic_split(60, 2, 0)
+    assert base_pool == {ex.prompt for ex in pool} and base_test == [ex.prompt for ex in test]
     assert other_test != base_test and other_pool != base_pool
