@@ -206,6 +206,53 @@ def test_tiny_model_overfits_a_few_examples_and_generates_them():
     assert before["fmt"] == 0.0 and before["acc"] < 1.0  # it was learnt, not there from the start
 
 
+BOUNDARY_BLOCK = 37
+# Two examples of exactly BOUNDARY_BLOCK + 1 tokens (sftkey-chars: one token a character or tag, and
+# end-of-text): the longest that training keeps. One has a short prompt and a long reasoning, the other
+# a long prompt and a short one, so batched together the short prompt sits beside a long one.
+BOUNDARY_EXAMPLES = [D.Example("a", "12+34=46 46-5=41 41+9=50 50-8", "42"),
+                     D.Example("Q: what is two plus one, then?", "x", "3")]
+
+
+@pytest.fixture(scope="module")
+def boundary_model():
+    """A tiny model that has learnt BOUNDARY_EXAMPLES by heart (about a second of training)."""
+    enc = D.char_encoding()
+    data = D.tokenize(BOUNDARY_EXAMPLES, enc, block_size=BOUNDARY_BLOCK)
+    cfg = train.TrainConfig(batch_size=2, block_size=BOUNDARY_BLOCK, lr=1e-2, warmup_iters=5, weight_decay=0.0,
+                            log_interval=1000, eval_interval=1000, seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=BOUNDARY_BLOCK, n_layer=1, n_head=2, n_embd=32))
+    train.train(model=model, train_set=data, val_set=data, cfg=cfg, weights=sftkey.role_weights(), iters=80,
+                peak_lr=cfg.lr, stage="overfit", device="cpu", dtype=torch.float32, log=[])
+    return model.eval(), enc, data, cfg
+
+
+def test_an_example_of_block_size_plus_one_tokens_is_kept_learnt_and_written_in_full(boundary_model):
+    """One rule for the longest example (issue 17, item 2): training keeps len(ids) - 1 <= block_size
+    (the model reads all but end-of-text), so generation may write up to block_size + 1 tokens in all;
+    it used to stop at block_size, one short of end-of-text, and such an example always scored Fmt 0."""
+    model, enc, data, cfg = boundary_model
+    assert [len(ids) for ids in data.ids] == [BOUNDARY_BLOCK + 1] * 2 and data.summary["dropped_too_long"] == 0
+    with pytest.raises(D.DataError, match="longer than --block_size"):  # one token more is dropped
+        D.tokenize(BOUNDARY_EXAMPLES, enc, block_size=BOUNDARY_BLOCK - 1)
+    for ex, ids in zip(BOUNDARY_EXAMPLES, data.ids):
+        prompt = enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP)
+        assert model.generate([prompt], BOUNDARY_BLOCK, enc.eot_token) == [ids[len(prompt):].tolist()]
+    result = train.evaluate(model, enc, BOUNDARY_EXAMPLES, cfg, "cpu", torch.float32)
+    assert (result["acc"], result["fmt"]) == (1.0, 1.0)
+
+
+def test_evaluation_scores_the_same_at_any_eval_batch_size(boundary_model):
+    """Issue 17, item 1: every row of a batch used to get block_size minus the longest prompt, so the short
+    prompt, batched beside the long one, was cut inside its reasoning: Acc 1.0 alone, 0.5 together."""
+    model, enc, data, cfg = boundary_model
+    scores = [train.evaluate(model, enc, BOUNDARY_EXAMPLES, dataclasses.replace(cfg, eval_batch_size=size), "cpu",
+                             torch.float32) for size in (1, 64)]
+    assert [s["acc"] for s in scores] == [1.0, 1.0]  # before: [1.0, 0.5]
+    assert [s["fmt"] for s in scores] == [1.0, 1.0] and scores[0]["samples"] == scores[1]["samples"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The default run in miniature, through the command line
 
