@@ -400,6 +400,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     own = {"names": names, "n_seeds": args.pop("seeds"), "n_boot": args.pop("n_boot"),
            "save_ckpt": args.pop("save_ckpt"), "plot_only": args.pop("plot_only")}
     cfg = train.TrainConfig(**args)
+    runtime.check_config(cfg)  # train.py's flag checks, stage 2's learning rate among them
+    if cfg.data and not cfg.eval_data:
+        raise ValueError(f"--data {cfg.data} needs --eval_data: the arms are compared on the test set")
     for flag in ("resume", "eval_only", "key_only", "untagged"):
         if getattr(cfg, flag):
             raise ValueError(f"--{flag} does not apply to the experiment: the arms set the loss and the format "

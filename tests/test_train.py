@@ -183,6 +183,39 @@ def test_micro_batch_with_zero_weight_adds_nothing(six_examples):
 
 
 # ---------------------------------------------------------------------------------------------
+# The learning-rate schedule
+
+@pytest.mark.parametrize("iters, warmup_iters", [(1500, 100), (300, 100), (57, 3), (10, 0), (1, 5)])
+def test_schedule_reaches_the_peak_once_and_ends_exactly_at_the_floor(iters, warmup_iters):
+    """Issue 17, item 6: the warm-up used to reach the peak at step w - 1 and the cosine start there again
+    at step w (two steps at the peak), and the last step ended a hair above the floor. Against an
+    independent formula: steps 0..w on one straight line from 0 to the peak, then a cosine over
+    steps w..iters-1 from the peak to exactly peak x min_lr_ratio."""
+    cfg = train.TrainConfig(warmup_iters=warmup_iters, min_lr_ratio=0.1)
+    peak, floor = 3e-4, 3e-4 * 0.1
+    lrs = np.array([train.lr_at(step, iters, peak, cfg) for step in range(iters)])
+    w = min(warmup_iters, iters // 10)
+    rise = peak * np.arange(1, w + 2) / (w + 1)  # steps 0..w
+    fall = floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * np.linspace(0, 1, iters - w)))  # steps w..iters-1
+    np.testing.assert_allclose(lrs, np.concatenate([rise[:-1], fall]) if iters > 1 else [peak], rtol=1e-12)
+    assert lrs[w] == peak and np.sum(lrs == peak) == 1 and lrs.min() > 0  # the peak once; no step at lr 0
+    if iters > 1:
+        assert lrs[-1] == floor and np.all(np.diff(lrs[:w + 1]) > 0) and np.all(np.diff(lrs[w:]) < 0)
+
+
+def test_a_stage_at_learning_rate_zero_is_refused_naming_both_flags(tmp_path, capsys):
+    """Issue 17, item 6: --stage2_lr 0 (the default) means lr x min_lr_ratio, so --min_lr_ratio 0 made every
+    stage-2 step a no-op, logged lr 0 and the weights unchanged. Now an error, before anything runs."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*MINI, "--min_lr_ratio", "0", "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--stage2_lr" in err and "--min_lr_ratio" in err
+    assert not (tmp_path / "out").exists()
+    for fine in (["--stage2_lr", "1e-4"], ["--stage2_iters", "0"]):  # a stage-2 peak of its own, or no stage 2
+        train.runtime.check_config(train.parse_args(["--min_lr_ratio", "0", *fine]))
+
+
+# ---------------------------------------------------------------------------------------------
 # Learning
 
 def test_tiny_model_overfits_a_few_examples_and_generates_them():
@@ -294,6 +327,21 @@ def test_default_run_in_miniature_writes_results_and_checkpoints(tmp_path, capsy
     moved = [k for k in ckpts["sft_tag"]["model"] if not torch.equal(ckpts["sft_tag"]["model"][k],
                                                                      ckpts["sftkey_tag"]["model"][k])]
     assert moved  # stage 2 trained further
+
+
+def test_data_without_eval_data_trains_and_says_it_has_no_test_set(tmp_path, capsys):
+    """Issue 17, item 8: --data without --eval_data used to print 'Acc nan' on 'n 0' and exit 0. It still
+    trains (and checkpoints), but says before training that there is no test set and scores nothing."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q: {a}+{b}", "thinking": f"{a}+{b}={a + b}", "answer": str(a + b)})
+                            + "\n" for a in range(5) for b in range(4)))
+    train.main([*MINI, "--data", str(path), "--format", "tagged", "--n_val", "2", "--out_dir", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "test: none" in printed and printed.index("test: none") < printed.index("sft_tag step")
+    assert "sft_tag: not evaluated, no test set" in printed and "nan" not in printed
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert [(r["n"], r["acc"], r["composite"]) for r in results.values()] == [(0, None, None)] * 2
+    assert (tmp_path / "out" / "sftkey_tag" / "ckpt.pt").exists()
 
 
 def test_help_exits_zero_and_documents_every_flag(capsys):
