@@ -195,7 +195,7 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
     """Greedy answers to the test prompts; Acc, Fmt (tagged only) and the composite score."""
     model.eval()
     tagged = not cfg.untagged
-    prompts = [enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP) for ex in examples]
+    prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     correct, formatted = [False] * len(examples), [False] * len(examples)
     samples = []
