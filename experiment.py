@@ -401,8 +401,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
            "save_ckpt": args.pop("save_ckpt"), "plot_only": args.pop("plot_only")}
     cfg = train.TrainConfig(**args)
     runtime.check_config(cfg)  # train.py's flag checks, stage 2's learning rate among them
-    if cfg.data and not cfg.eval_data:
-        raise ValueError(f"--data {cfg.data} needs --eval_data: the arms are compared on the test set")
+    if (cfg.data and not cfg.eval_data) or (not cfg.data and cfg.n_test < 1):  # train.py would train, not score
+        raise ValueError("the arms are compared on a test set: --data needs --eval_data, the synthetic task "
+                         "--n_test >= 1")
     for flag in ("resume", "eval_only", "key_only", "untagged"):
         if getattr(cfg, flag):
             raise ValueError(f"--{flag} does not apply to the experiment: the arms set the loss and the format "

@@ -267,8 +267,8 @@ def number(value) -> str:
 
 def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist: Dist, dtype: torch.dtype) -> None:
     print("\n".join(data_summaries))
-    print(f"test: {n_test} examples" if n_test else "test: none (--data without --eval_data): every stage is "
-          "trained and checkpointed, none is evaluated")
+    print(f"test: {n_test} examples" if n_test else "test: none (--data without --eval_data, or --n_test 0): every "
+          "stage is trained and checkpointed, none is evaluated")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
           f"{model.config.n_embd} wide | device {device} x{dist.world} | {dtype_name(dtype)}")
 

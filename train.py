@@ -37,7 +37,7 @@ class TrainConfig:
     out_dir: str = _flag("out", "folder for checkpoints, logs and results.json")
     data: str = _flag("", "training JSONL file; empty = the embedded synthetic arithmetic task")
     format: str = _flag("gsm8k", f"layout of --data and --eval_data: {', '.join(D.FORMATS)}")
-    eval_data: str = _flag("", "test JSONL file (same format as --data); synthetic test set when --data is empty")
+    eval_data: str = _flag("", "test JSONL file (same format as --data); without it --data runs are not evaluated")
     strip_calculator: bool = _flag(False, "gsm8k: remove the <<48/2=24>> calculator annotations")
     skip_bad_lines: bool = _flag(False, "skip and count malformed lines of --data/--eval_data instead of stopping "
                                         "at the first one")
@@ -97,11 +97,11 @@ def stage2_peak_lr(cfg: TrainConfig) -> float:
 
 
 def lr_at(step: int, iters: int, peak: float, cfg: TrainConfig) -> float:
-    """Linear rise to the peak at step w = min(--warmup_iters, iters // 10), cosine to peak x min_lr_ratio at the end."""
+    """Linear rise to the peak at step min(--warmup_iters, iters // 10), cosine to peak x min_lr_ratio at the end."""
     warmup = min(cfg.warmup_iters, iters // 10)
     if step < warmup:
-        return peak * (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, iters - 1 - warmup)
+        return peak * (step + 1) / (warmup + 1)  # below the peak: it is reached once, at step `warmup`
+    progress = (step - warmup) / max(1, iters - 1 - warmup)  # 1 at the last step: exactly the floor
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

@@ -58,7 +58,8 @@ def test_command_line_aliases_and_refusals():
 
 
 @pytest.mark.parametrize("flags, problem", [(["--min_lr_ratio", "0"], "--stage2_lr 0 means --lr x --min_lr_ratio"),
-                                            (["--data", "train.jsonl"], "needs --eval_data")])
+                                            (["--data", "train.jsonl"], "--data needs --eval_data"),
+                                            (["--n_test", "0"], "--n_test >= 1")])
 def test_refused_before_any_arm_is_trained(tmp_path, capsys, flags, problem):
     """Issue 17, items 6 and 8: stage 2 at learning rate 0 (both children would train at lr 0), and --data
     without a test set (every arm was trained, then the statistics failed on no test items)."""
