@@ -421,8 +421,7 @@ def load_data(cfg, enc: tiktoken.Encoding) -> tuple[TokenizedSet, TokenizedSet, 
                         f"tokens, leaving no room for a response ({len(too_long)} test prompts do); raise --block_size")
     differ = [ex.source or "test set" for ex in test
               if prompt_tokens_differ(enc, *sftkey.render(ex.prompt, ex.thinking, ex.answer, not cfg.untagged))]
-    if differ:  # trailing whitespace is dropped (sftkey.prompt_head); what remains is this encoding's BPE
-        print(f"warning: {differ[0]}: with encoding {enc.name} the test prompt tokenizes otherwise alone than "
-              f"before its response ({len(differ)} test prompts do), so evaluation feeds it as tokens training "
-              f"never had", file=sys.stderr, flush=True)
+    if differ:  # what sftkey.prompt_head's rule leaves: this encoding merging across the template
+        print(f"warning: {differ[0]}: with encoding {enc.name} the test prompt tokenizes otherwise alone than before "
+              f"its response ({len(differ)} test prompts do): evaluation feeds tokens never trained", file=sys.stderr)
     return train_set, val_set, test

@@ -168,12 +168,11 @@ class GPT(nn.Module):
 
         Prompts are left-padded; each row's positions start at 0 at its first real token and an
         attention mask hides the padding, so a row's tokens do not depend on the rest of the batch.
-        Each row has its own limit too: `max_new_tokens`, and at most block_size + 1 tokens in all,
-        prompt included. The last token is predicted from position block_size - 1 and never fed
-        back, so the longest example training keeps (block_size + 1 tokens, data.tokenize) can be
-        written in full. `use_cache=False` re-runs the whole prefix at every step (the slow reference
-        the tests and bench.py compare against). `n_vocab` limits the choice to the tokenizer's ids
-        (the embedding table is padded to a multiple of 64). Rows include the stop token when produced.
+        Each row's own limit: `max_new_tokens`, and block_size + 1 tokens in all with its prompt (the
+        last is predicted from position block_size - 1, never fed back: the longest example training
+        keeps). `use_cache=False` re-runs the whole prefix at every step (the slow reference the tests
+        and bench.py compare against). `n_vocab` limits the choice to the tokenizer's ids (the
+        embedding table is padded to a multiple of 64). Rows include the stop token when produced.
         """
         device, B, block = self.transformer.wte.weight.device, len(prompts), self.config.block_size
         width = max(len(p) for p in prompts)

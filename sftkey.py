@@ -34,14 +34,10 @@ UNTAGGED_KEY_PREFIX = "\n#### "  # the untagged (plain SFT) layout ends with a l
 
 
 def prompt_head(prompt: str) -> str:
-    """The prompt as training and evaluation both feed it: its trailing whitespace dropped, then PROMPT_SEP.
-
-    Why: a run of whitespace tokenizes differently at the end of a text than before a non-space
-    character. With gpt2 a prompt ending in "\\n", " \\n" or "\\r\\n" gave a "\\n\\n" token alone (as
-    evaluation feeds it) but two "\\n" tokens in the training text, where `<Thinking>` follows, so
-    evaluation fed a sequence training never had. data.tokenize counts a mismatch that remains and
-    data.load_data names it.
-    """
+    """The prompt as training and evaluation both feed it: trailing whitespace dropped, then PROMPT_SEP.
+    Whitespace tokenizes differently at a text's end than before a non-space: with gpt2 a prompt ending
+    in "\\n", " \\n" or "\\r\\n" gave one "\\n\\n" token alone (as evaluation fed it) but two "\\n" tokens
+    in the training text, where `<Thinking>` follows. data.tokenize counts a mismatch that remains."""
     return prompt.rstrip() + PROMPT_SEP
 
 
@@ -52,10 +48,9 @@ def render(prompt: str, thinking: str, answer: str, tagged: bool = True) -> tupl
 
         {prompt}\\n<Thinking>{thinking}</Thinking><Answer>{answer}</Answer>
 
-    with no other separators, the prompt's trailing whitespace dropped (`prompt_head`). The PROMPT
-    span is the prompt and its newline, THINK is
-    `<Thinking>…</Thinking>`, KEY is `<Answer>…</Answer>`. The untagged template, used by the plain
-    SFT baseline, is `{prompt}\\n{thinking}\\n#### {answer}`, with KEY = `\\n#### {answer}`.
+    with no other separators, the prompt's trailing whitespace dropped (`prompt_head`). The PROMPT span
+    is the prompt and its newline, THINK is `<Thinking>…</Thinking>`, KEY is `<Answer>…</Answer>`. The
+    untagged template (the plain SFT baseline) is `{prompt}\\n{thinking}\\n#### {answer}`, KEY `\\n#### {answer}`.
     Returns (text, spans) where spans are contiguous (start, end, role) character ranges.
     """
     head = prompt_head(prompt)
