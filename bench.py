@@ -270,7 +270,7 @@ def run(args) -> dict:
     model.eval()
     by_prompt = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].prompt))
     middle = by_prompt[len(by_prompt) // 2:][:args.gen_batch]
-    prompts = [enc.encode_ordinary(data.examples[i].prompt + sftkey.PROMPT_SEP) for i in middle]
+    prompts = [enc.encode_ordinary(sftkey.prompt_head(data.examples[i].prompt)) for i in middle]
     groups = {"single": prompts[:1], "batched": prompts}
     for group in groups.values():
         for use_cache in (False, True):  # warm-up: a few tokens only

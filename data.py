@@ -11,6 +11,7 @@ import binascii
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -272,7 +273,8 @@ def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, t
     if not examples:
         raise DataError(f"{name}: no examples")
     kept, ids_list, roles_list = [], [], []
-    straddling = prefix_mismatch = dropped = 0
+    straddling = dropped = 0
+    mismatched: list[str] = []  # sources of the examples whose prompt tokenizes otherwise alone
     shortest = None
     # A table of every token's length in bytes makes tagging a large set several times faster;
     # building it costs about as much as tagging a few hundred examples without it.
@@ -289,8 +291,8 @@ def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, t
             shortest = min(shortest or len(ids) - 1, len(ids) - 1)
             continue
         straddling += sftkey.count_straddling(enc, text, spans, ids, byte_lengths)
-        prompt_ids = enc.encode_ordinary(text[:spans[0][1]])
-        prefix_mismatch += ids[:len(prompt_ids)] != prompt_ids
+        if prompt_tokens_differ(enc, text, spans, ids):
+            mismatched.append(example.source or name)
         kept.append(example)
         ids_list.append(np.array(ids, dtype=np.int64))
         roles_list.append(np.array(roles, dtype=np.int64))
@@ -302,8 +304,19 @@ def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, t
                **{f"{role}_tokens_mean": float(counts[:, i].mean()) for i, role in enumerate(sftkey.ROLE_NAMES)},
                **{f"{role}_tokens_max": int(counts[:, i].max()) for i, role in enumerate(sftkey.ROLE_NAMES)},
                "key_fraction": float(counts[:, 2].sum() / counts[:, 1:].sum()),
-               "straddling_tokens": straddling, "prompt_prefix_mismatches": prefix_mismatch}
+               "straddling_tokens": straddling, "prompt_prefix_mismatches": len(mismatched),
+               # the first in the file: "f:9" before "f:10" (one file, so the shorter is the earlier line)
+               "first_prompt_prefix_mismatch": min(mismatched, key=lambda s: (len(s), s), default=None)}
     return TokenizedSet(kept, ids_list, roles_list, summary)
+
+
+def prompt_tokens_differ(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]],
+                         ids: list[int] | None = None) -> bool:
+    """Whether the prompt alone (`sftkey.prompt_head`, what evaluation feeds) tokenizes otherwise than the
+    start of the rendered `text` (tokens `ids`): evaluation would feed a sequence training never had."""
+    ids = enc.encode_ordinary(text) if ids is None else ids
+    prompt_ids = enc.encode_ordinary(text[:spans[0][1]])
+    return ids[:len(prompt_ids)] != prompt_ids
 
 
 def format_summary(summary: dict) -> str:
@@ -313,6 +326,7 @@ def format_summary(summary: dict) -> str:
             f"{s['thinking_tokens_mean']:.1f} (max {s['thinking_tokens_max']}), key {s['key_tokens_mean']:.1f} "
             f"(max {s['key_tokens_max']}); key fraction of response {s['key_fraction']:.1%}; straddling tokens "
             f"{s['straddling_tokens']}; prompt-prefix mismatches {s['prompt_prefix_mismatches']}"
+            + (f" (the first: {s['first_prompt_prefix_mismatch']})" if s.get("first_prompt_prefix_mismatch") else "")
             + _skipped_note(s.get("skipped_bad_lines", 0), s.get("bad_lines", [])))
 
 
@@ -406,10 +420,15 @@ def load_data(cfg, enc: tiktoken.Encoding) -> tuple[TokenizedSet, TokenizedSet, 
         train_set.summary.update(skipped_bad_lines=len(bad_lines), bad_lines=bad_lines[:10])
     test = test[:cfg.eval_limit] if cfg.eval_limit else test
     # A test prompt that fills the block leaves no room to answer: say so now, not after training.
-    too_long = [ex for ex in test if len(enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP)) >= cfg.block_size]
+    too_long = [ex for ex in test if len(enc.encode_ordinary(sftkey.prompt_head(ex.prompt))) >= cfg.block_size]
     if too_long:
         raise DataError(f"{too_long[0].source or 'test set'}: the prompt alone fills --block_size {cfg.block_size} "
                         f"tokens, leaving no room for a response ({len(too_long)} test prompts do); raise --block_size")
+    differ = [ex.source or "test set" for ex in test
+              if prompt_tokens_differ(enc, *sftkey.render(ex.prompt, ex.thinking, ex.answer, not cfg.untagged))]
+    if differ:  # what sftkey.prompt_head's rule leaves: this encoding merging across the template
+        print(f"warning: {differ[0]}: with encoding {enc.name} the test prompt tokenizes otherwise alone than before "
+              f"its response ({len(differ)} test prompts do): evaluation feeds tokens never trained", file=sys.stderr)
     return train_set, val_set, test
 
 

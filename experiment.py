@@ -400,6 +400,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     own = {"names": names, "n_seeds": args.pop("seeds"), "n_boot": args.pop("n_boot"),
            "save_ckpt": args.pop("save_ckpt"), "plot_only": args.pop("plot_only")}
     cfg = train.TrainConfig(**args)
+    runtime.check_config(cfg)  # train.py's flag checks, stage 2's learning rate among them
+    if (cfg.data and not cfg.eval_data) or (not cfg.data and cfg.n_test < 1):  # train.py would train, not score
+        raise ValueError("the arms are compared on a test set: --data needs --eval_data, the synthetic task "
+                         "--n_test >= 1")
     for flag in ("resume", "eval_only", "key_only", "untagged"):
         if getattr(cfg, flag):
             raise ValueError(f"--{flag} does not apply to the experiment: the arms set the loss and the format "

@@ -168,28 +168,31 @@ class GPT(nn.Module):
 
         Prompts are left-padded; each row's positions start at 0 at its first real token and an
         attention mask hides the padding, so a row's tokens do not depend on the rest of the batch.
-        `use_cache=False` re-runs the whole prefix at every step (the slow reference the tests and
-        bench.py compare against). `n_vocab` limits the choice to the tokenizer's ids (the embedding
-        table is padded to a multiple of 64). Returned rows include the stop token when it was produced.
+        Each row's own limit: `max_new_tokens`, and block_size + 1 tokens in all with its prompt (the
+        last is predicted from position block_size - 1, never fed back: the longest example training
+        keeps). `use_cache=False` re-runs the whole prefix at every step (the slow reference the tests
+        and bench.py compare against). `n_vocab` limits the choice to the tokenizer's ids (the
+        embedding table is padded to a multiple of 64). Rows include the stop token when produced.
         """
-        device, B = self.transformer.wte.weight.device, len(prompts)
+        device, B, block = self.transformer.wte.weight.device, len(prompts), self.config.block_size
         width = max(len(p) for p in prompts)
-        if width >= self.config.block_size:
-            raise ValueError(f"a prompt of {width} tokens leaves no room in block_size {self.config.block_size}")
-        max_new_tokens = min(max_new_tokens, self.config.block_size - width)
-        total = width + max_new_tokens
+        if width > block:
+            raise ValueError(f"a prompt of {width} tokens does not fit in block_size {block}")
+        budget = torch.tensor([max(0, min(max_new_tokens, block + 1 - len(p))) for p in prompts], device=device)
+        total = width + int(budget.max())
         idx = torch.zeros(B, total, dtype=torch.long, device=device)
         real = torch.zeros(B, total, dtype=torch.bool, device=device)
         for row, prompt in enumerate(prompts):
             idx[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long)
             real[row, width - len(prompt):] = True
-        pos = (real.cumsum(1) - 1).clamp(min=0)
+        # A row past its budget runs on (its tokens are cut below) at the last position the table has.
+        pos = (real.cumsum(1) - 1).clamp(0, block - 1)
         # Query i sees key j when j <= i and j is a real token; every position also sees itself, so
         # the padding rows have something to attend to (an all-masked row would give NaN).
         causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
         mask = ((causal & real[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device))[:, None]
         cache = KVCache(self.config, B, total) if use_cache else None
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        done = budget < 1
         start, end = 0, width  # fed this step: the whole prompt at first, then only the newest token
         while end < total and not done.all():
             h = self(idx[:, start:end], pos[:, start:end], mask[:, :, start:end, :end], cache)
@@ -198,7 +201,8 @@ class GPT(nn.Module):
             logits = (self.lm_head.weight @ h[:, -1].T).T
             nxt = logits[:, :n_vocab].argmax(-1)  # never a padding id the tokenizer lacks
             idx[:, end] = nxt
-            done |= nxt == stop_token
+            done |= (nxt == stop_token) | (budget <= end + 1 - width)
             start, end = (end if use_cache else 0), end + 1
-        rows = idx[:, width:end].tolist()  # rows that stopped early went on; cut them at their stop token
+        # Rows that stopped early went on: cut each at its budget, then at its stop token.
+        rows = [row[:n] for row, n in zip(idx[:, width:end].tolist(), budget.tolist())]
         return [row[:row.index(stop_token) + 1] if stop_token in row else row for row in rows]

@@ -265,13 +265,18 @@ def number(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def print_setup(data_summaries: list[str], model, device: str, dist: Dist, dtype: torch.dtype) -> None:
+def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist: Dist, dtype: torch.dtype) -> None:
     print("\n".join(data_summaries))
+    print(f"test: {n_test} examples" if n_test else "test: none (--data without --eval_data, or --n_test 0): every "
+          "stage is trained and checkpointed, none is evaluated")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
           f"{model.config.n_embd} wide | device {device} x{dist.world} | {dtype_name(dtype)}")
 
 
 def print_result(stage: str, r: dict, seconds: float) -> None:
+    if not r["n"]:
+        print(f"{stage}: not evaluated, no test set (give --eval_data) | trained in {clock(seconds)}", flush=True)
+        return
     print(f"{stage}: Acc {number(r['acc'])} | Fmt {number(r['fmt'])} | Composite {number(r['composite'])} on "
           f"{r['n']} test examples | trained in {clock(seconds)}", flush=True)
     for sample in r["samples"][:1]:
@@ -323,6 +328,12 @@ def check_config(cfg) -> None:
         problems.append(f"--format {cfg.format}: unknown; use one of {', '.join(D.FORMATS)}")
     if cfg.eval_data and not cfg.data:
         problems.append(f"--eval_data {cfg.eval_data} needs --data (without it the synthetic task is used)")
+    if cfg.eval_only and cfg.data and not cfg.eval_data:
+        problems.append("--eval_only with --data needs --eval_data: there is no test set to evaluate on")
+    # --stage2_lr 0 stands for lr x min_lr_ratio; with --min_lr_ratio 0 every stage-2 step would be a no-op.
+    if cfg.stage2_iters > 0 and not cfg.eval_only and cfg.stage2_lr == 0 and cfg.min_lr_ratio == 0:
+        problems.append("stage 2 would train at learning rate 0: --stage2_lr 0 means --lr x --min_lr_ratio, and "
+                        "--min_lr_ratio is 0; give --stage2_lr > 0, a --min_lr_ratio > 0, or --stage2_iters 0")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         problems.append(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
     if cfg.device != "auto":

@@ -33,6 +33,14 @@ PROMPT_SEP = "\n"  # between the prompt and the response
 UNTAGGED_KEY_PREFIX = "\n#### "  # the untagged (plain SFT) layout ends with a line "#### answer"
 
 
+def prompt_head(prompt: str) -> str:
+    """The prompt as training and evaluation both feed it: trailing whitespace dropped, then PROMPT_SEP.
+    Whitespace tokenizes differently at a text's end than before a non-space: with gpt2 a prompt ending
+    in "\\n", " \\n" or "\\r\\n" gave one "\\n\\n" token alone (as evaluation fed it) but two "\\n" tokens
+    in the training text, where `<Thinking>` follows. data.tokenize counts a mismatch that remains."""
+    return prompt.rstrip() + PROMPT_SEP
+
+
 def render(prompt: str, thinking: str, answer: str, tagged: bool = True) -> tuple[str, list[tuple[int, int, int]]]:
     """Write one example as text and say which characters play which role.
 
@@ -40,12 +48,12 @@ def render(prompt: str, thinking: str, answer: str, tagged: bool = True) -> tupl
 
         {prompt}\\n<Thinking>{thinking}</Thinking><Answer>{answer}</Answer>
 
-    with no other separators. The PROMPT span is the prompt and its newline, THINK is
-    `<Thinking>…</Thinking>`, KEY is `<Answer>…</Answer>`. The untagged template, used by the plain
-    SFT baseline, is `{prompt}\\n{thinking}\\n#### {answer}`, with KEY = `\\n#### {answer}`.
+    with no other separators, the prompt's trailing whitespace dropped (`prompt_head`). The PROMPT span
+    is the prompt and its newline, THINK is `<Thinking>…</Thinking>`, KEY is `<Answer>…</Answer>`. The
+    untagged template (the plain SFT baseline) is `{prompt}\\n{thinking}\\n#### {answer}`, KEY `\\n#### {answer}`.
     Returns (text, spans) where spans are contiguous (start, end, role) character ranges.
     """
-    head = prompt + PROMPT_SEP
+    head = prompt_head(prompt)
     body = f"{THINK_OPEN}{thinking}{THINK_CLOSE}" if tagged else thinking
     key = f"{ANSWER_OPEN}{answer}{ANSWER_CLOSE}" if tagged else UNTAGGED_KEY_PREFIX + answer
     a, b = len(head), len(head) + len(body)

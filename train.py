@@ -37,7 +37,7 @@ class TrainConfig:
     out_dir: str = _flag("out", "folder for checkpoints, logs and results.json")
     data: str = _flag("", "training JSONL file; empty = the embedded synthetic arithmetic task")
     format: str = _flag("gsm8k", f"layout of --data and --eval_data: {', '.join(D.FORMATS)}")
-    eval_data: str = _flag("", "test JSONL file (same format as --data); synthetic test set when --data is empty")
+    eval_data: str = _flag("", "test JSONL file (same format as --data); without it --data runs are not evaluated")
     strip_calculator: bool = _flag(False, "gsm8k: remove the <<48/2=24>> calculator annotations")
     skip_bad_lines: bool = _flag(False, "skip and count malformed lines of --data/--eval_data instead of stopping "
                                         "at the first one")
@@ -97,11 +97,11 @@ def stage2_peak_lr(cfg: TrainConfig) -> float:
 
 
 def lr_at(step: int, iters: int, peak: float, cfg: TrainConfig) -> float:
-    """Linear warm-up over min(--warmup_iters, a tenth of the stage), then cosine decay to peak x min_lr_ratio."""
+    """Linear rise to the peak at step min(--warmup_iters, iters // 10), cosine to peak x min_lr_ratio at the end."""
     warmup = min(cfg.warmup_iters, iters // 10)
     if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, iters - warmup)
+        return peak * (step + 1) / (warmup + 1)  # below the peak: it is reached once, at step `warmup`
+    progress = (step - warmup) / max(1, iters - 1 - warmup)  # 1 at the last step: exactly the floor
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -195,7 +195,7 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
     """Greedy answers to the test prompts; Acc, Fmt (tagged only) and the composite score."""
     model.eval()
     tagged = not cfg.untagged
-    prompts = [enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP) for ex in examples]
+    prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     correct, formatted = [False] * len(examples), [False] * len(examples)
     samples = []
@@ -210,7 +210,7 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
             formatted[i] = sftkey.format_ok(response, ended)
             if len(samples) < 3:
                 samples.append({"prompt": examples[i].prompt, "response": response, "reference": examples[i].answer})
-    acc = float(np.mean(correct)) if examples else float("nan")
+    acc = float(np.mean(correct)) if examples else None  # no test set (--data without --eval_data)
     fmt = float(np.mean(formatted)) if tagged and examples else None
     return {"acc": acc, "fmt": fmt, "composite": sftkey.composite(acc, fmt) if fmt is not None else None,
             "n": len(examples), "correct": correct, "formatted": formatted if tagged else None,
@@ -233,8 +233,8 @@ def run(cfg: TrainConfig) -> dict:
     train_set, val_set, test = D.load_data(cfg, enc)
     model = ckpts.build_model(cfg, enc, device)
     if dist.master:
-        runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], model, device,
-                            dist, dtype)
+        runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test), model,
+                            device, dist, dtype)
     first = "sft" if cfg.untagged else "key_tag" if cfg.key_only else "sft_tag"
     stages = [(first, sftkey.role_weights(cfg.key_only, cfg.key_weight), cfg.max_iters, cfg.lr)]
     if cfg.stage2_iters > 0:  # stage 2: the key only, from stage 1's weights

@@ -118,6 +118,8 @@ FLAG_CASES = [
     ("missing --data", lambda tmp: ["--data", str(tmp / "none.jsonl")], "none.jsonl: no such file"),
     ("--data is a folder", lambda tmp: ["--data", str(tmp)], "cannot read it"),
     ("--eval_data without --data", lambda tmp: ["--eval_data", str(tmp / "x.jsonl")], "needs --data"),
+    ("--eval_only with --data alone", lambda tmp: ["--eval_only", "--data", str(tmp / "x.jsonl")], "needs --eval_data"),
+    ("stage 2 at lr 0", lambda tmp: ["--stage2_iters", "2", "--min_lr_ratio", "0"], "--stage2_lr 0 means --lr x --min_lr_ratio"),
     ("heads do not divide the width", lambda tmp: ["--n_embd", "10", "--n_head", "3"], "not a multiple of --n_head"),
     ("zero batch size", lambda tmp: ["--batch_size", "0"], "--batch_size 0: must be at least 1"),
     ("nan learning rate", lambda tmp: ["--lr", "nan"], "--lr nan: must be a finite number"),

@@ -9,12 +9,16 @@ is compared with a direct count on small hand-made sets where the figures all di
 with GPT-2's real tokenizer for the tokens that straddle a boundary and the prompts that do not
 tokenize as a prefix of their example.
 """
+import json
 import re
 
 import pytest
+import tiktoken
+import torch
 
 import data as D
 import sftkey
+import train
 
 CHARS = D.char_encoding()
 
@@ -56,9 +60,11 @@ def test_summary_figures_match_a_direct_count_with_the_char_encoding():
     assert s["straddling_tokens"] == 0 and s["prompt_prefix_mismatches"] == 0
 
 
-# Prompts ending in "\n" tokenize differently alone ("\n\n" is one GPT-2 token) than followed by the
-# separator and the response (the newlines split before a non-space); an untagged reasoning
-# starting with "\n\n" makes one "\n\n" token of the prompt's separator and its first newline.
+# Prompts ending in "\n" used to tokenize differently alone ("\n\n" is one GPT-2 token) than followed
+# by the separator and the response (the newlines split before a non-space); the template now drops a
+# prompt's trailing whitespace (sftkey.prompt_head), so they no longer do. An untagged reasoning
+# starting with "\n\n" (possible only for an Example built in code: files' reasoning is stripped)
+# still makes one "\n\n" token of the prompt's separator and its first newline: a mismatch that remains.
 GPT2_SET = [D.Example("Q: 2+3", "2+3=5", "5"),
             D.Example("Q: 7\n", "7", "7"),
             D.Example("Q: 1+1", "1+1=2", "2"),
@@ -78,24 +84,25 @@ def direct_counts(enc, examples, tagged: bool) -> tuple[int, int]:
         for token in enc.decode_tokens_bytes(ids):
             straddling += sum(at < b < at + len(token) for b in bounds)
             at += len(token)
-        prompt_ids = enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP)
+        prompt_ids = enc.encode_ordinary(ex.prompt.rstrip() + "\n")  # what evaluation feeds
         mismatches += ids[:len(prompt_ids)] != prompt_ids
     return straddling, mismatches
 
 
 def test_gpt2_straddling_tokens_and_prefix_mismatches_tagged(gpt2_encoding):
     s = D.tokenize(GPT2_SET, gpt2_encoding, 64).summary
-    # Tagged: `><` of `</Thinking><Answer>` straddles once per example; the prompts ending in "\n"
-    # mismatch (the reasoning starts with `<Thinking>`, so E's "\n\n" does not reach the prompt).
-    assert (s["examples"], s["straddling_tokens"], s["prompt_prefix_mismatches"]) == (5, 5, 2)
-    assert direct_counts(gpt2_encoding, GPT2_SET, tagged=True) == (5, 2)
+    # Tagged: `><` of `</Thinking><Answer>` straddles once per example; no prompt mismatches (the
+    # reasoning starts with `<Thinking>`, so E's "\n\n" does not reach the prompt).
+    assert (s["examples"], s["straddling_tokens"], s["prompt_prefix_mismatches"]) == (5, 5, 0)
+    assert s["first_prompt_prefix_mismatch"] is None
+    assert direct_counts(gpt2_encoding, GPT2_SET, tagged=True) == (5, 0)
 
 
 def test_gpt2_straddling_tokens_and_prefix_mismatches_untagged(gpt2_encoding):
     s = D.tokenize(GPT2_SET, gpt2_encoding, 64, tagged=False).summary
-    # Untagged: only E's "\n\n" straddles (prompt separator + reasoning), and E mismatches too.
-    assert (s["examples"], s["straddling_tokens"], s["prompt_prefix_mismatches"]) == (5, 1, 3)
-    assert direct_counts(gpt2_encoding, GPT2_SET, tagged=False) == (1, 3)
+    # Untagged: only E's "\n\n" straddles (prompt separator + reasoning), and only E mismatches.
+    assert (s["examples"], s["straddling_tokens"], s["prompt_prefix_mismatches"]) == (5, 1, 1)
+    assert direct_counts(gpt2_encoding, GPT2_SET, tagged=False) == (1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,3 +188,57 @@ def test_synthetic_problems_are_distinct_and_seeded():
     assert len({ex.prompt for ex in a}) == 200
     assert D.synthetic_task(200, seed=7) == a
     assert [ex.prompt for ex in D.synthetic_task(200, seed=8)] != [ex.prompt for ex in a]
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt evaluation feeds is the one training saw
+
+class RecordingModel:
+    """Stands in for GPT in train.evaluate: records the prompts it is given and answers end-of-text."""
+
+    def __init__(self, eot: int):
+        self.eot, self.prompts = eot, []
+
+    def eval(self):
+        return self
+
+    def generate(self, prompts, max_new_tokens, stop_token, n_vocab=None):
+        self.prompts += prompts
+        return [[self.eot] for _ in prompts]
+
+
+@pytest.mark.parametrize("tagged", [True, False], ids=["tagged", "untagged"])
+@pytest.mark.parametrize("ending", ["\n", " \n", "\r\n"], ids=["LF", "space-LF", "CRLF"])
+def test_a_prompt_ending_in_a_newline_is_fed_at_evaluation_as_training_saw_it(tmp_path, gpt2_encoding, ending,
+                                                                              tagged):
+    """Issue 17, item 7: with gpt2 such a prompt alone, as evaluation fed it (prompt + "\\n"), ended in one
+    "\\n\\n" token, but the training text (where the response follows) had two "\\n" tokens there."""
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2+3?" + ending, "thinking": "2+3=5", "answer": "5"}) + "\n")
+    examples = D.read_examples(str(path), "tagged")
+    data = D.tokenize(examples, gpt2_encoding, 64, tagged=tagged)
+    assert data.summary["prompt_prefix_mismatches"] == 0
+    model = RecordingModel(gpt2_encoding.eot_token)
+    train.evaluate(model, gpt2_encoding, examples, train.TrainConfig(untagged=not tagged), "cpu", torch.float32)
+    [fed] = model.prompts
+    assert fed == data.ids[0][:len(fed)].tolist() and gpt2_encoding.decode(fed) == "What is 2+3?\n"
+
+
+def test_a_prompt_mismatch_that_remains_is_named_by_file_and_line(tmp_path, capsys):
+    """Trailing whitespace is the usual cause; an encoding that merges across the template can still make
+    a prompt tokenize otherwise alone. Here one merges "5\\n<", so prompts ending in 5 do: the summary and
+    a warning name the first such line of the training file and of the test file."""
+    ranks = {bytes([b]): b for b in range(256)} | {b"5\n": 256, b"5\n<": 257}
+    enc = tiktoken.Encoding("merges-5-newline", pat_str=r"5\n<|[\s\S]", mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": 258})
+    line = lambda a, b: json.dumps({"prompt": f"Q: {a}+{b}", "thinking": f"{a}+{b}={a + b}", "answer": str(a + b)})
+    train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train_file.write_text("\n".join(line(1, b) for b in (1, 2, 3, 5, 4, 6, 7, 8, 5, 9, 1, 2)) + "\n")
+    test_file.write_text("\n".join(line(2, b) for b in (1, 2, 5, 5)) + "\n")
+    s = D.tokenize(D.read_examples(str(train_file), "tagged"), enc, 64).summary
+    assert (s["prompt_prefix_mismatches"], s["first_prompt_prefix_mismatch"]) == (2, f"{train_file}:4")
+    assert f"prompt-prefix mismatches 2 (the first: {train_file}:4)" in D.format_summary(s)
+    cfg = train.TrainConfig(data=str(train_file), eval_data=str(test_file), format="tagged", n_val=1, block_size=64)
+    D.load_data(cfg, enc)
+    err = capsys.readouterr().err
+    assert f"warning: {test_file}:3: with encoding merges-5-newline" in err and "(2 test prompts do)" in err

@@ -57,6 +57,18 @@ def test_command_line_aliases_and_refusals():
         E.parse_args(["--seeds", "0"])
 
 
+@pytest.mark.parametrize("flags, problem", [(["--min_lr_ratio", "0"], "--stage2_lr 0 means --lr x --min_lr_ratio"),
+                                            (["--data", "train.jsonl"], "--data needs --eval_data"),
+                                            (["--n_test", "0"], "--n_test >= 1")])
+def test_refused_before_any_arm_is_trained(tmp_path, capsys, flags, problem):
+    """Issue 17, items 6 and 8: stage 2 at learning rate 0 (both children would train at lr 0), and --data
+    without a test set (every arm was trained, then the statistics failed on no test items)."""
+    with pytest.raises(SystemExit) as exit_info:
+        E.main([*TINY, *flags, "--out_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and problem in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_paired_comparison_known_answers():
     ones, zeros = np.ones((2, 50)), np.zeros((2, 50))
     c = E.paired_comparison(ones, zeros, n_boot=500)

@@ -97,11 +97,28 @@ def test_rows_stop_at_their_own_stop_token():
 
 
 def test_generation_stays_inside_block_size():
+    # This test used to assert lengths [6, 6]: every row got block_size minus the batch's longest
+    # prompt, so a row's output depended on its batch-mates (issue 17, item 1). Each row now has its
+    # own budget: block_size + 1 tokens in all, prompt included, the last one predicted from position
+    # block_size - 1 and never fed back (item 2: the longest example training keeps has that length).
     model = random_model(block_size=16)
-    out = model.generate(random_prompts([10, 3]), 100, NEVER)
-    assert [len(o) for o in out] == [6, 6]  # the batch is as wide as its longest prompt
+    assert [len(o) for o in model.generate(random_prompts([10, 3]), 100, NEVER)] == [7, 14]
+    assert [len(o) for o in model.generate(random_prompts([10, 3]), 9, NEVER)] == [7, 9]  # and the caller's limit
+    assert len(model.generate(random_prompts([16]), 4, NEVER)[0]) == 1  # a full block still predicts one token
     with pytest.raises(ValueError, match="block_size"):
-        model.generate(random_prompts([16]), 4, NEVER)
+        model.generate(random_prompts([17]), 4, NEVER)
+
+
+def test_a_short_prompt_beside_a_long_one_gives_its_tokens_alone():
+    """Block 32: a 3-token prompt writes 30 tokens alone; beside a 20-token prompt it used to get 12."""
+    model = random_model(block_size=32)
+    short, long = random_prompts([3, 20], seed=5)
+    alone = {c: [model.generate([p], 100, NEVER, use_cache=c)[0] for p in (short, long)] for c in (True, False)}
+    assert alone[True] == alone[False]  # the cache changes nothing
+    assert [len(a) for a in alone[True]] == [30, 13] and len(set(alone[True][0])) >= 5  # never stopped early
+    for use_cache in (True, False):
+        assert model.generate([short, long], 100, NEVER, use_cache=use_cache) == alone[True]
+        assert model.generate([long, short, short], 100, NEVER, use_cache=use_cache) == [alone[True][i] for i in (1, 0, 0)]
 
 
 # ---------------------------------------------------------------------------------------------

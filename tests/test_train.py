@@ -183,6 +183,39 @@ def test_micro_batch_with_zero_weight_adds_nothing(six_examples):
 
 
 # ---------------------------------------------------------------------------------------------
+# The learning-rate schedule
+
+@pytest.mark.parametrize("iters, warmup_iters", [(1500, 100), (300, 100), (57, 3), (10, 0), (1, 5)])
+def test_schedule_reaches_the_peak_once_and_ends_exactly_at_the_floor(iters, warmup_iters):
+    """Issue 17, item 6: the warm-up used to reach the peak at step w - 1 and the cosine start there again
+    at step w (two steps at the peak), and the last step ended a hair above the floor. Against an
+    independent formula: steps 0..w on one straight line from 0 to the peak, then a cosine over
+    steps w..iters-1 from the peak to exactly peak x min_lr_ratio."""
+    cfg = train.TrainConfig(warmup_iters=warmup_iters, min_lr_ratio=0.1)
+    peak, floor = 3e-4, 3e-4 * 0.1
+    lrs = np.array([train.lr_at(step, iters, peak, cfg) for step in range(iters)])
+    w = min(warmup_iters, iters // 10)
+    rise = peak * np.arange(1, w + 2) / (w + 1)  # steps 0..w
+    fall = floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * np.linspace(0, 1, iters - w)))  # steps w..iters-1
+    np.testing.assert_allclose(lrs, np.concatenate([rise[:-1], fall]) if iters > 1 else [peak], rtol=1e-12)
+    assert lrs[w] == peak and np.sum(lrs == peak) == 1 and lrs.min() > 0  # the peak once; no step at lr 0
+    if iters > 1:
+        assert lrs[-1] == floor and np.all(np.diff(lrs[:w + 1]) > 0) and np.all(np.diff(lrs[w:]) < 0)
+
+
+def test_a_stage_at_learning_rate_zero_is_refused_naming_both_flags(tmp_path, capsys):
+    """Issue 17, item 6: --stage2_lr 0 (the default) means lr x min_lr_ratio, so --min_lr_ratio 0 made every
+    stage-2 step a no-op, logged lr 0 and the weights unchanged. Now an error, before anything runs."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*MINI, "--min_lr_ratio", "0", "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--stage2_lr" in err and "--min_lr_ratio" in err
+    assert not (tmp_path / "out").exists()
+    for fine in (["--stage2_lr", "1e-4"], ["--stage2_iters", "0"]):  # a stage-2 peak of its own, or no stage 2
+        train.runtime.check_config(train.parse_args(["--min_lr_ratio", "0", *fine]))
+
+
+# ---------------------------------------------------------------------------------------------
 # Learning
 
 def test_tiny_model_overfits_a_few_examples_and_generates_them():
@@ -204,6 +237,53 @@ def test_tiny_model_overfits_a_few_examples_and_generates_them():
     after = train.evaluate(model, enc, examples, cfg, "cpu", torch.float32)
     assert (after["acc"], after["fmt"], after["composite"], after["n"]) == (1.0, 1.0, pytest.approx(1.0), 4)
     assert before["fmt"] == 0.0 and before["acc"] < 1.0  # it was learnt, not there from the start
+
+
+BOUNDARY_BLOCK = 37
+# Two examples of exactly BOUNDARY_BLOCK + 1 tokens (sftkey-chars: one token a character or tag, and
+# end-of-text): the longest that training keeps. One has a short prompt and a long reasoning, the other
+# a long prompt and a short one, so batched together the short prompt sits beside a long one.
+BOUNDARY_EXAMPLES = [D.Example("a", "12+34=46 46-5=41 41+9=50 50-8", "42"),
+                     D.Example("Q: what is two plus one, then?", "x", "3")]
+
+
+@pytest.fixture(scope="module")
+def boundary_model():
+    """A tiny model that has learnt BOUNDARY_EXAMPLES by heart (about a second of training)."""
+    enc = D.char_encoding()
+    data = D.tokenize(BOUNDARY_EXAMPLES, enc, block_size=BOUNDARY_BLOCK)
+    cfg = train.TrainConfig(batch_size=2, block_size=BOUNDARY_BLOCK, lr=1e-2, warmup_iters=5, weight_decay=0.0,
+                            log_interval=1000, eval_interval=1000, seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=BOUNDARY_BLOCK, n_layer=1, n_head=2, n_embd=32))
+    train.train(model=model, train_set=data, val_set=data, cfg=cfg, weights=sftkey.role_weights(), iters=80,
+                peak_lr=cfg.lr, stage="overfit", device="cpu", dtype=torch.float32, log=[])
+    return model.eval(), enc, data, cfg
+
+
+def test_an_example_of_block_size_plus_one_tokens_is_kept_learnt_and_written_in_full(boundary_model):
+    """One rule for the longest example (issue 17, item 2): training keeps len(ids) - 1 <= block_size
+    (the model reads all but end-of-text), so generation may write up to block_size + 1 tokens in all;
+    it used to stop at block_size, one short of end-of-text, and such an example always scored Fmt 0."""
+    model, enc, data, cfg = boundary_model
+    assert [len(ids) for ids in data.ids] == [BOUNDARY_BLOCK + 1] * 2 and data.summary["dropped_too_long"] == 0
+    with pytest.raises(D.DataError, match="longer than --block_size"):  # one token more is dropped
+        D.tokenize(BOUNDARY_EXAMPLES, enc, block_size=BOUNDARY_BLOCK - 1)
+    for ex, ids in zip(BOUNDARY_EXAMPLES, data.ids):
+        prompt = enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP)
+        assert model.generate([prompt], BOUNDARY_BLOCK, enc.eot_token) == [ids[len(prompt):].tolist()]
+    result = train.evaluate(model, enc, BOUNDARY_EXAMPLES, cfg, "cpu", torch.float32)
+    assert (result["acc"], result["fmt"]) == (1.0, 1.0)
+
+
+def test_evaluation_scores_the_same_at_any_eval_batch_size(boundary_model):
+    """Issue 17, item 1: every row of a batch used to get block_size minus the longest prompt, so the short
+    prompt, batched beside the long one, was cut inside its reasoning: Acc 1.0 alone, 0.5 together."""
+    model, enc, data, cfg = boundary_model
+    scores = [train.evaluate(model, enc, BOUNDARY_EXAMPLES, dataclasses.replace(cfg, eval_batch_size=size), "cpu",
+                             torch.float32) for size in (1, 64)]
+    assert [s["acc"] for s in scores] == [1.0, 1.0]  # before: [1.0, 0.5]
+    assert [s["fmt"] for s in scores] == [1.0, 1.0] and scores[0]["samples"] == scores[1]["samples"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +327,23 @@ def test_default_run_in_miniature_writes_results_and_checkpoints(tmp_path, capsy
     moved = [k for k in ckpts["sft_tag"]["model"] if not torch.equal(ckpts["sft_tag"]["model"][k],
                                                                      ckpts["sftkey_tag"]["model"][k])]
     assert moved  # stage 2 trained further
+
+
+def test_data_without_eval_data_trains_and_says_it_has_no_test_set(tmp_path, capsys, monkeypatch):
+    """Issue 17, item 8: --data without --eval_data used to print 'Acc nan' on 'n 0' and exit 0. It still
+    trains (and checkpoints), but says before training that there is no test set and scores nothing."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q: {a}+{b}", "thinking": f"{a}+{b}={a + b}", "answer": str(a + b)})
+                            + "\n" for a in range(5) for b in range(4)))
+    monkeypatch.setattr(train.runtime, "peak_flops", lambda *args: None)  # no MFU: its CPU measurement takes ~2 s
+    train.main([*MINI, "--data", str(path), "--format", "tagged", "--n_val", "2", "--max_iters", "2", "--stage2_iters",
+                "1", "--out_dir", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "test: none" in printed and printed.index("test: none") < printed.index("sft_tag step")
+    assert "sft_tag: not evaluated, no test set" in printed and "nan" not in printed
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert [(r["n"], r["acc"], r["composite"]) for r in results.values()] == [(0, None, None)] * 2
+    assert (tmp_path / "out" / "sftkey_tag" / "ckpt.pt").exists()
 
 
 def test_help_exits_zero_and_documents_every_flag(capsys):
