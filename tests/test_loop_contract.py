@@ -78,8 +78,8 @@ def test_optimizer_applies_the_scheduled_lr_at_every_step(tokenized):
     iters, peak = 30, 0.05
     applied = recorded(tiny_model(), tokenized, cfg, iters=iters, peak_lr=peak).lrs
     warmup = min(3, iters // 10)
-    expected = [peak * (s + 1) / warmup if s < warmup else
-                peak * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (iters - warmup))))
+    expected = [peak * (s + 1) / (warmup + 1) if s < warmup else
+                peak * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (iters - 1 - warmup))))
                 for s in range(iters)]
     assert applied == pytest.approx(expected, rel=1e-9)
 
@@ -100,7 +100,8 @@ def test_every_param_group_of_the_real_optimizer_gets_the_lr(tokenized):
         return opt
     model.configure_optimizer = configure
     run_train(model, tokenized, config(warmup_iters=2, min_lr_ratio=0.5), iters=20, peak_lr=0.01)
-    assert seen[0] == pytest.approx([0.005] * len(seen[0])) and seen[1] == pytest.approx([0.01] * len(seen[1]))
+    # warm-up of 2 steps: 1/3 and 2/3 of the peak, then the peak once, at step 2
+    assert seen[0] == pytest.approx([0.01 / 3] * len(seen[0])) and seen[2] == pytest.approx([0.01] * len(seen[2]))
     assert all(len(set(lrs)) == 1 for lrs in seen) and len(seen) == 20
 
 

@@ -152,8 +152,8 @@ def test_stage2_updates_the_stage1_weights(files, start_ckpt, tmp_path):
 def expected_lr(step: int, iters: int, peak: float, warmup_iters: int, r: float) -> float:
     warmup = min(warmup_iters, iters // 10)
     if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup))))
+        return peak * (step + 1) / (warmup + 1)  # rises to the peak, reached once, at step `warmup`
+    return peak * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - 1 - warmup))))
 
 
 def logged_lrs(summary, stage) -> list[float]:
@@ -173,8 +173,9 @@ def test_logged_lr_follows_warmup_and_cosine_in_both_stages_stage2_peak_where_st
     # stage 1: 3 warm-up steps; stage 2: warm-up capped at a tenth of its 20 steps, peak lr x r
     assert stage1 == pytest.approx([expected_lr(s, 40, lr, 3, r) for s in range(40)], rel=1e-9)
     assert stage2 == pytest.approx([expected_lr(s, 20, lr * r, 3, r) for s in range(20)], rel=1e-9)
-    assert stage1[:4] == pytest.approx([lr / 3, 2 * lr / 3, lr, lr])  # by hand: warm-up, then the peak
-    assert stage2[:2] == pytest.approx([lr * r / 2, lr * r])
+    assert stage1[:4] == pytest.approx([lr / 4, 2 * lr / 4, 3 * lr / 4, lr])  # by hand: warm-up, then the peak once
+    assert stage1[4] < lr and stage1[-1] == pytest.approx(lr * r)  # the cosine ends exactly at the floor
+    assert stage2[:3] == pytest.approx([lr * r / 3, 2 * lr * r / 3, lr * r])
 
 
 def test_explicit_stage2_lr_is_stage2s_peak(tmp_path):
