@@ -178,11 +178,12 @@ class GPT(nn.Module):
             raise ValueError(f"a prompt of {width} tokens leaves no room in block_size {self.config.block_size}")
         max_new_tokens = min(max_new_tokens, self.config.block_size - width)
         total = width + max_new_tokens
-        idx = torch.zeros(B, total, dtype=torch.long, device=device)
-        real = torch.zeros(B, total, dtype=torch.bool, device=device)
+        idx = torch.zeros(B, total, dtype=torch.long)  # filled on the host, then copied once (not once a row)
+        real = torch.zeros(B, total, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
             idx[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long)
             real[row, width - len(prompt):] = True
+        idx, real = idx.to(device), real.to(device)
         pos = (real.cumsum(1) - 1).clamp(min=0)
         # Query i sees key j when j <= i and j is a real token; every position also sees itself, so
         # the padding rows have something to attend to (an all-masked row would give NaN).

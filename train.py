@@ -121,9 +121,9 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
     dist = dist or Dist()
     optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     first_step = ckpt.restore(optimizer) if ckpt else 0
-    net = dist.wrap(torch.compile(model) if cfg.compile else model, device)
+    net = dist.wrap(runtime.compiled(model, cfg.compile), device)
     batches = D.Batches(train_set, cfg.batch_size, cfg.seed)
-    meter = Meter(model, cfg, dist, device, iters, first_step, peak)
+    meter = Meter(model, cfg, dist, device, iters, first_step, peak, dtype)
     for step in range(first_step, iters):
         lr = lr_at(step, iters, peak_lr, cfg)
         for group in optimizer.param_groups:
@@ -240,7 +240,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.stage2_iters > 0:  # stage 2: the key only, from stage 1's weights
         stages.append(("sftkey_tag", sftkey.role_weights(key_only=True), cfg.stage2_iters, stage2_peak_lr(cfg)))
     results, log, seconds = {}, [], {}
-    peak = runtime.peak_flops(device, dtype)
+    peak = runtime.peak_flops(device, dtype, runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size))
     if cfg.eval_only:
         stages, results["init"] = [], evaluate(model, enc, test, cfg, device, dtype)
     with StopSignal() as stop:
