@@ -265,7 +265,10 @@ def _timed_matmul(device: str, dtype: torch.dtype, shape: tuple[int, int, int], 
                   min_repeats: int = 3) -> float:
     """FLOP/s of the fastest of repeated (m, k) @ (k, n) products, after an untimed warm-up."""
     m, k, n = shape
-    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    # A private generator: the run's RNG (initialisation, dropout) must not depend on whether this process
+    # timed the peak already (peaks are cached) or on how many products it took.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(*size, device=device, dtype=dtype, generator=generator) for size in ((m, k), (k, n)))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b  # the first product pays for kernel selection and page faults
     best, spent, repeats = math.inf, 0.0, 0
