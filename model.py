@@ -178,10 +178,10 @@ class GPT(nn.Module):
             raise ValueError(f"a prompt of {width} tokens leaves no room in block_size {self.config.block_size}")
         max_new_tokens = min(max_new_tokens, self.config.block_size - width)
         total = width + max_new_tokens
-        idx = torch.zeros(B, total, dtype=torch.long)  # filled on the host, then copied once (not once a row)
-        real = torch.zeros(B, total, dtype=torch.bool)
+        idx = torch.zeros(B, total, dtype=torch.long, device="cpu")  # filled on the host, copied once
+        real = torch.zeros(B, total, dtype=torch.bool, device="cpu")
         for row, prompt in enumerate(prompts):
-            idx[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long)
+            idx[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long, device="cpu")
             real[row, width - len(prompt):] = True
         idx, real = idx.to(device), real.to(device)
         pos = (real.cumsum(1) - 1).clamp(min=0)
