@@ -83,7 +83,7 @@ def test_the_old_device_mixing_counter_is_caught_here(tmp_path, monkeypatch):
         counts = torch.stack([(roles != sftkey.PAD).sum(), torch.tensor(roles.numel()), (weights != 0).sum()])
         self.real += counts[0]
     monkeypatch.setattr(runtime.Meter, "count", old_count)
-    with torch.device("meta"), pytest.raises(RuntimeError, match="same device"):
+    with torch.device("meta"), pytest.raises(RuntimeError, match="device meta is not on the expected device cpu"):
         train.train(model, train_set, val_set, cfg, sftkey.role_weights(), 1, 1e-3, "sft_tag", "cpu",
                     torch.float32, [])
 
