@@ -50,15 +50,19 @@ def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dic
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
              "model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
              "step": step, "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], **(extra or {})}
+             # only once CUDA is in use: asking earlier would start a CUDA context in a CPU run
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [], **(extra or {})}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def restore_rng(ckpt: dict) -> None:
+    """The CPU and CUDA RNG states a checkpoint holds (read with map_location, they may sit on a GPU:
+    the setters want CPU tensors). States of GPUs this machine lacks are left out."""
     torch.set_rng_state(ckpt["rng"].cpu())
     if ckpt.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
+        for index, state in enumerate(ckpt["cuda_rng"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state.cpu(), index)
 
 
 def read_checkpoint(path: str, expected: GPTConfig, device: str, encoding: str | None = None,

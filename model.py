@@ -180,11 +180,12 @@ class GPT(nn.Module):
             raise ValueError(f"a prompt of {width} tokens does not fit in block_size {block}")
         budget = torch.tensor([max(0, min(max_new_tokens, block + 1 - len(p))) for p in prompts], device=device)
         total = width + int(budget.max())
-        idx = torch.zeros(B, total, dtype=torch.long, device=device)
-        real = torch.zeros(B, total, dtype=torch.bool, device=device)
+        idx = torch.zeros(B, total, dtype=torch.long, device="cpu")  # filled on the host, copied once
+        real = torch.zeros(B, total, dtype=torch.bool, device="cpu")
         for row, prompt in enumerate(prompts):
-            idx[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long)
+            idx[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long, device="cpu")
             real[row, width - len(prompt):] = True
+        idx, real = idx.to(device), real.to(device)
         # A row past its budget runs on (its tokens are cut below) at the last position the table has.
         pos = (real.cumsum(1) - 1).clamp(0, block - 1)
         # Query i sees key j when j <= i and j is a real token; every position also sees itself, so

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -42,8 +43,8 @@ def native_bf16(device: str) -> bool:
 def resolve_device(cfg, dist: Dist | None = None) -> tuple[str, torch.dtype]:
     """The device and compute dtype the --device and --dtype flags ask for on this machine."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if dist is not None and dist.world > 1 and device == "cuda":
-        device = f"cuda:{dist.local_rank}"  # one GPU per rank
+    if dist is not None and dist.world > 1 and device.startswith("cuda"):
+        device = f"cuda:{dist.local_rank}"  # one GPU per rank, the one NCCL's tensors (Dist.device) live on
     if cfg.dtype == "auto":
         # On a CPU with AVX-512 BF16, bf16 pays off only once matmuls dominate: bench.py measured it
         # 0.7x float32's speed at the default width 128 and faster at 384, so narrow models stay float32.
@@ -67,6 +68,23 @@ def set_up_device(device: str, seed: int) -> None:
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+COMPILE_BACKEND = "SFTKEY_COMPILE_BACKEND"  # environment variable: tests use "eager"/"aot_eager" (no C++ build)
+
+
+def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """`model` itself, or torch.compile'd with dynamic shapes for --compile.
+
+    Batch widths change from step to step (length grouping) and only the positions with a loss are
+    projected, so static shapes would recompile for every new width: with dynamic=None PyTorch
+    compiles once for the first width and again, shape-generic, at the second; dynamic=True makes
+    the first compilation the generic one and the only one. The projection (sftkey.weighted_loss_sum,
+    whose boolean mask makes its shapes data-dependent) stays outside the compiled module.
+    """
+    if not enabled:
+        return model
+    return torch.compile(model, dynamic=True, backend=os.environ.get(COMPILE_BACKEND, "inductor"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,35 +183,103 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------------
 # Throughput and MFU
 
-# Dense bfloat16 tensor-core peaks from the vendors' data sheets, FLOP/s; longer names first so that
-# "L40S" is not taken for "L4". Other devices and dtypes are measured.
-_GPU_BF16_PEAKS = (("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-                   ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
+# Dense (not sparse) bfloat16 tensor-core peaks from NVIDIA's data sheets, FLOP/s, with FP32
+# accumulation (what autocast's matmuls use; GeForce cards run bf16 at half rate with it). A name
+# matches an entry when it holds the entry's model token and exactly the entry's variant tokens:
+# "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" is not, "NVIDIA L40" (half the L40S)
+# and "RTX 3090 Ti" match nothing and are measured instead.
+_GPU_VARIANTS = frozenset({"pcie", "nvl", "ti", "laptop", "mobile", "super", "d"})
+_GPU_BF16_PEAKS: tuple[tuple[str, frozenset[str], float], ...] = (
+    ("b200", frozenset(), 2250e12),
+    ("h200", frozenset(), 989e12), ("h200", frozenset({"nvl"}), 835e12),
+    ("gh200", frozenset(), 989e12),  # the Grace Hopper superchip's GPU is an H100/H200 SXM
+    ("h100", frozenset(), 989e12), ("h100", frozenset({"pcie"}), 756e12), ("h100", frozenset({"nvl"}), 835e12),
+    ("a100", frozenset(), 312e12), ("a100", frozenset({"pcie"}), 312e12),
+    ("l40s", frozenset(), 362e12), ("l4", frozenset(), 121e12),
+    ("4090", frozenset(), 165.2e12), ("3090", frozenset(), 71e12),
+)
 
 
-def peak_flops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """The device's peak matmul FLOP/s at `dtype`, for MFU. Call it once, at start-up.
+def gpu_bf16_peak(name: str) -> float | None:
+    """The data-sheet dense bf16 peak of a GPU from its torch.cuda.get_device_name, or None if unknown."""
+    tokens = set(re.findall(r"[a-z0-9]+", name.lower()))
+    variants = tokens & _GPU_VARIANTS
+    for model, variant, peak in _GPU_BF16_PEAKS:
+        if model in tokens and variants == variant:
+            return peak
+    return None
 
-    A known GPU at bfloat16 is looked up; anything else is measured: the best of `repeats` timed
-    size x size matrix products (2 * size^3 FLOPs each) after one untimed warm-up. On a CPU shared
-    with other work the measurement is only as steady as the machine.
+
+def matmul_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the model's largest products in a step of `tokens` positions: the vocabulary
+    projection and the MLP's up-projection. A peak timed on them is one the model itself could reach."""
+    c, m = model.config, min(tokens, 2048)  # more rows add time and memory, not speed
+    return [(m, c.n_embd, c.vocab_size), (m, c.n_embd, 4 * c.n_embd)]
+
+
+@dataclass
+class _Peak:
+    flops: float
+    shapes: tuple[tuple[int, int, int], ...]
+    from_table: bool
+
+
+_PEAKS: dict[tuple[str, torch.dtype, int], _Peak] = {}  # (device, dtype, threads) -> the best seen so far
+
+
+def peak_flops(device: str, dtype: torch.dtype, shapes: list[tuple[int, int, int]] | None = None,
+               sizes: tuple[int, ...] | None = None, seconds: float = 0.25, remeasure: bool = False) -> float:
+    """The device's peak matmul FLOP/s at `dtype`, for MFU: an upper bound, so that MFU never flatters.
+
+    A known GPU at bfloat16 is looked up (gpu_bf16_peak). Anything else is timed on several products:
+    squares of side `sizes`, by default 8192 on a GPU (smaller ones stay far below an H100's peak)
+    and 1024 and 2048 on a CPU, and `shapes` (the model's own, matmul_shapes), at the thread count in use. Each is timed for at least
+    `seconds` and three times after a warm-up, and the fastest product sets the peak. A 2-core
+    shared CPU moved by 2x between single best-of-five 2048 timings; the best over sizes and
+    repeats, kept for the process (and raised by every `remeasure=True`, which times the same
+    products four times longer), is the steadiest bound there is short of a quiet machine.
     """
+    key = (device, dtype, torch.get_num_threads())
+    known = _PEAKS.get(key)
+    if known is not None and known.from_table:
+        return known.flops
     if device.startswith("cuda") and dtype == torch.bfloat16:
-        name = torch.cuda.get_device_name(device)
-        for key, peak in _GPU_BF16_PEAKS:
-            if key in name:
-                return peak
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        table = gpu_bf16_peak(torch.cuda.get_device_name(device))
+        if table is not None:
+            _PEAKS[key] = _Peak(table, (), True)
+            return table
+    base = [(side,) * 3 for side in sizes or ((8192,) if device.startswith("cuda") else (1024, 2048))]
+    wanted = list(dict.fromkeys([*base, *(shapes or ())]))
+    if remeasure or known is None:
+        todo = list(dict.fromkeys([*(known.shapes if known else ()), *wanted]))
+    else:  # only the products not timed yet in this process
+        todo = [shape for shape in wanted if shape not in known.shapes]
+    best = max([_timed_matmul(device, dtype, shape, seconds * (4 if remeasure else 1)) for shape in todo],
+               default=0.0)
+    _PEAKS[key] = _Peak(max(best, known.flops if known else 0.0),
+                        tuple(dict.fromkeys([*(known.shapes if known else ()), *todo])), False)
+    return _PEAKS[key].flops
+
+
+def _timed_matmul(device: str, dtype: torch.dtype, shape: tuple[int, int, int], seconds: float,
+                  min_repeats: int = 3) -> float:
+    """FLOP/s of the fastest of repeated (m, k) @ (k, n) products, after an untimed warm-up."""
+    m, k, n = shape
+    # A private generator: the run's RNG (initialisation, dropout) must not depend on whether this process
+    # timed the peak already (peaks are cached) or on how many products it took.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(*size, device=device, dtype=dtype, generator=generator) for size in ((m, k), (k, n)))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    best = math.inf
-    for i in range(repeats + 1):
+    a @ b  # the first product pays for kernel selection and page faults
+    best, spent, repeats = math.inf, 0.0, 0
+    while repeats < min_repeats or spent < seconds:
         sync()
         start = time.perf_counter()
         a @ b
         sync()
-        if i > 0:  # the first product pays for kernel selection and page faults
-            best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+        took = time.perf_counter() - start
+        best, spent, repeats = min(best, took), spent + took, repeats + 1
+    return 2 * m * k * n / best
 
 
 def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, peak: float) -> float:
@@ -206,6 +292,16 @@ def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, p
     return model.flops_per_token(seq_len, projected_fraction) * tokens_per_s / peak
 
 
+def within_peak(value: float) -> float | None:
+    """An MFU, or None (unknown) when it is above 100%: achieved FLOP/s cannot beat a true peak,
+    so the peak was measured too low (a busy machine) and any figure would flatter."""
+    return value if value <= 1.0 else None
+
+
+def mfu_text(value: float | None) -> str:
+    return "n/a (above the measured peak)" if value is None else f"{value:.1%}"
+
+
 class Meter:
     """What the log lines of one stage report: loss, tokens/s, MFU and ETA, validation time left out.
 
@@ -213,12 +309,23 @@ class Meter:
     summed over ranks only when a line is logged.
     """
 
-    def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None):
+    def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None,
+                 dtype: torch.dtype = torch.float32):
         self.model, self.cfg, self.dist, self.peak = model, cfg, dist, peak
+        self.device, self.dtype, self.remeasured = device, dtype, False
         self.iters, self.first_step = iters, first_step
         self.start, self.paused_seconds = time.time(), 0.0
         # non-padding input positions, positions the model ran (padding included), positions with a loss weight
         self.real, self.computed, self.projected = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+
+    def _mfu(self, positions_per_s: float, width: float, projected_fraction: float) -> float | None:
+        """MFU, never above 100%: above it the peak is timed again once (longer), then given up on."""
+        value = mfu(self.model, positions_per_s, width, projected_fraction, self.peak * self.dist.world)
+        if value > 1 and not self.remeasured:
+            self.remeasured = True
+            self.peak = max(self.peak, peak_flops(self.device, self.dtype, remeasure=True))
+            value = mfu(self.model, positions_per_s, width, projected_fraction, self.peak * self.dist.world)
+        return within_peak(value)
 
     def count(self, roles: torch.Tensor, weights: torch.Tensor) -> None:
         self.real += (roles != sftkey.PAD).sum()
@@ -244,10 +351,10 @@ class Meter:
         row = {"stage": stage, "step": step, "lr": lr, "loss": loss, "tokens_per_s": rate}
         if self.peak:  # FLOPs per computed position at the mean padded width, times positions per second
             width = computed / ((done - self.first_step) * self.cfg.grad_accum * dist.world * self.cfg.batch_size)
-            row["mfu"] = mfu(self.model, computed / busy, width, projected / computed, self.peak * dist.world)
+            row["mfu"] = self._mfu(computed / busy, width, projected / computed)
         if dist.master:
             print(f"{stage} step {step:5d}/{self.iters} | lr {lr:.2e} | loss {loss:.4f} | {rate:,.0f} tok/s"
-                  + (f" | MFU {row['mfu']:.1%}" if self.peak else "")
+                  + (f" | MFU {mfu_text(row['mfu'])}" if self.peak else "")
                   + f" | {clock(elapsed)} elapsed | ETA {clock(eta)}", flush=True)
         return row
 

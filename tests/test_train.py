@@ -4,7 +4,6 @@ miniature through the command line."""
 import copy
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest

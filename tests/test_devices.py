@@ -1,0 +1,105 @@
+"""Nothing mixes devices, checked on a machine without a GPU.
+
+A CUDA run fails when a tensor is made on the CPU by default (no `device=`) and then meets the
+model's tensors. Here the run is on the CPU while the *default* device is `meta`: every tensor
+created without naming its device lands on `meta`, and the first operation mixing it with the
+CPU tensors fails exactly as it would on a GPU ("Expected all tensors to be on the same device",
+or "Cannot copy out of meta tensor"). The training loop, validation, the meter, checkpoints,
+generation, evaluation and bench.py's timed functions run like that; the collectives of a
+two-rank job are stood in for by a `Dist` that checks where each tensor lives.
+"""
+import pytest
+import torch
+
+import bench
+import checkpoints
+import data as D
+import runtime
+import sftkey
+import train
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--n_train", "100",
+        "--n_val", "10", "--n_test", "4", "--max_iters", "3", "--warmup_iters", "1", "--log_interval", "1",
+        "--eval_interval", "2", "--dtype", "float32", "--device", "cpu", "--dropout", "0.1", "--ckpt_interval", "1"]
+
+
+class CheckedDist(runtime.Dist):
+    """Two ranks as far as the loop can tell; every collective's tensor must be on `device`."""
+
+    def __init__(self):
+        super().__init__(rank=0, world=2, local_rank=0, device="cpu")
+        self.reduced: list[torch.device] = []
+
+    def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        self.reduced.append(value.device)
+        assert value.device == torch.device(self.device), value.device
+        return value
+
+    def wrap(self, model, device):
+        return model
+
+    def no_sync(self, net, last_micro_batch):
+        return runtime.contextlib.nullcontext()
+
+
+def _setup(tmp_path, *extra):
+    cfg = train.parse_args([*TINY, "--out_dir", str(tmp_path), *extra])
+    enc = D.get_encoding(cfg.encoding)
+    train_set, val_set, test = D.load_data(cfg, enc)
+    torch.manual_seed(0)
+    return cfg, enc, train_set, val_set, test, checkpoints.build_model(cfg, enc, "cpu")
+
+
+@pytest.mark.parametrize("dist", [None, "two ranks"])
+def test_loop_validation_checkpoints_and_evaluation_name_their_device(tmp_path, dist):
+    cfg, enc, train_set, val_set, test, model = _setup(tmp_path)
+    checked = CheckedDist() if dist else None
+    log: list[dict] = []
+    path = str(tmp_path / "sft_tag" / "ckpt.pt")
+    with runtime.StopSignal() as stop, torch.device("meta"):
+        ckpt = checkpoints.StageCheckpoint(path, cfg, "sft_tag", log, stop=stop, dist=checked)
+        optimizer = train.train(model, train_set, val_set, cfg, sftkey.role_weights(), 3, 1e-3, "sft_tag", "cpu",
+                                torch.float32, log, ckpt=ckpt, dist=checked, peak=1e15)
+        ckpt.save(3, model, optimizer)  # the end-of-stage write (run() does it)
+        result = train.evaluate(model, enc, test, cfg, "cpu", torch.float32)
+        saved = checkpoints.read_checkpoint(path, model.config, "cpu")
+        checkpoints.restore_rng(saved)
+        resumed = checkpoints.StageCheckpoint(path, cfg, "sft_tag", log, saved, dist=checked)
+        optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu")
+        assert resumed.restore(optimizer) == 3
+    assert result["n"] == len(test) and saved["step"] == 3
+    losses = [row["loss"] for row in log if "loss" in row]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)  # finite numbers, nothing on meta
+    assert all(row.get("mfu") is not None for row in log if "loss" in row)
+    if checked:  # the loop's weight sum, the meter's loss and counts, and the stop flag went through it
+        assert len(checked.reduced) >= 3 * 3
+
+
+def test_the_old_device_mixing_counter_is_caught_here(tmp_path, monkeypatch):
+    """The check can fail: the counter line of issue 16, put back, fails under it as it did on CUDA."""
+    cfg, enc, train_set, val_set, test, model = _setup(tmp_path)
+
+    def old_count(self, roles, weights):
+        counts = torch.stack([(roles != sftkey.PAD).sum(), torch.tensor(roles.numel()), (weights != 0).sum()])
+        self.real += counts[0]
+    monkeypatch.setattr(runtime.Meter, "count", old_count)
+    with torch.device("meta"), pytest.raises(RuntimeError, match="device meta is not on the expected device cpu"):
+        train.train(model, train_set, val_set, cfg, sftkey.role_weights(), 1, 1e-3, "sft_tag", "cpu",
+                    torch.float32, [])
+
+
+def test_bench_steps_generation_and_peak_name_their_device():
+    enc = D.char_encoding()
+    data = D.tokenize(D.synthetic_task(8, seed=1), enc, block_size=96)
+    model = train.GPT(train.GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=32))
+    optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu")
+    batch = D.collate(data.ids, data.roles, "cpu")
+    prompts = [enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP) for ex in data.examples[:3]]
+    with torch.device("meta"):
+        w = sftkey.token_weights(batch[2], sftkey.role_weights())
+        for full in (True, False):
+            bench.train_step(model, optimizer, batch, w, full, "cpu", torch.float32)()
+        for use_cache in (True, False):
+            bench.generation(model, prompts, 4, use_cache, "cpu", torch.float32, enc.n_vocab)()
+        assert runtime.peak_flops("cpu", torch.float32, sizes=(64,), seconds=0.0, remeasure=True) > 0
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,72 @@
+"""scripts/gpu_check.py, the one command that checks and measures a GPU, in its CPU smoke version:
+the recipe section at tiny sizes on the real GSM8K files (both stages, eager and --compile, the
+greedy evaluation), and the sections that run other commands."""
+import json
+import os
+import sys
+
+import pytest
+
+import runtime
+from conftest import GSM8K_DIR
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import gpu_check  # noqa: E402
+
+
+def test_quick_recipe_on_the_cpu_measures_every_stage(tmp_path, monkeypatch, capsys):
+    # main() sets these for the process; monkeypatch puts them back afterwards.
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    monkeypatch.setenv(runtime.COMPILE_BACKEND, "eager")
+    cache = os.environ["TIKTOKEN_CACHE_DIR"] or os.path.join(GSM8K_DIR, "..", "tiktoken_cache")
+    status = gpu_check.main(["--gsm8k", GSM8K_DIR, "--tiktoken_cache", cache, "--quick", "--device", "cpu",
+                             "--sections", "recipe", "--compile_backend", "eager", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 0, out[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] and set(report["recipe"]["runs"]) == {"eager", "compile"}
+    for name, run in report["recipe"]["runs"].items():
+        assert set(run["stages"]) == {"sft_tag", "sftkey_tag"}, name
+        assert [r["steps"] for r in run["stages"].values()] == [3, 2]
+        for r in run["stages"].values():
+            assert r["seconds"] > 0 and r["tokens_per_s"] > 0 and (r["mfu"] is None or 0 < r["mfu"] <= 1)
+        assert [e["after"] for e in run["evaluations"]] == ["sft_tag", "sftkey_tag"]
+        assert all(e["problems"] == (2 if name == "eager" else 1) and e["seconds"] > 0 for e in run["evaluations"])
+    assert "--compile" in out and "| compile | sftkey_tag | 2 |" in out
+    quick = json.loads((tmp_path / "eager" / "results.json").read_text())["config"]
+    assert (quick["n_layer"], quick["n_embd"], quick["encoding"]) == (1, 32, "gpt2")
+    assert train_is_unpatched()
+
+
+def test_the_full_recipe_is_gpt2_small_on_gsm8k_in_bf16():
+    import train
+    cfg = train.parse_args(gpu_check.RECIPE)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (12, 12, 768, 512)
+    assert (cfg.encoding, cfg.format, cfg.dtype, cfg.batch_size * cfg.grad_accum) == ("gpt2", "gsm8k", "bfloat16", 32)
+
+
+def train_is_unpatched() -> bool:
+    """The probe put the project's functions back."""
+    import train
+    return train.train.__module__ == "train" and train.evaluate.__module__ == "train" and \
+        runtime.Meter.line.__qualname__ == "Meter.line"
+
+
+def test_sections_report_status_and_output(tmp_path):
+    report: dict = {}
+    gpu_check.run_section("ok", [sys.executable, "-c", "print('fine')"], 60, report)
+    gpu_check.run_section("broken", [sys.executable, "-c", "import sys; sys.exit(3)"], 60, report)
+    gpu_check.run_section("slow", [sys.executable, "-c", "import time; time.sleep(30)"], 1, report)
+    assert report["ok"]["status"] == 0 and "fine" in report["ok"]["output_tail"]
+    assert report["broken"]["status"] == 3
+    assert report["slow"]["status"] == 124 and "timed out" in report["slow"]["output_tail"]
+
+
+def test_missing_gsm8k_files_are_refused(tmp_path, capsys):
+    assert gpu_check.main(["--gsm8k", str(tmp_path), "--tiktoken_cache", str(tmp_path)]) == 2
+    assert "no train.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, text", [(None, "n/a"), (0.4567, "45.7%")])
+def test_mfu_text(value, text):
+    assert gpu_check.mfu_text(value) == text
