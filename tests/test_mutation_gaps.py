@@ -75,3 +75,58 @@ def test_gsm8k_answer_is_after_the_last_hash_line_and_earlier_ones_stay_in_the_r
     assert example.answer == "5"
     assert example.thinking == "first try\n#### 3\nno, recount: 2+3=5"
     assert example.prompt == "Q?"
+
+
+# ---------------------------------------------------------------------------------------------
+# A prompt may hold the tag strings (only the thinking and the answer may not).
+# Mutant: the tag check applied to the prompt too (such examples refused).
+
+def test_a_prompt_that_mentions_the_tags_is_kept_and_tagged(tmp_path):
+    prompt = "What do <Thinking> and </Answer> mean?"
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "thinking": "they are tags", "answer": "markup"}) + "\n")
+    [example] = D.read_examples(str(path), "tagged")
+    assert (example.prompt, example.thinking, example.answer) == (prompt, "they are tags", "markup")
+    data = D.tokenize([example], ENC, block_size=96)
+    n_prompt = len(ENC.encode_ordinary(prompt + sftkey.PROMPT_SEP))  # the tags in it are tokens of the prompt
+    assert data.roles[0][:n_prompt].tolist() == [sftkey.PROMPT] * n_prompt
+    with pytest.raises(D.DataError, match="thinking contains the tag"):
+        path.write_text(json.dumps({"prompt": "Q", "thinking": "a <Answer> b", "answer": "markup"}) + "\n")
+        D.read_examples(str(path), "tagged")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: after grouping by length, the batches' order within an epoch is shuffled.
+# Mutant: `return list(batches)` (each epoch runs from the shortest batches to the longest).
+
+def test_batch_order_within_an_epoch_is_shuffled_not_shortest_first(tokenized):
+    n_sorted = 0
+    for seed in range(6):
+        batches = D.Batches(tokenized, 3, seed=seed)  # 24 examples: 8 batches, one window
+        shortest = [min(len(tokenized.ids[j]) for j in batches.indices(i)) for i in range(8)]
+        n_sorted += shortest == sorted(shortest)
+    # A shuffled order of 8 batches is ascending with probability about 1/8! (ties aside).
+    assert n_sorted <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# --seed re-draws the validation split (the experiment's seeds differ in it); --data_seed does not.
+# Mutant: load_data splits with cfg.data_seed.
+
+def test_seed_redraws_the_validation_split_of_the_same_problems():
+    flags = ["--n_train", "60", "--n_val", "6", "--n_test", "2", "--block_size", "96"]
+
+    def split_for(*extra):
+        train_set, val_set, test = D.load_data(train.parse_args([*flags, *extra]), ENC)
+        return {e.prompt for e in train_set.examples}, {e.prompt for e in val_set.examples}
+    train_a, val_a = split_for("--seed", "1", "--data_seed", "0")
+    train_b, val_b = split_for("--seed", "2", "--data_seed", "0")
+    train_c, val_c = split_for("--seed", "1", "--data_seed", "0")
+    assert len(val_a) == len(val_b) == 6
+    assert train_a | val_a == train_b | val_b  # the same problems
+    assert val_a != val_b  # split differently
+    assert (train_c, val_c) == (train_a, val_a)
+    # and the split is the one D.split draws with --seed
+    pool = D.synthetic_task(62, 0)[:60]
+    expected_train, expected_val = D.split(pool, 6, 2)
+    assert val_b == {e.prompt for e in expected_val}
