@@ -4,11 +4,15 @@ Each test here failed with a deliberate one-line bug planted in the code (listed
 above it) and passes on the real code. Expected values are computed independently in the test.
 """
 import json
+import math
+import os
 
+import numpy as np
 import pytest
 import torch
 
 import data as D
+import experiment as E
 import sftkey
 import train
 from model import GPT, GPTConfig
@@ -130,3 +134,104 @@ def test_seed_redraws_the_validation_split_of_the_same_problems():
     pool = D.synthetic_task(62, 0)[:60]
     expected_train, expected_val = D.split(pool, 6, 2)
     assert val_b == {e.prompt for e in expected_val}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss log: every log_interval-th step and always the last step of a stage.
+# Mutant: the `or step + 1 == iters` dropped (a stage's final loss never logged).
+
+def test_loss_is_logged_every_log_interval_steps_and_at_the_last_step(tokenized):
+    log = []
+    train.train(tiny_model(), tokenized, tokenized, config(log_interval=3), sftkey.role_weights(), 5, 1e-3,
+                "stage_x", "cpu", torch.float32, log)
+    loss_steps = [row["step"] for row in log if "val_key" not in row]
+    assert loss_steps == [0, 3, 4]
+    assert all(row["stage"] == "stage_x" for row in log)
+    val_steps = [row["step"] for row in log if "val_key" in row]
+    assert val_steps == [0, 4]  # eval_interval 1000: the first step and the last
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate: a response that did not end with end-of-text is scored on all its tokens.
+# Mutant: `ended = True` (the last token of a cut-off response dropped, as if it were end-of-text).
+
+class ScriptedModel:
+    """Stands in for GPT in train.evaluate: answers each prompt with a fixed token sequence."""
+
+    def __init__(self, enc, script):
+        self.enc, self.script = enc, script
+
+    def eval(self):
+        return self
+
+    def generate(self, prompts, *args, **kwargs):
+        return [self.script[self.enc.decode(ids)] for ids in prompts]
+
+
+def test_evaluate_keeps_every_token_of_a_response_cut_off_at_the_limit():
+    cut = "<Thinking>6+6=12</Thinking><Answer>12"  # the length limit hit before </Answer>
+    full = "<Thinking>1+1=2</Thinking><Answer>2</Answer>"
+    script = {"Q: 6+6\n": ENC.encode_ordinary(cut), "Q: 1+1\n": ENC.encode_ordinary(full) + [ENC.eot_token]}
+    examples = [D.Example("Q: 6+6", "6+6=12", "12"), D.Example("Q: 1+1", "1+1=2", "2")]
+    result = train.evaluate(ScriptedModel(ENC, script), ENC, examples, config(block_size=64), "cpu", torch.float32)
+    assert result["correct"] == [True, True]  # "12", not "1"
+    assert result["formatted"] == [False, True]  # no end-of-text, no </Answer>
+    assert sorted(s["response"] for s in result["samples"]) == sorted([cut, full])
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's --key_weight sets the key weight of the (single) stage; stage 2 is always (0, 0, 1).
+# Mutant: run() builds stage 1's weights with role_weights(cfg.key_only), dropping --key_weight.
+
+RUN = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "96", "--batch_size", "4",
+       "--eval_interval", "1000", "--device", "cpu", "--dtype", "float32", "--n_train", "60", "--n_val", "6",
+       "--n_test", "2", "--warmup_iters", "1"]
+
+
+def test_key_weight_flag_reaches_the_loss_of_stage_1_only(tmp_path, monkeypatch, capsys):
+    seen = {}
+    real_train = train.train
+
+    def recording(model, train_set, val_set, cfg, weights, iters, *args, **kwargs):
+        seen[args[1]] = (tuple(weights), iters)  # args[1] is the stage name
+        return real_train(model, train_set, val_set, cfg, weights, iters, *args, **kwargs)
+    monkeypatch.setattr(train, "train", recording)
+    train.main([*RUN, "--out_dir", str(tmp_path), "--key_weight", "5", "--max_iters", "2", "--stage2_iters", "1"])
+    assert seen == {"sft_tag": ((0.0, 1.0, 5.0), 2), "sftkey_tag": ((0.0, 0.0, 1.0), 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after stage 1 finished (and was evaluated) but before stage 2 wrote a checkpoint: stage 2
+# must start from the RNG state stage 1 ended with, so dropout draws what the uninterrupted run drew.
+# Mutant: the `ckpts.restore_rng(saved)` of a finished stage skipped.
+
+def test_resume_between_the_stages_gives_the_uninterrupted_weights(tmp_path, capsys):
+    flags = [*RUN, "--max_iters", "3", "--stage2_iters", "2", "--dropout", "0.2", "--seed", "4"]
+    train.main([*flags, "--out_dir", str(tmp_path / "whole")])
+    train.main([*flags, "--out_dir", str(tmp_path / "cut")])
+    os.remove(tmp_path / "cut" / "sftkey_tag" / "ckpt.pt")  # as if stopped right after stage 1's evaluation
+    torch.manual_seed(999)  # the resumed process starts from some other RNG state
+    train.main([*flags, "--out_dir", str(tmp_path / "cut"), "--resume"])
+
+    def final(name):
+        return torch.load(tmp_path / name / "sftkey_tag" / "ckpt.pt", weights_only=True)["model"]
+    whole, resumed = final("whole"), final("cut")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# paired_comparison: a level-L interval cuts (1 - L) / 2 from each tail.
+# Mutant: `tail = 1 - level` (a 95% interval that is really a 90% one). The suite's designs had
+# the same quantiles at 2.5%/5% and 95%/97.5%; this one does not.
+
+def test_a_95_percent_interval_puts_2_5_percent_in_each_tail():
+    # Item means [1, 0, 0]: a resample's mean is Binomial(3, 1/3) / 3, whose cumulative
+    # probabilities are 8/27, 20/27, 26/27 = 0.963, 1 at 0, 1/3, 2/3, 1. The 97.5% quantile is
+    # therefore 1 and the 95% quantile 2/3; both low quantiles are 0.
+    cdf = np.cumsum([math.comb(3, k) * (1 / 3) ** k * (2 / 3) ** (3 - k) for k in range(4)])
+    assert 0.95 < cdf[2] < 0.975
+    a = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    c = E.paired_comparison(a, np.zeros_like(a), n_boot=20_000, seed=4)
+    assert c["ci"] == [0.0, 1.0]
+    assert c["mean"] == pytest.approx(1 / 3)
