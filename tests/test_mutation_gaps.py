@@ -6,6 +6,7 @@ above it) and passes on the real code. Expected values are computed independentl
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 import data as D
 import experiment as E
+import runtime
 import sftkey
 import train
 from model import GPT, GPTConfig
@@ -183,12 +185,18 @@ def test_evaluate_keeps_every_token_of_a_response_cut_off_at_the_limit():
 # train.py's --key_weight sets the key weight of the (single) stage; stage 2 is always (0, 0, 1).
 # Mutant: run() builds stage 1's weights with role_weights(cfg.key_only), dropping --key_weight.
 
-RUN = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "96", "--batch_size", "4",
+RUN = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--batch_size", "4",
        "--eval_interval", "1000", "--device", "cpu", "--dtype", "float32", "--n_train", "60", "--n_val", "6",
-       "--n_test", "2", "--warmup_iters", "1"]
+       "--n_test", "1", "--warmup_iters", "1"]
 
 
-def test_key_weight_flag_reaches_the_loss_of_stage_1_only(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def no_peak_measurement(monkeypatch):
+    """train.run times 2048 x 2048 matrix products for MFU; these tests do not need the figure."""
+    monkeypatch.setattr(runtime, "peak_flops", lambda device, dtype: 1e12)
+
+
+def test_key_weight_flag_reaches_the_loss_of_stage_1_only(tmp_path, monkeypatch, capsys, no_peak_measurement):
     seen = {}
     real_train = train.train
 
@@ -205,11 +213,12 @@ def test_key_weight_flag_reaches_the_loss_of_stage_1_only(tmp_path, monkeypatch,
 # must start from the RNG state stage 1 ended with, so dropout draws what the uninterrupted run drew.
 # Mutant: the `ckpts.restore_rng(saved)` of a finished stage skipped.
 
-def test_resume_between_the_stages_gives_the_uninterrupted_weights(tmp_path, capsys):
+def test_resume_between_the_stages_gives_the_uninterrupted_weights(tmp_path, capsys, no_peak_measurement):
     flags = [*RUN, "--max_iters", "3", "--stage2_iters", "2", "--dropout", "0.2", "--seed", "4"]
     train.main([*flags, "--out_dir", str(tmp_path / "whole")])
-    train.main([*flags, "--out_dir", str(tmp_path / "cut")])
-    os.remove(tmp_path / "cut" / "sftkey_tag" / "ckpt.pt")  # as if stopped right after stage 1's evaluation
+    # As if stopped right after stage 1's evaluation: only stage 1's final checkpoint (with its results).
+    os.makedirs(tmp_path / "cut" / "sft_tag")
+    shutil.copy(tmp_path / "whole" / "sft_tag" / "ckpt.pt", tmp_path / "cut" / "sft_tag" / "ckpt.pt")
     torch.manual_seed(999)  # the resumed process starts from some other RNG state
     train.main([*flags, "--out_dir", str(tmp_path / "cut"), "--resume"])
 
@@ -218,6 +227,8 @@ def test_resume_between_the_stages_gives_the_uninterrupted_weights(tmp_path, cap
     whole, resumed = final("whole"), final("cut")
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    stage1 = torch.load(tmp_path / "whole" / "sft_tag" / "ckpt.pt", weights_only=True)["model"]
+    assert any(not torch.equal(stage1[k], resumed[k]) for k in stage1)  # stage 2 did train
 
 
 # ---------------------------------------------------------------------------------------------
