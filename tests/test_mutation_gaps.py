@@ -246,3 +246,36 @@ def test_a_95_percent_interval_puts_2_5_percent_in_each_tail():
     c = E.paired_comparison(a, np.zeros_like(a), n_boot=20_000, seed=4)
     assert c["ci"] == [0.0, 1.0]
     assert c["mean"] == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each optimizer step sees the gradient of its own batch only.
+# Mutant: `optimizer.zero_grad(...)` deleted (gradients accumulate across steps); in the suite only
+# the resume test noticed, through the weights of a resumed run.
+
+class GradRecorder(torch.optim.Optimizer):
+    """Stands in for AdamW in train.train: records the gradients it is given and changes nothing."""
+
+    def __init__(self, params):
+        super().__init__(list(params), {"lr": 0.0})
+        self.grads = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.grads.append([p.grad.clone() for p in self.param_groups[0]["params"]])
+
+
+def test_every_step_gets_the_gradient_of_its_own_batch_only(tokenized):
+    model = tiny_model(seed=2)
+    recorder = GradRecorder(model.parameters())
+    model.configure_optimizer = lambda *args, **kwargs: recorder
+    cfg = config(grad_clip=0.0)
+    train.train(model, tokenized, tokenized, cfg, sftkey.role_weights(), 3, 1e-3, "test", "cpu", torch.float32, [])
+    params = list(model.parameters())
+    for step in range(3):  # the weights never change, so each step's gradient is batch `step`'s at them
+        model.zero_grad(set_to_none=True)
+        x, y, roles = D.Batches(tokenized, cfg.batch_size, cfg.seed).get(step, "cpu")
+        w = sftkey.token_weights(roles, sftkey.role_weights())
+        (sftkey.weighted_loss_sum(model(x), model.lm_head, y, w) / w.sum()).backward()
+        for got, p in zip(recorder.grads[step], params):
+            assert torch.allclose(got, p.grad, rtol=1e-5, atol=1e-7)
