@@ -46,6 +46,7 @@ def test_every_training_forward_is_in_train_mode_and_every_validation_forward_in
     model = tiny_model(dropout=0.2)
     modes = []  # (grad enabled, model.training) at every forward call
     model.register_forward_pre_hook(lambda module, args: modes.append((torch.is_grad_enabled(), module.training)))
+    model.configure_optimizer = lambda *args, **kwargs: GradRecorder(model.parameters())  # AdamW not needed
     train.train(model, tokenized, tokenized, config(eval_interval=1), sftkey.role_weights(), 4, 1e-3, "test",
                 "cpu", torch.float32, [])
     training = [m for grad, m in modes if grad]
@@ -144,7 +145,9 @@ def test_seed_redraws_the_validation_split_of_the_same_problems():
 
 def test_loss_is_logged_every_log_interval_steps_and_at_the_last_step(tokenized):
     log = []
-    train.train(tiny_model(), tokenized, tokenized, config(log_interval=3), sftkey.role_weights(), 5, 1e-3,
+    model = tiny_model()
+    model.configure_optimizer = lambda *args, **kwargs: GradRecorder(model.parameters())  # AdamW not needed
+    train.train(model, tokenized, tokenized, config(log_interval=3), sftkey.role_weights(), 5, 1e-3,
                 "stage_x", "cpu", torch.float32, log)
     loss_steps = [row["step"] for row in log if "val_key" not in row]
     assert loss_steps == [0, 3, 4]
