@@ -17,6 +17,7 @@ import data as D
 import runtime
 import sftkey
 import train
+from model import GPT, GPTConfig
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--n_train", "100",
         "--n_val", "10", "--n_test", "4", "--max_iters", "3", "--warmup_iters", "1", "--log_interval", "1",
@@ -91,7 +92,7 @@ def test_the_old_device_mixing_counter_is_caught_here(tmp_path, monkeypatch):
 def test_bench_steps_generation_and_peak_name_their_device():
     enc = D.char_encoding()
     data = D.tokenize(D.synthetic_task(8, seed=1), enc, block_size=96)
-    model = train.GPT(train.GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=32))
     optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu")
     batch = D.collate(data.ids, data.roles, "cpu")
     prompts = [enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP) for ex in data.examples[:3]]
