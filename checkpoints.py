@@ -139,6 +139,15 @@ def build_model(cfg, enc, device: str) -> GPT:
     return GPT(model_config(cfg, enc)).to(device)
 
 
+def init_origin(cfg) -> tuple[str, int]:
+    """The stage an --init_from checkpoint ended and its position in the data stream (steps read), so a
+    stage run by hand from it is named by its history and reads on where it stopped; ("", 0) otherwise."""
+    if not cfg.init_from or cfg.init_from.startswith(PRETRAINED):
+        return "", 0
+    ckpt = torch.load(cfg.init_from, map_location="cpu", weights_only=True, mmap=True)  # build_model checked it
+    return str(ckpt.get("stage", "")), int(ckpt.get("stream_start", 0)) + int(ckpt.get("step", 0))
+
+
 class StageCheckpoint:
     """One stage's checkpoint as the training loop sees it: what to resume from, when to write.
 

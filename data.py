@@ -358,22 +358,19 @@ def collate(ids: list[np.ndarray], roles: list[np.ndarray], device: str) -> tupl
 
 
 class Batches:
-    """Micro-batch number i of an endless, seeded stream over the set, computed from i alone.
+    """Batch number i of an endless, seeded stream over the set, computed from i alone (so a resumed
+    run sees exactly the batches an uninterrupted one would); `get` cuts it into micro-batches.
 
-    Each epoch is a fresh permutation; within windows of `window` batches the examples are sorted
-    by length so that a batch holds sequences of similar length (little padding), and the batches'
-    order is shuffled again. Being a pure function of (seed, i) makes a resumed run see exactly
-    the batches an uninterrupted one would. Padding falls roughly as 1/window, while a smaller window
-    draws batch-mates from a smaller random pool: on GSM8K train (gpt2, batch 32) padding is 47% of
-    computed positions with no grouping, 7% at window 16, 2% at 64 (bench.py measures it); 16 keeps
-    it under 10% at batch sizes up to 32 with pools a quarter the size of 64's.
+    Each epoch is a fresh permutation; within windows of `window` batches the examples are sorted by
+    length (similar lengths pad less), then the batches' order is shuffled again. Padding falls roughly
+    as 1/window while a smaller window draws batch-mates from a smaller pool: on GSM8K train (gpt2,
+    batch 32) padding is 47% of computed positions ungrouped, 7% at window 16, 2% at 64 (bench.py).
     """
 
     def __init__(self, data: TokenizedSet, batch_size: int, seed: int, window: int = 16):
         if window < 1:
             raise ValueError(f"Batches: window must be at least 1 batch, got {window}")
-        self.data, self.batch_size, self.seed = data, min(batch_size, len(data.ids)), seed
-        self.window = window
+        self.data, self.batch_size, self.seed, self.window = data, min(batch_size, len(data.ids)), seed, window
         self.per_epoch = len(data.ids) // self.batch_size
         self._epoch, self._plan = -1, []
 
@@ -394,8 +391,8 @@ class Batches:
             self._epoch, self._plan = epoch, self._plan_epoch(epoch)
         return self._plan[i % self.per_epoch]
 
-    def get(self, i: int, device: str) -> tuple[torch.Tensor, ...]:
-        rows = self.indices(i)
+    def get(self, i: int, device: str, parts: int = 1, part: int = 0) -> tuple[torch.Tensor, ...]:
+        rows = np.array_split(self.indices(i), parts)[part]
         return collate([self.data.ids[j] for j in rows], [self.data.roles[j] for j in rows], device)
 
 

@@ -3,18 +3,18 @@
     python experiment.py                       # all six arms, 3 seeds (about 40 minutes on 2 CPU cores)
     python experiment.py --arms sft_tag,sftkey_tag,sft_tag_long --seeds 2 --e1 200 --e2 40
 
-Arms are data (`define_arms`): each is a list of phases (per-role loss weights, steps, peak
-learning rate), a format, and optionally a parent arm whose trained weights it starts from.
-`sftkey_tag` (the method) and `sft_tag_long` (the compute-matched control) both continue from
-`sft_tag`'s weights with a fresh optimizer and the same stage-2 schedule, so the only difference
-between them is the loss on the reasoning tokens. A parent is trained once per seed and kept in
-memory. Each seed changes the initial weights, the data order and the validation split; the test
-problems stay the same (--data_seed or --eval_data fixes them).
+Each arm is a train.py run (`arm_config` gives its flags; `python train.py` is sftkey_tag), planned
+into stages by train.plan_stages. `sftkey_tag` (the method) and `sft_tag_long` (the compute-matched
+control, `--stage2_weights 0,1,1`) both continue from sft_tag's stage with a fresh optimizer, the same
+stage-2 schedule and the data stream read on, so the only difference between them is the loss on
+the reasoning tokens. Stages that arms share are trained once per seed and kept in memory. Each seed
+changes the initial weights, the data order and the validation split; the test problems stay the
+same (--data_seed or --eval_data fixes them).
 
 Outputs in --out_dir, rewritten (atomically) after every arm: results.md, results.json, loss_log.jsonl,
 and, when matplotlib is installed, val_loss.png and accuracy.png (--plot_only redraws them later).
-Every flag of train.py applies (they set the model, the data and the optimiser); --e1, --e2 and
---lam are other names for --max_iters, --stage2_iters and --key_weight.
+Every flag of train.py applies to every arm, except those that set the loss and the layout (the arms
+set them); --e1, --e2 and --lam are other names for --max_iters, --stage2_iters and --key_weight.
 """
 from __future__ import annotations
 
@@ -35,67 +35,33 @@ import sftkey
 import train
 from model import GPT
 
-ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sft_tag_long", "weighted")  # parents before children
+ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sft_tag_long", "weighted")
 COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sft_tag_long"), ("sftkey_tag", "weighted"))
 METRICS = ("acc", "fmt", "composite")
+ABOUT = {"sft": "untagged SFT, E1", "sft_tag": "tagged SFT, E1", "key_tag": "key only from the initial weights, E1",
+         "sftkey_tag": "sft_tag, then E2 key only (the method)",
+         "sft_tag_long": "sft_tag, then E2 more tagged SFT (compute-matched control)",
+         "weighted": "one stage of E1+E2 with key weight λ (up-weighting control)"}
+# The train.py flags each arm sets; every other flag is the user's. E1, E2, λ are --max_iters,
+# --stage2_iters, --key_weight. An arm is a train.py run: `python train.py` is sftkey_tag.
+ARM_FLAGS = {"weights": "0,1,1", "stage2_weights": "0,0,1", "key_only": False, "key_weight": 1.0, "untagged": False}
 
 
-@dataclass(frozen=True)
-class Phase:
-    """One call of train.train: a stage name (as it appears in the log), its loss weights and schedule."""
-    stage: str
-    weights: tuple[float, float, float]
-    iters: int
-    lr: float
+def arm_config(cfg: train.TrainConfig, name: str) -> train.TrainConfig:
+    """The train.py configuration of an arm: the experiment's flags, with the loss, layout and steps it sets."""
+    own = {"sft": {"untagged": True, "stage2_iters": 0}, "sft_tag": {"stage2_iters": 0},
+           "key_tag": {"weights": "0,0,1", "stage2_iters": 0}, "sftkey_tag": {},
+           "sft_tag_long": {"stage2_weights": "0,1,1"},
+           "weighted": {"weights": f"0,1,{cfg.key_weight!r}", "max_iters": cfg.max_iters + cfg.stage2_iters,
+                        "stage2_iters": 0}}
+    if name not in own:
+        raise ValueError(f"--arms: unknown arm {name}; choose from {', '.join(ARM_NAMES)}")
+    return dataclasses.replace(cfg, **{**ARM_FLAGS, **own[name]})
 
 
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    tagged: bool
-    phases: tuple[Phase, ...]
-    parent: str | None = None  # start from this arm's trained weights instead of the initial ones
-    about: str = ""
-
-
-def define_arms(e1: int, e2: int, lr: float, stage2_lr: float, lam: float) -> dict[str, Arm]:
-    """The six arms, in ARM_NAMES order (every parent comes before its children)."""
-    full, key = sftkey.role_weights(), sftkey.role_weights(key_only=True)
-    arms = [
-        Arm("sft", False, (Phase("sft", full, e1, lr),), about="untagged SFT, E1"),
-        Arm("sft_tag", True, (Phase("sft_tag", full, e1, lr),), about="tagged SFT, E1"),
-        Arm("key_tag", True, (Phase("key_tag", key, e1, lr),), about="key only from the initial weights, E1"),
-        Arm("sftkey_tag", True, (Phase("sftkey_tag", key, e2, stage2_lr),), parent="sft_tag",
-            about="sft_tag, then E2 key only (the method)"),
-        Arm("sft_tag_long", True, (Phase("sft_tag_long", full, e2, stage2_lr),), parent="sft_tag",
-            about="sft_tag, then E2 more tagged SFT (compute-matched control)"),
-        Arm("weighted", True, (Phase("weighted", sftkey.role_weights(key_weight=lam), e1 + e2, lr),),
-            about=f"one stage of E1+E2 with key weight {lam:g} (up-weighting control)"),
-    ]
-    return {arm.name: arm for arm in arms}
-
-
-def with_parents(names: list[str], arms: dict[str, Arm]) -> list[str]:
-    """The requested arms plus the parents they need, in ARM_NAMES order."""
-    unknown = [n for n in names if n not in arms]
-    if unknown:
-        raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARM_NAMES)}")
-    needed = set(names)
-    for name in names:
-        parent = arms[name].parent
-        while parent:
-            needed.add(parent)
-            parent = arms[parent].parent
-    return [n for n in arms if n in needed]
-
-
-def parent_chain(arm: Arm, arms: dict[str, Arm]) -> list[Arm]:
-    """The ancestors of an arm, oldest first."""
-    chain = []
-    while arm.parent:
-        arm = arms[arm.parent]
-        chain.insert(0, arm)
-    return chain
+def arm_stages(cfg: train.TrainConfig, name: str) -> list[sftkey.Stage]:
+    arm_cfg = arm_config(cfg, name)
+    return train.plan_stages(arm_cfg, ckpts.init_origin(arm_cfg)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +107,7 @@ def item_scores(result: dict, metric: str) -> np.ndarray | None:
 def aggregate(runs: list[dict]) -> dict:
     """Mean and sample standard deviation over seeds (std None with one seed; metrics None where undefined)."""
     out = {}
-    for key in (*METRICS, "train_seconds", "train_seconds_with_parents"):
+    for key in (*METRICS, "train_seconds", "last_stage_seconds"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = {"mean": float(np.mean(values)) if values else None,
                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
@@ -172,57 +138,59 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run_seed(cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], enc, device: str,
-             dtype: torch.dtype, on_result, save_ckpt: bool = False) -> None:
-    """Every arm in `names` at the seed cfg.seed; parents are trained once and kept in memory.
+def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: torch.dtype, on_result,
+             save_ckpt: bool = False) -> None:
+    """Every arm in `names` at the seed cfg.seed, each trained through its stages as train.py would.
 
-    `on_result(arm_name, result, log_rows)` is called after each arm is trained and evaluated.
+    Stages that arms share from the start are trained once: sftkey_tag and sft_tag_long both begin
+    with sft_tag's stage, so the weights after it are kept in memory and both continue from them
+    (with the data stream read on where it stopped). `on_result(arm, result, log_rows)` follows each arm.
     """
+    _, start = ckpts.init_origin(cfg)
+    plans = {name: (not arm_config(cfg, name).untagged, tuple(arm_stages(cfg, name))) for name in names}
+    shared = {(tagged, stages[:j]) for tagged, stages in plans.values() for j in range(1, len(stages))}
+    kept: dict[tuple, tuple] = {}  # (tagged, stages trained) -> (model config, weights, seconds per stage, rows)
     datasets: dict[bool, tuple] = {}
-    parents = {arms[n].parent for n in names if arms[n].parent}
-    states: dict[str, tuple] = {}  # parent arm -> (its GPTConfig, its trained weights)
-    seconds: dict[str, float] = {}
     for name in names:
-        arm = arms[name]
-        arm_cfg = dataclasses.replace(cfg, untagged=not arm.tagged)
-        if arm.tagged not in datasets:  # both formats of the same examples, tokenized once per seed
-            datasets[arm.tagged] = D.load_data(arm_cfg, enc)
-        train_set, val_set, test = datasets[arm.tagged]
-        torch.manual_seed(cfg.seed)  # every root arm starts from the same initial weights at this seed
-        if arm.parent:  # the parent's shape, which --init_from gpt2:DIR may have set
-            config, state = states[arm.parent]
-            model = GPT(config).to(device)
+        arm_cfg, (tagged, stages) = arm_config(cfg, name), plans[name]
+        if tagged not in datasets:  # both layouts of the same examples, tokenized once per seed
+            datasets[tagged] = D.load_data(arm_cfg, enc)
+        train_set, val_set, test = datasets[tagged]
+        done = max((j for j in range(1, len(stages) + 1) if (tagged, stages[:j]) in kept), default=0)
+        if done:
+            config, state, seconds, rows = kept[tagged, stages[:done]]
+            model = GPT(config).to(device)  # the shape the first stage had (--init_from gpt2:DIR may set it)
             model.load_state_dict(state)
+            seconds, rows = list(seconds), list(rows)
         else:
-            model = ckpts.build_model(arm_cfg, enc, device)
-        offset = sum(p.iters for parent in parent_chain(arm, arms) for p in parent.phases)
-        rows, t0 = [], time.time()
-        for phase in arm.phases:
-            log: list[dict] = []
+            torch.manual_seed(cfg.seed)  # every arm starts from the same initial weights at this seed
+            model, seconds, rows = ckpts.build_model(arm_cfg, enc, device), [], []
+        optimizer, offset = None, start + sum(s.iters for s in stages[:-1])  # kept when every stage is shared
+        for j in range(done, len(stages)):
+            stage, offset, log, t0 = stages[j], start + sum(s.iters for s in stages[:j]), [], time.time()
             optimizer = train.train(model=model, train_set=train_set, val_set=val_set, cfg=arm_cfg,
-                                    weights=phase.weights, iters=phase.iters, peak_lr=phase.lr, stage=phase.stage,
+                                    weights=stage.weights, iters=stage.iters, peak_lr=stage.lr, stage=stage.name,
                                     device=device, dtype=dtype, log=log, steps_before=offset)
-            rows += [{"arm": name, "seed": cfg.seed, "global_step": offset + row["step"], **row} for row in log]
-            offset += phase.iters
-        seconds[name] = time.time() - t0
-        if name in parents:
-            states[name] = (model.config, snapshot(model))
+            seconds.append(time.time() - t0)
+            rows += [{"global_step": offset - start + row["step"], **row} for row in log]
+            if (tagged, stages[:j + 1]) in shared:
+                kept[tagged, stages[:j + 1]] = (model.config, snapshot(model), list(seconds), list(rows))
         if save_ckpt:
             path = os.path.join(cfg.out_dir, f"seed{cfg.seed}", name, "ckpt.pt")
-            ckpts.save_checkpoint(path, model, optimizer, arm_cfg, offset)
+            ckpts.save_checkpoint(path, model, optimizer, arm_cfg, stages[-1].iters,
+                                  {"stage": stages[-1].name, "stream_start": offset})
         t1 = time.time()
         result = train.evaluate(model=model, enc=enc, examples=test, cfg=arm_cfg, device=device, dtype=dtype)
-        result.update(seed=cfg.seed, steps=sum(p.iters for p in arm.phases), train_seconds=seconds[name],
-                      train_seconds_with_parents=seconds[name] + sum(seconds[p.name] for p in parent_chain(arm, arms)),
-                      eval_seconds=time.time() - t1)
-        on_result(name, result, rows)
+        result.update(seed=cfg.seed, steps=sum(s.iters for s in stages), train_seconds=sum(seconds),
+                      last_stage_seconds=seconds[-1], eval_seconds=time.time() - t1)
+        on_result(name, result, [{"arm": name, "seed": cfg.seed, **row} for row in rows])
 
 
 class Recorder:
     """Collects results and loss rows and rewrites every output file after each arm."""
 
-    def __init__(self, cfg: train.TrainConfig, arms: dict[str, Arm], names: list[str], seeds: list[int], n_boot: int):
-        self.cfg, self.arms, self.names, self.seeds, self.n_boot = cfg, arms, names, seeds, n_boot
+    def __init__(self, cfg: train.TrainConfig, names: list[str], seeds: list[int], n_boot: int):
+        self.cfg, self.names, self.seeds, self.n_boot = cfg, names, seeds, n_boot
         self.results: dict[str, list[dict]] = {n: [] for n in names}
         self.rows: list[dict] = []
 
@@ -240,8 +208,8 @@ class Recorder:
         full = {n: runs for n, runs in done.items() if len(runs) == len(self.seeds)}
         return {"complete": complete, "config": dataclasses.asdict(self.cfg), "seeds": self.seeds,
                 "n_boot": self.n_boot,
-                "arms": {n: {"parent": self.arms[n].parent, "tagged": self.arms[n].tagged, "about": self.arms[n].about,
-                             "phases": [dataclasses.asdict(p) for p in self.arms[n].phases]} for n in self.names},
+                "arms": {n: {"about": ABOUT[n].replace("λ", f"{self.cfg.key_weight:g}"), "tagged": not arm_config(self.cfg, n).untagged,
+                             "stages": [dataclasses.asdict(s) for s in arm_stages(self.cfg, n)]} for n in self.names},
                 "results": done, "aggregates": {n: aggregate(runs) for n, runs in done.items()},
                 "comparisons": compare(full, self.n_boot, self.cfg.seed)}
 
@@ -278,13 +246,13 @@ def markdown(summary: dict) -> str:
              f"{stage2_lr:g}), λ = {cfg['key_weight']:g}, batch {cfg['batch_size']}x{cfg['grad_accum']}, "
              f"seeds {', '.join(map(str, seeds))}, {'/'.join(map(str, sorted(n_test))) or '?'} test problems per seed"
              + ("" if summary["complete"] else " (incomplete run)"), "",
-             "| arm | training | Acc | Fmt | Composite | train s (own) | train s (with parent) |",
+             "| arm | training | Acc | Fmt | Composite | train s (last stage) | train s (all stages) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, agg in summary["aggregates"].items():
         about = summary["arms"][name]["about"]
         lines.append(f"| {name} | {about} | {_mean_std(agg['acc'])} | {_mean_std(agg['fmt'])} | "
-                     f"{_mean_std(agg['composite'])} | {agg['train_seconds']['mean']:.0f} | "
-                     f"{agg['train_seconds_with_parents']['mean']:.0f} |")
+                     f"{_mean_std(agg['composite'])} | {agg['last_stage_seconds']['mean']:.0f} | "
+                     f"{agg['train_seconds']['mean']:.0f} |")
     lines += ["", f"Mean ± sample standard deviation over {len(seeds)} seed(s); Fmt is undefined for the untagged "
                   "arm. Times are wall-clock seconds of training (mean over seeds), without evaluation."]
     if summary["comparisons"]:
@@ -342,8 +310,8 @@ def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
 
 
 def _val_curves(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """Per arm, per role: (global steps, mean over seeds of the validation loss). A child's curve
-    starts with its parent's, so the two stages read as one line."""
+    """Per arm, per role: (global steps, mean over seeds of the validation loss). An arm's rows cover
+    all its stages, shared ones included, so a two-stage arm reads as one line."""
     by_arm: dict[str, dict[int, list[dict]]] = {}
     for row in rows:
         if "val_key" in row:
@@ -353,10 +321,6 @@ def _val_curves(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], list[f
         steps = sorted(points)
         curves[arm] = {role: (steps, [float(np.mean([r[f"val_{role}"] for r in points[s]])) for s in steps])
                        for role in ("thinking", "key")}
-    for arm in ("sftkey_tag", "sft_tag_long"):
-        if arm in curves and "sft_tag" in curves:
-            curves[arm] = {role: (curves["sft_tag"][role][0] + curves[arm][role][0],
-                                  curves["sft_tag"][role][1] + curves[arm][role][1]) for role in curves[arm]}
     return curves
 
 
@@ -376,8 +340,8 @@ def build_parser():
     """train.py's flags (with defaults sized for this experiment) plus the experiment's own."""
     parser = train.build_parser(__doc__)
     parser.add_argument("--arms", default=",".join(ARM_NAMES),
-                        help=f"comma-separated arms to run (default: all: {','.join(ARM_NAMES)}); the parent "
-                             "sft_tag is added when sftkey_tag or sft_tag_long needs it")
+                        help=f"comma-separated arms to run (default: all: {','.join(ARM_NAMES)}); stages that arms "
+                             "share (sft_tag's, which sftkey_tag and sft_tag_long continue) are trained once")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds: --seed, --seed+1, ... (default: 3)")
     parser.add_argument("--e1", dest="max_iters", type=int, help="E1: steps of the first stage (= --max_iters)")
     parser.add_argument("--e2", dest="stage2_iters", type=int, help="E2: steps of stage 2 (= --stage2_iters)")
@@ -404,10 +368,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     if (cfg.data and not cfg.eval_data) or (not cfg.data and cfg.n_test < 1):  # train.py would train, not score
         raise ValueError("the arms are compared on a test set: --data needs --eval_data, the synthetic task "
                          "--n_test >= 1")
-    for flag in ("resume", "eval_only", "key_only", "untagged"):
-        if getattr(cfg, flag):
+    defaults = train.TrainConfig()
+    for flag in ("resume", "eval_only", "weights", "stage2_weights", "key_only", "untagged"):
+        if getattr(cfg, flag) != getattr(defaults, flag):
             raise ValueError(f"--{flag} does not apply to the experiment: the arms set the loss and the format "
                              "themselves, and a run cannot be resumed (rerun it, or run fewer --arms/--seeds)")
+    unknown = [n for n in names if n not in ARM_NAMES]
+    if unknown:
+        raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARM_NAMES)}")
     if min(own["n_seeds"], own["n_boot"], cfg.max_iters, cfg.stage2_iters) < 1:
         raise ValueError("--seeds, --n_boot, --e1 and --e2 must all be at least 1")
     if not names:
@@ -426,25 +394,24 @@ def replot(out_dir: str) -> list[str]:
 
 def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n_boot: int = 10_000,
                    save_ckpt: bool = False, plot_only: bool = False) -> dict | None:
-    """Every requested arm (and the parents it needs) at every seed; writes and returns the summary.
+    """Every requested arm at every seed; writes and returns the summary.
     With `plot_only`, only redraws the plots of the run already in cfg.out_dir."""
     if plot_only:
         images = replot(cfg.out_dir)
         print("plots: " + ", ".join(images) if images else "no plots: matplotlib is not installed (pip install matplotlib)")
         return None
-    arms = define_arms(cfg.max_iters, cfg.stage2_iters, cfg.lr, train.stage2_peak_lr(cfg), cfg.key_weight)
-    run_names = with_parents(names, arms)
-    added = [n for n in run_names if n not in names]
-    if added:
-        print(f"also running {', '.join(added)}: the arms asked for start from its weights")
+    run_names = [n for n in ARM_NAMES if n in names]  # in ARM_NAMES order, each once
     device, dtype = runtime.resolve_device(cfg)
     enc = D.get_encoding(cfg.encoding)
     seeds = [cfg.seed + k for k in range(n_seeds)]
-    recorder = Recorder(cfg, arms, run_names, seeds, n_boot)
+    recorder = Recorder(cfg, run_names, seeds, n_boot)
     print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "
           f"{cfg.stage2_iters} | device {device} | {runtime.dtype_name(dtype)}", flush=True)
+    for name in run_names:
+        print(f"  {name}: " + " -> ".join(f"{s.name} (weights {','.join(f'{w:g}' for w in s.weights)}, {s.iters} "
+                                          f"steps, peak lr {s.lr:g})" for s in arm_stages(cfg, name)))
     for seed in seeds:
-        run_seed(dataclasses.replace(cfg, seed=seed), arms, run_names, enc, device, dtype, recorder.add, save_ckpt)
+        run_seed(dataclasses.replace(cfg, seed=seed), run_names, enc, device, dtype, recorder.add, save_ckpt)
     summary = recorder.write(complete=True)
     print("\n" + markdown(summary))
     images = plot(summary, recorder.rows, cfg.out_dir)

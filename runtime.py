@@ -339,6 +339,11 @@ class Meter:
         yield
         self.paused_seconds += time.time() - t0
 
+    def validation_line(self, stage: str, step: int, val: dict[str, float]) -> dict:
+        """The validation row of `step` (for results.json), printed."""
+        print(f"{stage} step {step:5d} | val loss: thinking {val['thinking']:.4f} | key {val['key']:.4f}", flush=True)
+        return {"stage": stage, "step": step, **{f"val_{k}": v for k, v in val.items()}}
+
     def line(self, stage: str, step: int, lr: float, step_loss: torch.Tensor) -> dict:
         """The log row of `step` (a dict for results.json), printed on rank 0."""
         dist, done = self.dist, step + 1
@@ -372,12 +377,17 @@ def number(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist: Dist, dtype: torch.dtype) -> None:
+def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist: Dist, dtype: torch.dtype,
+                stages: list = ()) -> None:
     print("\n".join(data_summaries))
     print(f"test: {n_test} examples" if n_test else "test: none (--data without --eval_data, or --n_test 0): every "
           "stage is trained and checkpointed, none is evaluated")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
           f"{model.config.n_embd} wide | device {device} x{dist.world} | {dtype_name(dtype)}")
+    for k, stage in enumerate(stages, 1):
+        p, t, a = (f"{w:g}" for w in stage.weights)
+        print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a} | {stage.iters} steps | "
+              f"peak lr {stage.lr:g}")
 
 
 def print_result(stage: str, r: dict, seconds: float) -> None:
@@ -413,16 +423,48 @@ def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# A weight is 0 or within these bounds: the loss divides by a float32 sum of weights, which a weight
+# of 1e39 makes infinite and one of 1e-50 (0 in float32) would leave its tokens silently unsupervised.
+# The loss is normalised by that sum, so only the ratios of the weights matter and nothing is lost.
+WEIGHT_RANGE = (1e-6, 1e6)
+
+
+def parse_weights(text: str, flag: str) -> tuple[float, float, float]:
+    """"P,T,K" -> the loss weights of prompt, thinking and answer tokens, or a ValueError naming `flag`."""
+    try:
+        weights = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != 3:
+        raise ValueError(f"{flag} {text!r}: give three comma-separated numbers, the loss weights of prompt, "
+                         f"thinking and answer tokens (e.g. 0,1,1)")
+    low, high = WEIGHT_RANGE
+    if not all(w == 0 or low <= w <= high for w in weights) or not any(weights):  # also nan, inf, negatives
+        raise ValueError(f"{flag} {text}: each weight must be 0 or between {low:g} and {high:g}, and one not 0")
+    return weights
+
+
+def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Stage 1's and stage 2's per-role loss weights: --weights (or its short forms --key_only and
+    --key_weight, which may not be combined with it) and --stage2_weights."""
+    if cfg.weights and (cfg.key_only or cfg.key_weight != 1):
+        raise ValueError(f"--weights {cfg.weights} sets stage 1's loss; --key_only and --key_weight are short "
+                         f"forms of it: give one or the other")
+    short = ",".join(repr(w) for w in sftkey.role_weights(cfg.key_only, cfg.key_weight))
+    first = parse_weights(cfg.weights, "--weights") if cfg.weights else parse_weights(short, "--key_only/--key_weight")
+    return first, parse_weights(cfg.stage2_weights, "--stage2_weights")
+
+
 def check_config(cfg) -> None:
     """Refuse flag values that would fail later (or silently do something else), before anything runs."""
     positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_batch_size",
                 "log_interval", "eval_interval")
     non_negative = ("n_train", "n_val", "n_test", "max_iters", "stage2_iters", "warmup_iters", "ckpt_interval",
-                    "eval_limit", "key_weight", "stage2_lr", "weight_decay", "grad_clip")
+                    "eval_limit", "stage2_lr", "weight_decay", "grad_clip")
     problems = [f"--{name} {getattr(cfg, name)}: must be at least 1" for name in positive if getattr(cfg, name) < 1]
     problems += [f"--{name} {getattr(cfg, name)}: must be >= 0" for name in non_negative
                  if not getattr(cfg, name) >= 0]  # `not >=` also catches nan
-    for name in ("lr", "key_weight", "stage2_lr", "weight_decay", "grad_clip", "dropout", "min_lr_ratio"):
+    for name in ("lr", "stage2_lr", "weight_decay", "grad_clip", "dropout", "min_lr_ratio"):
         if not math.isfinite(getattr(cfg, name)):
             problems.append(f"--{name} {getattr(cfg, name)}: must be a finite number")
     if not cfg.lr > 0:
@@ -441,6 +483,10 @@ def check_config(cfg) -> None:
     if cfg.stage2_iters > 0 and not cfg.eval_only and cfg.stage2_lr == 0 and cfg.min_lr_ratio == 0:
         problems.append("stage 2 would train at learning rate 0: --stage2_lr 0 means --lr x --min_lr_ratio, and "
                         "--min_lr_ratio is 0; give --stage2_lr > 0, a --min_lr_ratio > 0, or --stage2_iters 0")
+    try:
+        loss_weights(cfg)
+    except ValueError as err:
+        problems.append(str(err))
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         problems.append(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
     if cfg.device != "auto":

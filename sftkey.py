@@ -14,6 +14,7 @@ train.py.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -73,9 +74,8 @@ def tag(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]],
     is supervised in stage 2; otherwise if it holds any byte of the prompt it is PROMPT, so no
     prompt character is ever supervised; otherwise THINK. A token holding bytes of the prompt and
     of the Key (possible only when a merge swallows the whole reasoning) fits no role: ValueError.
-    Overlap is decided on bytes, which is
-    exact also for tokens that start or end inside a multi-byte character (tiktoken's
-    `decode_with_offsets` gives character offsets, which lose the partial character).
+    Overlap is decided on bytes, exact also for tokens that start or end inside a multi-byte
+    character (tiktoken's `decode_with_offsets` gives character offsets, losing the partial one).
     `byte_lengths` (from `token_byte_lengths`) only makes tagging many texts faster.
     """
     _check_spans(text, spans)
@@ -139,6 +139,24 @@ def role_weights(key_only: bool = False, key_weight: float = 1.0) -> tuple[float
     `key_weight` > 1 gives the single-stage control that up-weights the answer instead.
     """
     return (0.0, 0.0 if key_only else 1.0, key_weight)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: what train.train needs besides the data. train.py and experiment.py share it."""
+    name: str
+    weights: tuple[float, float, float]
+    iters: int
+    lr: float
+
+
+def stage_name(before: str, weights: tuple[float, float, float], tagged: bool) -> str:
+    """The losses of the stages so far ("sft" = (0, 1, 1), "key" = (0, 0, 1), else "w0-1-5", joined by "+"
+    unless both are words), then _tag for the tagged layout. `before` is the previous stage's name: after
+    sft_tag, key is "sftkey_tag" (the method) and sft is "sftsft_tag" (the compute-matched control)."""
+    loss = {(0, 1, 1): "sft", (0, 0, 1): "key"}.get(tuple(weights), "w" + "-".join(f"{w:g}" for w in weights))
+    before = before.removesuffix("_tag")
+    return before + ("+" if before and not (before + loss).isalpha() else "") + loss + ("_tag" if tagged else "")
 
 
 def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:

@@ -1,11 +1,9 @@
 """The training loop, evaluation and the command line: both stages of SFTKey in one loop.
 
-`python train.py` runs the default experiment offline: stage 1 (SFT-Tag) on the embedded
-synthetic task, evaluation, stage 2 (key only, from the stage-1 weights), evaluation, a table and
-`results.json`. One loop, `train`, serves both stages; its per-role loss `weights` (from
-`--key_only`, `--key_weight`) are the only difference between them. `python train.py --help` lists
-the flags. Run-time plumbing (device, DDP, signals, MFU, flag checks) is in runtime.py and checkpoint
-files in checkpoints.py; neither is needed to follow the method.
+`python train.py` runs the default experiment offline on the embedded synthetic task: stage 1
+(sft_tag), evaluation, stage 2 (sftkey_tag: key only, from stage 1's weights), evaluation, a table,
+`results.json`. One loop, `train`, serves every stage; per-role loss weights are all that differ.
+Plumbing (device, DDP, signals, MFU, flag checks, checkpoint files) is in runtime.py and checkpoints.py.
 """
 from __future__ import annotations
 
@@ -39,26 +37,26 @@ class TrainConfig:
     format: str = _flag("gsm8k", f"layout of --data and --eval_data: {', '.join(D.FORMATS)}")
     eval_data: str = _flag("", "test JSONL file (same format as --data); without it --data runs are not evaluated")
     strip_calculator: bool = _flag(False, "gsm8k: remove the <<48/2=24>> calculator annotations")
-    skip_bad_lines: bool = _flag(False, "skip and count malformed lines of --data/--eval_data instead of stopping "
-                                        "at the first one")
-    untagged: bool = _flag(False, "write responses as 'reasoning\\n#### answer' instead of the tagged format "
-                                  "(the plain SFT baseline; Fmt is then not defined)")
-    encoding: str = _flag(D.SYNTHETIC_ENCODING, "tokenizer: sftkey-chars (offline, for the synthetic task), "
-                                                "a tiktoken name such as gpt2, or a .tiktoken file")
+    skip_bad_lines: bool = _flag(False, "skip and count malformed lines of --data/--eval_data, not stop at one")
+    untagged: bool = _flag(False, "responses as 'reasoning\\n#### answer', not tagged (plain SFT; Fmt undefined)")
+    encoding: str = _flag(D.SYNTHETIC_ENCODING, "tokenizer: sftkey-chars (offline), a tiktoken name or a .tiktoken file")
     n_train: int = _flag(20000, "synthetic task: number of training problems")
     n_val: int = _flag(500, "validation examples carved from the training data (seeded)")
     n_test: int = _flag(500, "synthetic task: number of test problems")
-    data_seed: int = _flag(0, "synthetic task: seed of its problems, kept apart from --seed so that runs with "
-                              "different seeds are scored on the same test items")
+    data_seed: int = _flag(0, "synthetic task: seed of its problems, apart from --seed (all seeds share the test)")
     # the method
     init_from: str = _flag("", "checkpoint to start from (e.g. out/stage1/ckpt.pt), or gpt2:DIR for a Hugging Face "
                                "GPT-2 folder (its shape then comes from the checkpoint); empty = random weights")
-    key_only: bool = _flag(False, "put the loss on the answer only (stage 2; Key-Tag when from scratch)")
-    key_weight: float = _flag(1.0, "loss weight of answer tokens; > 1 is the single-stage up-weighting control")
+    weights: str = _flag("", "loss weights P,T,K of prompt, thinking and answer tokens in stage 1 (default 0,1,1); the "
+                             "loss is sum(weight x token loss) / sum(weight), so only their ratios matter")
+    key_only: bool = _flag(False, "short for --weights 0,0,1: the loss on the answer only (Key-Tag from scratch)")
+    key_weight: float = _flag(1.0, "short for --weights 0,1,K: K > 1 gives each answer token K times a thinking "
+                                   "token's share of the loss (the single-stage up-weighting control)")
     max_iters: int = _flag(1500, "optimizer steps of the (first) stage")
-    stage2_iters: int = _flag(300, "then this many key-only steps from the result (0 = a single stage)")
-    stage2_lr: float = _flag(0.0, "peak learning rate of stage 2 (0 = lr x min_lr_ratio, where stage 1's schedule "
-                                  "ended: stage 2 fine-tunes a converged model)")
+    stage2_iters: int = _flag(300, "then this many steps from the result (0 = a single stage)")
+    stage2_weights: str = _flag("0,0,1", "loss weights P,T,K of stage 2: 0,0,1 is the method (the answer only), "
+                                         "0,1,1 the compute-matched control, 0,0.1,1 a tenth on the thinking")
+    stage2_lr: float = _flag(0.0, "peak learning rate of stage 2 (0 = lr x min_lr_ratio, where stage 1 ended)")
     # model
     block_size: int = _flag(96, "longest sequence in tokens; longer examples are dropped and counted")
     n_layer: int = _flag(4, "transformer blocks")
@@ -86,8 +84,7 @@ class TrainConfig:
     device: str = _flag("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     dtype: str = _flag("auto", "auto (bfloat16 autocast on CUDA from Ampere on, and on CPUs with AVX-512 BF16 when "
                                "--n_embd >= 256, where it is faster), float32, bfloat16")
-    compile: bool = _flag(False, "torch.compile the model for training, one shape-generic graph for all widths. CPU: "
-                                 "no gain (4 min to compile, then 1.07x); GPU: not measured yet")
+    compile: bool = _flag(False, "torch.compile the model for training (one shape-generic graph); CPU: no gain")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,23 +112,23 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
 
     The loss of a step is sum(weight x token loss) / sum(weight), both sums over all micro-batches
     of the step and all ranks, so every supervised token counts the same however the batch is cut.
-    `steps_before` counts the steps earlier stages took on this data, so the data stream continues
-    after them. `ckpt` resumes the stage and writes its checkpoints; `dist` places this process in
-    a torchrun job; `peak` (the device's FLOP/s) adds MFU to the log.
+    `steps_before`: steps earlier stages took on this data (the stream continues after them). `ckpt`
+    resumes the stage and writes its checkpoints, `dist` is a torchrun job, `peak` FLOP/s adds MFU.
     """
     dist = dist or Dist()
     optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     first_step = ckpt.restore(optimizer) if ckpt else 0
     net = dist.wrap(runtime.compiled(model, cfg.compile), device)
-    batches = D.Batches(train_set, cfg.batch_size, cfg.seed)
+    # A step's examples are drawn together, then cut into grad_accum x ranks micro-batches: --batch_size 16
+    # --grad_accum 2 trains on the same 32 examples per step as --batch_size 32, and so does DDP.
+    batches = D.Batches(train_set, cfg.batch_size * cfg.grad_accum * dist.world, cfg.seed)
     meter = Meter(model, cfg, dist, device, iters, first_step, peak, dtype)
     for step in range(first_step, iters):
         lr = lr_at(step, iters, peak_lr, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # Rank r takes every world-th micro-batch: N ranks see the global batch one process would.
-        micro = [batches.get(((steps_before + step) * cfg.grad_accum + i) * dist.world + dist.rank, device)
-                 for i in range(cfg.grad_accum)]
+        micro = [batches.get(steps_before + step, device, parts=cfg.grad_accum * dist.world,
+                             part=dist.rank * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
         micro_weights = [sftkey.token_weights(roles, weights) for _, _, roles in micro]  # the method's one line
         # DDP averages gradients over ranks; multiplying by world turns that average into the sum.
         total_weight = dist.all_reduce(sum(w.sum() for w in micro_weights))
@@ -158,9 +155,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         if dist.master and (step % cfg.eval_interval == 0 or step + 1 == iters):
             with meter.paused():
                 val = validation_loss(model, val_set, cfg, device, dtype)
-            print(f"{stage} step {step:5d} | val loss: thinking {val['thinking']:.4f} | key {val['key']:.4f}",
-                  flush=True)
-            log.append({"stage": stage, "step": step, **{f"val_{k}": v for k, v in val.items()}})
+            log.append(meter.validation_line(stage, step, val))
         if ckpt:
             ckpt.after_step(step + 1, iters, model, optimizer)
     return optimizer
@@ -171,8 +166,7 @@ def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, devic
                     dtype: torch.dtype) -> dict[str, float]:
     """Mean next-token loss on thinking tokens and on key tokens of the validation set (any stage)."""
     model.eval()
-    sums = torch.zeros(3, device=device)
-    counts = torch.zeros(3, device=device)
+    sums, counts = torch.zeros(2, 3, device=device)
     for start in range(0, len(val_set.ids), cfg.batch_size):
         x, y, roles = D.collate(val_set.ids[start:start + cfg.batch_size],
                                 val_set.roles[start:start + cfg.batch_size], device)
@@ -198,8 +192,7 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
     tagged = not cfg.untagged
     prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    correct, formatted = [False] * len(examples), [False] * len(examples)
-    samples = []
+    correct, formatted, samples = [False] * len(examples), [False] * len(examples), []
     for start in range(0, len(order), cfg.eval_batch_size):
         rows = order[start:start + cfg.eval_batch_size]
         with autocast(device, dtype):
@@ -221,8 +214,19 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
 # ---------------------------------------------------------------------------------------------
 # The two stages, and the command line
 
+def plan_stages(cfg: TrainConfig, before: str = "") -> list[sftkey.Stage]:
+    """Stage 1 (--weights), then stage 2 (--stage2_weights, from stage 1's weights) if --stage2_iters > 0.
+    `before` is the stage an --init_from checkpoint ended, so that names tell each stage's history."""
+    weights, weights2 = runtime.loss_weights(cfg)
+    stages = [sftkey.Stage(sftkey.stage_name(before, weights, not cfg.untagged), weights, cfg.max_iters, cfg.lr)]
+    if cfg.stage2_iters > 0:
+        name = sftkey.stage_name(stages[0].name, weights2, not cfg.untagged)
+        stages.append(sftkey.Stage(name, weights2, cfg.stage2_iters, stage2_peak_lr(cfg)))
+    return stages
+
+
 def run(cfg: TrainConfig) -> dict:
-    """Stage 1 (or a single stage), evaluation, then stage 2 and evaluation when stage2_iters > 0.
+    """The stages of plan_stages, each trained, checkpointed and evaluated (or --eval_only --init_from).
 
     Each stage's checkpoint (out_dir/STAGE/ckpt.pt) holds, once the stage is evaluated, its results
     too, so --resume skips finished stages and continues an unfinished one where it stopped.
@@ -233,41 +237,37 @@ def run(cfg: TrainConfig) -> dict:
     enc = D.get_encoding(cfg.encoding)
     train_set, val_set, test = D.load_data(cfg, enc)
     model = ckpts.build_model(cfg, enc, device)
+    before, stream_start = ckpts.init_origin(cfg)  # a stage run from a checkpoint reads on where it stopped
+    stages = [] if cfg.eval_only else plan_stages(cfg, before)
     if dist.master:
         runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test), model,
-                            device, dist, dtype)
-    first = "sft" if cfg.untagged else "key_tag" if cfg.key_only else "sft_tag"
-    stages = [(first, sftkey.role_weights(cfg.key_only, cfg.key_weight), cfg.max_iters, cfg.lr)]
-    if cfg.stage2_iters > 0:  # stage 2: the key only, from stage 1's weights
-        stages.append(("sftkey_tag", sftkey.role_weights(key_only=True), cfg.stage2_iters, stage2_peak_lr(cfg)))
-    results, log, seconds = {}, [], {}
+                            device, dist, dtype, stages)
+    results, log, seconds = {"init": evaluate(model, enc, test, cfg, device, dtype)} if cfg.eval_only else {}, [], {}
     peak = runtime.peak_flops(device, dtype, runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size))
-    if cfg.eval_only:
-        stages, results["init"] = [], evaluate(model, enc, test, cfg, device, dtype)
     with StopSignal() as stop:
-        for k, (name, weights, iters, lr) in enumerate(stages):
-            path = os.path.join(cfg.out_dir, name, "ckpt.pt")
+        for k, stage in enumerate(stages):
+            path = os.path.join(cfg.out_dir, stage.name, "ckpt.pt")
             saved = ckpts.read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
             if saved is not None:
                 model.load_state_dict(saved["model"])
                 log[:], results, seconds = saved["log"], saved["results"], saved["seconds"]
-                if name in results:  # finished and evaluated before the interruption: the next stage goes on
+                if stage.name in results:  # finished and evaluated before the interruption: the next one goes on
                     ckpts.restore_rng(saved)  # from the RNG state this one ended with
                     continue
-            ckpt = ckpts.StageCheckpoint(path, cfg, name, log, saved, {"results": results, "seconds": seconds},
-                                         stop, dist)
-            steps_before = sum(stage[2] for stage in stages[:k])  # stage 2 reads on where stage 1 stopped
-            optimizer = train(model, train_set, val_set, cfg, weights, iters, lr, name, device, dtype, log,
-                              steps_before, ckpt, dist, peak)
-            seconds[name] = ckpt.elapsed()
-            ckpt.save(iters, model, optimizer)  # the stage's weights, before evaluating
+            steps_before = stream_start + sum(s.iters for s in stages[:k])  # stage 2 reads on after stage 1
+            ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, {"results": results, "seconds": seconds,
+                                                                              "stream_start": steps_before}, stop, dist)
+            optimizer = train(model, train_set, val_set, cfg, stage.weights, stage.iters, stage.lr, stage.name,
+                              device, dtype, log, steps_before, ckpt, dist, peak)
+            seconds[stage.name] = ckpt.elapsed()
+            ckpt.save(stage.iters, model, optimizer)  # the stage's weights, before evaluating
             if not dist.master:
                 continue
-            results[name] = evaluate(model, enc, test, cfg, device, dtype)
-            ckpt.save(iters, model, optimizer)  # now with its results: resume skips it
-            runtime.print_result(name, results[name], seconds[name])
-    summary = {"config": dataclasses.asdict(cfg), "data": [train_set.summary, val_set.summary],
-               "results": results, "train_seconds": seconds, "log": log}
+            results[stage.name] = evaluate(model, enc, test, cfg, device, dtype)
+            ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
+            runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
+    summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages],
+               "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds, "log": log}
     if dist.master:
         print(runtime.results_table(results))
         ckpts.write_json(os.path.join(cfg.out_dir, "results.json"), summary)

@@ -29,8 +29,8 @@ def test_compiled_run_matches_eager_without_recompiling_per_width(tmp_path, monk
     widths = set()
     original = D.Batches.get
 
-    def get(self, i, device):
-        batch = original(self, i, device)
+    def get(self, i, device, **split):
+        batch = original(self, i, device, **split)
         widths.add(batch[0].size(1))
         return batch
     monkeypatch.setattr(D.Batches, "get", get)

@@ -155,11 +155,11 @@ def test_interrupt_and_resume_on_cuda_with_dropout(tmp_path, monkeypatch):
             expected = _weights(tmp_path / "straight")
             original = D.Batches.get
             for name, at in (("stage1", 5), ("stage2", 16 + 2), ("between", 16)):
-                def get(self, i, device, at=at, twice=name == "between"):
+                def get(self, i, device, at=at, twice=name == "between", **split):
                     if i == at:  # "between": stop at once, before stage 2's first step
                         for _ in range(2 if twice else 1):
                             os.kill(os.getpid(), signal.SIGINT)
-                    return original(self, i, device)
+                    return original(self, i, device, **split)
                 monkeypatch.setattr(D.Batches, "get", get)
                 with pytest.raises((runtime.Interrupted, KeyboardInterrupt)):
                     train.run(_config(tmp_path / name, *flags))

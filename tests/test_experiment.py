@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import dataclasses
+
 import experiment as E
+import sftkey
 import train
 
 E1, E2 = 6, 3
@@ -17,30 +20,37 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8"
         "--eval_interval", "2", "--log_interval", "100", "--device", "cpu", "--n_boot", "200", "--seeds", "2"]
 
 
-def test_arms_have_the_intended_weights_schedules_and_parents():
-    arms = E.define_arms(e1=10, e2=4, lr=1e-3, stage2_lr=3e-4, lam=5.0)
-    assert list(arms) == list(E.ARM_NAMES)
-    expected = {  # name: (tagged, parent, [(weights, iters, lr)])
-        "sft": (False, None, [((0, 1, 1), 10, 1e-3)]),
-        "sft_tag": (True, None, [((0, 1, 1), 10, 1e-3)]),
-        "key_tag": (True, None, [((0, 0, 1), 10, 1e-3)]),
-        "sftkey_tag": (True, "sft_tag", [((0, 0, 1), 4, 3e-4)]),
-        "sft_tag_long": (True, "sft_tag", [((0, 1, 1), 4, 3e-4)]),
-        "weighted": (True, None, [((0, 1, 5), 14, 1e-3)]),
+def test_arms_have_the_intended_weights_schedules_and_shared_stages():
+    cfg = train.TrainConfig(max_iters=10, stage2_iters=4, lr=1e-3, stage2_lr=3e-4, key_weight=5.0)
+    full1 = sftkey.Stage("sft_tag", (0, 1, 1), 10, 1e-3)
+    expected = {  # name: (tagged, stages as (name, weights, iters, lr))
+        "sft": (False, [sftkey.Stage("sft", (0, 1, 1), 10, 1e-3)]),
+        "sft_tag": (True, [full1]),
+        "key_tag": (True, [sftkey.Stage("key_tag", (0, 0, 1), 10, 1e-3)]),
+        "sftkey_tag": (True, [full1, sftkey.Stage("sftkey_tag", (0, 0, 1), 4, 3e-4)]),
+        "sft_tag_long": (True, [full1, sftkey.Stage("sftsft_tag", (0, 1, 1), 4, 3e-4)]),
+        "weighted": (True, [sftkey.Stage("w0-1-5_tag", (0, 1, 5), 14, 1e-3)]),
     }
-    for name, (tagged, parent, phases) in expected.items():
-        arm = arms[name]
-        assert (arm.tagged, arm.parent) == (tagged, parent), name
-        assert [(p.weights, p.iters, p.lr) for p in arm.phases] == phases, name
-    for i, name in enumerate(E.ARM_NAMES):  # running in this order always has a parent ready
-        assert arms[name].parent is None or E.ARM_NAMES.index(arms[name].parent) < i
-    # compute matched: the method and its control train equally long from the same parent
-    total = {n: sum(p.iters for a in [*E.parent_chain(arms[n], arms), arms[n]] for p in a.phases) for n in arms}
+    assert set(expected) == set(E.ARM_NAMES) == set(E.ABOUT)
+    for name, (tagged, stages) in expected.items():
+        assert (not E.arm_config(cfg, name).untagged) == tagged, name
+        assert E.arm_stages(cfg, name) == stages, name
+    # compute matched: the method, its control and the weighted arm train equally long
+    total = {n: sum(s.iters for s in E.arm_stages(cfg, n)) for n in E.ARM_NAMES}
     assert total["sftkey_tag"] == total["sft_tag_long"] == total["weighted"] == 14
-
-    assert E.with_parents(["sft_tag_long", "sft"], arms) == ["sft", "sft_tag", "sft_tag_long"]
+    # the method's arm is train.py's default run
+    assert E.arm_stages(cfg, "sftkey_tag") == train.plan_stages(dataclasses.replace(cfg, key_weight=1.0))
     with pytest.raises(ValueError, match="unknown arm"):
-        E.with_parents(["sftkey"], arms)
+        E.arm_config(cfg, "sftkey")
+
+
+def test_every_other_train_flag_reaches_every_arm():
+    """Issue 17, item 11: a flag of train.py shows in experiment.py --help; it must not be ignored."""
+    cfg = train.TrainConfig(dropout=0.25, batch_size=7, grad_clip=0.5, block_size=80, seed=9, weight_decay=0.0)
+    for name in E.ARM_NAMES:
+        arm = E.arm_config(cfg, name)
+        assert (arm.dropout, arm.batch_size, arm.grad_clip, arm.block_size, arm.seed, arm.weight_decay) == \
+            (0.25, 7, 0.5, 80, 9, 0.0), name
 
 
 def test_command_line_aliases_and_refusals():
@@ -50,9 +60,12 @@ def test_command_line_aliases_and_refusals():
     cfg, _ = E.parse_args([])
     assert cfg.key_weight == 5.0 and cfg.max_iters > cfg.stage2_iters > 0
     assert "(default: 5.0)" in E.build_parser().format_help()  # --help shows the experiment's own λ
-    for flag in ("--resume", "--key_only", "--untagged"):
-        with pytest.raises(ValueError, match=flag):
-            E.parse_args([flag])
+    for flags in (["--resume"], ["--key_only"], ["--untagged"], ["--weights", "0,1,2"],
+                  ["--stage2_weights", "0,1,1"]):
+        with pytest.raises(ValueError, match=flags[0]):
+            E.parse_args(flags)
+    with pytest.raises(ValueError, match="unknown arm"):
+        E.parse_args(["--arms", "sft_tag,sftkey"])
     with pytest.raises(ValueError, match="at least 1"):
         E.parse_args(["--seeds", "0"])
 
@@ -119,20 +132,21 @@ def test_shared_prefix_is_trained_once_and_children_start_from_it(tmp_path, monk
     summary = E.run_experiment(cfg, **own)
 
     seeds = [cfg.seed, cfg.seed + 1]
+    # sft_tag's stage is trained once per seed, though the arm sft_tag is not asked for
     assert [(c["seed"], c["stage"]) for c in calls] == [
-        (s, stage) for s in seeds for stage in ("sft", "sft_tag", "sftkey_tag", "sft_tag_long")]
+        (s, stage) for s in seeds for stage in ("sft", "sft_tag", "sftkey_tag", "sftsft_tag")]
     assert sum(c["iters"] for c in calls) == 2 * (2 * E1 + 2 * E2)
     by = {(c["seed"], c["stage"]): c for c in calls}
     for s in seeds:
-        for child in ("sftkey_tag", "sft_tag_long"):
+        for child in ("sftkey_tag", "sftsft_tag"):
             assert torch.equal(by[s, child]["start"], by[s, "sft_tag"]["end"])
         assert torch.equal(by[s, "sft"]["start"], by[s, "sft_tag"]["start"])  # same init within a seed
     assert not torch.equal(by[seeds[0], "sft_tag"]["start"], by[seeds[1], "sft_tag"]["start"])
 
-    assert set(summary["results"]) == {"sft", "sft_tag", "sftkey_tag", "sft_tag_long"}
+    assert set(summary["results"]) == {"sft", "sftkey_tag", "sft_tag_long"}
     assert all(r["fmt"] is None and r["composite"] is None for r in summary["results"]["sft"])
     assert "| sft | untagged SFT, E1 |" in (tmp_path / "results.md").read_text()
-    assert set(summary["comparisons"]) == {"sftkey_tag - sft_tag", "sftkey_tag - sft_tag_long"}
+    assert set(summary["comparisons"]) == {"sftkey_tag - sft_tag_long"}
     plotted = {p.name for p in tmp_path.glob("*.png")}
     if importlib.util.find_spec("matplotlib"):
         assert plotted == {"val_loss.png", "accuracy.png"}
@@ -154,7 +168,7 @@ def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monk
         for r in runs:
             assert len(r["correct"]) == len(r["formatted"]) == r["n"] == 6
             assert r["acc"] == pytest.approx(np.mean(r["correct"]))
-            assert r["train_seconds"] > 0 and r["train_seconds_with_parents"] >= r["train_seconds"]
+            assert r["last_stage_seconds"] > 0 and r["train_seconds"] >= r["last_stage_seconds"]
         for metric in ("acc", "fmt", "composite"):
             stat = summary["aggregates"][arm][metric]
             assert stat["mean"] == pytest.approx(np.mean([r[metric] for r in runs]))
@@ -172,7 +186,7 @@ def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monk
     rows = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
     expected = {(arm, seed) for arm in ("sft_tag", "sftkey_tag") for seed in summary["seeds"]}
     assert {(r["arm"], r["seed"]) for r in rows} == expected
-    stage2 = [r for r in rows if r["arm"] == "sftkey_tag"]
+    stage2 = [r for r in rows if r["arm"] == "sftkey_tag" and r["stage"] == "sftkey_tag"]
     assert min(r["global_step"] for r in stage2) == E1 and any("val_key" in r for r in stage2)
 
     monkeypatch.undo()  # matplotlib is back (where installed): --plot_only draws the plots from the files

@@ -135,15 +135,16 @@ def test_paired_comparison_is_deterministic_for_a_seed():
 # ---------------------------------------------------------------------------------------------
 # item_scores, aggregate, compare
 
-def _result(seed, correct, formatted, seconds=1.0, with_parents=None):
-    """A per-seed result dict shaped like run_seed's (from train.evaluate plus the timing)."""
+def _result(seed, correct, formatted, seconds=1.0, all_stages=None):
+    """A per-seed result dict shaped like run_seed's (from train.evaluate plus the timing): `seconds`
+    of its last stage, `all_stages` of all of them (shared ones included)."""
     correct = [bool(c) for c in correct]
     acc = float(np.mean(correct))
     fmt = None if formatted is None else float(np.mean(formatted))
     return {"seed": seed, "acc": acc, "fmt": fmt, "composite": None if fmt is None else 0.7 * acc + 0.3 * fmt,
             "n": len(correct), "correct": correct, "formatted": None if formatted is None else [bool(f) for f in formatted],
-            "samples": [], "steps": 3, "train_seconds": seconds,
-            "train_seconds_with_parents": seconds if with_parents is None else with_parents}
+            "samples": [], "steps": 3, "last_stage_seconds": seconds,
+            "train_seconds": seconds if all_stages is None else all_stages}
 
 
 def test_item_scores_are_correct_or_the_per_item_composite():
@@ -162,11 +163,11 @@ def _mean_std(values):
 
 
 def test_aggregate_gives_mean_and_sample_std_over_seeds():
-    runs = [_result(0, [1, 0, 0, 0], [1, 1, 0, 0], seconds=10, with_parents=30),
-            _result(1, [1, 1, 0, 0], [1, 1, 1, 1], seconds=14, with_parents=35),
-            _result(2, [1, 1, 1, 0], [1, 0, 0, 0], seconds=12, with_parents=40)]
+    runs = [_result(0, [1, 0, 0, 0], [1, 1, 0, 0], seconds=10, all_stages=30),
+            _result(1, [1, 1, 0, 0], [1, 1, 1, 1], seconds=14, all_stages=35),
+            _result(2, [1, 1, 1, 0], [1, 0, 0, 0], seconds=12, all_stages=40)]
     agg = E.aggregate(runs)
-    for key in ("acc", "fmt", "composite", "train_seconds", "train_seconds_with_parents"):
+    for key in ("acc", "fmt", "composite", "train_seconds", "last_stage_seconds"):
         mean, std = _mean_std([r[key] for r in runs])
         assert agg[key]["mean"] == pytest.approx(mean), key
         assert agg[key]["std"] == pytest.approx(std), key
@@ -254,14 +255,14 @@ def _summary_by_hand(complete):
         "arms": {"sft": {"about": "about-sft"}, "sft_tag": {"about": "about-st"}, "sftkey_tag": {"about": "about-key"}},
         "aggregates": {
             "sft": {"acc": {"mean": 0.3, "std": None}, "fmt": {"mean": None, "std": None},
-                    "composite": {"mean": None, "std": None}, "train_seconds": seconds,
-                    "train_seconds_with_parents": seconds},
+                    "composite": {"mean": None, "std": None}, "last_stage_seconds": seconds,
+                    "train_seconds": seconds},
             "sft_tag": {"acc": {"mean": 0.4121, "std": 0.0312}, "fmt": {"mean": 0.8804, "std": 0.0123},
-                        "composite": {"mean": 0.5526, "std": 0.0209}, "train_seconds": {"mean": 51.2, "std": 1.0},
-                        "train_seconds_with_parents": {"mean": 51.2, "std": 1.0}},
+                        "composite": {"mean": 0.5526, "std": 0.0209}, "last_stage_seconds": {"mean": 51.2, "std": 1.0},
+                        "train_seconds": {"mean": 51.2, "std": 1.0}},
             "sftkey_tag": {"acc": {"mean": 0.6182, "std": 0.0451}, "fmt": {"mean": 0.7027, "std": 0.1044},
-                           "composite": {"mean": 0.6436, "std": 0.0077}, "train_seconds": {"mean": 9.6, "std": 0.5},
-                           "train_seconds_with_parents": {"mean": 60.8, "std": 1.2}},
+                           "composite": {"mean": 0.6436, "std": 0.0077},
+                           "last_stage_seconds": {"mean": 9.6, "std": 0.5}, "train_seconds": {"mean": 60.8, "std": 1.2}},
         },
         "comparisons": {
             "sftkey_tag - sft_tag": {
@@ -290,16 +291,15 @@ def test_markdown_shows_each_arm_and_comparison_with_sign_and_interval():
 
 def test_recorder_writes_every_file_after_each_arm_with_the_right_numbers(tmp_path):
     cfg = train.TrainConfig(out_dir=str(tmp_path / "exp"), seed=4, max_iters=6, stage2_iters=2)
-    arms = E.define_arms(6, 2, cfg.lr, train.stage2_peak_lr(cfg), cfg.key_weight)
     names, seeds = ["sft", "sft_tag", "sftkey_tag"], [4, 5]
-    recorder = E.Recorder(cfg, arms, names, seeds, n_boot=400)
+    recorder = E.Recorder(cfg, names, seeds, n_boot=400)
     rng = np.random.default_rng(3)
     added, rows = {n: [] for n in names}, []
     for s in seeds:
         for j, name in enumerate(names):
             correct = rng.random(10) < 0.2 + 0.3 * j
             formatted = None if name == "sft" else rng.random(10) < 0.5 + 0.2 * j
-            result = _result(s, correct, formatted, seconds=10.0 * (j + 1) + s, with_parents=100.0 * (j + 1) + s)
+            result = _result(s, correct, formatted, seconds=10.0 * (j + 1) + s, all_stages=100.0 * (j + 1) + s)
             arm_rows = [{"arm": name, "seed": s, "global_step": k, "step": k, "loss": float(j + k)} for k in range(2)]
             recorder.add(name, result, arm_rows)
             added[name].append(result)
@@ -314,7 +314,7 @@ def test_recorder_writes_every_file_after_each_arm_with_the_right_numbers(tmp_pa
     assert summary["complete"] and summary["seeds"] == seeds
     assert [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()] == rows
     for name in names:
-        for key in ("acc", "fmt", "composite", "train_seconds", "train_seconds_with_parents"):
+        for key in ("acc", "fmt", "composite", "train_seconds", "last_stage_seconds"):
             values = [r[key] for r in added[name]]
             if values[0] is None:
                 assert summary["aggregates"][name][key] == {"mean": None, "std": None}
@@ -328,7 +328,7 @@ def test_recorder_writes_every_file_after_each_arm_with_the_right_numbers(tmp_pa
 
     lines = (out / "results.md").read_text().splitlines()
     acc_mean, acc_std = _mean_std([r["acc"] for r in added["sftkey_tag"]])
-    assert any(line.startswith(f"| sftkey_tag | {arms['sftkey_tag'].about} | {acc_mean:.3f} ± {acc_std:.3f} |")
+    assert any(line.startswith(f"| sftkey_tag | {E.ABOUT['sftkey_tag']} | {acc_mean:.3f} ± {acc_std:.3f} |")
                for line in lines)
     assert any(line.startswith(f"| sftkey_tag - sft_tag | {diff.mean():+.3f} [") for line in lines)
 
@@ -336,42 +336,28 @@ def test_recorder_writes_every_file_after_each_arm_with_the_right_numbers(tmp_pa
 # ---------------------------------------------------------------------------------------------
 # Arm definitions
 
-def test_arms_follow_role_weights_and_lambda():
-    arms = E.define_arms(e1=9, e2=5, lr=2e-3, stage2_lr=4e-4, lam=2.5)
-    full, key = sftkey.role_weights(), sftkey.role_weights(key_only=True)
-    assert arms["weighted"].phases == (E.Phase("weighted", sftkey.role_weights(key_weight=2.5), 14, 2e-3),)
-    assert arms["weighted"].phases[0].weights == (0.0, 1.0, 2.5)
-    assert arms["sftkey_tag"].phases == (E.Phase("sftkey_tag", key, 5, 4e-4),)
-    assert arms["sft_tag_long"].phases == (E.Phase("sft_tag_long", full, 5, 4e-4),)
-    assert arms["key_tag"].phases == (E.Phase("key_tag", key, 9, 2e-3),)
-    for name, arm in arms.items():
-        assert arm.name == name and [p.stage for p in arm.phases] == [name]  # log rows carry the arm's name
-    assert "2.5" in arms["weighted"].about
-
-
-def test_with_parents_adds_parents_in_arm_order_and_parent_chain_is_oldest_first():
-    arms = E.define_arms(e1=9, e2=5, lr=2e-3, stage2_lr=4e-4, lam=2.5)
-    assert E.with_parents(["sftkey_tag", "key_tag"], arms) == ["sft_tag", "key_tag", "sftkey_tag"]
-    assert E.with_parents(["weighted", "sft_tag", "sft_tag"], arms) == ["sft_tag", "weighted"]
-    assert E.parent_chain(arms["sftkey_tag"], arms) == [arms["sft_tag"]]
-    assert E.parent_chain(arms["sft_tag"], arms) == []
-    chain = _three_generations()
-    assert [a.name for a in E.parent_chain(chain["c"], chain)] == ["a", "b"]
-    assert E.with_parents(["c"], chain) == ["a", "b", "c"]
-
-
-def _three_generations():
-    w = sftkey.role_weights()
-    return {"a": E.Arm("a", True, (E.Phase("a", w, 3, 1e-3),)),
-            "b": E.Arm("b", True, (E.Phase("b", w, 2, 1e-4), E.Phase("b2", w, 4, 1e-4)), parent="a"),
-            "c": E.Arm("c", True, (E.Phase("c", w, 1, 1e-4),), parent="b")}
+def test_arms_follow_the_weights_lambda_and_stage2_lr():
+    cfg = train.TrainConfig(max_iters=9, stage2_iters=5, lr=2e-3, stage2_lr=4e-4, key_weight=2.5)
+    stages = {n: E.arm_stages(cfg, n) for n in E.ARM_NAMES}
+    assert stages["weighted"] == [sftkey.Stage("w0-1-2.5_tag", (0.0, 1.0, 2.5), 14, 2e-3)]
+    first = sftkey.Stage("sft_tag", (0.0, 1.0, 1.0), 9, 2e-3)
+    assert stages["sftkey_tag"] == [first, sftkey.Stage("sftkey_tag", (0.0, 0.0, 1.0), 5, 4e-4)]
+    assert stages["sft_tag_long"] == [first, sftkey.Stage("sftsft_tag", (0.0, 1.0, 1.0), 5, 4e-4)]
+    assert stages["key_tag"] == [sftkey.Stage("key_tag", (0.0, 0.0, 1.0), 9, 2e-3)]
+    names = [s.name for plan in stages.values() for s in plan]
+    assert len(set(names)) == len(names) - 2  # only sft_tag's stage is shared (by three arms)
+    # without --stage2_lr, stage 2's peak is where stage 1's schedule ended
+    default = dataclasses.replace(cfg, stage2_lr=0.0)
+    assert E.arm_stages(default, "sftkey_tag")[1].lr == pytest.approx(2e-3 * cfg.min_lr_ratio)
 
 
 # ---------------------------------------------------------------------------------------------
 # run_seed: data stream, initial weights, timing (train.train and train.evaluate stood in for)
 
 E1, E2 = 3, 2
-CODE = {"sft": 1, "sft_tag": 2, "key_tag": 4, "sftkey_tag": 8, "sft_tag_long": 16, "weighted": 32,
+STAGES = {"sft": "sft", "sft_tag": "sft_tag", "key_tag": "key_tag", "sftkey_tag": "sftkey_tag",
+          "sft_tag_long": "sftsft_tag", "weighted": "w0-1-3_tag"}  # each arm's last stage (key weight 3)
+CODE = {"sft": 1, "sft_tag": 2, "key_tag": 4, "sftkey_tag": 8, "sftsft_tag": 16, "w0-1-3_tag": 32,
         "a": 1, "b": 2, "b2": 4, "c": 8}  # per stage: the mark added to the weights and the seconds taken
 
 
@@ -384,7 +370,7 @@ def enc():
 def cfg(tmp_path):
     return train.TrainConfig(out_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=16, block_size=64, n_train=100,
                              n_val=10, n_test=4, max_iters=E1, stage2_iters=E2, batch_size=8, warmup_iters=1,
-                             eval_interval=100, log_interval=100, device="cpu", seed=11)
+                             eval_interval=100, log_interval=100, device="cpu", seed=11, key_weight=3.0)
 
 
 def _fingerprint(model):
@@ -419,60 +405,71 @@ def fakes(monkeypatch):
     return types.SimpleNamespace(calls=calls, evals=evals)
 
 
-def _run_seed(cfg, enc, arms, names):
+def _run_seed(cfg, enc, names):
     out = []
-    E.run_seed(cfg, arms, names, enc, "cpu", torch.float32, lambda *args: out.append(args))
+    E.run_seed(cfg, names, enc, "cpu", torch.float32, lambda *args: out.append(args))
     return out
 
 
-def _arms(cfg):
-    return E.define_arms(cfg.max_iters, cfg.stage2_iters, cfg.lr, train.stage2_peak_lr(cfg), 3.0)
-
-
-def test_child_arms_continue_the_data_stream_after_their_parent(cfg, enc, fakes):
-    arms = _arms(cfg)
-    out = _run_seed(cfg, enc, arms, list(E.ARM_NAMES))
+def test_arms_that_continue_a_shared_stage_read_the_data_stream_after_it(cfg, enc, fakes):
+    out = _run_seed(cfg, enc, list(E.ARM_NAMES))
     by = {c["stage"]: c for c in fakes.calls}
-    assert [c["stage"] for c in fakes.calls] == list(E.ARM_NAMES)
+    assert [c["stage"] for c in fakes.calls] == list(STAGES.values())  # sft_tag's stage once, for three arms
     expected = {"sft": (0, E1), "sft_tag": (0, E1), "key_tag": (0, E1), "sftkey_tag": (E1, E2),
-                "sft_tag_long": (E1, E2), "weighted": (0, E1 + E2)}  # (steps_before, iters)
-    for name, (before, iters) in expected.items():
-        c = by[name]
-        assert (c["steps_before"], c["iters"]) == (before, iters), name
-        assert (c["weights"], c["peak_lr"]) == (arms[name].phases[0].weights, arms[name].phases[0].lr), name
-        assert c["cfg"].untagged == (name == "sft") and c["cfg"].seed == cfg.seed, name
-    # the log rows of each arm are placed at global steps after its parent's
+                "sftsft_tag": (E1, E2), "w0-1-3_tag": (0, E1 + E2)}  # (steps_before, iters)
+    for arm, stage in STAGES.items():
+        c, planned = by[stage], E.arm_stages(cfg, arm)[-1]
+        assert (c["steps_before"], c["iters"]) == expected[stage], stage
+        assert (c["weights"], c["peak_lr"]) == (planned.weights, planned.lr), stage
+        assert c["cfg"].untagged == (arm == "sft") and c["cfg"].seed == cfg.seed, stage
+    # each arm's rows hold all its stages, at global steps that continue one another
     rows = {name: r for name, _, r in out}
-    assert [r["global_step"] for r in rows["sftkey_tag"]] == list(range(E1, E1 + E2))
+    assert [r["global_step"] for r in rows["sftkey_tag"]] == list(range(E1 + E2))
+    assert [r["stage"] for r in rows["sftkey_tag"]] == ["sft_tag"] * E1 + ["sftkey_tag"] * E2
     assert [r["global_step"] for r in rows["weighted"]] == list(range(E1 + E2))
     assert all(r["arm"] == name and r["seed"] == cfg.seed for name, rs in rows.items() for r in rs)
 
 
-def test_root_arms_share_the_seeded_init_and_children_start_from_their_parent(cfg, enc, fakes):
+def test_root_arms_share_the_seeded_init_and_continuing_arms_start_from_the_shared_stage(cfg, enc, fakes):
     torch.manual_seed(cfg.seed)
     init = _fingerprint(checkpoints.build_model(cfg, enc, "cpu"))
     torch.manual_seed(12345)  # the arms must not depend on the RNG state they find
-    _run_seed(cfg, enc, _arms(cfg), list(E.ARM_NAMES))
+    _run_seed(cfg, enc, list(E.ARM_NAMES))
     by = {c["stage"]: c for c in fakes.calls}
-    for root in ("sft", "sft_tag", "key_tag", "weighted"):
+    for root in ("sft", "sft_tag", "key_tag", "w0-1-3_tag"):
         assert torch.equal(by[root]["start"], init), root
-    for child in ("sftkey_tag", "sft_tag_long"):  # sft_tag's final weights, not key_tag's or a fresh init
-        assert torch.equal(by[child]["start"], by["sft_tag"]["end"]), child
-        assert torch.allclose(by[child]["start"], init + CODE["sft_tag"])
-    # each arm is evaluated with its own trained weights
-    assert [torch.equal(e["weights"], by[n]["end"]) for e, n in zip(fakes.evals, E.ARM_NAMES)] == [True] * 6
+    for second in ("sftkey_tag", "sftsft_tag"):  # sft_tag's final weights, not key_tag's or a fresh init
+        assert torch.equal(by[second]["start"], by["sft_tag"]["end"]), second
+        assert torch.allclose(by[second]["start"], init + CODE["sft_tag"])
+    # each arm is evaluated with the weights its last stage ended with
+    assert [torch.equal(e["weights"], by[STAGES[n]]["end"]) for e, n in zip(fakes.evals, E.ARM_NAMES)] == [True] * 6
 
 
-def test_grandchild_steps_and_seconds_include_the_whole_chain(cfg, enc, fakes):
-    out = _run_seed(cfg, enc, _three_generations(), ["a", "b", "c"])
-    before = {c["stage"]: c["steps_before"] for c in fakes.calls}
-    assert before == {"a": 0, "b": 3, "b2": 3 + 2, "c": 3 + 2 + 4}  # phases of an arm continue one another
+def test_an_arm_made_of_stages_already_trained_trains_nothing(cfg, enc, fakes):
+    out = _run_seed(cfg, enc, ["sftkey_tag", "sft_tag"])
+    assert [c["stage"] for c in fakes.calls] == ["sft_tag", "sftkey_tag"]
+    by = {c["stage"]: c for c in fakes.calls}
+    assert torch.equal(fakes.evals[1]["weights"], by["sft_tag"]["end"])  # the arm sft_tag: the kept weights
     results = {name: r for name, r, _ in out}
-    # seconds taken: a 1, b 2 + 4, c 8 (the fake clock)
-    assert [results[n]["train_seconds"] for n in "abc"] == [1, 6, 8]
-    assert [results[n]["train_seconds_with_parents"] for n in "abc"] == [1, 7, 15]
-    assert [results[n]["steps"] for n in "abc"] == [3, 6, 1]
-    assert all(results[n]["seed"] == cfg.seed for n in "abc")
+    assert (results["sft_tag"]["train_seconds"], results["sft_tag"]["last_stage_seconds"]) == (2, 2)
+
+
+def test_chains_of_shared_stages_count_steps_and_seconds_over_all_stages(cfg, enc, fakes, monkeypatch):
+    w = sftkey.role_weights()
+    a, b, b2, c = (sftkey.Stage(n, w, k, 1e-3) for n, k in (("a", 3), ("b", 2), ("b2", 4), ("c", 1)))
+    plans = {"A": [a], "B": [a, b, b2], "C": [a, b, c]}
+    monkeypatch.setattr(E, "arm_stages", lambda cfg, name: plans[name])
+    monkeypatch.setattr(E, "arm_config", lambda cfg, name: cfg)
+    out = _run_seed(cfg, enc, ["A", "B", "C"])
+    assert [(k["stage"], k["steps_before"]) for k in fakes.calls] == [("a", 0), ("b", 3), ("b2", 5), ("c", 5)]
+    by = {k["stage"]: k for k in fakes.calls}
+    assert torch.equal(by["c"]["start"], by["b"]["end"])  # C continues the kept a -> b, not B's b2
+    results = {name: r for name, r, _ in out}
+    # seconds taken (the fake clock): a 1, b 2, b2 4, c 8
+    assert [results[n]["last_stage_seconds"] for n in "ABC"] == [1, 4, 8]
+    assert [results[n]["train_seconds"] for n in "ABC"] == [1, 7, 11]
+    assert [results[n]["steps"] for n in "ABC"] == [3, 9, 6]
+    assert all(results[n]["seed"] == cfg.seed for n in "ABC")
 
 
 def test_experiment_runs_consecutive_seeds_with_different_inits(cfg, enc, fakes, monkeypatch):
@@ -482,8 +479,7 @@ def test_experiment_runs_consecutive_seeds_with_different_inits(cfg, enc, fakes,
     assert summary["seeds"] == seeds
     assert [(c["stage"], c["cfg"].seed) for c in fakes.calls] == [
         (stage, s) for s in seeds for stage in ("sft_tag", "sftkey_tag")]
-    for arm in ("sft_tag", "sftkey_tag"):
-        assert [r["seed"] for r in summary["results"][arm]] == seeds
+    assert [r["seed"] for r in summary["results"]["sftkey_tag"]] == seeds
     starts = [c["start"] for c in fakes.calls if c["stage"] == "sft_tag"]
     for s, start in zip(seeds, starts):
         torch.manual_seed(s)
@@ -491,23 +487,23 @@ def test_experiment_runs_consecutive_seeds_with_different_inits(cfg, enc, fakes,
     assert not torch.equal(starts[0], starts[1])
 
 
-def test_real_loop_child_reads_the_batches_after_its_parents(cfg, enc, monkeypatch):
+def test_real_loop_second_stage_reads_the_batches_after_the_first(cfg, enc, monkeypatch):
     monkeypatch.setattr(train, "evaluate", lambda **kw: {"acc": 0.0, "fmt": 0.0, "composite": 0.0, "n": 1,
                                                          "correct": [False], "formatted": [False], "samples": []})
     read, original = [], D.Batches.get
 
-    def recording(self, i, device):
+    def recording(self, i, device, **split):
         read.append((self.seed, i))
-        return original(self, i, device)
+        return original(self, i, device, **split)
     monkeypatch.setattr(D.Batches, "get", recording)
-    _run_seed(cfg, enc, _arms(cfg), ["sft_tag", "sftkey_tag"])
+    _run_seed(cfg, enc, ["sft_tag", "sftkey_tag"])
     assert read == [(cfg.seed, i) for i in range(E1 + E2)]  # one stream: E1 batches, then the next E2
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation curves
 
-def test_val_curves_put_a_child_after_its_parent_and_average_over_seeds():
+def test_val_curves_follow_each_arm_over_its_stages_and_average_over_seeds():
     def val(arm, seed, step, thinking, key):
         return {"arm": arm, "seed": seed, "global_step": step, "stage": arm, "step": step,
                 "val_thinking": thinking, "val_key": key}
@@ -519,7 +515,8 @@ def test_val_curves_put_a_child_after_its_parent_and_average_over_seeds():
     curves = E._val_curves(rows)
     assert curves["sft_tag"]["thinking"] == ([0, 2], [3.0, 2.0])
     assert curves["sft_tag"]["key"] == ([0, 2], [7.0, 4.0])
-    # the child's own points (means over seeds at each global step; seed 0 has none at step 4) follow
-    assert curves["sftkey_tag"]["thinking"] == ([0, 2, 3, 4], [3.0, 2.0, 0.5, 0.5])
-    assert curves["sftkey_tag"]["key"] == ([0, 2, 3, 4], [7.0, 4.0, 1.5, 1.5])
+    # an arm's curve is its own rows only (run_seed gives it those of the stages it shares): means over
+    # seeds at each global step, seed 0 having none at step 4; nothing borrowed from another arm
+    assert curves["sftkey_tag"]["thinking"] == ([3, 4], [0.5, 0.5])
+    assert curves["sftkey_tag"]["key"] == ([3, 4], [1.5, 1.5])
     assert curves["weighted"] == {"thinking": ([1], [7.0]), "key": ([1], [7.5])}

@@ -202,22 +202,22 @@ def test_batches_hold_similar_lengths(tokenized):
         assert a[-1] <= b[0]
 
 
-def record_batch_numbers(monkeypatch) -> list[int]:
-    """The numbers i of the micro-batches D.Batches.get is asked for, in order."""
+def record_batch_numbers(monkeypatch) -> list[tuple[int, int, int]]:
+    """(batch number i, parts, part) of every micro-batch D.Batches.get is asked for, in order."""
     fetched = []
     original = D.Batches.get
 
-    def get(self, i, device):
-        fetched.append(i)
-        return original(self, i, device)
+    def get(self, i, device, parts=1, part=0):
+        fetched.append((i, parts, part))
+        return original(self, i, device, parts=parts, part=part)
     monkeypatch.setattr(D.Batches, "get", get)
     return fetched
 
 
-def test_micro_batch_index_is_step_times_grad_accum_plus_i_after_earlier_steps(tokenized, monkeypatch):
+def test_a_step_reads_one_batch_cut_into_its_micro_batches_after_earlier_steps(tokenized, monkeypatch):
     fetched = record_batch_numbers(monkeypatch)
     run_train(tiny_model(), tokenized, config(grad_accum=3), iters=2, steps_before=5)
-    assert fetched == [15, 16, 17, 18, 19, 20]
+    assert fetched == [(5, 3, 0), (5, 3, 1), (5, 3, 2), (6, 3, 0), (6, 3, 1), (6, 3, 2)]
 
 
 def test_run_stage2_continues_the_data_stream_after_stage1(tmp_path, monkeypatch):
@@ -228,7 +228,8 @@ def test_run_stage2_continues_the_data_stream_after_stage1(tmp_path, monkeypatch
                                 "--max_iters", "3", "--stage2_iters", "2", "--warmup_iters", "1",
                                 "--eval_interval", "1000", "--device", "cpu", "--dtype", "float32",
                                 "--out_dir", str(tmp_path)]))
-    assert fetched == list(range(3 * 2)) + list(range(6, 6 + 2 * 2))  # stage 2 reads batches 6..9
+    assert [i for i, _, _ in fetched] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # stage 2 reads batches 3 and 4
+    assert [part for _, _, part in fetched] == [0, 1] * 5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,8 +59,8 @@ def run_recording_batches(argv: list[str]) -> tuple[dict, list[tuple[torch.Tenso
     fetched = []
     original = D.Batches.get
 
-    def get(self, i, device):
-        batch = original(self, i, device)
+    def get(self, i, device, **split):
+        batch = original(self, i, device, **split)
         fetched.append(tuple(t.clone() for t in batch))
         return batch
     with pytest.MonkeyPatch.context() as mp:
@@ -124,24 +124,26 @@ def test_two_stage_run_stage1_loss_on_thinking_and_key_stage2_on_key_only(files,
     summary, fetched = run_recording_batches(argv)
     assert len(fetched) == 3 + 2
     start = model_with(start_ckpt, argv)
-    assert_loss_is(first_loss(summary, "sft_tag"), role_means(start, fetched[0]), "full")
-    # Stage 2 starts from stage 1's final weights, written to sft_tag/ckpt.pt.
-    after_stage1 = model_with(tmp_path / "sft_tag" / "ckpt.pt", argv)
-    assert_loss_is(first_loss(summary, "sftkey_tag"), role_means(after_stage1, fetched[3]), "key")
+    # The start checkpoint is an sft_tag stage, so the stages are named by that history.
+    assert [s["name"] for s in summary["stages"]] == ["sftsft_tag", "sftsftkey_tag"]
+    assert_loss_is(first_loss(summary, "sftsft_tag"), role_means(start, fetched[0]), "full")
+    # Stage 2 starts from stage 1's final weights, written to sftsft_tag/ckpt.pt.
+    after_stage1 = model_with(tmp_path / "sftsft_tag" / "ckpt.pt", argv)
+    assert_loss_is(first_loss(summary, "sftsftkey_tag"), role_means(after_stage1, fetched[3]), "key")
 
 
-def test_key_only_flag_makes_the_single_stage_key_only_and_names_it_key_tag(files, start_ckpt, tmp_path):
+def test_key_only_flag_from_a_stage1_checkpoint_is_stage2_by_hand_named_sftkey_tag(files, start_ckpt, tmp_path):
     argv = method_argv(files, start_ckpt, tmp_path, "--key_only", "--max_iters", "2", "--stage2_iters", "0")
     summary, fetched = run_recording_batches(argv)
-    assert list(summary["results"]) == ["key_tag"] and os.path.isfile(tmp_path / "key_tag" / "ckpt.pt")
-    assert_loss_is(first_loss(summary, "key_tag"), role_means(model_with(start_ckpt, argv), fetched[0]), "key")
+    assert list(summary["results"]) == ["sftkey_tag"] and os.path.isfile(tmp_path / "sftkey_tag" / "ckpt.pt")
+    assert_loss_is(first_loss(summary, "sftkey_tag"), role_means(model_with(start_ckpt, argv), fetched[0]), "key")
 
 
 def test_stage2_updates_the_stage1_weights(files, start_ckpt, tmp_path):
     argv = method_argv(files, start_ckpt, tmp_path, "--max_iters", "2", "--stage2_iters", "2")
     train.run(train.parse_args(argv))
-    start, one, two = (weights_of(p) for p in (start_ckpt, tmp_path / "sft_tag" / "ckpt.pt",
-                                               tmp_path / "sftkey_tag" / "ckpt.pt"))
+    start, one, two = (weights_of(p) for p in (start_ckpt, tmp_path / "sftsft_tag" / "ckpt.pt",
+                                               tmp_path / "sftsftkey_tag" / "ckpt.pt"))
     assert any(not torch.equal(start[k], one[k]) for k in start)
     assert any(not torch.equal(one[k], two[k]) for k in one)
 

@@ -208,7 +208,7 @@ def test_key_weight_flag_reaches_the_loss_of_stage_1_only(tmp_path, monkeypatch,
         return real_train(model, train_set, val_set, cfg, weights, iters, *args, **kwargs)
     monkeypatch.setattr(train, "train", recording)
     train.main([*RUN, "--out_dir", str(tmp_path), "--key_weight", "5", "--max_iters", "2", "--stage2_iters", "1"])
-    assert seen == {"sft_tag": ((0.0, 1.0, 5.0), 2), "sftkey_tag": ((0.0, 0.0, 1.0), 1)}
+    assert seen == {"w0-1-5_tag": ((0.0, 1.0, 5.0), 2), "w0-1-5+key_tag": ((0.0, 0.0, 1.0), 1)}
 
 
 # ---------------------------------------------------------------------------------------------

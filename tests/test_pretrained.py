@@ -201,7 +201,7 @@ def test_cli_init_from_gpt2_trains_both_stages_and_keeps_the_checkpoint_shape(tm
     train.main(common + ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--init_from",
                          str(out / "sft_tag" / "ckpt.pt"), "--key_only", "--max_iters", "1", "--stage2_iters", "0",
                          "--out_dir", str(tmp_path / "by_hand")])
-    assert "key_tag" in json.loads((tmp_path / "by_hand" / "results.json").read_text())["results"]
+    assert "sftkey_tag" in json.loads((tmp_path / "by_hand" / "results.json").read_text())["results"]
 
     for flags, message in [(["--encoding", "sftkey-chars"], "needs --encoding gpt2"),
                            (["--block_size", "65"], "block_size 65 exceeds the 64 positions"),

@@ -56,10 +56,10 @@ def test_resume_after_signal_gives_identical_weights(tmp_path, monkeypatch, own_
     original = D.Batches.get
     batch = at + (12 if stage == "sftkey_tag" else 0)  # stage 2 reads on after stage 1's 12 batches
 
-    def get(self, i, device):  # a real SIGINT to this process, while fetching that batch
+    def get(self, i, device, **split):  # a real SIGINT to this process, while fetching that batch
         if i == batch:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, i, device)
+        return original(self, i, device, **split)
     monkeypatch.setattr(D.Batches, "get", get)
     with pytest.raises(runtime.Interrupted, match="--resume"):
         train.run(_config(out))
@@ -124,11 +124,11 @@ def test_resume_between_stages_restores_the_rng(tmp_path, monkeypatch):
         expected = _final_weights(tmp_path / "straight")
         original = D.Batches.get
 
-        def get(self, i, device):  # stage 2's first batch: two SIGINTs, the second stops at once
+        def get(self, i, device, **split):  # stage 2's first batch: two SIGINTs, the second stops at once
             if i == 12:
                 os.kill(os.getpid(), signal.SIGINT)
                 os.kill(os.getpid(), signal.SIGINT)
-            return original(self, i, device)
+            return original(self, i, device, **split)
 
         for name, restore in (("resumed", checkpoints.restore_rng), ("unrestored", lambda saved: None)):
             out = tmp_path / name

@@ -1,0 +1,180 @@
+"""Stages as data (issue 17, items 9-11): what a step trains on, where a stage reads on in the data
+stream, how stages are named, and the per-role loss weights a user may set.
+
+Why: a stage is its loss weights, steps and peak lr, and the data it reads. Two runs that the README
+says are the same (--batch_size 16 --grad_accum 2 and --batch_size 32; stage 2 by hand from a stage-1
+checkpoint and stage 2 in one command) must train the same weights, and two runs that differ must
+never share a name or a checkpoint folder.
+"""
+import math
+
+import pytest
+import torch
+
+import data as D
+import runtime
+import sftkey
+import train
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--n_train", "200",
+        "--n_val", "10", "--n_test", "2", "--warmup_iters", "1", "--eval_interval", "1000", "--log_interval", "1",
+        "--device", "cpu", "--dtype", "float32", "--lr", "3e-3"]
+
+
+@pytest.fixture(autouse=True)
+def no_flops_measurement(monkeypatch):
+    monkeypatch.setattr(runtime, "peak_flops", lambda *args, **kwargs: 1e12)  # slow, and not under test
+
+
+def run(tmp_path, name, *flags) -> dict:
+    return train.run(train.parse_args([*TINY, "--out_dir", str(tmp_path / name), *flags]))
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 9: a step's examples are planned per optimizer step, then cut into micro-batches
+
+def test_grad_accum_trains_on_the_same_examples_as_one_big_batch(tmp_path):
+    flags = ["--max_iters", "5", "--stage2_iters", "0"]
+    big = run(tmp_path, "big", "--batch_size", "16", *flags)
+    accumulated = run(tmp_path, "accumulated", "--batch_size", "8", "--grad_accum", "2", *flags)
+    w_big, w_acc = weights(tmp_path / "big/sft_tag/ckpt.pt"), weights(tmp_path / "accumulated/sft_tag/ckpt.pt")
+    # the same 16 examples a step, so the same update up to float rounding (per-step losses agree too)
+    assert max_diff(w_big, w_acc) < 1e-5
+    losses = [[row["loss"] for row in s["log"] if "loss" in row] for s in (big, accumulated)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # and training moved the weights far more than that: the comparison can tell runs apart
+    other = run(tmp_path, "other_seed", "--batch_size", "16", "--seed", "7", *flags)
+    assert max_diff(w_big, weights(tmp_path / "other_seed/sft_tag/ckpt.pt")) > 1e-2
+    assert other["log"][0]["loss"] != pytest.approx(big["log"][0]["loss"], rel=1e-5)
+
+
+def test_a_batch_is_cut_into_near_equal_pieces_that_cover_it():
+    examples = D.synthetic_task(50, seed=3)
+    data = D.tokenize(examples, D.get_encoding(D.SYNTHETIC_ENCODING), 64, True, name="t")
+    batches = D.Batches(data, 12, seed=5)
+    for i in (0, 3, 7):
+        rows = batches.indices(i)
+        pieces = [batches.get(i, "cpu", parts=5, part=p)[0] for p in range(5)]
+        assert sum(len(x) for x in pieces) == len(rows) == 12 and {len(x) for x in pieces} <= {2, 3}
+        whole_x = batches.get(i, "cpu")[0]
+        start = 0
+        for x in pieces:  # piece p holds rows start..start+len of the whole batch, in order
+            width = x.shape[1]
+            assert torch.equal(x, whole_x[start:start + len(x), :width])
+            start += len(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 10: a stage run from a checkpoint reads on where the checkpoint stopped
+
+def test_stage2_by_hand_from_the_stage1_checkpoint_equals_stage2_in_one_command(tmp_path):
+    one = run(tmp_path, "one", "--max_iters", "4", "--stage2_iters", "3")
+    run(tmp_path, "by_hand", "--max_iters", "4", "--stage2_iters", "0")
+    stage2_lr = train.stage2_peak_lr(train.parse_args(TINY))
+    second = run(tmp_path, "by_hand2", "--init_from", str(tmp_path / "by_hand/sft_tag/ckpt.pt"), "--key_only",
+                 "--max_iters", "3", "--stage2_iters", "0", "--lr", repr(stage2_lr))
+    assert [s["name"] for s in second["stages"]] == ["sftkey_tag"]  # named by its history, as in `one`
+    expected = weights(tmp_path / "one/sftkey_tag/ckpt.pt")
+    assert max_diff(expected, weights(tmp_path / "by_hand2/sftkey_tag/ckpt.pt")) == 0.0
+    assert [r["loss"] for r in second["log"] if "loss" in r] == \
+        [r["loss"] for r in one["log"] if "loss" in r and r["stage"] == "sftkey_tag"]
+
+
+def test_compute_matched_control_is_one_command_that_reads_on(tmp_path, monkeypatch):
+    seen = []
+    real = train.train
+
+    def recording(model, train_set, val_set, cfg, weights, iters, peak_lr, stage, *args, **kwargs):
+        seen.append((stage, tuple(weights), iters, args[3] if len(args) > 3 else kwargs.get("steps_before")))
+        return real(model, train_set, val_set, cfg, weights, iters, peak_lr, stage, *args, **kwargs)
+    monkeypatch.setattr(train, "train", recording)
+    summary = run(tmp_path, "control", "--max_iters", "4", "--stage2_iters", "2", "--stage2_weights", "0,1,1")
+    assert seen == [("sft_tag", (0.0, 1.0, 1.0), 4, 0), ("sftsft_tag", (0.0, 1.0, 1.0), 2, 4)]
+    assert list(summary["results"]) == ["sft_tag", "sftsft_tag"]
+    assert (tmp_path / "control/sftsft_tag/ckpt.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 11: stages named by what they are, weights set freely, printed, checked
+
+@pytest.mark.parametrize("flags, names", [
+    ([], ["sft_tag", "sftkey_tag"]),
+    (["--key_weight", "5"], ["w0-1-5_tag", "w0-1-5+key_tag"]),
+    (["--untagged"], ["sft", "sftkey"]),
+    (["--untagged", "--key_only", "--stage2_iters", "0"], ["key"]),
+    (["--key_only", "--stage2_iters", "0"], ["key_tag"]),
+    (["--stage2_weights", "0,1,1"], ["sft_tag", "sftsft_tag"]),
+    (["--stage2_weights", "0,0.1,1"], ["sft_tag", "sft+w0-0.1-1_tag"]),
+    (["--weights", "1,1,1", "--stage2_iters", "0"], ["w1-1-1_tag"]),
+])
+def test_stage_names_say_what_each_stage_is(flags, names):
+    assert [s.name for s in train.plan_stages(train.parse_args(flags))] == names
+
+
+def test_different_losses_never_share_a_name():
+    grid = [(p, t, k) for p in (0, 0.5, 1) for t in (0, 0.1, 1, 2) for k in (0, 1, 5) if p or t or k]
+    for tagged in (True, False):
+        firsts = {sftkey.stage_name("", w, tagged): w for w in grid}
+        assert len(firsts) == len(grid)
+        seconds = {sftkey.stage_name(first, w, tagged) for first in firsts for w in grid}
+        assert len(seconds) == len(grid) ** 2
+        assert not seconds & set(firsts)
+
+
+def test_weights_flags_reach_each_stage_and_the_short_forms_agree():
+    stages = train.plan_stages(train.parse_args(["--weights", "0.5,1,2", "--stage2_weights", "0,0.1,1"]))
+    assert [s.weights for s in stages] == [(0.5, 1.0, 2.0), (0.0, 0.1, 1.0)]
+    for short, long in ((["--key_only"], ["--weights", "0,0,1"]), (["--key_weight", "5"], ["--weights", "0,1,5"]),
+                        (["--key_only", "--key_weight", "2"], ["--weights", "0,0,2"])):
+        assert train.plan_stages(train.parse_args(short)) == train.plan_stages(train.parse_args(long))
+
+
+def test_the_stages_are_printed_before_training(tmp_path, capsys):
+    run(tmp_path, "printed", "--max_iters", "2", "--stage2_iters", "1", "--stage2_weights", "0,0.5,1")
+    lines = capsys.readouterr().out.splitlines()
+    first_step = next(i for i, line in enumerate(lines) if "step" in line and "/2" in line)
+    assert "stage 1: sft_tag | loss weights prompt 0, thinking 1, answer 1 | 2 steps | peak lr 0.003" in \
+        lines[:first_step]
+    assert "stage 2: sft+w0-0.5-1_tag | loss weights prompt 0, thinking 0.5, answer 1 | 1 steps | peak lr 0.0003" \
+        in lines[:first_step]
+
+
+def test_help_says_how_the_loss_is_normalised():
+    text = " ".join(train.build_parser().format_help().split())
+    assert "sum(weight x token loss) / sum(weight)" in text and "--stage2_weights" in text
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--weights", "0,-1,1"], "--weights 0,-1,1: each weight must be 0 or between"),
+    (["--weights", "0,nan,1"], "--weights 0,nan,1: each weight must be 0"),
+    (["--weights", "0,1,inf"], "--weights 0,1,inf: each weight must be 0"),
+    (["--weights", "0,0,0"], "and one not 0"),
+    (["--stage2_weights", "0,0,0"], "--stage2_weights 0,0,0"),
+    (["--stage2_weights", "1,2"], "--stage2_weights '1,2': give three comma-separated numbers"),
+    (["--weights", "a,b,c"], "give three comma-separated numbers"),
+    (["--key_weight", "1e39"], "--key_only/--key_weight 0.0,1.0,1e+39: each weight must be 0 or between"),
+    (["--key_weight", "-2"], "--key_only/--key_weight"),
+    (["--key_weight", "1e-50"], "each weight must be 0 or between 1e-06 and 1e+06"),
+    (["--weights", "0,1,2", "--key_only"], "give one or the other"),
+])
+def test_bad_weights_stop_before_anything_is_written(tmp_path, capsys, flags, problem):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, *flags, "--out_dir", str(out)])
+    assert exit_info.value.code == 2
+    assert problem in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_weight_bounds_keep_a_step_total_finite_in_float32():
+    low, high = runtime.WEIGHT_RANGE
+    assert math.isfinite(float(torch.tensor(high, dtype=torch.float32) * 1e6 * 1e3))  # 1e6 tokens a step, x1e3
+    assert float(torch.tensor(low, dtype=torch.float32)) > 0
