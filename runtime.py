@@ -175,13 +175,13 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.received:
-            print(f"{name} received again: already stopping, once the step in flight and its checkpoint are done "
-                  f"(kill -9 stops at once, losing them)", file=sys.stderr, flush=True)
+            print(f"{name} received again: already stopping, after the step in flight and its checkpoint (kill -9 "
+                  f"would stop at once and lose them)", file=sys.stderr, flush=True)
             return
         self.received, self.name = True, name
         if not self._depth:
-            raise Interrupted(f"{name} received: stopped at once, outside a training step, so no training since the "
-                              f"last checkpoint is lost; to continue, run the same command with --resume")
+            raise Interrupted(f"{name} received outside a training step: the run ends here, and no training since "
+                              f"the last checkpoint is lost; to continue, run the same command with --resume")
         print(f"\n{name} received: stopping once the step in flight is finished and checkpointed", file=sys.stderr,
               flush=True)
 
@@ -196,8 +196,8 @@ class StopSignal:
         finally:
             self._depth -= 1
         if self.received and not already and not self._depth:
-            raise Interrupted(f"{self.name} received: stopped once the training in progress was checkpointed; to "
-                              f"continue, run the same command with --resume")
+            raise Interrupted(f"{self.name} received: the run ends here, with the training in progress checkpointed; "
+                              f"to continue, run the same command with --resume")
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
