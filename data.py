@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -193,7 +194,11 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+        if err.msg == "Extra data" and re.search(r"\r\s*\Z", line[:err.pos]):  # `{..}\r{..}`: a CR between records
+            raise ValueError("two records on one line, split by a CR alone: the file uses CR-only line ends; "
+                             "convert them to \\n (e.g. tr '\\r' '\\n')") from None
+        what = err.msg.removesuffix(" at") + (f" U+{ord(line[err.pos]):04X}" if "control" in err.msg else "")
+        raise ValueError(f"invalid JSON ({what} at column {err.colno})") from None
     except RecursionError:
         raise ValueError("invalid JSON (nested too deeply)") from None
     if not isinstance(record, dict):
@@ -206,12 +211,10 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
         if not isinstance(record[name], str):
             raise ValueError(f"field '{name}' must be a string, got {type(record[name]).__name__}")
     if fmt == "gsm8k":
-        thinking, sep, answer = record["answer"].rpartition("\n####")
-        if not sep:
-            raise ValueError("the gsm8k answer has no final line '#### <answer>'")
-        prompt = record["question"]
-        if strip_calculator:
-            thinking = _CALCULATOR.sub("", thinking)
+        thinking, sep, answer = ("\n" + record["answer"]).rpartition("\n####")
+        if not sep or not thinking.strip():  # "#### 5" alone has the line, not the reasoning
+            raise ValueError(f"the gsm8k answer has no {'reasoning before its ' * bool(sep)}final line '#### <answer>'")
+        prompt, thinking = record["question"], _CALCULATOR.sub("", thinking) if strip_calculator else thinking
     elif fmt == "tagged":
         prompt, thinking, answer = record["prompt"], record["thinking"], record["answer"]
     else:
@@ -233,19 +236,16 @@ def _split_completion(completion: str) -> tuple[str, str]:
 
 
 def _check_example(example: Example) -> None:
-    if not example.answer:
-        raise ValueError("empty answer")
+    if all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in example.answer):  # e.g. U+200B alone
+        raise ValueError("empty answer" + (" (only invisible characters)" if example.answer else ""))
     for name in ("prompt", "thinking", "answer"):
         value = getattr(example, name)
         if "<|endoftext|>" in value:
             raise ValueError(f"the {name} contains '<|endoftext|>', which would end the example early")
-        found = [t for t in sftkey.TAGS if t in value]
-        if name != "prompt" and found:  # a tag inside a field would make the response ambiguous to parse
+        if name != "prompt" and (found := [t for t in sftkey.TAGS if t in value]):  # an ambiguous response
             raise ValueError(f"the {name} contains the tag {found[0]}, which only the template may write")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:  # a lone surrogate such as \ud800, legal in JSON
-            raise ValueError(f"the {name} holds {value[err.start]!r}, which is not a Unicode character") from None
+        if surrogate := re.search("[\ud800-\udfff]", value):  # a lone surrogate such as \ud800, legal in JSON
+            raise ValueError(f"the {name} holds {surrogate.group()!r}, which is not a Unicode character")
 
 
 def split(examples: list[Example], n_val: int, seed: int) -> tuple[list[Example], list[Example]]:
@@ -272,23 +272,21 @@ def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, t
     """Tag every example; drop (and count) the ones that do not fit in `block_size`."""
     if not examples:
         raise DataError(f"{name}: no examples")
-    kept, ids_list, roles_list = [], [], []
-    straddling = dropped = 0
-    mismatched: list[str] = []  # sources of the examples whose prompt tokenizes otherwise alone
-    shortest = None
-    # A table of every token's length in bytes makes tagging a large set several times faster;
-    # building it costs about as much as tagging a few hundred examples without it.
-    byte_lengths = sftkey.token_byte_lengths(enc) if len(examples) > 500 else None
+    kept, ids_list, roles_list, unread, mismatched = [], [], [], [], []  # mismatched: whose prompt alone differs
+    straddling, dropped, shortest, most = 0, 0, None, max(map(len, enc.token_byte_values()))  # bytes a token holds
+    byte_lengths = sftkey.token_byte_lengths(enc) if len(examples) > 500 else None  # tags large sets faster
     for example in examples:
         text, spans = sftkey.render(example.prompt, example.thinking, example.answer, tagged)
+        if len(text.encode("utf-8")) > block_size * most:  # over block_size tokens: not tagged (5 MB: 9.6 s)
+            unread.append(text)
+            continue
         try:
             ids, roles = sftkey.tag(enc, text, spans, byte_lengths)
         except ValueError as err:  # e.g. an empty reasoning that one token of this encoding swallows
             hint = "; its reasoning is empty: give it one or drop the line" if not example.thinking else ""
             raise DataError(f"{example.source or name}: with encoding {enc.name}, {err}{hint}") from None
         if len(ids) - 1 > block_size:  # the model reads all but the last token
-            dropped += 1
-            shortest = min(shortest or len(ids) - 1, len(ids) - 1)
+            dropped, shortest = dropped + 1, min(shortest or len(ids) - 1, len(ids) - 1)
             continue
         straddling += sftkey.count_straddling(enc, text, spans, ids, byte_lengths)
         if prompt_tokens_differ(enc, text, spans, ids):
@@ -296,11 +294,12 @@ def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, t
         kept.append(example)
         ids_list.append(np.array(ids, dtype=np.int64))
         roles_list.append(np.array(roles, dtype=np.int64))
-    if not kept:
+    if not kept:  # unread texts are tokenized only where one could be shorter than the shortest read
+        lengths = [len(enc.encode_ordinary(t)) for t in unread if len(t.encode("utf-8")) < most * (shortest or 1e30)]
         raise DataError(f"{name}: all {len(examples)} examples are longer than --block_size {block_size} tokens "
-                        f"(the shortest has {shortest}); raise --block_size or use shorter examples")
+                        f"(the shortest has {min(lengths + [shortest or 1e30])}); raise --block_size or shorten them")
     counts = np.array([np.bincount(r, minlength=3)[:3] for r in roles_list])
-    summary = {"name": name, "examples": len(kept), "dropped_too_long": dropped,
+    summary = {"name": name, "examples": len(kept), "dropped_too_long": dropped + len(unread),
                **{f"{role}_tokens_mean": float(counts[:, i].mean()) for i, role in enumerate(sftkey.ROLE_NAMES)},
                **{f"{role}_tokens_max": int(counts[:, i].max()) for i, role in enumerate(sftkey.ROLE_NAMES)},
                "key_fraction": float(counts[:, 2].sum() / counts[:, 1:].sum()),

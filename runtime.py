@@ -1,9 +1,9 @@
 """Run-time plumbing for train.py: device and dtype, DDP, stop signals, throughput and MFU, flag checks.
 
 Nothing here is SFTKey: a reader of the method can skip this file. train.py meets it through a few
-one-line hooks: `Dist` (this process's place in a torchrun job), `StopSignal` (SIGINT/SIGTERM become
-a request to stop after the current step), `Meter` (tokens/s, MFU and ETA of the log lines) and
-`check_config` (bad flags refused before anything runs).
+one-line hooks: `Dist` (this process's place in a torchrun job), `StopSignal` (SIGINT, SIGTERM and SIGHUP
+stop the run: after the current step in training, at once elsewhere), `Meter` (tokens/s, MFU and
+ETA of the log lines) and `check_config` (bad flags refused before anything runs).
 """
 from __future__ import annotations
 
@@ -141,36 +141,87 @@ class Dist:
 # ---------------------------------------------------------------------------------------------
 # Stop signals
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+class Interrupted(BaseException):
+    """A stop signal (SIGINT, SIGTERM or SIGHUP) ended the run; what it wrote can be resumed with --resume.
+
+    A BaseException, as KeyboardInterrupt is: raised from a signal handler it can surface anywhere,
+    and an `except Exception` meant for bad input (a checkpoint reader's) must not turn it into one."""
+
+
+# A closed terminal or ssh session sends SIGHUP: it stops a run as SIGTERM does (absent on Windows).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a request the loop honours after the current step.
+    """SIGINT, SIGTERM and SIGHUP while a run lasts: every one ends it with one line and exit 130.
 
-    A second signal interrupts at once. Handlers are installed only inside the `with` block.
+    Handlers are installed only inside the `with` block, and the ones found are put back after it.
+    Outside `deferred()` (loading data, evaluating, writing results) a signal raises Interrupted at
+    once: nothing is lost there, as every write is atomic and a stage's weights are saved before it
+    is evaluated, so a resumed run redoes only the evaluation that was cut off. Inside `deferred()`
+    (the training steps and the save that ends a stage) it only sets `received`: the step in flight
+    finishes, `StageCheckpoint.after_step` writes its checkpoint and raises Interrupted, and further
+    signals only repeat the notice (before, a second one raised KeyboardInterrupt mid-step, losing
+    the step). Once a stop is under way every later signal only says so: the first one's message,
+    naming what was written, is the one the run ends with.
     """
 
     def __init__(self):
         self.received = False
+        self.name = ""  # of the first signal received
+        self._depth = 0  # how many deferred() blocks are open
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.received:
-            raise KeyboardInterrupt
-        self.received = True
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+            print(f"{name} received again: already stopping, after the step in flight and its checkpoint (kill -9 "
+                  f"would stop at once and lose them)", file=sys.stderr, flush=True)
+            return
+        self.received, self.name = True, name
+        if not self._depth:
+            raise Interrupted(f"{name} received outside a training step: the run ends here, and no training since "
+                              f"the last checkpoint is lost; to continue, run the same command with --resume")
+        print(f"\n{name} received: stopping once the step in flight is finished and checkpointed", file=sys.stderr,
+              flush=True)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A block a signal does not cut short. One received inside is honoured at the loop's next check
+        (StageCheckpoint.after_step) or, if it came after the last one, as the block ends: Interrupted
+        is raised there, unless an exception is already on its way out. Blocks may nest."""
+        already, self._depth = self.received, self._depth + 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+        if self.received and not already and not self._depth:
+            raise Interrupted(f"{self.name} received: the run ends here, with the training in progress checkpointed; "
+                              f"to continue, run the same command with --resume")
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+            try:
+                with self.deferred():  # a signal between two installs is held until all are in place,
+                    for sig in STOP_SIGNALS:
+                        self._previous[sig] = signal.signal(sig, self._handle)
+            except BaseException:  # then raised here, with the handlers found put back
+                self._restore()
+                raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            with self.deferred():  # likewise while they go back
+                self._restore()
+        except Interrupted:  # a run that ended as a signal came still exits 130; an error on its way out goes on
+            if exc_type is None:
+                raise
+
+    def _restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
     def requested(self, dist: Dist) -> bool:
         """Whether to stop now; with several ranks, stop when any rank got the signal (all agree)."""
@@ -178,6 +229,40 @@ class StopSignal:
             return self.received
         flag = torch.tensor(float(self.received), device=dist.device)
         return bool(dist.all_reduce(flag, op="max"))
+
+
+def describe_last(path: str | None) -> str:
+    """What a stopped stage leaves to resume from, as a clause: "the last checkpoint, PATH at step N,
+    is intact", "no checkpoint has been written to PATH yet", or that the stage writes none (no path)."""
+    if not path:
+        return "this stage writes no checkpoint"
+    if not os.path.isfile(path):
+        return f"no checkpoint has been written to {path} yet"
+    try:  # mmap: only the step is read, not the weights
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception as err:  # a message about the failure must not fail: say what happened
+        return f"{path} exists but could not be read back ({type(err).__name__})"
+    return f"the last checkpoint, {path} at step {step}, is intact"
+
+
+def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float,
+                       weights: tuple[float, ...]) -> str:
+    """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left (describe_last)
+    and the likely causes. Step 0 comes before any update of the stage, so its learning rate cannot be
+    the cause there; a loss weight can be, most surely one that float32 (the loss's dtype) holds as inf."""
+    heaviest = max(weights)
+    weight = (f"a loss weight of {heaviest:g} (--key_weight), infinite in float32"
+              if math.isinf(torch.tensor(heaviest, dtype=torch.float32).item())
+              else f"a loss weight too large ({heaviest:g}, --key_weight)" if heaviest > 1 else "")
+    if step == 0:
+        causes = ("No update had been made in this stage, so its learning rate is not the cause; look at "
+                  + (weight or "the data and the weights the stage started from"))
+    else:
+        causes = (f"Likely causes: a learning rate too high (this stage's peak is {peak_lr:g}: lower --lr, or "
+                  f"--stage2_lr in stage 2)" + (f", or {weight}" if weight else ""))
+    last = describe_last(path)
+    return (f"{stage} step {step}: the loss or gradient is not finite; stopping before the update. "
+            f"{last[0].upper()}{last[1:]}. {causes}.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,16 @@ DATA_CASES = [
     ("lone surrogate", jsonl(GOOD_GSM8K, '{"question": "\\ud800", "answer": "a\\n#### 1"}'), [], 2,
      "not a Unicode character"),
     ("deeply nested JSON", jsonl("[" * 100000), [], 1, "invalid JSON"),
+    # issue 18, item 12: what the messages say of these lines
+    ("a NUL byte", b'{"question": "a\x00b", "answer": "r\\n#### 5"}\n', [], 1,
+     "invalid JSON (Invalid control character U+0000 at column 16)"),  # was "... at at column 16"
+    ("the '#### 5' line alone", jsonl(GOOD_GSM8K, {"question": "x", "answer": "#### 5"}), [], 2,
+     "the gsm8k answer has no reasoning before its final line '#### <answer>'"),
+    ("CR-only line ends", (GOOD_GSM8K + "\r") * 20, [], 1, "the file uses CR-only line ends"),
+    ("a zero-width space for an answer", jsonl(GOOD_GSM8K, {"question": "x", "answer": "a\n#### \u200b"}), [], 2,
+     "empty answer (only invisible characters)"),
+    ("invisible format characters for an answer", jsonl({"prompt": "x", "thinking": "a", "answer": "\u2060 \ufeff"}),
+     ["--format", "tagged"], 1, "empty answer (only invisible characters)"),
     ("empty file", "", [], None, "no examples in the file"),
     ("only blank lines", "\n  \n\t\n", [], None, "no examples in the file"),
     ("all too long", jsonl(*[{"question": "x" * 300, "answer": "a\n#### 1"}] * 30), [], None,

@@ -153,26 +153,32 @@ def test_interrupt_and_resume_on_cuda_with_dropout(tmp_path, monkeypatch):
         with sdpa_kernel(SDPBackend.MATH):
             train.run(_config(tmp_path / "straight", *flags))
             expected = _weights(tmp_path / "straight")
-            original = D.Batches.get
-            for name, at in (("stage1", 5), ("stage2", 16 + 2), ("between", 16)):
-                def get(self, i, device, at=at, twice=name == "between", **split):
-                    if i == at:  # "between": stop at once, before stage 2's first step
-                        for _ in range(2 if twice else 1):
-                            os.kill(os.getpid(), signal.SIGINT)
+            original, print_result = D.Batches.get, runtime.print_result
+
+            def between(name, *args):  # after stage 1's checkpoint with results: a SIGINT stops at once
+                print_result(name, *args)
+                if name == "sft_tag":
+                    os.kill(os.getpid(), signal.SIGINT)
+            for name, at in (("stage1", 5), ("stage2", 16 + 2), ("between", None)):
+                def get(self, i, device, at=at, **split):
+                    if i == at:
+                        os.kill(os.getpid(), signal.SIGINT)
                     return original(self, i, device, **split)
                 monkeypatch.setattr(D.Batches, "get", get)
-                with pytest.raises((runtime.Interrupted, KeyboardInterrupt)):
+                monkeypatch.setattr(runtime, "print_result", between if at is None else print_result)
+                with pytest.raises(runtime.Interrupted):
                     train.run(_config(tmp_path / name, *flags))
                 monkeypatch.setattr(D.Batches, "get", original)
+                monkeypatch.setattr(runtime, "print_result", print_result)
                 train.run(_config(tmp_path / name, *flags, "--resume"))
                 resumed = _weights(tmp_path / name)
                 for key in expected:
                     assert torch.equal(resumed[key], expected[key]), (name, key)
             monkeypatch.setattr(checkpoints, "restore_rng", lambda saved: None)  # the control
-            monkeypatch.setattr(D.Batches, "get", get)
-            with pytest.raises(KeyboardInterrupt):
+            monkeypatch.setattr(runtime, "print_result", between)
+            with pytest.raises(runtime.Interrupted):
                 train.run(_config(tmp_path / "control", *flags))
-            monkeypatch.setattr(D.Batches, "get", original)
+            monkeypatch.setattr(runtime, "print_result", print_result)
             train.run(_config(tmp_path / "control", *flags, "--resume"))
             control = _weights(tmp_path / "control")
             assert max(float((control[k] - expected[k]).abs().max()) for k in expected) > 1e-5

@@ -123,6 +123,36 @@ def test_tokenize_refuses_a_set_where_nothing_fits():
         D.tokenize([D.Example("Q: 12+30", "12+30=42", "42")], CHARS, block_size=10)
 
 
+HUGE = D.Example("Q: 1+1", "1+1=2 " * 40_000, "2")  # 240 KB of reasoning: no block of 96 tokens holds it
+
+
+def test_a_line_too_long_to_fit_is_dropped_from_its_byte_length_untagged(monkeypatch):
+    """Issue 18, item 12: a 5 MB line took 9.6 s and 290 MB to tag before being dropped. No token of
+    sftkey-chars holds more than 11 bytes (the longest tag), so a text of more bytes than 11 x block
+    cannot fit and is dropped unread; the figures are those tagging everything gives."""
+    tagged_lengths = []
+    original = sftkey.tag
+
+    def tag(enc, text, *args):
+        tagged_lengths.append(len(text))
+        return original(enc, text, *args)
+    monkeypatch.setattr(sftkey, "tag", tag)
+    block = max(model_reads(ex) for ex in KEPT) + 1
+    s = D.tokenize(KEPT[:1] + [HUGE, TOO_LONG] + KEPT[1:], CHARS, block).summary
+    assert max(tagged_lengths) < 1000  # the huge one never reached the tokenizer
+    assert len(tagged_lengths) == 4  # the others all did, TOO_LONG (over the block, under 11 x block bytes) too
+    assert s["examples"] == 3 and s["dropped_too_long"] == 2  # counted exactly as before
+    monkeypatch.setattr(sftkey, "tag", original)
+    assert s == D.tokenize(KEPT + [TOO_LONG], CHARS, block).summary | {"dropped_too_long": 2}
+
+
+def test_a_set_where_nothing_fits_names_the_true_shortest_length_also_of_unread_lines():
+    with pytest.raises(D.DataError, match=f"the shortest has {model_reads(TOO_LONG)}\\)"):
+        D.tokenize([HUGE, TOO_LONG], CHARS, block_size=10)
+    with pytest.raises(D.DataError, match=f"the shortest has {model_reads(HUGE)}\\)"):  # tokenized to say so
+        D.tokenize([HUGE, HUGE], CHARS, block_size=10)
+
+
 # ---------------------------------------------------------------------------------------------
 # split
 

@@ -30,15 +30,18 @@ def _final_weights(out_dir) -> dict:
 
 @pytest.fixture
 def own_signal_handlers():
-    """Handlers of the test's own for SIGINT and SIGTERM while it runs, whatever the process started
-    with (under nohup or as a background job SIGINT starts ignored); the originals are put back after.
-    Distinct functions, so the test sees that a run restores the handler it found, not some default."""
+    """Handlers of the test's own for SIGINT, SIGTERM and SIGHUP while it runs, whatever the process
+    started with (under nohup or as a background job SIGINT starts ignored); the originals are put back
+    after. Distinct functions, so the test sees that a run restores the handler it found, not some default."""
     def on_sigint(signum, frame):  # as Python's default handler does
         raise KeyboardInterrupt
 
     def on_sigterm(signum, frame):
         raise SystemExit(128 + signum)
-    handlers = {signal.SIGINT: on_sigint, signal.SIGTERM: on_sigterm}
+
+    def on_sighup(signum, frame):
+        raise SystemExit(128 + signum)
+    handlers = {signal.SIGINT: on_sigint, signal.SIGTERM: on_sigterm, signal.SIGHUP: on_sighup}
     before = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         yield handlers
@@ -79,7 +82,8 @@ def test_resume_after_signal_gives_identical_weights(tmp_path, monkeypatch, own_
         assert summary["results"][name]["correct"] == straight["results"][name]["correct"]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def _poison_training_step(monkeypatch, nth: int) -> None:
+    """The nth training step's loss becomes NaN (validation is left alone)."""
     calls = {"n": 0}
     original = sftkey.weighted_loss_sum
 
@@ -88,13 +92,42 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         if not torch.is_grad_enabled():  # validation
             return loss
         calls["n"] += 1
-        return loss * float("nan") if calls["n"] == 9 else loss  # the 9th training step goes wrong
+        return loss * float("nan") if calls["n"] == nth else loss
     monkeypatch.setattr(sftkey, "weighted_loss_sum", poisoned)
-    with pytest.raises(FloatingPointError, match="step 8"):
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _poison_training_step(monkeypatch, 9)
+    with pytest.raises(FloatingPointError, match="step 8") as stop:
         train.run(_config(tmp_path, "--ckpt_interval", "4"))
     saved = torch.load(tmp_path / "sft_tag" / "ckpt.pt", weights_only=True)
     assert saved["step"] == 8
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    # issue 18, item 11: the message names the checkpoint that is there, and the likely causes
+    assert f"The last checkpoint, {tmp_path / 'sft_tag' / 'ckpt.pt'} at step 8, is intact." in str(stop.value)
+    assert "a learning rate too high (this stage's peak is 0.001" in str(stop.value)
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so_and_does_not_blame_the_lr(tmp_path, monkeypatch):
+    """Issue 18, item 11: the message used to say "The last checkpoint in OUT is intact; try a lower
+    --lr" when no checkpoint existed, and at step 0, before any update, where the lr cannot be the cause."""
+    _poison_training_step(monkeypatch, 1)
+    with pytest.raises(FloatingPointError, match="sft_tag step 0") as stop:
+        train.run(_config(tmp_path))
+    message = str(stop.value)
+    assert f"No checkpoint has been written to {tmp_path / 'sft_tag' / 'ckpt.pt'} yet." in message
+    assert "its learning rate is not the cause" in message and "lower --lr" not in message
+    assert not (tmp_path / "sft_tag" / "ckpt.pt").exists()
+
+
+def test_non_finite_message_names_a_loss_weight_infinite_in_float32():
+    """--key_weight 1e39 is finite as a Python float but infinite in float32, the loss's dtype."""
+    message = runtime.non_finite_message("sft_tag", 0, None, 1e-3, sftkey.role_weights(key_weight=1e39))
+    assert "a loss weight of 1e+39 (--key_weight), infinite in float32" in message
+    assert "This stage writes no checkpoint." in message
+    later = runtime.non_finite_message("sft_tag", 5, None, 1e-3, sftkey.role_weights(key_weight=50.0))
+    assert "a learning rate too high" in later and "or a loss weight too large (50, --key_weight)" in later
+    assert "loss weight" not in runtime.non_finite_message("sft_tag", 5, None, 1e-3, sftkey.role_weights())
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -122,22 +155,21 @@ def test_resume_between_stages_restores_the_rng(tmp_path, monkeypatch):
     try:
         train.run(_config(tmp_path / "straight"))
         expected = _final_weights(tmp_path / "straight")
-        original = D.Batches.get
+        original = runtime.print_result
 
-        def get(self, i, device, **split):  # stage 2's first batch: two SIGINTs, the second stops at once
-            if i == 12:
+        def print_result(name, *args):  # just after stage 1's checkpoint with its results: a SIGINT there,
+            original(name, *args)  # outside the training steps, stops the run at once
+            if name == "sft_tag":
                 os.kill(os.getpid(), signal.SIGINT)
-                os.kill(os.getpid(), signal.SIGINT)
-            return original(self, i, device, **split)
 
         for name, restore in (("resumed", checkpoints.restore_rng), ("unrestored", lambda saved: None)):
             out = tmp_path / name
-            monkeypatch.setattr(D.Batches, "get", get)
-            with pytest.raises(KeyboardInterrupt):
+            monkeypatch.setattr(runtime, "print_result", print_result)
+            with pytest.raises(runtime.Interrupted, match="SIGINT received outside a training step"):
                 train.run(_config(out))
             assert not (out / "sftkey_tag").exists()  # stage 2 never took a step
             assert "sft_tag" in torch.load(out / "sft_tag" / "ckpt.pt", weights_only=True)["results"]
-            monkeypatch.setattr(D.Batches, "get", original)
+            monkeypatch.setattr(runtime, "print_result", original)
             monkeypatch.setattr(checkpoints, "restore_rng", restore)
             train.run(_config(out, "--resume"))
             weights = _final_weights(out)
