@@ -425,13 +425,15 @@ def check_resume_checkpoint(ckpt: dict, path: str) -> None:
     groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or not isinstance(groups, list):
         problems.append(f"no optimizer state ('optimizer' is {type(optimizer).__name__})")
-    elif sum(len(g.get("params", [])) if isinstance(g, dict) else 0 for g in groups) != len(list(reference.parameters())):
+    elif sum(len(g.get("params", [])) if isinstance(g, dict) else 0 for g in groups) != len(
+            list(reference.parameters())):
         problems.append("its optimizer state is not for this model's parameters")
     for key, kind in _RESUME_ENTRIES.items():
         if key not in ckpt:
             problems.append(f"no '{key}' entry")
         elif not isinstance(ckpt[key], kind) or (kind is int and isinstance(ckpt[key], bool)):
-            problems.append(f"'{key}' is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            problems.append(f"'{key}' is a {type(ckpt[key]).__name__}, not {article} {kind.__name__}")
     if isinstance(ckpt.get("step"), int) and ckpt["step"] < 0:
         problems.append(f"'step' is {ckpt['step']}")
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
@@ -600,7 +602,7 @@ class FolderLock:
             try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, never followed
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except OSError as err:
-                raise _unwritable(self.out_dir, [f"cannot create the lock {self.path} ({err.strerror or err})"]) from None
+                raise _unwritable(self.out_dir, [f"cannot create the lock {self.path} ({err.strerror})"]) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
