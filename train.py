@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:  # bad input or flags: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (Interrupted, FloatingPointError) as err:
+    except (Interrupted, FloatingPointError, ckpts.WriteError) as err:  # a full disk: one line, exit 1
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(130 if isinstance(err, Interrupted) else 1)
 

@@ -136,9 +136,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     checkpoints.save_checkpoint(path, model, None, cfg, step=1)
 
-    def crash(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"half a checkpoint")
+    def crash(obj, f, *args, **kwargs):  # f: the open temporary file
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
