@@ -651,23 +651,21 @@ class FolderLock:
 
 
 class RunFolder:
-    """--out_dir for one run of train.py, as a context manager held for the run's life: the lock
-    (FolderLock), then prepare_out_dir's checks, on rank 0 only (`master`; the other ranks of a
-    torchrun job share rank 0's folder). Enter it after the flags and data are checked."""
+    """--out_dir for one run of train.py, held from `take` to the end of the `with` block. `take` comes
+    after the flags and the data are checked (bad input writes nothing): it locks the folder
+    (FolderLock) and runs prepare_out_dir's checks, on rank 0 only (`master`; the other ranks of a
+    torchrun job share rank 0's folder)."""
 
-    def __init__(self, cfg, stages: list[str], expected: GPTConfig | None = None, master: bool = True):
-        self.cfg, self.stages, self.expected, self.master = cfg, stages, expected, master
-        self.lock = FolderLock(cfg.out_dir)
+    def __init__(self, cfg):
+        self.cfg, self.lock = cfg, FolderLock(cfg.out_dir)
 
     def __enter__(self) -> RunFolder:
-        if self.master:
-            self.lock.acquire()
-            try:
-                prepare_out_dir(self.cfg, self.stages, self.expected)
-            except BaseException:
-                self.lock.release()
-                raise
         return self
+
+    def take(self, stages: list[str], expected: GPTConfig | None = None, master: bool = True) -> None:
+        if master:
+            self.lock.acquire()
+            prepare_out_dir(self.cfg, stages, expected)  # a refusal releases the lock as the block ends
 
     def __exit__(self, *exc) -> None:
         self.lock.release()

@@ -326,8 +326,7 @@ def _val_curves(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], list[f
 
 def _save(fig, path: str) -> str:
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+    ckpts.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path
@@ -410,9 +409,11 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     for name in run_names:
         print(f"  {name}: " + " -> ".join(f"{s.name} (weights {','.join(f'{w:g}' for w in s.weights)}, {s.iters} "
                                           f"steps, peak lr {s.lr:g})" for s in arm_stages(cfg, name)))
-    for seed in seeds:
-        run_seed(dataclasses.replace(cfg, seed=seed), run_names, enc, device, dtype, recorder.add, save_ckpt)
-    summary = recorder.write(complete=True)
+    with ckpts.RunFolder(cfg) as folder:  # one run per folder: a second one, or an earlier one's results, refused
+        folder.take([])
+        for seed in seeds:
+            run_seed(dataclasses.replace(cfg, seed=seed), run_names, enc, device, dtype, recorder.add, save_ckpt)
+        summary = recorder.write(complete=True)
     print("\n" + markdown(summary))
     images = plot(summary, recorder.rows, cfg.out_dir)
     if images:

@@ -540,6 +540,21 @@ def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, f
     return first, parse_weights(cfg.stage2_weights, "--stage2_weights")
 
 
+def command(run, cfg) -> None:
+    """A command line around `run(cfg)`: the flags checked first, then bad input or flags end in one
+    clear line and exit 2, a stop (a signal: 130; a non-finite loss or a failed write, such as a full
+    disk: 1) in one line too; never a traceback for any of them."""
+    try:
+        check_config(cfg)
+        run(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (Interrupted, FloatingPointError, OSError) as err:  # OSError: checkpoints.WriteError among them
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(130 if isinstance(err, Interrupted) else 1)
+
+
 def check_config(cfg) -> None:
     """Refuse flag values that would fail later (or silently do something else), before anything runs."""
     positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_batch_size",

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +21,7 @@ import data as D
 import runtime
 import sftkey
 from model import GPT
-from runtime import Dist, Interrupted, Meter, StopSignal, autocast
+from runtime import Dist, Meter, StopSignal, autocast
 
 
 def _flag(default, help: str):
@@ -39,7 +38,7 @@ class TrainConfig:
     strip_calculator: bool = _flag(False, "gsm8k: remove the <<48/2=24>> calculator annotations")
     skip_bad_lines: bool = _flag(False, "skip and count malformed lines of --data/--eval_data, not stop at one")
     untagged: bool = _flag(False, "responses as 'reasoning\\n#### answer', not tagged (plain SFT; Fmt undefined)")
-    encoding: str = _flag(D.SYNTHETIC_ENCODING, "tokenizer: sftkey-chars (offline), a tiktoken name or a .tiktoken file")
+    encoding: str = _flag(D.SYNTHETIC_ENCODING, "tokenizer: sftkey-chars (offline), a tiktoken name, a .tiktoken file")
     n_train: int = _flag(20000, "synthetic task: number of training problems")
     n_val: int = _flag(500, "validation examples carved from the training data (seeded)")
     n_test: int = _flag(500, "synthetic task: number of test problems")
@@ -74,7 +73,8 @@ class TrainConfig:
     seed: int = _flag(1337, "seed for data generation, order and initialisation")
     # evaluation and logging
     resume: bool = _flag(False, "continue from the checkpoints in --out_dir (same flags as the interrupted run)")
-    ckpt_interval: int = _flag(0, "also write a checkpoint every N steps (0 = only at the end of each stage)")
+    overwrite: bool = _flag(False, "first delete an earlier run's checkpoints and results.json in --out_dir")
+    ckpt_interval: int = _flag(0, "write a checkpoint every N steps (0 = every 5 minutes), and at each stage's end")
     eval_only: bool = _flag(False, "only evaluate --init_from on the test set")
     eval_limit: int = _flag(0, "evaluate on the first N test examples only (0 = all)")
     eval_interval: int = _flag(250, "steps between validation losses")
@@ -145,8 +145,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         # The norm is the same on every rank; checking it before the update keeps the weights good.
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
-            raise FloatingPointError(f"{stage} step {step}: the loss or gradient is not finite; stopping before the "
-                                     f"update. The last checkpoint in {cfg.out_dir} is intact; try a lower --lr.")
+            raise FloatingPointError(runtime.non_finite_message(stage, step, ckpt and ckpt.path, peak_lr, weights))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -231,20 +230,23 @@ def run(cfg: TrainConfig) -> dict:
     Each stage's checkpoint (out_dir/STAGE/ckpt.pt) holds, once the stage is evaluated, its results
     too, so --resume skips finished stages and continues an unfinished one where it stopped.
     """
-    dist = Dist.from_environment(cfg)
-    device, dtype = runtime.resolve_device(cfg, dist)
-    runtime.set_up_device(device, cfg.seed)
-    enc = D.get_encoding(cfg.encoding)
-    train_set, val_set, test = D.load_data(cfg, enc)
-    model = ckpts.build_model(cfg, enc, device)
-    before, stream_start = ckpts.init_origin(cfg)  # a stage run from a checkpoint reads on where it stopped
-    stages = [] if cfg.eval_only else plan_stages(cfg, before)
-    if dist.master:
-        runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test), model,
-                            device, dist, dtype, stages)
-    results, log, seconds = {"init": evaluate(model, enc, test, cfg, device, dtype)} if cfg.eval_only else {}, [], {}
-    peak = runtime.peak_flops(device, dtype, runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size))
-    with StopSignal() as stop:
+    with StopSignal() as stop, ckpts.RunFolder(cfg) as folder:  # a signal ends in one line and exit 130
+        dist = Dist.from_environment(cfg)
+        device, dtype = runtime.resolve_device(cfg, dist)
+        runtime.set_up_device(device, cfg.seed)
+        enc = D.get_encoding(cfg.encoding)
+        train_set, val_set, test = D.load_data(cfg, enc)
+        model = ckpts.build_model(cfg, enc, device)
+        before, stream_start = ckpts.init_origin(cfg)  # a stage run from a checkpoint reads on where it stopped
+        stages = [] if cfg.eval_only else plan_stages(cfg, before)
+        if dist.master:
+            runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test),
+                                model, device, dist, dtype, stages)
+        folder.take([s.name for s in stages], model.config, dist.master)  # input checked: lock the folder, or refuse
+        results, log, seconds = {}, [], {}
+        if cfg.eval_only:
+            results["init"] = evaluate(model, enc, test, cfg, device, dtype)
+        peak = runtime.peak_flops(device, dtype, runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size))
         for k, stage in enumerate(stages):
             path = os.path.join(cfg.out_dir, stage.name, "ckpt.pt")
             saved = ckpts.read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
@@ -257,22 +259,23 @@ def run(cfg: TrainConfig) -> dict:
             steps_before = stream_start + sum(s.iters for s in stages[:k])  # stage 2 reads on after stage 1
             ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, {"results": results, "seconds": seconds,
                                                                               "stream_start": steps_before}, stop, dist)
-            optimizer = train(model, train_set, val_set, cfg, stage.weights, stage.iters, stage.lr, stage.name,
-                              device, dtype, log, steps_before, ckpt, dist, peak)
-            seconds[stage.name] = ckpt.elapsed()
-            ckpt.save(stage.iters, model, optimizer)  # the stage's weights, before evaluating
-            if not dist.master:
-                continue
-            results[stage.name] = evaluate(model, enc, test, cfg, device, dtype)
-            ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
-            runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
-    summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages],
-               "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds, "log": log}
-    if dist.master:
-        print(runtime.results_table(results))
-        ckpts.write_json(os.path.join(cfg.out_dir, "results.json"), summary)
-    dist.close()
-    return summary
+            with stop.deferred():  # a signal here stops after the step in flight and its checkpoint
+                optimizer = train(model, train_set, val_set, cfg, stage.weights, stage.iters, stage.lr, stage.name,
+                                  device, dtype, log, steps_before, ckpt, dist, peak)
+                seconds[stage.name] = ckpt.elapsed()
+                ckpt.save(stage.iters, model, optimizer)  # the stage's weights, before evaluating
+            if dist.master:
+                results[stage.name] = evaluate(model, enc, test, cfg, device, dtype)
+                ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
+                runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
+        summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages],
+                   "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds,
+                   "log": log}
+        if dist.master:
+            print(runtime.results_table(results))
+            ckpts.write_json(os.path.join(cfg.out_dir, "results.json"), summary)
+        dist.close()
+        return summary
 
 
 def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -284,16 +287,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    try:
-        runtime.check_config(cfg)
-        run(cfg)
-    except (FileNotFoundError, ValueError) as err:  # bad input or flags: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (Interrupted, FloatingPointError, ckpts.WriteError) as err:  # a full disk: one line, exit 1
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(130 if isinstance(err, Interrupted) else 1)
+    runtime.command(run, parse_args(argv))  # flags checked first; errors and stops in one line, no traceback
 
 
 if __name__ == "__main__":

@@ -193,3 +193,14 @@ def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monk
     if importlib.util.find_spec("matplotlib"):
         E.main(["--plot_only", "--out_dir", str(tmp_path)])
         assert {p.name for p in tmp_path.glob("*.png")} == {"val_loss.png", "accuracy.png"}
+
+
+def test_an_earlier_experiment_in_the_folder_is_refused_not_overwritten(tmp_path, capsys):
+    """Issue 18, item 2, for experiment.py: its results.json is a run's; a new one does not silently replace it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"complete": true}')
+    with pytest.raises(SystemExit) as exit_info:
+        E.main([*TINY, "--arms", "sft_tag", "--out_dir", str(out)])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == '{"complete": true}'

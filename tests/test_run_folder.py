@@ -64,10 +64,10 @@ def flags(folder: Path, data: Path, *extra: str) -> list[str]:
 def kill_at(monkeypatch, batch: int) -> None:
     original = D.Batches.get
 
-    def get(self, i, device):
+    def get(self, i, device, **split):
         if i == batch:
             raise Killed(f"killed while fetching batch {i}")
-        return original(self, i, device)
+        return original(self, i, device, **split)
     monkeypatch.setattr(D.Batches, "get", get)
 
 
