@@ -161,10 +161,15 @@ def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dic
     flags and the sha256 of every input file (`file_hashes`) let --resume refuse another run's file."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
              "model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
-             "file_hashes": file_hashes(cfg), "step": step, "rng": torch.get_rng_state(),
-             # only once CUDA is in use: asking earlier would start a CUDA context in a CPU run
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [], **(extra or {})}
+             "file_hashes": file_hashes(cfg), "step": step, **rng_state(), **(extra or {})}
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def rng_state() -> dict:
+    """The CPU and CUDA RNG states, as a checkpoint holds them (restore_rng puts them back)."""
+    # CUDA's only once it is in use: asking earlier would start a CUDA context in a CPU run
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 
 def restore_rng(ckpt: dict) -> None:
@@ -257,8 +262,14 @@ def init_origin(cfg) -> tuple[str, int]:
     stage run by hand from it is named by its history and reads on where it stopped; ("", 0) otherwise."""
     if not cfg.init_from or cfg.init_from.startswith(PRETRAINED):
         return "", 0
-    ckpt = torch.load(cfg.init_from, map_location="cpu", weights_only=True, mmap=True)  # build_model checked it
-    return str(ckpt.get("stage", "")), int(ckpt.get("stream_start", 0)) + int(ckpt.get("step", 0))
+    try:
+        ckpt = read_checkpoint(cfg.init_from, None, "cpu", mmap=True)  # a cheap look: the tensors stay on disk
+    except ValueError:  # a legacy (not zip) file cannot be mapped: read it whole, or say what is wrong with it
+        ckpt = read_checkpoint(cfg.init_from, None, "cpu")
+    stage, start, step = ckpt.get("stage", ""), ckpt.get("stream_start", 0), ckpt.get("step", 0)
+    if not (isinstance(stage, str) and isinstance(start, int) and isinstance(step, int)):
+        raise ValueError(f"{cfg.init_from}: its stage, stream_start or step entry is not a name or a number")
+    return stage, start + step
 
 
 # --ckpt_interval 0: write a checkpoint after the first step that ends this many seconds after the
@@ -295,8 +306,8 @@ class StageCheckpoint:
 
     def save(self, step: int, model: GPT, optimizer) -> None:
         if self.path and self.dist.master:
-            save_checkpoint(self.path, model, optimizer, self.cfg, step,
-                            {"stage": self.stage, "log": self.log, **self.extra, "elapsed": self.elapsed()})
+            save_checkpoint(self.path, model, optimizer, self.cfg, step, {"stage": self.stage, "log": self.log,
+                            "world": self.dist.world, **self.extra, "elapsed": self.elapsed()})
         self.last_write = time.time()
 
     def due(self, done: int, iters: int) -> bool:
@@ -514,7 +525,7 @@ def _remove_leftover_temporaries(out_dir: str, stages: list[str]) -> None:
                         os.unlink(os.path.join(folder, entry))
 
 
-def prepare_out_dir(cfg, stages: list[str], expected: GPTConfig | None = None) -> None:
+def prepare_out_dir(cfg, stages: list[str], expected: GPTConfig | None = None, world: int = 1) -> None:
     """The checks of --out_dir before training (call it with the folder locked, after the flags and
     the data were checked, so bad input still writes nothing):
 
@@ -523,17 +534,21 @@ def prepare_out_dir(cfg, stages: list[str], expected: GPTConfig | None = None) -
       unless --overwrite, which deletes exactly those files first, nothing else;
     - --resume accepts only checkpoints of this run: each one found (finished stages included) is
       read, its contents checked (check_resume_checkpoint) and its flags and input files compared
-      (resume_mismatches); a folder with no checkpoint starts from step 0 with a note saying so.
-    `expected` is the model's config, checked against the checkpoints' (read_checkpoint).
+      (resume_mismatches), the number of ranks too (it sets the batch: --batch_size x --grad_accum x
+      ranks); a folder with no checkpoint starts from step 0 with a note saying so.
+    `expected` is the model's config, checked against the checkpoints' (read_checkpoint). --eval_only
+    writes only results.json, so only that counts as an earlier run's file for it, and --overwrite
+    never deletes the --init_from checkpoint the run starts from.
     """
     out, overwrite = cfg.out_dir, getattr(cfg, "overwrite", False)
-    if cfg.resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: --resume continues the run in "
-                         f"{out}, --overwrite deletes it")
     check_writable(out, stages)
     _remove_leftover_temporaries(out, stages)
-    found = run_files(out)
+    found = [p for p in run_files(out) if p.endswith(RESULTS_NAME) or not getattr(cfg, "eval_only", False)]
     if not cfg.resume:
+        start = [p for p in found if os.path.isfile(cfg.init_from) and os.path.samefile(p, cfg.init_from)]
+        if start and overwrite:
+            raise ValueError(f"--overwrite would delete {start[0]}, the --init_from checkpoint this run starts from: "
+                             f"copy it elsewhere first, or choose another --out_dir")
         if found and not overwrite:
             raise ValueError(f"--out_dir {out} holds the files of an earlier run ({', '.join(found)}): continue it "
                              f"with --resume (and the same flags), delete those files with --overwrite, or choose "
@@ -551,6 +566,9 @@ def prepare_out_dir(cfg, stages: list[str], expected: GPTConfig | None = None) -
         ckpt = read_checkpoint(path, expected, "cpu", cfg.encoding, mmap=True)
         check_resume_checkpoint(ckpt, path)
         diffs = resume_mismatches(ckpt, cfg)
+        if ckpt.get("world", 1) != world:
+            diffs.append(f"ranks: {ckpt.get('world', 1)} in the checkpoint, {world} here (they set the batch, "
+                         f"--batch_size x --grad_accum x ranks)")
         if diffs:
             raise ValueError(f"{path} was written by another run: {'; '.join(diffs)}. Resume with the flags it was "
                              f"written with, start afresh with --overwrite (deletes that run's files), or choose "
@@ -662,10 +680,10 @@ class RunFolder:
     def __enter__(self) -> RunFolder:
         return self
 
-    def take(self, stages: list[str], expected: GPTConfig | None = None, master: bool = True) -> None:
+    def take(self, stages: list[str], expected: GPTConfig | None = None, master: bool = True, world: int = 1) -> None:
         if master:
             self.lock.acquire()
-            prepare_out_dir(self.cfg, stages, expected)  # a refusal releases the lock as the block ends
+            prepare_out_dir(self.cfg, stages, expected, world)  # a refusal releases the lock as the block ends
 
     def __exit__(self, *exc) -> None:
         self.lock.release()

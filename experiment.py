@@ -14,7 +14,8 @@ same (--data_seed or --eval_data fixes them).
 Outputs in --out_dir, rewritten (atomically) after every arm: results.md, results.json, loss_log.jsonl,
 and, when matplotlib is installed, val_loss.png and accuracy.png (--plot_only redraws them later).
 Every flag of train.py applies to every arm, except those that set the loss and the layout (the arms
-set them); --e1, --e2 and --lam are other names for --max_iters, --stage2_iters and --key_weight.
+set them), --resume, --eval_only and --ckpt_interval: those are refused. --e1, --e2 and --lam are
+other names for --max_iters, --stage2_iters and --key_weight.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import data as D
 import runtime
 import sftkey
 import train
-from model import GPT
+from model import GPT, GPTConfig
 
 ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sft_tag_long", "weighted")
 COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sft_tag_long"), ("sftkey_tag", "weighted"))
@@ -138,18 +139,28 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@dataclass
+class Trained:
+    """An arm's state after its first stages, kept for the arms that begin with the same stages."""
+    config: GPTConfig
+    weights: dict[str, torch.Tensor]
+    rng: dict  # so that dropout draws on as if each arm had trained those stages itself
+    seconds: list[float]  # per stage
+    rows: list[dict]  # their log rows
+
+
 def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: torch.dtype, on_result,
              save_ckpt: bool = False) -> None:
     """Every arm in `names` at the seed cfg.seed, each trained through its stages as train.py would.
 
     Stages that arms share from the start are trained once: sftkey_tag and sft_tag_long both begin
-    with sft_tag's stage, so the weights after it are kept in memory and both continue from them
-    (with the data stream read on where it stopped). `on_result(arm, result, log_rows)` follows each arm.
+    with sft_tag's stage, so the state after it is kept in memory and both continue from it (with the
+    data stream read on where it stopped). `on_result(arm, result, log_rows)` follows each arm.
     """
     _, start = ckpts.init_origin(cfg)
     plans = {name: (not arm_config(cfg, name).untagged, tuple(arm_stages(cfg, name))) for name in names}
     shared = {(tagged, stages[:j]) for tagged, stages in plans.values() for j in range(1, len(stages))}
-    kept: dict[tuple, tuple] = {}  # (tagged, stages trained) -> (model config, weights, seconds per stage, rows)
+    kept: dict[tuple, Trained] = {}  # (tagged, the stages trained) -> the state after them
     datasets: dict[bool, tuple] = {}
     for name in names:
         arm_cfg, (tagged, stages) = arm_config(cfg, name), plans[name]
@@ -157,15 +168,16 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
             datasets[tagged] = D.load_data(arm_cfg, enc)
         train_set, val_set, test = datasets[tagged]
         done = max((j for j in range(1, len(stages) + 1) if (tagged, stages[:j]) in kept), default=0)
-        if done:
-            config, state, seconds, rows = kept[tagged, stages[:done]]
-            model = GPT(config).to(device)  # the shape the first stage had (--init_from gpt2:DIR may set it)
-            model.load_state_dict(state)
-            seconds, rows = list(seconds), list(rows)
+        if done:  # an earlier arm trained this arm's first `done` stages
+            state = kept[tagged, stages[:done]]
+            model = GPT(state.config).to(device)  # the shape the first stage had (--init_from gpt2:DIR may set it)
+            model.load_state_dict(state.weights)
+            ckpts.restore_rng(state.rng)
+            seconds, rows = list(state.seconds), list(state.rows)
         else:
             torch.manual_seed(cfg.seed)  # every arm starts from the same initial weights at this seed
             model, seconds, rows = ckpts.build_model(arm_cfg, enc, device), [], []
-        optimizer, offset = None, start + sum(s.iters for s in stages[:-1])  # kept when every stage is shared
+        optimizer = None
         for j in range(done, len(stages)):
             stage, offset, log, t0 = stages[j], start + sum(s.iters for s in stages[:j]), [], time.time()
             optimizer = train.train(model=model, train_set=train_set, val_set=val_set, cfg=arm_cfg,
@@ -174,11 +186,12 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
             seconds.append(time.time() - t0)
             rows += [{"global_step": offset - start + row["step"], **row} for row in log]
             if (tagged, stages[:j + 1]) in shared:
-                kept[tagged, stages[:j + 1]] = (model.config, snapshot(model), list(seconds), list(rows))
+                kept[tagged, stages[:j + 1]] = Trained(model.config, snapshot(model), ckpts.rng_state(),
+                                                       list(seconds), list(rows))
         if save_ckpt:
             path = os.path.join(cfg.out_dir, f"seed{cfg.seed}", name, "ckpt.pt")
-            ckpts.save_checkpoint(path, model, optimizer, arm_cfg, stages[-1].iters,
-                                  {"stage": stages[-1].name, "stream_start": offset})
+            ckpts.save_checkpoint(path, model, optimizer, arm_cfg, stages[-1].iters, {
+                "stage": stages[-1].name, "stream_start": start + sum(s.iters for s in stages[:-1])})
         t1 = time.time()
         result = train.evaluate(model=model, enc=enc, examples=test, cfg=arm_cfg, device=device, dtype=dtype)
         result.update(seed=cfg.seed, steps=sum(s.iters for s in stages), train_seconds=sum(seconds),
@@ -208,7 +221,8 @@ class Recorder:
         full = {n: runs for n, runs in done.items() if len(runs) == len(self.seeds)}
         return {"complete": complete, "config": dataclasses.asdict(self.cfg), "seeds": self.seeds,
                 "n_boot": self.n_boot,
-                "arms": {n: {"about": ABOUT[n].replace("λ", f"{self.cfg.key_weight:g}"), "tagged": not arm_config(self.cfg, n).untagged,
+                "arms": {n: {"about": ABOUT[n].replace("λ", f"{self.cfg.key_weight:g}"),
+                             "tagged": not arm_config(self.cfg, n).untagged,
                              "stages": [dataclasses.asdict(s) for s in arm_stages(self.cfg, n)]} for n in self.names},
                 "results": done, "aggregates": {n: aggregate(runs) for n, runs in done.items()},
                 "comparisons": compare(full, self.n_boot, self.cfg.seed)}
@@ -363,15 +377,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     own = {"names": names, "n_seeds": args.pop("seeds"), "n_boot": args.pop("n_boot"),
            "save_ckpt": args.pop("save_ckpt"), "plot_only": args.pop("plot_only")}
     cfg = train.TrainConfig(**args)
+    defaults, refused = train.TrainConfig(), {  # flag -> why the experiment does not take it
+        "resume": "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)",
+        "eval_only": "it trains every arm (evaluate one checkpoint with train.py --eval_only)",
+        "ckpt_interval": "arms write no checkpoints on the way (--save_ckpt keeps each arm's final weights)",
+        **{flag: "the arms set the loss and the layout themselves" for flag in
+           ("weights", "stage2_weights", "key_only", "untagged")}}
+    for flag, why in refused.items():  # before check_config, which would read them as the user's
+        if getattr(cfg, flag) != getattr(defaults, flag):
+            raise ValueError(f"--{flag} does not apply to the experiment: {why}")
     runtime.check_config(cfg)  # train.py's flag checks, stage 2's learning rate among them
     if (cfg.data and not cfg.eval_data) or (not cfg.data and cfg.n_test < 1):  # train.py would train, not score
         raise ValueError("the arms are compared on a test set: --data needs --eval_data, the synthetic task "
                          "--n_test >= 1")
-    defaults = train.TrainConfig()
-    for flag in ("resume", "eval_only", "weights", "stage2_weights", "key_only", "untagged"):
-        if getattr(cfg, flag) != getattr(defaults, flag):
-            raise ValueError(f"--{flag} does not apply to the experiment: the arms set the loss and the format "
-                             "themselves, and a run cannot be resumed (rerun it, or run fewer --arms/--seeds)")
     unknown = [n for n in names if n not in ARM_NAMES]
     if unknown:
         raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARM_NAMES)}")
@@ -397,7 +415,8 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     With `plot_only`, only redraws the plots of the run already in cfg.out_dir."""
     if plot_only:
         images = replot(cfg.out_dir)
-        print("plots: " + ", ".join(images) if images else "no plots: matplotlib is not installed (pip install matplotlib)")
+        print("plots: " + ", ".join(images) if images else
+              "no plots: matplotlib is not installed (pip install matplotlib)")
         return None
     run_names = [n for n in ARM_NAMES if n in names]  # in ARM_NAMES order, each once
     device, dtype = runtime.resolve_device(cfg)
@@ -409,6 +428,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     for name in run_names:
         print(f"  {name}: " + " -> ".join(f"{s.name} (weights {','.join(f'{w:g}' for w in s.weights)}, {s.iters} "
                                           f"steps, peak lr {s.lr:g})" for s in arm_stages(cfg, name)))
+    D.load_data(arm_config(cfg, run_names[0]), enc)  # bad input stops here, before the folder is taken
     with ckpts.RunFolder(cfg) as folder:  # one run per folder: a second one, or an earlier one's results, refused
         folder.take([])
         for seed in seeds:
@@ -432,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:  # bad input or flags: one clear line
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except FloatingPointError as err:
+    except (FloatingPointError, OSError) as err:  # OSError: a failed write (checkpoints.WriteError), say
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # the files on disk hold every arm finished so far ("complete": false)

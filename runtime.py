@@ -250,10 +250,11 @@ def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float,
     """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left (describe_last)
     and the likely causes. Step 0 comes before any update of the stage, so its learning rate cannot be
     the cause there; a loss weight can be, most surely one that float32 (the loss's dtype) holds as inf."""
+    # The loss is divided by the sum of the weights, so their size cannot make it overflow, only a weight
+    # float32 cannot hold (the flags refuse those; train() called from code may still get one).
     heaviest = max(weights)
-    weight = (f"a loss weight of {heaviest:g} (--key_weight), infinite in float32"
-              if math.isinf(torch.tensor(heaviest, dtype=torch.float32).item())
-              else f"a loss weight too large ({heaviest:g}, --key_weight)" if heaviest > 1 else "")
+    weight = (f"a loss weight of {heaviest:g} (--weights, --stage2_weights or --key_weight), infinite in float32"
+              if math.isinf(torch.tensor(heaviest, dtype=torch.float32).item()) else "")
     if step == 0:
         causes = ("No update had been made in this stage, so its learning rate is not the cause; look at "
                   + (weight or "the data and the weights the stage started from"))
@@ -318,8 +319,8 @@ def peak_flops(device: str, dtype: torch.dtype, shapes: list[tuple[int, int, int
 
     A known GPU at bfloat16 is looked up (gpu_bf16_peak). Anything else is timed on several products:
     squares of side `sizes`, by default 8192 on a GPU (smaller ones stay far below an H100's peak)
-    and 1024 and 2048 on a CPU, and `shapes` (the model's own, matmul_shapes), at the thread count in use. Each is timed for at least
-    `seconds` and three times after a warm-up, and the fastest product sets the peak. A 2-core
+    and 1024 and 2048 on a CPU, and `shapes` (the model's own, matmul_shapes), at the thread count in
+    use. Each is timed for at least `seconds` and three times after a warm-up, and the fastest product sets the peak. A 2-core
     shared CPU moved by 2x between single best-of-five 2048 timings; the best over sizes and
     repeats, kept for the process (and raised by every `remeasure=True`, which times the same
     products four times longer), is the steadiest bound there is short of a quiet machine.
@@ -577,6 +578,8 @@ def check_config(cfg) -> None:
         problems.append(f"--format {cfg.format}: unknown; use one of {', '.join(D.FORMATS)}")
     if cfg.eval_data and not cfg.data:
         problems.append(f"--eval_data {cfg.eval_data} needs --data (without it the synthetic task is used)")
+    if cfg.resume and cfg.overwrite:
+        problems.append(f"--resume continues the run in {cfg.out_dir}, --overwrite deletes it: give one of them")
     if cfg.eval_only and cfg.data and not cfg.eval_data:
         problems.append("--eval_only with --data needs --eval_data: there is no test set to evaluate on")
     # --stage2_lr 0 stands for lr x min_lr_ratio; with --min_lr_ratio 0 every stage-2 step would be a no-op.

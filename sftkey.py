@@ -154,7 +154,7 @@ def stage_name(before: str, weights: tuple[float, float, float], tagged: bool) -
     """The losses of the stages so far ("sft" = (0, 1, 1), "key" = (0, 0, 1), else "w0-1-5", joined by "+"
     unless both are words), then _tag for the tagged layout. `before` is the previous stage's name: after
     sft_tag, key is "sftkey_tag" (the method) and sft is "sftsft_tag" (the compute-matched control)."""
-    loss = {(0, 1, 1): "sft", (0, 0, 1): "key"}.get(tuple(weights), "w" + "-".join(f"{w:g}" for w in weights))
+    loss = {(0, 1, 1): "sft", (0, 0, 1): "key"}.get(tuple(weights), "w" + "-".join(f"{w:.15g}" for w in weights))
     before = before.removesuffix("_tag")
     return before + ("+" if before and not (before + loss).isalpha() else "") + loss + ("_tag" if tagged else "")
 

@@ -75,7 +75,7 @@ class TrainConfig:
     resume: bool = _flag(False, "continue from the checkpoints in --out_dir (same flags as the interrupted run)")
     overwrite: bool = _flag(False, "first delete an earlier run's checkpoints and results.json in --out_dir")
     ckpt_interval: int = _flag(0, "write a checkpoint every N steps (0 = every 5 minutes), and at each stage's end")
-    eval_only: bool = _flag(False, "only evaluate --init_from on the test set")
+    eval_only: bool = _flag(False, "only evaluate --init_from on the test set (writes --out_dir/results.json)")
     eval_limit: int = _flag(0, "evaluate on the first N test examples only (0 = all)")
     eval_interval: int = _flag(250, "steps between validation losses")
     eval_batch_size: int = _flag(64, "prompts generated together at evaluation")
@@ -242,7 +242,7 @@ def run(cfg: TrainConfig) -> dict:
         if dist.master:
             runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test),
                                 model, device, dist, dtype, stages)
-        folder.take([s.name for s in stages], model.config, dist.master)  # input checked: lock the folder, or refuse
+        folder.take([s.name for s in stages], model.config, dist.master, dist.world)  # input checked: lock, or refuse
         results, log, seconds = {}, [], {}
         if cfg.eval_only:
             results["init"] = evaluate(model, enc, test, cfg, device, dtype)

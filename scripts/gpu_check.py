@@ -147,7 +147,8 @@ def recipe(args, report: dict) -> bool:
         with open(os.path.join(args.gsm8k, "train.jsonl"), encoding="utf-8") as f, open(data, "w") as g:
             g.writelines(line for _, line in zip(range(args.limit), f))
     flags = [*RECIPE, *(QUICK if args.quick else []), "--data", data, "--eval_data", test, "--device", args.device,
-             "--max_iters", str(args.stage1_iters), "--stage2_iters", str(args.stage2_iters)]
+             "--max_iters", str(args.stage1_iters), "--stage2_iters", str(args.stage2_iters),
+             "--overwrite"]  # a rerun of the check replaces its own earlier runs
     if args.compile_backend:
         os.environ[runtime.COMPILE_BACKEND] = args.compile_backend
     report["recipe"] = {"flags": flags, "runs": {}}

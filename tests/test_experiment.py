@@ -204,3 +204,23 @@ def test_an_earlier_experiment_in_the_folder_is_refused_not_overwritten(tmp_path
         E.main([*TINY, "--arms", "sft_tag", "--out_dir", str(out)])
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "results.json").read_text() == '{"complete": true}'
+
+
+def test_an_arm_trains_the_same_weights_whichever_arms_run_beside_it_with_dropout(tmp_path):
+    """Review: the state kept after a shared stage holds the RNG too, so with dropout an arm that continues
+    it (sftkey_tag) gets the weights it gets alone, whatever other arms ran first."""
+    def final(name, arms):
+        cfg, own = E.parse_args([*TINY, "--seeds", "1", "--dropout", "0.1", "--arms", arms, "--save_ckpt",
+                                 "--out_dir", str(tmp_path / name)])
+        E.run_experiment(cfg, **own)
+        return torch.load(tmp_path / name / f"seed{cfg.seed}" / "sftkey_tag" / "ckpt.pt", weights_only=True)["model"]
+    alone, beside = final("alone", "sftkey_tag"), final("beside", "sft_tag,key_tag,sftkey_tag")
+    assert all(torch.equal(alone[k], beside[k]) for k in alone)
+
+
+@pytest.mark.parametrize("flags, why", [(["--weights", "0,1,2"], "the arms set the loss and the layout"),
+                                        (["--ckpt_interval", "5"], "arms write no checkpoints on the way"),
+                                        (["--eval_only"], "it trains every arm")])
+def test_refused_flags_say_why(flags, why):
+    with pytest.raises(ValueError, match=why):
+        E.parse_args(flags)

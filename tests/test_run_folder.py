@@ -571,3 +571,56 @@ def test_writes_are_fsynced_file_then_folder(tmp_path, monkeypatch):
     checkpoints.save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, cfg, step=1)
     checkpoints.write_json(str(tmp_path / "results.json"), {})
     assert events == ["file", "rename", "folder"] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Found in review: ranks, --eval_only, --overwrite of the start checkpoint, --resume with --overwrite
+
+def test_resume_refuses_another_number_of_ranks(made, tmp_path):
+    """The ranks set the batch (--batch_size x --grad_accum x ranks): a 1-process checkpoint resumed by 2 is
+    another run, though every flag is the same."""
+    out = copy(made["interrupted"], tmp_path / "out")
+    cfg = train.parse_args(flags(out, made["data"], "--resume"))
+    stages = [s.name for s in train.plan_stages(cfg)]
+    checkpoints.prepare_out_dir(cfg, stages, world=1)  # the same: accepted
+    with pytest.raises(ValueError, match=r"ranks: 1 in the checkpoint, 2 here \(they set the batch"):
+        checkpoints.prepare_out_dir(cfg, stages, world=2)
+
+
+def test_eval_only_into_a_run_folder_claims_only_results_json(made, tmp_path, capsys):
+    out = copy(made["finished"], tmp_path / "out")
+    (out / "results.json").unlink()
+    before = digests(out)
+    code, err = main(flags(out, made["data"], "--eval_only", "--init_from", str(out / "sft_tag" / "ckpt.pt"),
+                           "--eval_data", str(made["data"]), "--eval_limit", "2"), capsys)
+    assert code == 0, err
+    assert {k: v for k, v in digests(out).items() if k != "results.json"} == before  # checkpoints untouched
+    assert "init" in json.loads((out / "results.json").read_text())["results"]
+    # a second evaluation into the same folder would replace that results.json: refused, as for any run
+    code, err = main(flags(out, made["data"], "--eval_only", "--init_from", str(out / "sft_tag" / "ckpt.pt"),
+                           "--eval_data", str(made["data"]), "--eval_limit", "2"), capsys)
+    one_line_error(code, err, "holds the files of an earlier run", "results.json")
+
+
+def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(made, tmp_path, capsys, monkeypatch):
+    out = copy(made["finished"], tmp_path / "out")
+    before = digests(out)
+    no_training(monkeypatch)
+    start = ["--overwrite", "--init_from", str(out / "sft_tag" / "ckpt.pt")]
+    code, err = main(flags(out, made["data"], *start, "--stage2_iters", "0"), capsys)
+    one_line_error(code, err, "--overwrite would delete", "the --init_from checkpoint this run starts from")
+    assert digests(out) == before
+    # --eval_only writes only results.json, so --overwrite deletes only that, and the checkpoints stay
+    monkeypatch.undo()
+    code, err = main(flags(out, made["data"], *start, "--eval_only", "--eval_data", str(made["data"]),
+                           "--eval_limit", "2"), capsys)
+    assert code == 0 and "deleted" in err and "ckpt.pt" not in err, err
+    assert {k: v for k, v in digests(out).items() if k != "results.json"} == \
+        {k: v for k, v in before.items() if k != "results.json"}
+
+
+def test_resume_with_overwrite_is_refused_before_anything_is_written(made, tmp_path, capsys):
+    out = tmp_path / "new"
+    code, err = main(flags(out, made["data"], "--resume", "--overwrite"), capsys)
+    one_line_error(code, err, "--resume continues the run", "--overwrite deletes it")
+    assert not out.exists()

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import checkpoints
 import data as D
 import runtime
 import sftkey
@@ -178,3 +179,20 @@ def test_weight_bounds_keep_a_step_total_finite_in_float32():
     low, high = runtime.WEIGHT_RANGE
     assert math.isfinite(float(torch.tensor(high, dtype=torch.float32) * 1e6 * 1e3))  # 1e6 tokens a step, x1e3
     assert float(torch.tensor(low, dtype=torch.float32)) > 0
+
+
+def test_a_legacy_checkpoint_is_a_start_point_too_and_a_bad_one_a_clear_error(tmp_path, capsys):
+    """init_origin looks at --init_from through a memory map; a legacy (not zip) file cannot be mapped but
+    is read whole, and a file that is no checkpoint gets read_checkpoint's one-line message."""
+    run(tmp_path, "first", "--max_iters", "3", "--stage2_iters", "0")
+    saved = torch.load(tmp_path / "first/sft_tag/ckpt.pt", weights_only=True)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(saved, legacy, _use_new_zipfile_serialization=False)
+    second = run(tmp_path, "second", "--init_from", str(legacy), "--key_only", "--max_iters", "2",
+                 "--stage2_iters", "0")
+    assert [s["name"] for s in second["stages"]] == ["sftkey_tag"]
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cfg = train.parse_args([*TINY, "--init_from", str(garbage)])
+    with pytest.raises(ValueError, match=r"garbage\.pt: (refused to load|not a readable PyTorch checkpoint)"):
+        checkpoints.init_origin(cfg)
