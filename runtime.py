@@ -254,7 +254,7 @@ def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float,
     # float32 cannot hold (the flags refuse those; train() called from code may still get one).
     heaviest = max(weights)
     weight = (f"a loss weight of {heaviest:g} (--weights, --stage2_weights or --key_weight), infinite in float32"
-              if math.isinf(torch.tensor(heaviest, dtype=torch.float32).item()) else "")
+              if heaviest > torch.finfo(torch.float32).max else "")
     if step == 0:
         causes = ("No update had been made in this stage, so its learning rate is not the cause; look at "
                   + (weight or "the data and the weights the stage started from"))
