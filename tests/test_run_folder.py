@@ -624,3 +624,14 @@ def test_resume_with_overwrite_is_refused_before_anything_is_written(made, tmp_p
     code, err = main(flags(out, made["data"], "--resume", "--overwrite"), capsys)
     one_line_error(code, err, "--resume continues the run", "--overwrite deletes it")
     assert not out.exists()
+
+
+def test_the_repository_ships_no_run_folder():
+    """A checkpoint committed by mistake (out/sft_tag/ckpt.pt once was) makes a fresh clone's first
+    `python train.py` refuse its own default --out_dir as another run's folder."""
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    shipped = [f for f in tracked.splitlines() if f.startswith("out/") or f.endswith((".pt", ".lock"))]
+    assert not shipped, shipped
