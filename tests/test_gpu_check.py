@@ -8,12 +8,13 @@ import sys
 import pytest
 
 import runtime
-from conftest import GSM8K_DIR
+from conftest import GSM8K_DIR, needs_gsm8k
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import gpu_check  # noqa: E402
 
 
+@needs_gsm8k
 def test_quick_recipe_on_the_cpu_measures_every_stage(tmp_path, monkeypatch, capsys):
     # main() sets these for the process; monkeypatch puts them back afterwards.
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))

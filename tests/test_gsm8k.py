@@ -15,7 +15,9 @@ import pytest
 import data as D
 import sftkey
 import train
-from conftest import GSM8K_DIR
+from conftest import GSM8K_DIR, needs_gsm8k
+
+pytestmark = needs_gsm8k
 
 TRAIN, TEST = os.path.join(GSM8K_DIR, "train.jsonl"), os.path.join(GSM8K_DIR, "test.jsonl")
 

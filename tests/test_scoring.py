@@ -18,7 +18,7 @@ import torch
 import data as D
 import sftkey
 import train
-from conftest import GSM8K_DIR
+from conftest import GSM8K_DIR, needs_gsm8k
 
 GOOD = "<Thinking>48/2 = 24\n48+24 = 72</Thinking><Answer>72</Answer>"
 
@@ -168,6 +168,7 @@ def gsm8k_references() -> list[str]:
     return refs
 
 
+@needs_gsm8k
 def test_every_gsm8k_reference_matches_itself_and_its_variants_but_not_its_neighbours():
     refs = gsm8k_references()
     assert len(refs) > 8000

@@ -16,7 +16,7 @@ import data as D
 import sftkey
 from sftkey import KEY, PROMPT, THINK
 
-from conftest import GSM8K_DIR
+from conftest import GSM8K_DIR, needs_gsm8k
 
 EOT = "<|endoftext|>"
 ONE_PIECE = r"[\s\S]+"  # no pre-splitting: merges may cross any boundary
@@ -247,6 +247,7 @@ def gsm8k_examples(n: int) -> list[tuple[str, str, str]]:
     return out
 
 
+@needs_gsm8k
 def test_gpt2_straddling_tag_token_is_key(gpt2_encoding):
     enc = gpt2_encoding
     for prompt, thinking, answer in [GSM8K_LIKE] + gsm8k_examples(25):
