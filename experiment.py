@@ -60,9 +60,9 @@ def arm_config(cfg: train.TrainConfig, name: str) -> train.TrainConfig:
     return dataclasses.replace(cfg, **{**ARM_FLAGS, **own[name]})
 
 
-def arm_stages(cfg: train.TrainConfig, name: str) -> list[sftkey.Stage]:
-    arm_cfg = arm_config(cfg, name)
-    return train.plan_stages(arm_cfg, ckpts.init_origin(arm_cfg)[0])
+def arm_stages(cfg: train.TrainConfig, name: str, before: str = "") -> list[sftkey.Stage]:
+    """An arm's stages; `before` is the stage an --init_from checkpoint ended (ckpts.init_origin)."""
+    return train.plan_stages(arm_config(cfg, name), before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +157,8 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
     with sft_tag's stage, so the state after it is kept in memory and both continue from it (with the
     data stream read on where it stopped). `on_result(arm, result, log_rows)` follows each arm.
     """
-    _, start = ckpts.init_origin(cfg)
-    plans = {name: (not arm_config(cfg, name).untagged, tuple(arm_stages(cfg, name))) for name in names}
+    before, start = ckpts.init_origin(cfg)
+    plans = {name: (not arm_config(cfg, name).untagged, tuple(arm_stages(cfg, name, before))) for name in names}
     shared = {(tagged, stages[:j]) for tagged, stages in plans.values() for j in range(1, len(stages))}
     kept: dict[tuple, Trained] = {}  # (tagged, the stages trained) -> the state after them
     datasets: dict[bool, tuple] = {}
@@ -204,6 +204,8 @@ class Recorder:
 
     def __init__(self, cfg: train.TrainConfig, names: list[str], seeds: list[int], n_boot: int):
         self.cfg, self.names, self.seeds, self.n_boot = cfg, names, seeds, n_boot
+        before = ckpts.init_origin(cfg)[0]  # read once: the summary is rewritten after every arm
+        self.stages = {n: [dataclasses.asdict(s) for s in arm_stages(cfg, n, before)] for n in names}
         self.results: dict[str, list[dict]] = {n: [] for n in names}
         self.rows: list[dict] = []
 
@@ -223,7 +225,7 @@ class Recorder:
                 "n_boot": self.n_boot,
                 "arms": {n: {"about": ABOUT[n].replace("λ", f"{self.cfg.key_weight:g}"),
                              "tagged": not arm_config(self.cfg, n).untagged,
-                             "stages": [dataclasses.asdict(s) for s in arm_stages(self.cfg, n)]} for n in self.names},
+                             "stages": self.stages[n]} for n in self.names},
                 "results": done, "aggregates": {n: aggregate(runs) for n, runs in done.items()},
                 "comparisons": compare(full, self.n_boot, self.cfg.seed)}
 
@@ -426,8 +428,8 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "
           f"{cfg.stage2_iters} | device {device} | {runtime.dtype_name(dtype)}", flush=True)
     for name in run_names:
-        print(f"  {name}: " + " -> ".join(f"{s.name} (weights {','.join(f'{w:g}' for w in s.weights)}, {s.iters} "
-                                          f"steps, peak lr {s.lr:g})" for s in arm_stages(cfg, name)))
+        print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}, "
+                                          f"{s['iters']} steps, peak lr {s['lr']:g})" for s in recorder.stages[name]))
     D.load_data(arm_config(cfg, run_names[0]), enc)  # bad input stops here, before the folder is taken
     with ckpts.RunFolder(cfg) as folder:  # one run per folder: a second one, or an earlier one's results, refused
         folder.take([])

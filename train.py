@@ -246,7 +246,8 @@ def run(cfg: TrainConfig) -> dict:
         results, log, seconds = {}, [], {}
         if cfg.eval_only:
             results["init"] = evaluate(model, enc, test, cfg, device, dtype)
-        peak = runtime.peak_flops(device, dtype, runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size))
+        shapes = runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size)
+        peak = runtime.peak_flops(device, dtype, shapes) if stages else None  # for MFU; timed on a CPU
         for k, stage in enumerate(stages):
             path = os.path.join(cfg.out_dir, stage.name, "ckpt.pt")
             saved = ckpts.read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
@@ -257,8 +258,8 @@ def run(cfg: TrainConfig) -> dict:
                     ckpts.restore_rng(saved)  # from the RNG state this one ended with
                     continue
             steps_before = stream_start + sum(s.iters for s in stages[:k])  # stage 2 reads on after stage 1
-            ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, {"results": results, "seconds": seconds,
-                                                                              "stream_start": steps_before}, stop, dist)
+            resume_state = {"results": results, "seconds": seconds, "stream_start": steps_before}  # in every write
+            ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, resume_state, stop, dist)
             with stop.deferred():  # a signal here stops after the step in flight and its checkpoint
                 optimizer = train(model, train_set, val_set, cfg, stage.weights, stage.iters, stage.lr, stage.name,
                                   device, dtype, log, steps_before, ckpt, dist, peak)

@@ -458,7 +458,7 @@ def test_chains_of_shared_stages_count_steps_and_seconds_over_all_stages(cfg, en
     w = sftkey.role_weights()
     a, b, b2, c = (sftkey.Stage(n, w, k, 1e-3) for n, k in (("a", 3), ("b", 2), ("b2", 4), ("c", 1)))
     plans = {"A": [a], "B": [a, b, b2], "C": [a, b, c]}
-    monkeypatch.setattr(E, "arm_stages", lambda cfg, name: plans[name])
+    monkeypatch.setattr(E, "arm_stages", lambda cfg, name, before="": plans[name])
     monkeypatch.setattr(E, "arm_config", lambda cfg, name: cfg)
     out = _run_seed(cfg, enc, ["A", "B", "C"])
     assert [(k["stage"], k["steps_before"]) for k in fakes.calls] == [("a", 0), ("b", 3), ("b2", 5), ("c", 5)]
