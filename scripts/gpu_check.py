@@ -2,14 +2,20 @@
 
     python scripts/gpu_check.py --gsm8k DIR --tiktoken_cache DIR [--out out/gpu_check]
 
-1. the CUDA tests (pytest tests/test_cuda.py);
-2. bench.py's tables on GSM8K train (bench.py --data DIR/train.jsonl);
-3. the README's GPT-2-small recipe at GPT-2 small's shape (12 x 768, gpt2 vocabulary, random
+Sections (--sections picks some; each has a time limit, and a failed one does not stop the rest):
+1. tests: the CUDA tests (pytest tests/test_cuda.py);
+2. bench: bench.py's tables on GSM8K train at GPT-2 small's shape (12 x 768, batch 32);
+3. recipe: the README's GPT-2-small recipe at GPT-2 small's shape (12 x 768, gpt2 vocabulary, random
    weights: no hub is needed), both stages (--stage1_iters / --stage2_iters steps), bf16 autocast,
    once eager and once with --compile. For each stage: steps, wall time (compilation and
    validation included), tokens/s over the whole stage and over its second half (compilation and
    warm-up left out), MFU, peak GPU memory. The eager run then greedily answers the first
-   --eval_problems test problems and says how long that took (the compiled run scores one problem).
+   --eval_problems test problems and says how long that took (the compiled run scores one problem),
+   and answers them again with the KV cache off (time, tokens/s, rows identical to the cached run);
+4. profile: stage-1 and stage-2 steps at that shape on the same batches, eager and compiled, at
+   micro-batches of 16 and 64: step time, tokens/s, MFU, the stage-2 speedup, and a torch.profiler
+   table of stage-1 steps (OUT/profile.txt);
+5. default, experiment: `python train.py` and `python experiment.py` as they are, on --device.
 
 DIR holds GSM8K's train.jsonl and test.jsonl; the tiktoken cache folder holds GPT-2's BPE files
 (TIKTOKEN_CACHE_DIR). `--quick --device cpu` is the smoke version the test suite runs
@@ -33,6 +39,13 @@ sys.path.insert(0, ROOT)
 RECIPE = ["--format", "gsm8k", "--encoding", "gpt2", "--block_size", "512", "--n_layer", "12", "--n_head", "12",
           "--n_embd", "768", "--batch_size", "16", "--grad_accum", "2", "--lr", "3e-4", "--warmup_iters", "30",
           "--log_interval", "25", "--eval_interval", "1000", "--eval_batch_size", "100", "--dtype", "bfloat16"]
+SECTIONS = ("tests", "bench", "recipe", "profile", "default", "experiment")
+# bench.py at the recipe's model shape, more timed iterations than its CPU default (a GPU step is short)
+BENCH = ["--n_layer", "12", "--n_head", "12", "--n_embd", "768", "--batch_size", "32", "--gen_batch", "64",
+         "--warmup", "3", "--iters", "10"]
+# train.py and experiment.py at tiny sizes for the CPU smoke test (--quick)
+QUICK_RUN = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_train", "200", "--n_val", "20", "--n_test", "8",
+             "--warmup_iters", "1", "--log_interval", "1"]
 QUICK = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "4", "--grad_accum", "1",
          "--warmup_iters", "1", "--log_interval", "1", "--eval_batch_size", "4", "--dtype", "float32",
          "--block_size", "256", "--n_val", "8"]
@@ -45,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join(ROOT, "out", "gpu_check"), help="checkpoints, logs, gpu_check.json")
     p.add_argument("--device", default="cuda", help="cuda (the check) or cpu (the smoke version)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps: a smoke test of this script")
-    p.add_argument("--sections", default="tests,bench,recipe", help="comma-separated subset of tests,bench,recipe")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--stage1_iters", type=int, default=300)
     p.add_argument("--stage2_iters", type=int, default=200)
     p.add_argument("--eval_problems", type=int, default=200, help="test problems the eager run answers")
@@ -161,11 +174,150 @@ def recipe(args, report: dict) -> bool:
                 train.run(train.parse_args([*flags, *extra, "--out_dir", os.path.join(args.out, name)]))
             report["recipe"]["runs"][name] = {"stages": probe.stages, "evaluations": probe.evals,
                                               "seconds": time.time() - start}
+            if name == "eager":
+                report["recipe"]["kv_cache"] = kv_cache_evaluation(args, [*flags, *extra], os.path.join(args.out, name))
         except Exception as err:  # report it and go on: the other run and the summary still count
             ok = False
             report["recipe"]["runs"][name] = {"error": f"{type(err).__name__}: {err}", "seconds": time.time() - start}
             print(f"recipe {name} failed: {type(err).__name__}: {err}", flush=True)
     return ok
+
+
+def _sync(device: str) -> None:
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def kv_cache_evaluation(args, flags: list[str], run_dir: str) -> dict:
+    """train.evaluate on the run's final weights, with the KV cache (as always) and without it."""
+    import checkpoints as ckpts
+    import data as D
+    import runtime
+    import train
+    from model import GPT
+    cfg = train.parse_args([*flags, "--init_from", os.path.join(run_dir, "sftkey_tag", "ckpt.pt"), "--out_dir", run_dir])
+    enc = D.get_encoding(cfg.encoding)
+    test = D.read_examples(cfg.eval_data, cfg.format)[:cfg.eval_limit]
+    device, dtype = runtime.resolve_device(cfg)
+    model = ckpts.build_model(cfg, enc, device)
+    generate, rows, outputs = GPT.generate, {}, {}
+    for use_cache in (True, False):
+        produced: list[list[int]] = []
+
+        def recording(self, prompts, *a, use_cache=use_cache, produced=produced, **k):
+            out = generate(self, prompts, *a, **{**k, "use_cache": use_cache})
+            produced.extend(out)
+            return out
+        GPT.generate = recording
+        try:
+            _sync(device)
+            start = time.time()
+            result = train.evaluate(model, enc, test, cfg, device, dtype)
+            _sync(device)
+        finally:
+            GPT.generate = generate
+        seconds, tokens = time.time() - start, sum(map(len, produced))
+        rows["cache" if use_cache else "no_cache"] = {"problems": len(test), "seconds": seconds, "tokens": tokens,
+                                                     "tokens_per_s": tokens / seconds, "acc": result["acc"]}
+        outputs[use_cache] = produced
+        print(f"evaluation, KV cache {'on' if use_cache else 'off'}: {len(test)} problems, {tokens} tokens "
+              f"generated in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)", flush=True)
+    same = sum(a == b for a, b in zip(outputs[True], outputs[False]))
+    return {**rows, "identical_rows": same, "speedup": rows["no_cache"]["seconds"] / rows["cache"]["seconds"]}
+
+
+def profile(args, report: dict) -> None:
+    """Stage-1 and stage-2 steps at the recipe's shape on the same batches, taking turns; eager and
+    compiled; MFU from the FLOP formula; a torch.profiler table of a few stage-1 steps."""
+    import torch
+
+    import checkpoints as ckpts
+    import data as D
+    import runtime
+    import sftkey
+    import train
+    from model import GPT
+    cfg = train.parse_args([*RECIPE, *(QUICK if args.quick else []), "--device", args.device])
+    enc = D.get_encoding(cfg.encoding)
+    device, dtype = runtime.resolve_device(cfg)
+    runtime.set_up_device(device, cfg.seed)
+    examples = D.read_examples(os.path.join(args.gsm8k, "train.jsonl"), cfg.format)[:args.limit or None]
+    data = D.tokenize(examples, enc, cfg.block_size, name="gsm8k train")
+    model = GPT(ckpts.model_config(cfg, enc)).to(device)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
+    peak = runtime.peak_flops(device, dtype, runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size))
+    warmup, timed = (1, 2) if args.quick else (5, 15)
+    rows, tables = [], []
+    for batch_size in ((2, 4) if args.quick else (16, 64)):
+        batches = D.Batches(data, batch_size, cfg.seed)
+        for compiled in (False, True):
+            net = runtime.compiled(model, compiled)
+
+            def step(i: int, weights: tuple[float, float, float]) -> tuple[float, int, int]:
+                x, y, roles = batches.get(i, device)
+                w = sftkey.token_weights(roles, weights)
+                _sync(device)
+                start = time.perf_counter()
+                with runtime.autocast(device, dtype):
+                    loss = sftkey.weighted_loss_sum(net(x), model.lm_head, y, w) / w.sum()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                _sync(device)
+                return time.perf_counter() - start, x.numel(), int((w != 0).sum())
+            stages = {"stage 1": (0.0, 1.0, 1.0), "stage 2": (0.0, 0.0, 1.0)}
+            for i in range(warmup):
+                for weights in stages.values():
+                    step(i, weights)
+            totals = {name: [0.0, 0, 0, 0.0] for name in stages}  # seconds, positions, projected, FLOPs
+            for i in range(warmup, warmup + timed):  # the same batches for both stages, taking turns
+                for name, weights in stages.items():
+                    seconds, positions, projected = step(i, weights)
+                    width = positions / batch_size
+                    t = totals[name]
+                    t[0], t[1], t[2] = t[0] + seconds, t[1] + positions, t[2] + projected
+                    t[3] += model.flops_per_token(width, projected / positions) * positions
+            for name, (seconds, positions, projected, flops) in totals.items():
+                rows.append({"batch_size": batch_size, "compile": compiled, "stage": name,
+                             "step_ms": 1000 * seconds / timed, "positions_per_s": positions / seconds,
+                             "projected_share": projected / positions, "mfu": flops / seconds / peak if peak else None,
+                             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30
+                             if device.startswith("cuda") else None})
+            one, two = rows[-2], rows[-1]
+            two["speedup_over_stage1"] = one["step_ms"] / two["step_ms"]
+            print(f"batch {batch_size}, {'compiled' if compiled else 'eager'}: stage 1 {one['step_ms']:.1f} ms/step "
+                  f"MFU {mfu_text(one['mfu'])}, stage 2 {two['step_ms']:.1f} ms/step "
+                  f"({two['speedup_over_stage1']:.2f}x)", flush=True)
+            tables.append(profiler_table(step, warmup + timed, device, f"batch {batch_size}, "
+                                         f"{'compiled' if compiled else 'eager'}, stage-1 steps"))
+    report["profile"] = {"peak_flops": peak, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "profile.txt"), "w") as f:
+        f.write("\n\n".join(tables))
+
+
+def profiler_table(step, first: int, device: str, title: str, steps: int = 3) -> str:
+    """torch.profiler over `steps` stage-1 steps: the operators by self time on the device (CPU
+    time on a CPU), and the device's busy share of the wall time (launch-bound when low)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=activities) as prof:
+            for i in range(first, first + steps):
+                step(i, (0.0, 1.0, 1.0))
+        wall = time.perf_counter() - start
+        averages = prof.key_averages()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        busy = sum(getattr(e, key, 0.0) for e in averages) / 1e6
+        return (f"== {title}: {steps} steps, {wall * 1000:.1f} ms wall, device busy {busy * 1000:.1f} ms "
+                f"({busy / wall:.0%})\n" + averages.table(sort_by=key, row_limit=30))
+    except Exception as err:  # the profiler is a diagnosis: its failure must not lose the figures above
+        return f"== {title}: profiler failed: {type(err).__name__}: {err}"
 
 
 def summary_table(report: dict) -> str:
@@ -182,6 +334,21 @@ def summary_table(report: dict) -> str:
     lines += ["", "| run | after | greedy evaluation | seconds | Acc | Fmt |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {e['after']} | {e['problems']} problems | {e['seconds']:.1f} | {e['acc']:.3f} | "
               f"{number(e['fmt'])} |" for name, e in evals]
+    kv = report.get("recipe", {}).get("kv_cache")
+    if kv:
+        lines += ["", "| greedy evaluation, eager final weights | problems | seconds | tokens generated | tokens/s |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| KV cache {label} | {r['problems']} | {r['seconds']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} |"
+                  for label, r in (("on", kv["cache"]), ("off", kv["no_cache"]))]
+        lines.append(f"\nKV cache speedup {kv['speedup']:.2f}x; rows identical with and without: "
+                     f"{kv['identical_rows']} of {kv['cache']['problems']}")
+    rows = report.get("profile", {}).get("rows", [])
+    if rows:
+        lines += ["", "| micro-batch | mode | stage | step ms | positions/s | projected | MFU | speedup | peak memory GB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['batch_size']} | {'compiled' if r['compile'] else 'eager'} | {r['stage']} | {r['step_ms']:.1f} | "
+                  f"{r['positions_per_s']:,.0f} | {r['projected_share']:.0%} | {mfu_text(r['mfu'])} | "
+                  f"{number(r.get('speedup_over_stage1'))} | {number(r['peak_memory_gb'])} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -218,12 +385,30 @@ def main(argv: list[str] | None = None) -> int:
         ok &= report["tests"]["status"] == 0
     if "bench" in sections:
         bench_flags = ["--data", os.path.join(args.gsm8k, "train.jsonl"), "--json", os.path.join(args.out, "bench.json"),
-                       "--device", args.device] + (["--quick"] if args.quick else [])
+                       "--device", args.device] + (["--quick"] if args.quick else BENCH)
         run_section("bench", [sys.executable, "bench.py", *bench_flags], 300, report)
         ok &= report["bench"]["status"] == 0
     if "recipe" in sections:
         ok &= recipe(args, report)
+    if "profile" in sections:
+        try:
+            profile(args, report)
+        except Exception as err:  # report it and go on
+            ok = False
+            report["profile"] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"profile failed: {type(err).__name__}: {err}", flush=True)
+    if sections & {"recipe", "profile"}:
         print("\n" + summary_table(report), flush=True)
+    quick = QUICK_RUN if args.quick else []
+    if "default" in sections:  # the README's first command, as it is
+        run_section("default", [sys.executable, "train.py", "--device", args.device, "--overwrite", "--out_dir",
+                                os.path.join(args.out, "default"), *quick], 900, report)
+        ok &= report["default"]["status"] == 0
+    if "experiment" in sections:
+        quick_arms = ["--seeds", "1", "--e1", "3", "--e2", "2", "--n_boot", "50"] if args.quick else []
+        run_section("experiment", [sys.executable, "experiment.py", "--device", args.device, "--overwrite",
+                                   "--out_dir", os.path.join(args.out, "experiment"), *quick, *quick_arms], 1800, report)
+        ok &= report["experiment"]["status"] == 0
     report["seconds"], report["ok"] = time.time() - started, ok
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
