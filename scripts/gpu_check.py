@@ -25,6 +25,7 @@ goes to OUT/gpu_check.json. The exit status is 1 when a section failed; the othe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2_iters", type=int, default=200)
     p.add_argument("--eval_problems", type=int, default=200, help="test problems the eager run answers")
     p.add_argument("--limit", type=int, default=0, help="use the first N training problems only (0 = all)")
+    p.add_argument("--profile_batches", default="16,64", help="profile: micro-batch sizes (comma-separated)")
+    p.add_argument("--profile_modes", default="eager,compiled", help="profile: eager and/or compiled")
+    p.add_argument("--profile_backends", default="default", help="profile: attention backends of "
+                   "scaled_dot_product_attention: default (PyTorch's choice), flash, efficient, cudnn, math")
     p.add_argument("--compile_backend", default="", help="torch.compile backend (default inductor; the CPU smoke "
                                                          "test uses eager, inductor's C++ build taking minutes)")
     return p
@@ -228,9 +233,14 @@ def kv_cache_evaluation(args, flags: list[str], run_dir: str) -> dict:
 
 
 def profile(args, report: dict) -> None:
-    """Stage-1 and stage-2 steps at the recipe's shape on the same batches, taking turns; eager and
-    compiled; MFU from the FLOP formula; a torch.profiler table of a few stage-1 steps."""
+    """Stage-1 and stage-2 steps at the recipe's shape, eager and compiled, per attention backend.
+
+    For each setting: a first pass of stage-1 steps over batches of widths it may not have met yet
+    (per-shape set-up costs show there), then a second pass over the same batches with stage 1 and
+    stage 2 taking turns (the steady step times, MFU from the FLOP formula, the stage-2 speedup),
+    and a torch.profiler table of a few stage-1 steps, appended to OUT/profile.txt as it goes."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import checkpoints as ckpts
     import data as D
@@ -247,55 +257,69 @@ def profile(args, report: dict) -> None:
     model = GPT(ckpts.model_config(cfg, enc)).to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     peak = runtime.peak_flops(device, dtype, runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size))
-    warmup, timed = (1, 2) if args.quick else (5, 15)
-    rows, tables = [], []
-    for batch_size in ((2, 4) if args.quick else (16, 64)):
-        batches = D.Batches(data, batch_size, cfg.seed)
-        for compiled in (False, True):
-            net = runtime.compiled(model, compiled)
-
-            def step(i: int, weights: tuple[float, float, float]) -> tuple[float, int, int]:
-                x, y, roles = batches.get(i, device)
-                w = sftkey.token_weights(roles, weights)
-                _sync(device)
-                start = time.perf_counter()
-                with runtime.autocast(device, dtype):
-                    loss = sftkey.weighted_loss_sum(net(x), model.lm_head, y, w) / w.sum()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                _sync(device)
-                return time.perf_counter() - start, x.numel(), int((w != 0).sum())
-            stages = {"stage 1": (0.0, 1.0, 1.0), "stage 2": (0.0, 0.0, 1.0)}
-            for i in range(warmup):
-                for weights in stages.values():
-                    step(i, weights)
-            totals = {name: [0.0, 0, 0, 0.0] for name in stages}  # seconds, positions, projected, FLOPs
-            for i in range(warmup, warmup + timed):  # the same batches for both stages, taking turns
-                for name, weights in stages.items():
-                    seconds, positions, projected = step(i, weights)
-                    width = positions / batch_size
-                    t = totals[name]
-                    t[0], t[1], t[2] = t[0] + seconds, t[1] + positions, t[2] + projected
-                    t[3] += model.flops_per_token(width, projected / positions) * positions
-            for name, (seconds, positions, projected, flops) in totals.items():
-                rows.append({"batch_size": batch_size, "compile": compiled, "stage": name,
-                             "step_ms": 1000 * seconds / timed, "positions_per_s": positions / seconds,
-                             "projected_share": projected / positions, "mfu": flops / seconds / peak if peak else None,
-                             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30
-                             if device.startswith("cuda") else None})
-            one, two = rows[-2], rows[-1]
-            two["speedup_over_stage1"] = one["step_ms"] / two["step_ms"]
-            print(f"batch {batch_size}, {'compiled' if compiled else 'eager'}: stage 1 {one['step_ms']:.1f} ms/step "
-                  f"MFU {mfu_text(one['mfu'])}, stage 2 {two['step_ms']:.1f} ms/step "
-                  f"({two['speedup_over_stage1']:.2f}x)", flush=True)
-            tables.append(profiler_table(step, warmup + timed, device, f"batch {batch_size}, "
-                                         f"{'compiled' if compiled else 'eager'}, stage-1 steps"))
+    warmup, timed = (1, 2) if args.quick else (3, 12)
+    stages = {"stage 1": (0.0, 1.0, 1.0), "stage 2": (0.0, 0.0, 1.0)}
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    settings = [(b, m, k) for b in map(int, args.profile_batches.split(",")) for m in args.profile_modes.split(",")
+                for k in args.profile_backends.split(",")]
+    rows: list[dict] = []
     report["profile"] = {"peak_flops": peak, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "profile.txt"), "w") as f:
-        f.write("\n\n".join(tables))
+    table_path = os.path.join(args.out, "profile.txt")
+    open(table_path, "w").close()
+    for n, (batch_size, mode, backend) in enumerate(settings):
+        batches = D.Batches(data, batch_size, cfg.seed)
+        net = runtime.compiled(model, mode == "compiled")
+        kernel = sdpa_kernel(backends[backend]) if backends[backend] is not None else None
+
+        def step(i: int, weights: tuple[float, float, float]) -> tuple[float, int, int]:
+            x, y, roles = batches.get(i, device)
+            w = sftkey.token_weights(roles, weights)
+            _sync(device)
+            start = time.perf_counter()
+            with runtime.autocast(device, dtype):
+                loss = sftkey.weighted_loss_sum(net(x), model.lm_head, y, w) / w.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            return time.perf_counter() - start, x.numel(), int((w != 0).sum())
+        name = f"batch {batch_size}, {mode}, attention {backend}"
+        try:
+            with kernel or contextlib.nullcontext():
+                first = 1000 * (n + 1)  # batches no earlier setting used
+                for i in range(warmup):
+                    step(i, stages["stage 1"])
+                fresh = [step(i, stages["stage 1"])[0] for i in range(first, first + timed)]
+                totals = {stage: [0.0, 0, 0, 0.0] for stage in stages}  # seconds, positions, projected, FLOPs
+                for i in range(first, first + timed):  # the same batches again, both stages taking turns
+                    for stage, weights in stages.items():
+                        seconds, positions, projected = step(i, weights)
+                        t = totals[stage]
+                        t[0], t[1], t[2] = t[0] + seconds, t[1] + positions, t[2] + projected
+                        t[3] += model.flops_per_token(positions / batch_size, projected / positions) * positions
+                table = profiler_table(step, first, device, name)
+        except Exception as err:  # a backend this GPU or shape cannot run: say so, go on with the next
+            print(f"{name}: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
+            rows.append({"batch_size": batch_size, "mode": mode, "backend": backend, "error": str(err)[:300]})
+            continue
+        for stage, (seconds, positions, projected, flops) in totals.items():
+            rows.append({"batch_size": batch_size, "mode": mode, "backend": backend, "stage": stage,
+                         "step_ms": 1000 * seconds / timed, "positions_per_s": positions / seconds,
+                         "projected_share": projected / positions, "mfu": flops / seconds / peak if peak else None,
+                         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30
+                         if device.startswith("cuda") else None})
+        one, two = rows[-2], rows[-1]
+        one["first_pass_ms"] = 1000 * sum(fresh) / timed
+        two["speedup_over_stage1"] = one["step_ms"] / two["step_ms"]
+        print(f"{name}: stage 1 {one['step_ms']:.1f} ms/step (first pass {one['first_pass_ms']:.1f}), MFU "
+              f"{mfu_text(one['mfu'])}; stage 2 {two['step_ms']:.1f} ms/step ({two['speedup_over_stage1']:.2f}x)",
+              flush=True)
+        with open(table_path, "a") as f:
+            f.write(table + "\n\n")
+        print("\n".join(table.splitlines()[:16]), flush=True)
 
 
 def profiler_table(step, first: int, device: str, title: str, steps: int = 3) -> str:
@@ -344,11 +368,12 @@ def summary_table(report: dict) -> str:
                      f"{kv['identical_rows']} of {kv['cache']['problems']}")
     rows = report.get("profile", {}).get("rows", [])
     if rows:
-        lines += ["", "| micro-batch | mode | stage | step ms | positions/s | projected | MFU | speedup | peak memory GB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['batch_size']} | {'compiled' if r['compile'] else 'eager'} | {r['stage']} | {r['step_ms']:.1f} | "
+        lines += ["", "| micro-batch | mode | attention | stage | step ms (first pass) | positions/s | projected | MFU | "
+                      "speedup | peak memory GB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['batch_size']} | {r['mode']} | {r['backend']} | {r['stage']} | {r['step_ms']:.1f}"
+                  f"{'' if r.get('first_pass_ms') is None else ' (%.1f)' % r['first_pass_ms']} | "
                   f"{r['positions_per_s']:,.0f} | {r['projected_share']:.0%} | {mfu_text(r['mfu'])} | "
-                  f"{number(r.get('speedup_over_stage1'))} | {number(r['peak_memory_gb'])} |" for r in rows]
+                  f"{number(r.get('speedup_over_stage1'))} | {number(r['peak_memory_gb'])} |" for r in rows if "error" not in r]
     return "\n".join(lines)
 
 
