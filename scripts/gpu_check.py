@@ -1,4 +1,4 @@
-"""Check and measure a GPU in one command, offline (about 8 minutes on one H100/H200-class GPU):
+"""Check and measure a GPU in one command, offline (on one H200 the sections took over 10 minutes in all):
 
     python scripts/gpu_check.py --gsm8k DIR --tiktoken_cache DIR [--out out/gpu_check]
 
@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,15 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_section(name: str, command: list[str], timeout: int, report: dict) -> None:
-    """A subprocess whose output is passed through; its status and time go into `report`."""
+def run_section(name: str, command: list[str], timeout: int, report: dict, log_dir: str | None = None) -> None:
+    """A subprocess whose status and time go into `report`. Its output is written to
+    LOG_DIR/NAME.log as it comes (a section killed from outside still leaves what it printed)
+    and its tail printed at the end."""
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
-    start = time.time()
-    try:
-        done = subprocess.run(command, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
-        output, status = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as err:
-        output, status = f"{err.stdout or ''}\n{name}: timed out after {timeout} s", 124
+    start, status = time.time(), 0
+    log_path = os.path.join(log_dir, f"{name}.log") if log_dir else None
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    with (open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")) as log:
+        try:
+            status = subprocess.run(command, cwd=ROOT, timeout=timeout, stdout=log, stderr=subprocess.STDOUT).returncode
+        except subprocess.TimeoutExpired:
+            status = 124
+            log.write(f"\n{name}: timed out after {timeout} s\n")
+        log.seek(0)
+        output = log.read()
     print(output[-6000:], flush=True)
     report[name] = {"status": status, "seconds": time.time() - start, "output_tail": output[-3000:]}
 
@@ -324,7 +333,7 @@ def profile(args, report: dict) -> None:
 
 def profiler_table(step, first: int, device: str, title: str, steps: int = 3) -> str:
     """torch.profiler over `steps` stage-1 steps: the operators by self time on the device (CPU
-    time on a CPU), and the device's busy share of the wall time (launch-bound when low)."""
+    time on a CPU), and the kernels' total time (far below the steps' time: the host is the bound)."""
     import torch
     from torch.profiler import ProfilerActivity
     cuda = device.startswith("cuda")
@@ -336,10 +345,13 @@ def profiler_table(step, first: int, device: str, title: str, steps: int = 3) ->
                 step(i, (0.0, 1.0, 1.0))
         wall = time.perf_counter() - start
         averages = prof.key_averages()
-        key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        busy = sum(getattr(e, key, 0.0) for e in averages) / 1e6
-        return (f"== {title}: {steps} steps, {wall * 1000:.1f} ms wall, device busy {busy * 1000:.1f} ms "
-                f"({busy / wall:.0%})\n" + averages.table(sort_by=key, row_limit=30))
+        if not cuda:
+            return f"== {title}: {steps} steps\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30)
+        # kernel time: the rows of device events only (an operator's row repeats its kernels' time)
+        busy = sum(e.self_device_time_total for e in averages
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
+        return (f"== {title}: {steps} steps, {wall * 1000:.1f} ms wall with the profiler on, kernels "
+                f"{busy * 1000:.1f} ms\n" + averages.table(sort_by="self_device_time_total", row_limit=30))
     except Exception as err:  # the profiler is a diagnosis: its failure must not lose the figures above
         return f"== {title}: profiler failed: {type(err).__name__}: {err}"
 
@@ -385,6 +397,13 @@ def number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def save_report(out: str, report: dict) -> None:
+    """OUT/gpu_check.json, rewritten after each section so that a check killed from outside keeps the rest."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
@@ -406,15 +425,18 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     started, ok = time.time(), True
     if "tests" in sections:
-        run_section("tests", [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs", "-x"], 300, report)
+        run_section("tests", [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs"], 300, report, args.out)
         ok &= report["tests"]["status"] == 0
+        save_report(args.out, report)
     if "bench" in sections:
         bench_flags = ["--data", os.path.join(args.gsm8k, "train.jsonl"), "--json", os.path.join(args.out, "bench.json"),
                        "--device", args.device] + (["--quick"] if args.quick else BENCH)
-        run_section("bench", [sys.executable, "bench.py", *bench_flags], 300, report)
+        run_section("bench", [sys.executable, "bench.py", *bench_flags], 300, report, args.out)
         ok &= report["bench"]["status"] == 0
+        save_report(args.out, report)
     if "recipe" in sections:
         ok &= recipe(args, report)
+        save_report(args.out, report)
     if "profile" in sections:
         try:
             profile(args, report)
@@ -427,17 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     quick = QUICK_RUN if args.quick else []
     if "default" in sections:  # the README's first command, as it is
         run_section("default", [sys.executable, "train.py", "--device", args.device, "--overwrite", "--out_dir",
-                                os.path.join(args.out, "default"), *quick], 900, report)
+                                os.path.join(args.out, "default"), *quick], 900, report, args.out)
         ok &= report["default"]["status"] == 0
+        save_report(args.out, report)
     if "experiment" in sections:
         quick_arms = ["--seeds", "1", "--e1", "3", "--e2", "2", "--n_boot", "50"] if args.quick else []
         run_section("experiment", [sys.executable, "experiment.py", "--device", args.device, "--overwrite",
-                                   "--out_dir", os.path.join(args.out, "experiment"), *quick, *quick_arms], 1800, report)
+                                   "--out_dir", os.path.join(args.out, "experiment"), *quick, *quick_arms], 1800, report, args.out)
         ok &= report["experiment"]["status"] == 0
     report["seconds"], report["ok"] = time.time() - started, ok
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    save_report(args.out, report)
     print(f"\ngpu_check {'passed' if ok else 'FAILED'} in {report['seconds']:.0f} s; "
           f"figures in {os.path.join(args.out, 'gpu_check.json')}", flush=True)
     return 0 if ok else 1

@@ -104,3 +104,25 @@ def test_bench_steps_generation_and_peak_name_their_device():
             bench.generation(model, prompts, 4, use_cache, "cpu", torch.float32, enc.n_vocab)()
         assert runtime.peak_flops("cpu", torch.float32, sizes=(64,), seconds=0.0, remeasure=True) > 0
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.fixture
+def backend_flags():
+    """set_up_device changes process-wide backend flags: put them back after the test."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.cudnn_sdp_enabled())
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.backends.cuda.enable_cudnn_sdp(saved[2])
+
+
+def test_cuda_set_up_keeps_attention_off_cudnn(backend_flags):
+    """On an H200 PyTorch picked cuDNN attention, which builds a plan per new batch width (185 ms
+    for a GPT-2-small step on a new width, 40 ms with flash): a CUDA run turns it off. The flags
+    need no GPU, so this runs everywhere; tests/test_cuda.py checks the kernel a CUDA step runs."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    runtime.set_up_device("cpu", 0)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU run leaves the CUDA flags alone
+    runtime.set_up_device("cuda", 0)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.matmul.allow_tf32

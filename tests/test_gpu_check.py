@@ -71,3 +71,30 @@ def test_missing_gsm8k_files_are_refused(tmp_path, capsys):
 @pytest.mark.parametrize("value, text", [(None, "n/a"), (0.4567, "45.7%")])
 def test_mfu_text(value, text):
     assert gpu_check.mfu_text(value) == text
+
+
+@needs_gsm8k
+def test_quick_profile_and_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """The profile (stage 1 and stage 2 on the same batches, per mode and attention backend), then
+    train.py and experiment.py as sections, each leaving its log as it runs."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    monkeypatch.setenv(runtime.COMPILE_BACKEND, "eager")
+    cache = os.environ["TIKTOKEN_CACHE_DIR"] or os.path.join(GSM8K_DIR, "..", "tiktoken_cache")
+    status = gpu_check.main(["--gsm8k", GSM8K_DIR, "--tiktoken_cache", cache, "--quick", "--device", "cpu",
+                             "--sections", "profile,default,experiment", "--compile_backend", "eager",
+                             "--profile_batches", "2", "--profile_modes", "eager,compiled",
+                             "--profile_backends", "default,math", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 0, out[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    rows = report["profile"]["rows"]
+    assert [(r["mode"], r["backend"], r["stage"]) for r in rows] == [
+        (m, b, s) for m in ("eager", "compiled") for b in ("default", "math") for s in ("stage 1", "stage 2")]
+    for one, two in zip(rows[::2], rows[1::2]):
+        assert one["first_pass_ms"] > 0 and two["speedup_over_stage1"] == pytest.approx(one["step_ms"] / two["step_ms"])
+        assert two["projected_share"] < one["projected_share"]  # stage 2 projects the answer only
+    assert (tmp_path / "profile.txt").read_text().count("== batch 2") == 4
+    for name in ("default", "experiment"):
+        assert report[name]["status"] == 0, report[name]["output_tail"]
+        assert "sftkey_tag" in (tmp_path / f"{name}.log").read_text()
+    assert (tmp_path / "experiment" / "results.md").exists()
