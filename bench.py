@@ -229,10 +229,7 @@ def run(args) -> dict:
     model = GPT(config).to(device)
     optimizer = model.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.split(":")[0])
     dtypes = (dtype, other) if bf16_ok else (dtype,)
-    # the model's own products too, except in an emulated dtype (minutes each at 0.3 GFLOP/s)
-    shapes = R.matmul_shapes(model, args.batch_size * args.block_size)
-    peaks = {d: R.peak_flops(device, d, shapes if d == dtype or R.native_bf16(device) else [], (args.peak_size,))
-             for d in dtypes}
+    peaks = {d: R.peak_flops(device, d) for d in dtypes}  # a known GPU's data sheet, else None: no MFU
 
     # 1. the training step (and 4. its other dtype), all configurations taking turns
     rows = median_batch(data, args.batch_size)
@@ -253,10 +250,9 @@ def run(args) -> dict:
         runs[key] = {"tokens_per_s": rate, "step_ms": 1000 * seconds[key], "dtype": R.dtype_name(d),
                      "memory_mb": step_memory(steps[key], device) / 2 ** 20, "projected_fraction": projected,
                      "flops_per_s": R.mfu(model, rate, x.size(1), projected, 1.0)}
-    if any(r["flops_per_s"] > peaks[configs[k][2]] for k, r in runs.items()):  # peak timed too low: again, longer
-        peaks = {d: R.peak_flops(device, d, sizes=(args.peak_size,), remeasure=True) for d in dtypes}
     for key, r in runs.items():
-        r["mfu"] = R.within_peak(r["flops_per_s"] / peaks[configs[key][2]])  # None (n/a) rather than > 100%
+        peak = peaks[configs[key][2]]
+        r["mfu"] = r["flops_per_s"] / peak if peak else None
     base = runs["full"]["tokens_per_s"]
     labels = {"full": ("every position (plain)", "any"), "sft": ("supervised only", "stage 1 (SFT-Tag)"),
               "key": ("supervised only", "stage 2 (Key)")}
@@ -381,7 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
     p.add_argument("--small_iters", type=int, default=20, help="timed iterations for train.py's default model")
     p.add_argument("--gen_iters", type=int, default=1, help="timed generations per method (the median is reported)")
-    p.add_argument("--peak_size", type=int, default=2048, help="side of the matrix product timed for the peak FLOP/s")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = every core this process may use)")
     p.add_argument("--emulated_bf16", action="store_true", help="time bfloat16 even where the device only "
                    "emulates it (a CPU without AVX-512 BF16: very slow at the default sizes; for tests with --quick)")
@@ -390,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 QUICK = dict(limit=300, n_layer=1, n_head=2, n_embd=32, batch_size=2, gen_batch=2, new_tokens=8, warmup=1,
-             iters=1, small_iters=1, peak_size=512)
+             iters=1, small_iters=1)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,18 +1,17 @@
-"""Checkpoint files for train.py: atomic writes, safe reads, resume state, one run per folder, GPT-2's weights.
+"""Files: what a run reads, what it writes, and the one folder it owns. Nothing here is SFTKey.
 
-Nothing here is SFTKey: a reader of the method can skip this file. It holds
-- `atomic_write` (and `write_text`, `write_json`, `save_checkpoint` through it): a unique temporary
-  file (mkstemp: never a planted name or link), fsync'ed, renamed, folder fsync'ed, so an interrupted
-  write, a full disk or a power loss leaves the previous file intact; a failure is a `WriteError`;
-- `read_checkpoint` / `load_checkpoint`: `torch.load(weights_only=True)` (a checkpoint never runs
-  code), with one clear message for a foreign, truncated or mismatched file;
-- `StageCheckpoint`: the one hook the training loop calls to resume a stage and to write its
-  checkpoints (every --ckpt_interval steps, by default every AUTO_CKPT_SECONDS, and on a stop signal);
-- `RunFolder` (`FolderLock` + `prepare_out_dir`): one run per --out_dir, checked before training:
-  writable, not another run's files (`--overwrite` deletes them), and on --resume only checkpoints
-  of the same flags and input files (`resume_mismatches`) with everything resuming needs
-  (`check_resume_checkpoint`);
-- `gpt2_from_hf`: GPT-2 from a Hugging Face checkpoint folder, converted to model.py's names.
+Three rules carry it; each makes a whole class of mistakes impossible rather than checking for them:
+- *Every input is read once.* `read_inputs` reads --data, --eval_data, a .tiktoken --encoding and
+  the --init_from checkpoint into memory (regular files only, data.read_input) and hashes those
+  bytes; everything is parsed from them, and every checkpoint records the hashes and the
+  --init_from origin. A file edited after the start reaches neither the run nor its resumption.
+- *We own only what we name.* Every path written or deleted is `owned_path(out_dir, names...)`:
+  names built from flags, each matching one pattern, no symlink under out_dir followed. A run
+  plans its files first; `RunFolder` refuses a folder holding files outside the plan, and
+  --overwrite deletes exactly the planned files found.
+- *Whole or not at all.* `atomic_write`: a unique temporary, fsync'ed, renamed, folders fsync'ed.
+Also: `StageCheckpoint`, the training loop's one hook (resume, periodic writes, stop signals, every
+rank's RNG state), and GPT-2's weights from a Hugging Face folder.
 """
 from __future__ import annotations
 
@@ -31,6 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 import torch
@@ -40,34 +40,68 @@ try:
 except ImportError:  # Windows: FolderLock says it cannot lock
     fcntl = None
 
+import data as D
+import runtime
 from model import GPT, GPTConfig
 from runtime import PRETRAINED, Dist, Interrupted, StopSignal
 
-# The flag that sets each model-config field, to name it when a checkpoint does not match.
-_CONFIG_FLAGS = {"vocab_size": "--encoding", "block_size": "--block_size", "n_layer": "--n_layer",
-                 "n_head": "--n_head", "n_embd": "--n_embd", "dropout": "--dropout"}
+CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
+# The files that make a folder a run's (train.py's and experiment.py's): found at the top, or ckpt.pt
+# one or two folders down. A folder holding any of them outside the plan belongs to another run.
+RUN_FILES = (RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
+NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")  # what we name: no separator, never "." or ".."
 
+
+# ---------------------------------------------------------------------------------------------
+# Writing whole or not at all, only where we name
 
 class WriteError(OSError):
-    """A file could not be written (disk full, I/O error): the message says which file and why; the
-    file that was there before, if any, is intact and no temporary file is left behind."""
+    """A file could not be written (disk full, I/O error); the previous file, if any, is intact."""
 
     def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" in front
         return str(self.strerror)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
-    os.umask(mask)
-    return mask
+def owned_path(out_dir: str, *names: str) -> str:
+    """out_dir/NAME/...: refused unless each NAME matches NAME (a checkpoint's stage name can never
+    climb out with "../") and nothing below out_dir on the way is a symbolic link."""
+    path = out_dir
+    for name in names:
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a name this project writes under --out_dir (letters, digits, "
+                             f"and _ . + - only, not starting with '.')")
+        path = os.path.join(path, name)
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symbolic link: a run never writes, reads or deletes through one")
+    return path
 
 
-_UMASK = _umask()
+def _fsync_folder(folder: str) -> None:
+    """Make the entries of `folder` (a rename, a new subfolder) durable (POSIX)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def make_folders(folder: str) -> None:
+    """os.makedirs, then each new folder's parent fsync'ed: a power loss cannot lose the folder later
+    files are renamed into."""
+    new = []
+    while folder and not os.path.isdir(folder):
+        new.append(folder)
+        folder = os.path.dirname(folder)
+    if new:
+        os.makedirs(new[0])
+    for made in reversed(new):
+        _fsync_folder(os.path.dirname(made) or ".")
 
 
 class _Recording(io.RawIOBase):
-    """A write-only file that remembers the first OSError of a write: torch.save's zip writer reports a
-    failed write only as "unexpected pos", and the real cause (ENOSPC, EIO) is what the user needs."""
+    """Remembers the first OSError of a write: torch.save reports a failed write only as "unexpected
+    pos", and the cause (ENOSPC, EIO) is what the user needs."""
 
     def __init__(self, f):
         super().__init__()
@@ -84,49 +118,22 @@ class _Recording(io.RawIOBase):
             raise
 
 
-def _fsync_folder(folder: str) -> None:
-    """Make a rename in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
-def _write_failure(path: str, err: BaseException, recorded: OSError | None) -> WriteError:
-    """One message for a failed write: which file, whether the disk is full, what is left."""
-    cause = recorded or err
-    full_errnos = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-    full = isinstance(cause, OSError) and cause.errno in full_errnos
-    try:
-        stat = os.statvfs(os.path.dirname(path) or ".")
-        full = full or stat.f_bavail * stat.f_frsize < 1 << 20  # torch's own error ("unexpected pos") says less
-    except (OSError, AttributeError):
-        pass
-    before = "the previous file there is intact" if os.path.exists(path) else "nothing was written there"
-    detail = str(cause).splitlines()[0] if str(cause) else "no details"
-    what = "the disk is full" if full else "the write failed"
-    code = getattr(cause, "errno", None) or errno.EIO
-    return WriteError(code, f"could not write {path}: {what} ({type(cause).__name__}: {detail}); {before}, and the "
-                            f"partial temporary file was removed")
+_UMASK = _umask()
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` whole or not at all, durably.
-
-    `write(f)` fills a new temporary file made by tempfile.mkstemp in the same folder (O_EXCL: a name
-    that exists, or a planted symlink, is never opened, and two writers never share a temporary);
-    the file is fsync'ed, renamed over `path` and the folder fsync'ed, so neither a crash nor a power
-    loss leaves a torn file or loses the previous one. On any failure the temporary file is removed
-    and an OSError or torch's RuntimeError becomes a WriteError naming the file and the cause.
-    """
-    folder = os.path.dirname(path) or "."
-    tmp, recording = None, None
+    """Write `path` whole or not at all, durably: `write(f)` fills a temporary made by mkstemp in the
+    same folder (O_EXCL: never a planted name or link), fsync'ed, renamed over `path`, the folder
+    fsync'ed. On failure the temporary is removed and the error is a WriteError naming the file."""
+    folder, tmp, recording = os.path.dirname(path) or ".", None, None
     try:
-        os.makedirs(folder, exist_ok=True)
+        make_folders(folder)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX)
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600: give it the mode open() would have
         with open(fd, "wb", buffering=0) as raw:
@@ -138,7 +145,17 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         tmp = None
         _fsync_folder(folder)
     except (OSError, RuntimeError) as err:
-        raise _write_failure(path, err, recording.error if recording else None) from None
+        cause = (recording and recording.error) or err
+        full = getattr(cause, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        with contextlib.suppress(OSError, AttributeError):  # torch's own error ("unexpected pos") says less
+            stat = os.statvfs(folder)
+            full = full or stat.f_bavail * stat.f_frsize < 1 << 20
+        before = "the previous file there is intact" if os.path.exists(path) else "nothing was written there"
+        detail = str(cause).splitlines()[0] if str(cause) else "no details"
+        raise WriteError(getattr(cause, "errno", None) or errno.EIO,
+                         f"could not write {path}: {'the disk is full' if full else 'the write failed'} "
+                         f"({type(cause).__name__}: {detail}); {before}, and the partial temporary file was "
+                         f"removed") from None
     finally:
         if tmp is not None:  # failed or interrupted (KeyboardInterrupt too) before the rename
             with contextlib.suppress(OSError):
@@ -146,7 +163,6 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    """Written whole or not at all (see atomic_write), as UTF-8."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
@@ -154,66 +170,119 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
-def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dict | None = None) -> None:
-    """Tensors and plain values only (loadable with weights_only=True), written atomically and durably
-    (atomic_write): a crash, a full disk or a power loss mid-write leaves the previous checkpoint intact.
-    The RNG states (CPU and every CUDA device) go in too, so a run with dropout resumes exactly; the
-    flags and the sha256 of every input file (`file_hashes`) let --resume refuse another run's file."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
-             "model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
-             "file_hashes": file_hashes(cfg), "step": step, **rng_state(), **(extra or {})}
-    atomic_write(path, lambda f: torch.save(state, f))
+# ---------------------------------------------------------------------------------------------
+# Reading every input once
+
+@dataclass
+class Inputs:
+    """A run's input files, each read once: their bytes (by field name), the sha256 of those bytes (by
+    flag), and the --init_from checkpoint parsed from its bytes, with the stage it ended and its
+    position in the data stream (steps read), so a stage run from it is named by its history and
+    reads on where it stopped."""
+    raw: dict[str, bytes]
+    sha256: dict[str, str]
+    init: dict | None = None
+    origin: tuple[str, int] = ("", 0)
+
+
+def read_inputs(cfg) -> Inputs:
+    tiktoken_file = cfg.encoding.endswith(".tiktoken") or os.path.sep in cfg.encoding
+    files = {"data": cfg.data, "eval_data": cfg.eval_data, "encoding": cfg.encoding if tiktoken_file else "",
+             "init_from": "" if cfg.init_from.startswith(PRETRAINED) else cfg.init_from}
+    raw = {name: D.read_input(path, f"--{name}") for name, path in files.items() if path}
+    inputs = Inputs(raw, {f"--{name}": hashlib.sha256(data).hexdigest() for name, data in raw.items()})
+    if "init_from" in raw:
+        inputs.init = read_checkpoint(cfg.init_from, None, "cpu", raw=raw.pop("init_from"))
+        stage, start, step = (inputs.init.get(k, d) for k, d in (("stage", ""), ("stream_start", 0), ("step", 0)))
+        if not (isinstance(stage, str) and (stage == "" or NAME.fullmatch(stage))
+                and type(start) is int and type(step) is int and start >= 0 and step >= 0):
+            raise ValueError(f"--init_from {cfg.init_from}: its stage name {stage!r} or stream position is not "
+                             f"one this project writes")
+        inputs.origin = (stage, start + step)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+# The flag that sets each model-config field, to name it when a checkpoint does not match.
+_CONFIG_FLAGS = {"vocab_size": "--encoding", "block_size": "--block_size", "n_layer": "--n_layer",
+                 "n_head": "--n_head", "n_embd": "--n_embd", "dropout": "--dropout"}
 
 
 def rng_state() -> dict:
-    """The CPU and CUDA RNG states, as a checkpoint holds them (restore_rng puts them back)."""
-    # CUDA's only once it is in use: asking earlier would start a CUDA context in a CPU run
+    """This process's CPU and CUDA RNG states (CUDA's once in use: asking earlier would start a context)."""
     return {"rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 
-def restore_rng(ckpt: dict) -> None:
-    """The CPU and CUDA RNG states a checkpoint holds (read with map_location, they may sit on a GPU:
-    the setters want CPU tensors). States of GPUs this machine lacks are left out."""
-    torch.set_rng_state(ckpt["rng"].cpu())
-    if ckpt.get("cuda_rng") and torch.cuda.is_available():
-        for index, state in enumerate(ckpt["cuda_rng"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state.cpu(), index)
+def restore_rng(ckpt: dict, rank: int = 0) -> None:
+    """The RNG states rank `rank` had when `ckpt` was written (read with map_location they may sit on
+    a GPU: the setters want CPU tensors); states of GPUs this machine lacks are left out."""
+    state = ckpt["rng_ranks"][rank] if "rng_ranks" in ckpt else ckpt
+    torch.set_rng_state(state["rng"].cpu())
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        for index, cuda in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda.cpu(), index)
+
+
+def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dict | None = None) -> None:
+    """Tensors and plain values only (loadable with weights_only=True), written atomically. `extra` adds
+    entries (the stage, its log, every rank's RNG state as `rng_ranks`, the inputs' hashes)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+             "model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
+             "step": step, "rng_ranks": [rng_state()], **(extra or {})}
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding: str | None = None,
-                    exact_vocab: int | None = None, mmap: bool = False) -> dict:
-    """A checkpoint's contents, after checking its model shape (and `encoding`, if given) matches the flags.
-
-    A checkpoint whose vocabulary is `exact_vocab` (the encoding's own size, not rounded up: one
-    trained from GPT-2's weights) is accepted as well as the rounded size `expected` holds.
-
-    Loading never runs code: torch.load with weights_only=True accepts tensors and plain Python
-    values only, and anything else is refused with a ValueError naming the file and the problem.
-    `mmap` maps the tensors instead of reading them (a cheap look at a checkpoint on the CPU).
-    """
-    if not os.path.isfile(path):
+                    exact_vocab: int | None = None, mmap: bool = False, raw: bytes | None = None) -> dict:
+    """A checkpoint (from `raw`, its bytes, when given), refused with one ValueError naming the file
+    unless it holds exactly this model's weights in float32 and its shape matches `expected` (and
+    `encoding`). A vocabulary of `exact_vocab` (a tokenizer's own size, GPT-2's) passes as well as the
+    rounded one. torch.load with weights_only=True: loading never runs code."""
+    if raw is None and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        with warnings.catch_warnings():  # a foreign pickle protocol draws a warning; the refusal below says more
+        with warnings.catch_warnings():  # a foreign pickle protocol draws a warning; the refusal says more
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)  # never unpickle code
+            ckpt = torch.load(path if raw is None else io.BytesIO(raw), map_location=device, weights_only=True,
+                              mmap=mmap)
     except pickle.UnpicklingError as err:  # weights_only met something other than tensors and plain values
         found = re.search(r"GLOBAL (\S+)", str(err))
         what = f" ({found.group(1)})" if found else ""
         raise ValueError(f"{path}: refused to load: it holds a pickled Python object{what} that is not a tensor or "
-                         f"a plain value, and unpickling it could run code. Only checkpoints holding tensors and "
-                         f"plain values, as this project writes them, are loaded.") from None
+                         f"a plain value, and unpickling it could run code") from None
     except Exception as err:  # a truncated or foreign file: the loader's own errors say little
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'no details'})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or "model" not in ckpt:
+        detail = str(err).splitlines()[0] if str(err) else "no details"
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {detail})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or not isinstance(
+            ckpt.get("model"), dict):
         raise ValueError(f"{path}: not an sftkey checkpoint (no 'model' and 'model_config' entries)")
     try:
         saved = GPTConfig(**ckpt["model_config"])
-    except TypeError as err:
+        with torch.device("meta"):  # shapes only, no memory
+            reference = GPT(saved).state_dict()
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise ValueError(f"{path}: its model_config does not describe this project's GPT ({err})") from None
-    expected = expected or saved  # None: no shape to compare with
+    weights = ckpt["model"]
+    wrong = [k for k in reference if not isinstance(weights.get(k), torch.Tensor) or weights[k].shape != reference[k].shape
+             or weights[k].dtype != torch.float32] + [k for k in weights if k not in reference]
+    if wrong:  # another dtype would be cast silently by load_state_dict and trained on
+        k = wrong[0]
+        what = (f"{type(weights[k]).__name__} {tuple(getattr(weights[k], 'shape', ()))} "
+                f"{getattr(weights[k], 'dtype', '')}" if k in weights else "missing")
+        raise ValueError(f"{path}: {len(wrong)} weight tensor(s) are not this model's float32 tensors "
+                         f"(the first: {k}, {what}; expected {tuple(reference[k].shape) if k in reference else 'none'})")
+    if expected is not None:
+        check_shape(ckpt, path, expected, encoding, exact_vocab)
+    return ckpt
+
+
+def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None = None,
+                exact_vocab: int | None = None) -> None:
+    """Refuse a checkpoint whose model shape (or --encoding) is not the one the flags ask for."""
+    saved = GPTConfig(**ckpt["model_config"])
     if exact_vocab is not None and saved.vocab_size == exact_vocab:
         expected = dataclasses.replace(expected, vocab_size=exact_vocab)
     diffs = [f"{_CONFIG_FLAGS.get(k, k)}: {k}={getattr(saved, k)} in the checkpoint but {getattr(expected, k)} here"
@@ -223,22 +292,19 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
         diffs.append(f"--encoding: {trained_with} in the checkpoint but {encoding} here")
     if diffs:
         raise ValueError(f"{path} does not match the flags: " + "; ".join(diffs))
-    return ckpt
 
 
 def load_checkpoint(path: str, expected: GPTConfig, device: str, encoding: str | None = None,
                     exact_vocab: int | None = None) -> tuple[GPT, dict]:
-    """A model with a checkpoint's weights (see read_checkpoint for the checks), and the checkpoint."""
+    """The model a checkpoint holds, on `device`, and the checkpoint."""
     ckpt = read_checkpoint(path, expected, device, encoding, exact_vocab)
-    model = GPT(GPTConfig(**ckpt["model_config"])).to(device)  # equal to `expected` but perhaps its vocabulary
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, TypeError, AttributeError) as err:  # missing, extra or misshapen tensors
-        detail = " ".join(str(err).split())
-        raise ValueError(f"{path}: its weights do not fit the model ({detail[:300]})") from None
-    return model, ckpt
+    return _model_from(ckpt, device), ckpt
 
 
+def _model_from(ckpt: dict, device: str) -> GPT:
+    model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 def model_config(cfg, enc) -> GPTConfig:
@@ -247,42 +313,43 @@ def model_config(cfg, enc) -> GPTConfig:
                      cfg.dropout)
 
 
-def build_model(cfg, enc, device: str) -> GPT:
-    """Random weights, an --init_from checkpoint's, or GPT-2's (--init_from gpt2:DIR, which keeps GPT-2's
-    shape and its 50,257-token vocabulary, as do checkpoints trained from it)."""
-    if cfg.init_from.startswith(PRETRAINED):
-        return load_gpt2(cfg.init_from, enc, cfg.block_size, cfg.dropout).to(device)
-    if cfg.init_from:
-        return load_checkpoint(cfg.init_from, model_config(cfg, enc), device, cfg.encoding, enc.n_vocab)[0]
-    return GPT(model_config(cfg, enc)).to(device)
-
-
-def init_origin(cfg) -> tuple[str, int]:
-    """The stage an --init_from checkpoint ended and its position in the data stream (steps read), so a
-    stage run by hand from it is named by its history and reads on where it stopped; ("", 0) otherwise."""
-    if not cfg.init_from or cfg.init_from.startswith(PRETRAINED):
-        return "", 0
+def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
+    """Random weights, the --init_from checkpoint's (from `inputs`, read once; else read here), or
+    GPT-2's (--init_from gpt2:DIR, which keeps GPT-2's shape and its 50,257-token vocabulary, as do
+    checkpoints trained from it). A model too large for memory is a flag error, not a traceback."""
     try:
-        ckpt = read_checkpoint(cfg.init_from, None, "cpu", mmap=True)  # a cheap look: the tensors stay on disk
-    except ValueError:  # a legacy (not zip) file cannot be mapped: read it whole, or say what is wrong with it
-        ckpt = read_checkpoint(cfg.init_from, None, "cpu")
-    stage, start, step = ckpt.get("stage", ""), ckpt.get("stream_start", 0), ckpt.get("step", 0)
-    if not (isinstance(stage, str) and isinstance(start, int) and isinstance(step, int)):
-        raise ValueError(f"{cfg.init_from}: its stage, stream_start or step entry is not a name or a number")
-    return stage, start + step
+        if cfg.init_from.startswith(PRETRAINED):
+            return load_gpt2(cfg.init_from, enc, cfg.block_size, cfg.dropout).to(device)
+        if cfg.init_from:
+            init = inputs.init if inputs is not None and inputs.init is not None else read_checkpoint(
+                cfg.init_from, None, "cpu")
+            check_shape(init, cfg.init_from, model_config(cfg, enc), cfg.encoding, enc.n_vocab)
+            return _model_from(init, device)
+        return GPT(model_config(cfg, enc)).to(device)
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        raise ValueError(f"the model does not fit in memory (--n_layer {cfg.n_layer}, --n_embd {cfg.n_embd}, "
+                         f"--block_size {cfg.block_size}, a vocabulary of {enc.n_vocab}): {err}") from None
+    except RuntimeError as err:  # the CPU allocator's failure is a RuntimeError
+        if "alloc" not in str(err):
+            raise
+        raise ValueError(f"the model does not fit in memory (--n_layer {cfg.n_layer}, --n_embd {cfg.n_embd}, "
+                         f"--block_size {cfg.block_size}, a vocabulary of {enc.n_vocab})") from None
 
+
+# ---------------------------------------------------------------------------------------------
+# The training loop's hook
 
 # --ckpt_interval 0: write a checkpoint after the first step that ends this many seconds after the
-# last write. A write of the default model costs milliseconds (see the README), invisible at this rate.
+# last write. A write of the default model costs milliseconds, invisible at this rate.
 AUTO_CKPT_SECONDS = 300.0
 
 
 class StageCheckpoint:
     """One stage's checkpoint as the training loop sees it: what to resume from, when to write.
 
-    `saved` is this stage's checkpoint when resuming (optimizer, step and RNG are restored from it);
-    `extra` is stored in every write (what run() needs to resume the stages around this one). With
-    no `path` nothing is written (experiment.py's arms).
+    `saved` is this stage's checkpoint when resuming; `extra` goes into every write (what run() needs
+    to resume the stages around this one). With no `path` nothing is written (experiment.py's arms).
+    Every write holds every rank's RNG state, so dropout resumes exactly on each rank.
     """
 
     def __init__(self, path: str | None, cfg, stage: str, log: list[dict], saved: dict | None = None,
@@ -290,14 +357,14 @@ class StageCheckpoint:
         self.path, self.cfg, self.stage, self.log, self.saved = path, cfg, stage, log, saved
         self.extra, self.stop, self.dist = extra or {}, stop, dist or Dist()
         self.start = time.time() - (saved.get("elapsed", 0.0) if saved else 0.0)
-        self.last_write = time.time()
+        self.last_write, self.rng_ranks = time.time(), (None, None)  # (step, the ranks' states at it)
 
     def restore(self, optimizer: torch.optim.Optimizer) -> int:
-        """The step to start from: 0, or the saved one with the optimizer and RNG as they were."""
+        """The step to start from: 0, or the saved one with the optimizer and this rank's RNG as they were."""
         if self.saved is None:
             return 0
         optimizer.load_state_dict(self.saved["optimizer"])
-        restore_rng(self.saved)
+        restore_rng(self.saved, self.dist.rank)
         return self.saved["step"]
 
     def elapsed(self) -> float:
@@ -305,26 +372,26 @@ class StageCheckpoint:
         return time.time() - self.start
 
     def save(self, step: int, model: GPT, optimizer) -> None:
+        """Write the checkpoint of `step`. Every rank calls it at the same steps (the RNG states are
+        gathered), except a second write of the same step, which reuses them (rank 0 only, after evaluating)."""
+        if self.rng_ranks[0] != step:
+            self.rng_ranks = (step, self.dist.gather(rng_state()))
         if self.path and self.dist.master:
-            save_checkpoint(self.path, model, optimizer, self.cfg, step, {"stage": self.stage, "log": self.log,
-                            "world": self.dist.world, **self.extra, "elapsed": self.elapsed()})
+            save_checkpoint(self.path, model, optimizer, self.cfg, step, {
+                "stage": self.stage, "log": self.log, "world": self.dist.world, **self.extra,
+                "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]})
         self.last_write = time.time()
 
     def due(self, done: int, iters: int) -> bool:
-        """Whether to write after step `done`: every --ckpt_interval steps, or with --ckpt_interval 0
-        (the default) once AUTO_CKPT_SECONDS of wall time have passed since the last write, so a kill -9
-        loses minutes, not a stage. Never after the last step: the stage's end writes anyway. The
-        decision may differ between ranks; only rank 0 writes, with no collective, so that is harmless."""
-        if done >= iters:
-            return False
-        if self.cfg.ckpt_interval:
-            return done % self.cfg.ckpt_interval == 0
-        return time.time() - self.last_write >= AUTO_CKPT_SECONDS
+        """Every --ckpt_interval steps, or (0, the default) once AUTO_CKPT_SECONDS have passed since the last
+        write, so a kill -9 loses minutes, not a stage; never after the last step (the stage's end writes)."""
+        interval = self.cfg.ckpt_interval
+        return done < iters and (done % interval == 0 if interval else time.time() - self.last_write >= AUTO_CKPT_SECONDS)
 
     def after_step(self, done: int, iters: int, model: GPT, optimizer) -> None:
-        """Write when `due`; on a stop signal write, then raise Interrupted."""
-        stopping = self.stop is not None and self.stop.requested(self.dist)
-        if stopping or self.due(done, iters):
+        """Write when `due`; on a stop signal write, then raise Interrupted. All ranks decide together."""
+        stopping, due = self.dist.any(self.stop is not None and self.stop.received, self.due(done, iters))
+        if stopping or due:
             self.save(done, model, optimizer)
         if stopping:
             raise Interrupted(f"{self.stage} stopped by signal after step {done} of {iters}; checkpoint written "
@@ -332,150 +399,128 @@ class StageCheckpoint:
 
 
 # ---------------------------------------------------------------------------------------------
-# One run per folder: what a run is, the checks before training, the lock
+# Resuming: the same flags, the same input bytes, a complete checkpoint
 
-TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .NAME.<random>.tmp beside NAME
-LOCK_NAME = ".sftkey.lock"
-CKPT_NAME, RESULTS_NAME = "ckpt.pt", "results.json"
-
-# TrainConfig fields that may differ on --resume: they cannot change the weights or the results.
-# Every other field, including any added later, must match: the rule is an allow-list, so a new
-# flag is compared until someone decides it is neutral and says why here.
-RESULT_NEUTRAL = {
-    "out_dir": "where the files are (a folder may be moved, then resumed)",
-    "resume": "how the run starts, not what it computes",
-    "overwrite": "idem",
-    "log_interval": "how often a log line is printed (no weight or RNG state is touched)",
-    "eval_interval": "how often the validation loss is measured (in eval mode: no RNG drawn)",
-    "eval_batch_size": "how many prompts are generated together (each row is independent of the others)",
-    "ckpt_interval": "how often checkpoints are written",
-    # Where and how the same arithmetic runs. A run may be finished on another machine; the result
-    # is then a valid continuation but not bitwise the uninterrupted run's (rounding differs, and
-    # dropout draws from the CUDA generator on a GPU). --dtype is compared: it is a numeric choice
-    # of the experiment (bfloat16 matmuls), not a place. (--dtype auto is compared as written.)
-    "device": "where the run computes (rounding differs, see above)",
-    "compile": "the same model, fused (rounding differs)",
-}
-
-
-def _show(value) -> str:
-    return "(empty)" if value == "" else str(value)
-
-
-_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256: each file is read once per process
-
-
-def _sha256(path: str) -> str:
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
-
-
-def file_hashes(cfg) -> dict[str, str]:
-    """The sha256 of each input file the flags name, by flag: --data, --eval_data, a .tiktoken
-    --encoding and an --init_from checkpoint. Another file at the same path (an edited dataset) is
-    another run; a size and a modification time would not tell. (--init_from gpt2:DIR is compared
-    by its path only.)"""
-    encoding = cfg.encoding if cfg.encoding.endswith(".tiktoken") or os.path.sep in cfg.encoding else ""
-    init_from = "" if cfg.init_from.startswith(PRETRAINED) else cfg.init_from
-    named = {"--data": getattr(cfg, "data", ""), "--eval_data": getattr(cfg, "eval_data", ""),
-             "--encoding": encoding, "--init_from": init_from}
-    return {flag: _sha256(path) for flag, path in named.items() if path and os.path.isfile(path)}
-
-
-def resume_mismatches(ckpt: dict, cfg, files: bool = True) -> list[str]:
-    """What differs between the run that wrote `ckpt` and the flags `cfg`, one entry per flag with
-    both values: every TrainConfig field but RESULT_NEUTRAL's, then (with `files`) the input files'
-    contents. A checkpoint whose step lies beyond --max_iters differs in --max_iters."""
+def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> list[str]:
+    """What differs between the run that wrote `ckpt` and the flags `cfg`, one entry per flag with both
+    values: every field runtime.FLAGS marks "same" on resume, then (given `hashes`, the sha256 of
+    this run's inputs) the input files' contents."""
     saved, here = ckpt.get("train_config"), dataclasses.asdict(cfg)
     if not isinstance(saved, dict):
         return ["the checkpoint records no flags (train_config)"]
-    diffs = []
-    for name in [*here, *(k for k in saved if k not in here)]:
-        if name in RESULT_NEUTRAL:
-            continue
-        if name not in saved:
-            diffs.append(f"--{name}: not recorded in the checkpoint (written before the flag existed), "
-                         f"{_show(here[name])} here")
-        elif name not in here:
-            diffs.append(f"--{name}: {_show(saved[name])} in the checkpoint, no such flag here")
-        elif saved[name] != here[name]:
-            diffs.append(f"--{name}: {_show(saved[name])} in the checkpoint, {_show(here[name])} here")
-    saved_files = ckpt.get("file_hashes")
-    saved_files = saved_files if isinstance(saved_files, dict) else {}
-    for flag, digest in file_hashes(cfg).items() if files else ():
-        if flag[2:] in saved and saved[flag[2:]] != here[flag[2:]]:
-            continue  # another path: named above
-        if saved_files.get(flag) != digest:
-            was = f"sha256 {saved_files[flag][:12]}…" if flag in saved_files else "not recorded"
-            diffs.append(f"{flag} {here[flag[2:]]}: other contents ({was} in the checkpoint, "
-                         f"sha256 {digest[:12]}… here)")
+    absent, diffs = object(), []
+    show = lambda value, missing: missing if value is absent else "(empty)" if value == "" else str(value)  # noqa: E731
+    for name in dict.fromkeys([*here, *saved]):  # a flag unknown here (from a later version) is compared too
+        before, now = saved.get(name, absent), here.get(name, absent)
+        if runtime.FLAGS.get(name, ("", "same"))[1] == "same" and before != now:
+            diffs.append(f"--{name}: {show(before, 'not recorded')} in the checkpoint, {show(now, 'no such flag')} here")
+    recorded = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
+    for flag, digest in (hashes or {}).items():
+        if saved.get(flag[2:]) == here[flag[2:]] and recorded.get(flag) != digest:  # another path: named above
+            was = f"sha256 {recorded[flag][:12]}…" if flag in recorded else "not recorded"
+            diffs.append(f"{flag} {here[flag[2:]]}: other contents ({was} in the checkpoint, sha256 {digest[:12]}… here)")
     return diffs
 
 
-_RESUME_ENTRIES = {"step": int, "log": list, "results": dict, "seconds": dict, "stage": str,
-                   "rng": torch.Tensor, "cuda_rng": list}
+_RESUME_ENTRIES = {"step": int, "log": list, "results": dict, "seconds": dict, "stage": str, "rng_ranks": list,
+                   "optimizer": dict}
 
 
-def check_resume_checkpoint(ckpt: dict, path: str) -> None:
-    """Refuse, with one ValueError naming the file and every problem, a checkpoint (already read by
-    read_checkpoint) that --resume could not continue from: weights that do not fit its own model
-    config, no optimizer state, or a missing or mistyped step, log, results, RNG state or stage name."""
-    problems = []
-    with torch.device("meta"):  # shapes only, no memory
-        reference = GPT(GPTConfig(**ckpt["model_config"]))
-    weights = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
-    if not isinstance(ckpt["model"], dict):
-        problems.append(f"'model' is a {type(ckpt['model']).__name__}, not a dict of tensors")
-    expected = reference.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    misshapen = [k for k in expected if k in weights and
-                 (not isinstance(weights[k], torch.Tensor) or weights[k].shape != expected[k].shape)]
-    for what, names in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
-        if names:
-            problems.append(f"{len(names)} {what} weight tensor(s) ({', '.join(names[:3])})")
-    optimizer = ckpt.get("optimizer")
-    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or not isinstance(groups, list):
-        problems.append(f"no optimizer state ('optimizer' is {type(optimizer).__name__})")
-    elif sum(len(g.get("params", [])) if isinstance(g, dict) else 0 for g in groups) != len(
-            list(reference.parameters())):
-        problems.append("its optimizer state is not for this model's parameters")
-    for key, kind in _RESUME_ENTRIES.items():
-        if key not in ckpt:
-            problems.append(f"no '{key}' entry")
-        elif not isinstance(ckpt[key], kind) or (kind is int and isinstance(ckpt[key], bool)):
-            article = "an" if kind.__name__[0] in "aeiou" else "a"
-            problems.append(f"'{key}' is a {type(ckpt[key]).__name__}, not {article} {kind.__name__}")
-    if isinstance(ckpt.get("step"), int) and ckpt["step"] < 0:
-        problems.append(f"'step' is {ckpt['step']}")
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    if isinstance(ckpt.get("stage"), str) and ckpt["stage"] != folder:
-        problems.append(f"it is stage {ckpt['stage']}'s checkpoint, found in the folder {folder}")
+def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[str, str]) -> None:
+    """Refuse, in one ValueError naming the file and every problem, a checkpoint --resume cannot
+    continue: another run's (flags, input bytes, ranks), or one lacking what resuming needs."""
+    ckpt = read_checkpoint(path, expected, "cpu", cfg.encoding, mmap=True)
+    problems = [f"no '{key}' entry" if key not in ckpt else f"'{key}' is a {type(ckpt[key]).__name__}, not "
+                f"{'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__}"
+                for key, kind in _RESUME_ENTRIES.items() if type(ckpt.get(key)) is not kind]
+    if not problems and (ckpt["step"] < 0 or len(ckpt["rng_ranks"]) != ckpt.get("world", 1)
+                         or ckpt["stage"] != os.path.basename(os.path.dirname(path))):
+        problems.append(f"step {ckpt['step']}, {len(ckpt['rng_ranks'])} RNG states for {ckpt.get('world', 1)} "
+                        f"rank(s), stage {ckpt['stage']} in the folder {os.path.basename(os.path.dirname(path))}")
     if problems:
         raise ValueError(f"{path}: not a checkpoint --resume can continue from: {'; '.join(problems)}")
+    diffs = resume_mismatches(ckpt, cfg, hashes)
+    if ckpt.get("world", 1) != world:
+        diffs.append(f"ranks: {ckpt.get('world', 1)} in the checkpoint, {world} here (they set the batch, "
+                     f"--batch_size x --grad_accum x ranks)")
+    if diffs:
+        raise ValueError(f"{path} was written by another run: {'; '.join(diffs)}. Resume with the flags and files "
+                         f"it was written with, start afresh with --overwrite (deletes that run's files), or choose "
+                         f"another --out_dir")
 
 
-def run_files(out_dir: str) -> list[str]:
-    """The files in `out_dir` that make it a run's folder: every STAGE/ckpt.pt and results.json."""
-    if not os.path.isdir(out_dir):
-        return []
-    found = sorted(os.path.join(out_dir, name, CKPT_NAME) for name in os.listdir(out_dir)
-                   if os.path.isfile(os.path.join(out_dir, name, CKPT_NAME)))
-    results = os.path.join(out_dir, RESULTS_NAME)
-    return found + ([results] if os.path.isfile(results) else [])
+# ---------------------------------------------------------------------------------------------
+# One run per folder
+
+def found_files(out_dir: str) -> list[str]:
+    """The run files in out_dir (RUN_FILES at the top, ckpt.pt one or two folders down), not following links."""
+    found = []
+    for folder, subfolders, files in os.walk(out_dir):
+        depth = os.path.relpath(folder, out_dir).count(os.sep) + (folder != out_dir)
+        found += [os.path.join(folder, f) for f in files if f in (RUN_FILES if depth == 0 else (CKPT_NAME,))]
+        if depth >= 2:
+            subfolders.clear()
+    return sorted(found)
 
 
-def _unwritable(out_dir: str, problems: list[str]) -> ValueError:
-    return ValueError(f"--out_dir {out_dir}: the run could not write its files there: {'; '.join(problems)}. "
-                      f"Nothing was trained; fix this or choose another --out_dir")
+class RunFolder:
+    """--out_dir, held by one run from `take` to the end of the `with` block.
+
+    `take(plan)` (after the flags and the data are checked, so bad input writes nothing) locks the
+    folder (FolderLock), then checks it against the plan, the files this run writes (tuples of
+    names under out_dir): each is an owned_path; any run file found outside the plan refuses the
+    folder, --overwrite or not (it is another run's, or an interrupted one's); run files of the plan
+    refuse a fresh run unless --overwrite, which deletes exactly them; --resume keeps them and hands
+    each checkpoint to `check`. Temporaries of writes killed mid-way are removed."""
+
+    def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True):
+        self.out_dir, self.overwrite, self.resume, self.resumable = out_dir, overwrite, resume, resumable
+        self.lock = FolderLock(out_dir)
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None = None,
+             master: bool = True) -> None:
+        if not master:  # the other ranks of a torchrun job share rank 0's folder
+            return
+        self.lock.acquire()
+        out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]
+        found = found_files(out)
+        strangers = [p for p in found if p not in planned]
+        if strangers:
+            raise ValueError(f"--out_dir {out} holds files this run does not write ({', '.join(strangers[:3])}"
+                             f"{', …' * (len(strangers) > 3)}): another run's. This run writes only "
+                             f"{', '.join(os.path.relpath(p, out) for p in planned)}; choose another --out_dir, "
+                             f"or move those files away")
+        problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)]
+        problems += [f"{os.path.dirname(p)} is a file, not a folder" for p in planned
+                     if os.path.lexists(os.path.dirname(p)) and not os.path.isdir(os.path.dirname(p))]
+        problems += [why for why in {_probe(os.path.dirname(p)) for p in planned if os.path.isdir(os.path.dirname(p))} if why]
+        if problems:
+            raise ValueError(f"--out_dir {out}: the run could not write its files there: {'; '.join(problems)}. "
+                             f"Nothing was trained; fix this or choose another --out_dir")
+        for folder in {os.path.dirname(p) for p in planned if os.path.isdir(os.path.dirname(p))}:
+            for entry in os.listdir(folder):  # the folder is locked: no other writer owns these
+                if entry.startswith(".") and entry.endswith(TMP_SUFFIX) and entry != LOCK_NAME:
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(folder, entry))
+        if self.resume:
+            if not any(p.endswith(CKPT_NAME) for p in found):
+                print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr, flush=True)
+            for path in (p for p in found if p.endswith(CKPT_NAME) and check is not None):
+                check(path)
+        elif found and not self.overwrite:
+            raise ValueError(f"--out_dir {out} holds the files of an earlier run ({', '.join(found)}): "
+                             + ("continue it with --resume (and the same flags), " if self.resumable else "")
+                             + "delete them with --overwrite, or choose another --out_dir")
+        elif found:
+            for path in found:
+                os.unlink(path)
+            print(f"--overwrite: deleted {', '.join(found)}", file=sys.stderr, flush=True)
 
 
 def _probe(folder: str) -> str | None:
@@ -489,118 +534,11 @@ def _probe(folder: str) -> str | None:
     return None
 
 
-def check_writable(out_dir: str, stages: list[str]) -> None:
-    """Every path the run writes, checked before training: out_dir (created here if absent, as the
-    lock needs it), out_dir/STAGE/, out_dir/STAGE/ckpt.pt, out_dir/results.json. A stage folder that
-    does not exist yet is not created (an interrupted run leaves no empty folders): that it can be
-    made follows from out_dir being writable. One ValueError lists every problem."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:  # a read-only file system, a path under a file, no permission
-        raise _unwritable(out_dir, [f"cannot create {out_dir} ({err.strerror or err})"]) from None
-    problems = [p for p in [_probe(out_dir)] if p]
-    targets = [(os.path.join(out_dir, stage), os.path.join(out_dir, stage, CKPT_NAME)) for stage in stages]
-    for folder, ckpt in targets:
-        if os.path.lexists(folder) and not os.path.isdir(folder):
-            problems.append(f"{folder} is a file, not a folder")
-        elif os.path.isdir(folder):
-            problems += [p for p in [_probe(folder)] if p]
-            if os.path.isdir(ckpt):
-                problems.append(f"{ckpt} is a folder, not a file")
-    results = os.path.join(out_dir, RESULTS_NAME)
-    if os.path.isdir(results):
-        problems.append(f"{results} is a folder, not a file")
-    if problems:
-        raise _unwritable(out_dir, problems)
-
-
-def _remove_leftover_temporaries(out_dir: str, stages: list[str]) -> None:
-    """Temporary files of writes killed mid-way (kill -9), by atomic_write's own naming: with the
-    folder locked no other writer can own them."""
-    for folder, name in [(out_dir, RESULTS_NAME), *((os.path.join(out_dir, s), CKPT_NAME) for s in stages)]:
-        if os.path.isdir(folder):
-            for entry in os.listdir(folder):
-                if entry.startswith(f".{name}.") and entry.endswith(TMP_SUFFIX):
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(folder, entry))
-
-
-def prepare_out_dir(cfg, stages: list[str], expected: GPTConfig | None = None, world: int = 1) -> None:
-    """The checks of --out_dir before training (call it with the folder locked, after the flags and
-    the data were checked, so bad input still writes nothing):
-
-    - every path the run writes can be written (check_writable);
-    - a fresh run refuses a folder holding another run's files (any STAGE/ckpt.pt or results.json)
-      unless --overwrite, which deletes exactly those files first, nothing else;
-    - --resume accepts only checkpoints of this run: each one found (finished stages included) is
-      read, its contents checked (check_resume_checkpoint) and its flags and input files compared
-      (resume_mismatches), the number of ranks too (it sets the batch: --batch_size x --grad_accum x
-      ranks); a folder with no checkpoint starts from step 0 with a note saying so.
-    `expected` is the model's config, checked against the checkpoints' (read_checkpoint). --eval_only
-    writes only results.json, so only that counts as an earlier run's file for it, and --overwrite
-    never deletes the --init_from checkpoint the run starts from.
-    """
-    out, overwrite = cfg.out_dir, getattr(cfg, "overwrite", False)
-    check_writable(out, stages)
-    _remove_leftover_temporaries(out, stages)
-    found = [p for p in run_files(out) if p.endswith(RESULTS_NAME) or not getattr(cfg, "eval_only", False)]
-    if not cfg.resume:
-        start = [p for p in found if os.path.isfile(cfg.init_from) and os.path.samefile(p, cfg.init_from)]
-        if start and overwrite:
-            raise ValueError(f"--overwrite would delete {start[0]}, the --init_from checkpoint this run starts from: "
-                             f"copy it elsewhere first, or choose another --out_dir")
-        if found and not overwrite:
-            raise ValueError(f"--out_dir {out} holds the files of an earlier run ({', '.join(found)}): continue it "
-                             f"with --resume (and the same flags), delete those files with --overwrite, or choose "
-                             f"another --out_dir")
-        for path in found:
-            os.unlink(path)
-        if found:
-            print(f"--overwrite: deleted {', '.join(found)}", file=sys.stderr, flush=True)
-        return
-    checkpoints = [path for path in found if path.endswith(CKPT_NAME)]
-    if not checkpoints:
-        print(f"--resume: no checkpoint in {out} (no {os.path.join(out, 'STAGE', CKPT_NAME)}): starting from step 0",
-              file=sys.stderr, flush=True)
-    for path in checkpoints:
-        ckpt = read_checkpoint(path, expected, "cpu", cfg.encoding, mmap=True)
-        check_resume_checkpoint(ckpt, path)
-        diffs = resume_mismatches(ckpt, cfg)
-        if ckpt.get("world", 1) != world:
-            diffs.append(f"ranks: {ckpt.get('world', 1)} in the checkpoint, {world} here (they set the batch, "
-                         f"--batch_size x --grad_accum x ranks)")
-        if diffs:
-            raise ValueError(f"{path} was written by another run: {'; '.join(diffs)}. Resume with the flags it was "
-                             f"written with, start afresh with --overwrite (deletes that run's files), or choose "
-                             f"another --out_dir")
-    results = os.path.join(out, RESULTS_NAME)
-    config = _results_config(results) if results in found else None
-    diffs = resume_mismatches({"train_config": config}, cfg, files=False) if config is not None else []
-    if diffs:
-        raise ValueError(f"{results} was written by another run: {'; '.join(diffs)}. Resume with the flags it was "
-                         f"written with, start afresh with --overwrite, or choose another --out_dir")
-
-
-def _results_config(path: str) -> dict | None:
-    """The flags a results.json records (None if it is unreadable or not this project's)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return summary.get("config") if isinstance(summary, dict) and isinstance(summary.get("config"), dict) else None
-
-
 class FolderLock:
-    """An exclusive lock on a run folder for the run's life (a context manager).
-
-    fcntl.flock on out_dir/.sftkey.lock: the kernel releases it when the holder's process ends, however
-    it ends (kill -9 included), so a dead run never blocks the folder, and no pid guesswork decides
-    whether a holder is alive. The file holds "pid host" to name the holder: a second run refuses at
-    once with a ValueError naming them; a file left by a process that no longer holds the lock is
-    taken over with a one-line note. The file is removed on release. Where fcntl is missing
-    (Windows) there is no lock, and a note says so.
-    """
+    """An exclusive lock on a run folder for the run's life: fcntl.flock on out_dir/.sftkey.lock,
+    released by the kernel when the holder's process ends however it ends (kill -9 too), so a dead run
+    never blocks the folder. The file names the holder ("pid host"); a second run is refused at once
+    naming it. Where fcntl is missing (Windows) there is no lock, and a note says so."""
 
     def __init__(self, out_dir: str):
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
@@ -612,7 +550,7 @@ class FolderLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def _read_holder(self, fd: int) -> str:
+    def _holder(self, fd: int) -> str:
         os.lseek(fd, 0, os.SEEK_SET)
         return os.read(fd, 200).decode("utf-8", "replace").strip()
 
@@ -622,35 +560,32 @@ class FolderLock:
                   file=sys.stderr, flush=True)
             return
         try:
-            os.makedirs(self.out_dir, exist_ok=True)
+            make_folders(self.out_dir)
         except OSError as err:  # a read-only file system, a path under a file, no permission
-            raise _unwritable(self.out_dir, [f"cannot create {self.out_dir} ({err.strerror or err})"]) from None
+            raise ValueError(f"--out_dir {self.out_dir}: the run could not write its files there: cannot create "
+                             f"{self.out_dir} ({err.strerror or err}). Nothing was trained") from None
         while True:
             try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, never followed
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except OSError as err:
-                raise _unwritable(self.out_dir, [f"cannot create the lock {self.path} ({err.strerror})"]) from None
+                raise ValueError(f"--out_dir {self.out_dir}: cannot create the lock {self.path} ({err.strerror}); "
+                                 f"nothing was trained") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = self._read_holder(fd)
+                pid, _, host = self._holder(fd).partition(" ")
                 os.close(fd)
-                pid, _, host = holder.partition(" ")
                 who = f"pid {pid} on {host}" if pid else "a process that is just starting"
                 raise ValueError(f"--out_dir {self.out_dir} is in use by another run ({who}; lock {self.path}): "
                                  f"wait for it to end, or choose another --out_dir") from None
-            # A holder releasing unlinks the file: if that happened between our open and flock, the
-            # lock we hold is on a file nobody else will see. Start again on the current one.
-            try:
-                current = os.stat(self.path, follow_symlinks=False)
-            except FileNotFoundError:
-                current = None
-            mine = os.fstat(fd)
-            if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
-                break
+            # A holder releasing unlinks the file: if that happened between our open and flock, the lock
+            # we hold is on a file nobody else sees. Start again on the current one.
+            with contextlib.suppress(FileNotFoundError):
+                current, mine = os.stat(self.path, follow_symlinks=False), os.fstat(fd)
+                if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+                    break
             os.close(fd)
-        previous = self._read_holder(fd)
-        if previous:
+        if previous := self._holder(fd):
             pid, _, host = previous.partition(" ")
             print(f"note: took over the lock {self.path} left by pid {pid} on {host}, which no longer holds it",
                   file=sys.stderr, flush=True)
@@ -666,27 +601,6 @@ class FolderLock:
             os.unlink(self.path)
         os.close(self.fd)
         self.fd = None
-
-
-class RunFolder:
-    """--out_dir for one run of train.py, held from `take` to the end of the `with` block. `take` comes
-    after the flags and the data are checked (bad input writes nothing): it locks the folder
-    (FolderLock) and runs prepare_out_dir's checks, on rank 0 only (`master`; the other ranks of a
-    torchrun job share rank 0's folder)."""
-
-    def __init__(self, cfg):
-        self.cfg, self.lock = cfg, FolderLock(cfg.out_dir)
-
-    def __enter__(self) -> RunFolder:
-        return self
-
-    def take(self, stages: list[str], expected: GPTConfig | None = None, master: bool = True, world: int = 1) -> None:
-        if master:
-            self.lock.acquire()
-            prepare_out_dir(self.cfg, stages, expected, world)  # a refusal releases the lock as the block ends
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,10 +19,12 @@ other names for --max_iters, --stage2_iters and --key_weight.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
+
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -61,7 +63,7 @@ def arm_config(cfg: train.TrainConfig, name: str) -> train.TrainConfig:
 
 
 def arm_stages(cfg: train.TrainConfig, name: str, before: str = "") -> list[sftkey.Stage]:
-    """An arm's stages; `before` is the stage an --init_from checkpoint ended (ckpts.init_origin)."""
+    """An arm's stages; `before` is the stage an --init_from checkpoint ended (ckpts.Inputs.origin)."""
     return train.plan_stages(arm_config(cfg, name), before)
 
 
@@ -150,14 +152,16 @@ class Trained:
 
 
 def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: torch.dtype, on_result,
-             save_ckpt: bool = False) -> None:
+             save_ckpt: bool = False, inputs: ckpts.Inputs | None = None) -> None:
     """Every arm in `names` at the seed cfg.seed, each trained through its stages as train.py would.
 
     Stages that arms share from the start are trained once: sftkey_tag and sft_tag_long both begin
     with sft_tag's stage, so the state after it is kept in memory and both continue from it (with the
     data stream read on where it stopped). `on_result(arm, result, log_rows)` follows each arm.
+    `inputs`: the input files, read once (ckpts.read_inputs; read here when not given).
     """
-    before, start = ckpts.init_origin(cfg)
+    inputs = inputs or ckpts.read_inputs(cfg)
+    before, start = inputs.origin
     plans = {name: (not arm_config(cfg, name).untagged, tuple(arm_stages(cfg, name, before))) for name in names}
     shared = {(tagged, stages[:j]) for tagged, stages in plans.values() for j in range(1, len(stages))}
     kept: dict[tuple, Trained] = {}  # (tagged, the stages trained) -> the state after them
@@ -165,7 +169,7 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
     for name in names:
         arm_cfg, (tagged, stages) = arm_config(cfg, name), plans[name]
         if tagged not in datasets:  # both layouts of the same examples, tokenized once per seed
-            datasets[tagged] = D.load_data(arm_cfg, enc)
+            datasets[tagged] = D.load_data(arm_cfg, enc, inputs.raw, cfg.batch_size * cfg.grad_accum)
         train_set, val_set, test = datasets[tagged]
         done = max((j for j in range(1, len(stages) + 1) if (tagged, stages[:j]) in kept), default=0)
         if done:  # an earlier arm trained this arm's first `done` stages
@@ -176,7 +180,7 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
             seconds, rows = list(state.seconds), list(state.rows)
         else:
             torch.manual_seed(cfg.seed)  # every arm starts from the same initial weights at this seed
-            model, seconds, rows = ckpts.build_model(arm_cfg, enc, device), [], []
+            model, seconds, rows = ckpts.build_model(arm_cfg, enc, device, inputs), [], []
         optimizer = None
         for j in range(done, len(stages)):
             stage, offset, log, t0 = stages[j], start + sum(s.iters for s in stages[:j]), [], time.time()
@@ -189,7 +193,7 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
                 kept[tagged, stages[:j + 1]] = Trained(model.config, snapshot(model), ckpts.rng_state(),
                                                        list(seconds), list(rows))
         if save_ckpt:
-            path = os.path.join(cfg.out_dir, f"seed{cfg.seed}", name, "ckpt.pt")
+            path = ckpts.owned_path(cfg.out_dir, f"seed{cfg.seed}", name, ckpts.CKPT_NAME)
             ckpts.save_checkpoint(path, model, optimizer, arm_cfg, stages[-1].iters, {
                 "stage": stages[-1].name, "stream_start": start + sum(s.iters for s in stages[:-1])})
         t1 = time.time()
@@ -202,9 +206,8 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
 class Recorder:
     """Collects results and loss rows and rewrites every output file after each arm."""
 
-    def __init__(self, cfg: train.TrainConfig, names: list[str], seeds: list[int], n_boot: int):
+    def __init__(self, cfg: train.TrainConfig, names: list[str], seeds: list[int], n_boot: int, before: str = ""):
         self.cfg, self.names, self.seeds, self.n_boot = cfg, names, seeds, n_boot
-        before = ckpts.init_origin(cfg)[0]  # read once: the summary is rewritten after every arm
         self.stages = {n: [dataclasses.asdict(s) for s in arm_stages(cfg, n, before)] for n in names}
         self.results: dict[str, list[dict]] = {n: [] for n in names}
         self.rows: list[dict] = []
@@ -232,9 +235,9 @@ class Recorder:
     def write(self, complete: bool) -> dict:
         summary = self.summary(complete)
         out = self.cfg.out_dir
-        ckpts.write_json(os.path.join(out, "results.json"), summary)
-        ckpts.write_text(os.path.join(out, "results.md"), markdown(summary))
-        ckpts.write_text(os.path.join(out, "loss_log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rows))
+        ckpts.write_json(ckpts.owned_path(out, "results.json"), summary)
+        ckpts.write_text(ckpts.owned_path(out, "results.md"), markdown(summary))
+        ckpts.write_text(ckpts.owned_path(out, "loss_log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rows))
         return summary
 
 
@@ -308,7 +311,7 @@ def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
             ax.yaxis.set_minor_formatter(ticker.FuncFormatter(
                 lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "25" else ""))
             ax.legend()
-        written.append(_save(fig, os.path.join(out_dir, "val_loss.png")))
+        written.append(_save(fig, ckpts.owned_path(out_dir, "val_loss.png")))
     names = list(summary["aggregates"])
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 4))
     x = np.arange(len(names))
@@ -321,7 +324,7 @@ def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
     ax.set(ylim=(0, 1.05), ylabel="fraction of test problems",
            title=f"Acc and Fmt per arm (mean ± std over {len(summary['seeds'])} seeds)")
     ax.legend()
-    written.append(_save(fig, os.path.join(out_dir, "accuracy.png")))
+    written.append(_save(fig, ckpts.owned_path(out_dir, "accuracy.png")))
     return written
 
 
@@ -378,15 +381,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     names = [n.strip() for n in args.pop("arms").split(",") if n.strip()]
     own = {"names": names, "n_seeds": args.pop("seeds"), "n_boot": args.pop("n_boot"),
            "save_ckpt": args.pop("save_ckpt"), "plot_only": args.pop("plot_only")}
-    cfg = train.TrainConfig(**args)
-    defaults, refused = train.TrainConfig(), {  # flag -> why the experiment does not take it
-        "resume": "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)",
-        "eval_only": "it trains every arm (evaluate one checkpoint with train.py --eval_only)",
-        "ckpt_interval": "arms write no checkpoints on the way (--save_ckpt keeps each arm's final weights)",
-        **{flag: "the arms set the loss and the layout themselves" for flag in
-           ("weights", "stage2_weights", "key_only", "untagged")}}
-    for flag, why in refused.items():  # before check_config, which would read them as the user's
-        if getattr(cfg, flag) != getattr(defaults, flag):
+    cfg, defaults = train.TrainConfig(**args), train.TrainConfig()
+    for flag, (_, _, use) in runtime.FLAGS.items():  # before check_config, which would read them as the user's
+        if use not in ("all", "arm") and getattr(cfg, flag) != getattr(defaults, flag):
+            why = runtime.ARMS_SET if use == "set" else use
             raise ValueError(f"--{flag} does not apply to the experiment: {why}")
     runtime.check_config(cfg)  # train.py's flag checks, stage 2's learning rate among them
     if (cfg.data and not cfg.eval_data) or (not cfg.data and cfg.n_test < 1):  # train.py would train, not score
@@ -422,19 +420,23 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
         return None
     run_names = [n for n in ARM_NAMES if n in names]  # in ARM_NAMES order, each once
     device, dtype = runtime.resolve_device(cfg)
-    enc = D.get_encoding(cfg.encoding)
+    inputs = ckpts.read_inputs(cfg)  # every input file read once, for every arm and seed
+    enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
     seeds = [cfg.seed + k for k in range(n_seeds)]
-    recorder = Recorder(cfg, run_names, seeds, n_boot)
+    recorder = Recorder(cfg, run_names, seeds, n_boot, inputs.origin[0])
     print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "
           f"{cfg.stage2_iters} | device {device} | {runtime.dtype_name(dtype)}", flush=True)
     for name in run_names:
         print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}, "
                                           f"{s['iters']} steps, peak lr {s['lr']:g})" for s in recorder.stages[name]))
-    D.load_data(arm_config(cfg, run_names[0]), enc)  # bad input stops here, before the folder is taken
-    with ckpts.RunFolder(cfg) as folder:  # one run per folder: a second one, or an earlier one's results, refused
-        folder.take([])
+    D.load_data(arm_config(cfg, run_names[0]), enc, inputs.raw, cfg.batch_size * cfg.grad_accum)  # bad input: here
+    plan = [(name,) for name in ckpts.RUN_FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds for n in run_names
+                                                    if save_ckpt]
+    with runtime.StopSignal(), ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resumable=False) as folder:
+        folder.take(plan)  # one run per folder: a second one, or another run's files, refused
         for seed in seeds:
-            run_seed(dataclasses.replace(cfg, seed=seed), run_names, enc, device, dtype, recorder.add, save_ckpt)
+            run_seed(dataclasses.replace(cfg, seed=seed), run_names, enc, device, dtype, recorder.add, save_ckpt,
+                     inputs)
         summary = recorder.write(complete=True)
     print("\n" + markdown(summary))
     images = plot(summary, recorder.rows, cfg.out_dir)
@@ -448,18 +450,12 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    """Errors and stops in one line each (runtime.command); after a stop the files in --out_dir hold
+    every arm finished so far ("complete": false)."""
+    def work() -> None:
         cfg, own = parse_args(argv)
         run_experiment(cfg, **own)
-    except (FileNotFoundError, ValueError) as err:  # bad input or flags: one clear line
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (FloatingPointError, OSError) as err:  # OSError: a failed write (checkpoints.WriteError), say
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # the files on disk hold every arm finished so far ("complete": false)
-        print("\ninterrupted: the results of the arms already finished are in --out_dir", file=sys.stderr)
-        sys.exit(130)
+    runtime.command(work)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -136,6 +137,21 @@ class Dist:
             torch.distributed.all_reduce(value, op=getattr(torch.distributed.ReduceOp, op.upper()))
         return value
 
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag, true when it is true on any rank: every rank then decides alike."""
+        if self.world == 1:
+            return list(flags)
+        return [bool(v) for v in self.all_reduce(torch.tensor([float(f) for f in flags], device=self.device),
+                                                 "max").tolist()]
+
+    def gather(self, value) -> list:
+        """`value` of every rank, in rank order (a collective: every rank calls it)."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
     def close(self) -> None:
         if self.world > 1:
             torch.distributed.destroy_process_group()
@@ -226,13 +242,6 @@ class StopSignal:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def requested(self, dist: Dist) -> bool:
-        """Whether to stop now; with several ranks, stop when any rank got the signal (all agree)."""
-        if dist.world == 1:
-            return self.received
-        flag = torch.tensor(float(self.received), device=dist.device)
-        return bool(dist.all_reduce(flag, op="max"))
-
 
 def describe_last(path: str | None) -> str:
     """What a stopped stage leaves to resume from, as a clause: "the last checkpoint, PATH at step N,
@@ -299,76 +308,12 @@ def gpu_bf16_peak(name: str) -> float | None:
     return None
 
 
-def matmul_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
-    """(m, k, n) of the model's largest products in a step of `tokens` positions: the vocabulary
-    projection and the MLP's up-projection. A peak timed on them is one the model itself could reach."""
-    c, m = model.config, min(tokens, 2048)  # more rows add time and memory, not speed
-    return [(m, c.n_embd, c.vocab_size), (m, c.n_embd, 4 * c.n_embd)]
-
-
-@dataclass
-class _Peak:
-    flops: float
-    shapes: tuple[tuple[int, int, int], ...]
-    from_table: bool
-
-
-_PEAKS: dict[tuple[str, torch.dtype, int], _Peak] = {}  # (device, dtype, threads) -> the best seen so far
-
-
-def peak_flops(device: str, dtype: torch.dtype, shapes: list[tuple[int, int, int]] | None = None,
-               sizes: tuple[int, ...] | None = None, seconds: float = 0.25, remeasure: bool = False) -> float:
-    """The device's peak matmul FLOP/s at `dtype`, for MFU: an upper bound, so that MFU never flatters.
-
-    A known GPU at bfloat16 is looked up (gpu_bf16_peak). Anything else is timed on several products:
-    squares of side `sizes`, by default 8192 on a GPU (smaller ones stay far below an H100's peak)
-    and 1024 and 2048 on a CPU, and `shapes` (the model's own, matmul_shapes), at the thread count in
-    use. Each is timed for at least `seconds` and three times after a warm-up, and the fastest product sets the peak. A 2-core
-    shared CPU moved by 2x between single best-of-five 2048 timings; the best over sizes and
-    repeats, kept for the process (and raised by every `remeasure=True`, which times the same
-    products four times longer), is the steadiest bound there is short of a quiet machine.
-    """
-    key = (device, dtype, torch.get_num_threads())
-    known = _PEAKS.get(key)
-    if known is not None and known.from_table:
-        return known.flops
+def peak_flops(device: str, dtype: torch.dtype) -> float | None:
+    """The peak matmul FLOP/s for MFU: a known GPU's data-sheet bf16 peak, else None (no MFU is shown).
+    A CPU's peak would have to be timed, and on a shared machine such timings moved by 2x."""
     if device.startswith("cuda") and dtype == torch.bfloat16:
-        table = gpu_bf16_peak(torch.cuda.get_device_name(device))
-        if table is not None:
-            _PEAKS[key] = _Peak(table, (), True)
-            return table
-    base = [(side,) * 3 for side in sizes or ((8192,) if device.startswith("cuda") else (1024, 2048))]
-    wanted = list(dict.fromkeys([*base, *(shapes or ())]))
-    if remeasure or known is None:
-        todo = list(dict.fromkeys([*(known.shapes if known else ()), *wanted]))
-    else:  # only the products not timed yet in this process
-        todo = [shape for shape in wanted if shape not in known.shapes]
-    best = max([_timed_matmul(device, dtype, shape, seconds * (4 if remeasure else 1)) for shape in todo],
-               default=0.0)
-    _PEAKS[key] = _Peak(max(best, known.flops if known else 0.0),
-                        tuple(dict.fromkeys([*(known.shapes if known else ()), *todo])), False)
-    return _PEAKS[key].flops
-
-
-def _timed_matmul(device: str, dtype: torch.dtype, shape: tuple[int, int, int], seconds: float,
-                  min_repeats: int = 3) -> float:
-    """FLOP/s of the fastest of repeated (m, k) @ (k, n) products, after an untimed warm-up."""
-    m, k, n = shape
-    # A private generator: the run's RNG (initialisation, dropout) must not depend on whether this process
-    # timed the peak already (peaks are cached) or on how many products it took.
-    generator = torch.Generator(device=device).manual_seed(0)
-    a, b = (torch.randn(*size, device=device, dtype=dtype, generator=generator) for size in ((m, k), (k, n)))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    a @ b  # the first product pays for kernel selection and page faults
-    best, spent, repeats = math.inf, 0.0, 0
-    while repeats < min_repeats or spent < seconds:
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        took = time.perf_counter() - start
-        best, spent, repeats = min(best, took), spent + took, repeats + 1
-    return 2 * m * k * n / best
+        return gpu_bf16_peak(torch.cuda.get_device_name(device))
+    return None
 
 
 def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, peak: float) -> float:
@@ -381,14 +326,8 @@ def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, p
     return model.flops_per_token(seq_len, projected_fraction) * tokens_per_s / peak
 
 
-def within_peak(value: float) -> float | None:
-    """An MFU, or None (unknown) when it is above 100%: achieved FLOP/s cannot beat a true peak,
-    so the peak was measured too low (a busy machine) and any figure would flatter."""
-    return value if value <= 1.0 else None
-
-
 def mfu_text(value: float | None) -> str:
-    return "n/a (above the measured peak)" if value is None else f"{value:.1%}"
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 class Meter:
@@ -401,20 +340,11 @@ class Meter:
     def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None,
                  dtype: torch.dtype = torch.float32):
         self.model, self.cfg, self.dist, self.peak = model, cfg, dist, peak
-        self.device, self.dtype, self.remeasured = device, dtype, False
+        self.device, self.dtype = device, dtype
         self.iters, self.first_step = iters, first_step
         self.start, self.paused_seconds = time.time(), 0.0
         # non-padding input positions, positions the model ran (padding included), positions with a loss weight
         self.real, self.computed, self.projected = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
-
-    def _mfu(self, positions_per_s: float, width: float, projected_fraction: float) -> float | None:
-        """MFU, never above 100%: above it the peak is timed again once (longer), then given up on."""
-        value = mfu(self.model, positions_per_s, width, projected_fraction, self.peak * self.dist.world)
-        if value > 1 and not self.remeasured:
-            self.remeasured = True
-            self.peak = max(self.peak, peak_flops(self.device, self.dtype, remeasure=True))
-            value = mfu(self.model, positions_per_s, width, projected_fraction, self.peak * self.dist.world)
-        return within_peak(value)
 
     def count(self, roles: torch.Tensor, weights: torch.Tensor) -> None:
         self.real += (roles != sftkey.PAD).sum()
@@ -445,7 +375,7 @@ class Meter:
         row = {"stage": stage, "step": step, "lr": lr, "loss": loss, "tokens_per_s": rate}
         if self.peak:  # FLOPs per computed position at the mean padded width, times positions per second
             width = computed / ((done - self.first_step) * self.cfg.grad_accum * dist.world * self.cfg.batch_size)
-            row["mfu"] = self._mfu(computed / busy, width, projected / computed)
+            row["mfu"] = mfu(self.model, computed / busy, width, projected / computed, self.peak * dist.world)
         if dist.master:
             print(f"{stage} step {step:5d}/{self.iters} | lr {lr:.2e} | loss {loss:.4f} | {rate:,.0f} tok/s"
                   + (f" | MFU {mfu_text(row['mfu'])}" if self.peak else "")
@@ -544,37 +474,65 @@ def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, f
     return first, parse_weights(cfg.stage2_weights, "--stage2_weights")
 
 
-def command(run, cfg) -> None:
-    """A command line around `run(cfg)`: the flags checked first, then bad input or flags end in one
-    clear line and exit 2, a stop (a signal: 130; a non-finite loss or a failed write, such as a full
-    disk: 1) in one line too; never a traceback for any of them."""
+def command(work: Callable[[], object]) -> None:
+    """A command line around `work()`: bad input or flags end in one clear line and exit 2; a stop (a
+    signal, Ctrl-C included: 130; a non-finite loss or a failed write such as a full disk: 1) in one
+    line too; never a traceback for any of them."""
     try:
-        check_config(cfg)
-        run(cfg)
+        work()
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (Interrupted, FloatingPointError, OSError) as err:  # OSError: checkpoints.WriteError among them
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(130 if isinstance(err, Interrupted) else 1)
+    except (Interrupted, KeyboardInterrupt, FloatingPointError, OSError) as err:  # OSError: a WriteError too
+        stop = isinstance(err, (Interrupted, KeyboardInterrupt))
+        print(f"stopped: {err or 'interrupted'}", file=sys.stderr)
+        sys.exit(130 if stop else 1)
 
 
-def check_config(cfg) -> None:
-    """Refuse flag values that would fail later (or silently do something else), before anything runs."""
-    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_batch_size",
-                "log_interval", "eval_interval")
-    non_negative = ("n_train", "n_val", "n_test", "max_iters", "stage2_iters", "warmup_iters", "ckpt_interval",
-                    "eval_limit", "stage2_lr", "weight_decay", "grad_clip")
-    problems = [f"--{name} {getattr(cfg, name)}: must be at least 1" for name in positive if getattr(cfg, name) < 1]
-    problems += [f"--{name} {getattr(cfg, name)}: must be >= 0" for name in non_negative
-                 if not getattr(cfg, name) >= 0]  # `not >=` also catches nan
-    for name in ("lr", "stage2_lr", "weight_decay", "grad_clip", "dropout", "min_lr_ratio"):
-        if not math.isfinite(getattr(cfg, name)):
-            problems.append(f"--{name} {getattr(cfg, name)}: must be a finite number")
-    if not cfg.lr > 0:
-        problems.append(f"--lr {cfg.lr}: must be > 0")
-    if not 0 <= cfg.dropout < 1 or not 0 <= cfg.min_lr_ratio <= 1:
-        problems.append(f"--dropout {cfg.dropout} / --min_lr_ratio {cfg.min_lr_ratio}: must lie in [0, 1)/[0, 1]")
+# Every TrainConfig field, classified for each consumer; tests/test_flags.py fails for a field missing
+# here, so a new flag is checked, compared on --resume and given to the experiment's arms, or refused.
+# (check_config's rule: one of RULES, or "" for a rule of its own below or none needed;
+#  --resume: "same" value needed, or "free" (where files go, how often something is printed or
+#  written, where the same arithmetic runs: nothing a result depends on);
+#  experiment.py: "all" (every arm gets it as given), "arm" (the arms derive theirs from it: E1, E2,
+#  λ), "set" (each arm sets its own, so the user's is refused), or why the experiment refuses it.)
+ARMS_SET = "the arms set the loss and the layout themselves"
+FLAGS: dict[str, tuple[str, str, str]] = {
+    "out_dir": ("", "free", "all"), "data": ("", "same", "all"), "format": ("", "same", "all"),
+    "eval_data": ("", "same", "all"), "strip_calculator": ("", "same", "all"), "skip_bad_lines": ("", "same", "all"),
+    "untagged": ("", "same", "set"), "encoding": ("", "same", "all"), "n_train": ("int>=0", "same", "all"),
+    "n_val": ("int>=0", "same", "all"), "n_test": ("int>=0", "same", "all"), "data_seed": ("int>=0", "same", "all"),
+    "init_from": ("", "same", "all"), "weights": ("", "same", "set"), "key_only": ("", "same", "set"),
+    "key_weight": ("", "same", "arm"), "max_iters": ("int>=0", "same", "arm"),
+    "stage2_iters": ("int>=0", "same", "arm"), "stage2_weights": ("", "same", "set"),
+    "stage2_lr": (">=0", "same", "all"), "block_size": ("int>=1", "same", "all"), "n_layer": ("int>=1", "same", "all"),
+    "n_head": ("int>=1", "same", "all"), "n_embd": ("int>=1", "same", "all"), "dropout": ("[0,1)", "same", "all"),
+    "batch_size": ("int>=1", "same", "all"), "grad_accum": ("int>=1", "same", "all"), "lr": (">0", "same", "all"),
+    "warmup_iters": ("int>=0", "same", "all"), "min_lr_ratio": ("[0,1]", "same", "all"),
+    "weight_decay": (">=0", "same", "all"), "grad_clip": (">=0", "same", "all"), "seed": ("int>=0", "same", "all"),
+    "resume": ("", "free", "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)"),
+    "overwrite": ("", "free", "all"),
+    "ckpt_interval": ("int>=0", "free", "arms write no checkpoints on the way (--save_ckpt keeps their final weights)"),
+    "eval_only": ("", "same", "it trains every arm (evaluate one checkpoint with train.py --eval_only)"),
+    "eval_limit": ("int>=0", "same", "all"), "eval_interval": ("int>=1", "free", "all"),
+    "eval_batch_size": ("int>=1", "free", "all"), "log_interval": ("int>=1", "free", "all"),
+    "device": ("", "free", "all"), "dtype": ("", "same", "all"), "compile": ("", "free", "all"),
+}
+_LIMIT = 2 ** 63  # a whole number beyond this overflows torch's and numpy's seeds and sizes
+RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "int>=1": (lambda v: 1 <= v < _LIMIT, "must be a whole number >= 1"),
+    "int>=0": (lambda v: 0 <= v < _LIMIT, "must be a whole number >= 0"),
+    ">=0": (lambda v: 0 <= v < math.inf, "must be a finite number >= 0"),  # nan fails every comparison
+    ">0": (lambda v: 0 < v < math.inf, "must be a finite number > 0"),
+    "[0,1)": (lambda v: 0 <= v < 1, "must lie in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+}
+
+
+def check_config(cfg):
+    """Refuse flag values that would fail later (or silently do something else), before anything runs;
+    return `cfg`. One ValueError lists every problem."""
+    problems = [f"--{name} {getattr(cfg, name)}: {RULES[rule][1]}" for name, (rule, _, _) in FLAGS.items()
+                if rule and not RULES[rule][0](getattr(cfg, name))]
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}")
     if cfg.format not in D.FORMATS:
@@ -585,6 +543,8 @@ def check_config(cfg) -> None:
         problems.append(f"--resume continues the run in {cfg.out_dir}, --overwrite deletes it: give one of them")
     if cfg.eval_only and cfg.data and not cfg.eval_data:
         problems.append("--eval_only with --data needs --eval_data: there is no test set to evaluate on")
+    if cfg.eval_only and cfg.resume:
+        problems.append("--eval_only trains nothing, so there is nothing to --resume")
     # --stage2_lr 0 stands for lr x min_lr_ratio; with --min_lr_ratio 0 every stage-2 step would be a no-op.
     if cfg.stage2_iters > 0 and not cfg.eval_only and cfg.stage2_lr == 0 and cfg.min_lr_ratio == 0:
         problems.append("stage 2 would train at learning rate 0: --stage2_lr 0 means --lr x --min_lr_ratio, and "
@@ -608,9 +568,8 @@ def check_config(cfg) -> None:
             problems.append(f"--init_from {cfg.init_from}: no such directory")
         if cfg.encoding != "gpt2":
             problems.append(f"--init_from {cfg.init_from} needs --encoding gpt2, got {cfg.encoding}")
-    elif cfg.init_from and not os.path.isfile(cfg.init_from):
-        problems.append(f"--init_from {cfg.init_from}: no such file")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+    if os.path.lexists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         problems.append(f"--out_dir {cfg.out_dir}: exists and is not a folder")
     if problems:
         raise ValueError("; ".join(problems))
+    return cfg

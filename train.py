@@ -7,6 +7,9 @@ Plumbing (device, DDP, signals, MFU, flag checks, checkpoint files) is in runtim
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
+
 import argparse
 import dataclasses
 import math
@@ -230,35 +233,37 @@ def run(cfg: TrainConfig) -> dict:
     Each stage's checkpoint (out_dir/STAGE/ckpt.pt) holds, once the stage is evaluated, its results
     too, so --resume skips finished stages and continues an unfinished one where it stopped.
     """
-    with StopSignal() as stop, ckpts.RunFolder(cfg) as folder:  # a signal ends in one line and exit 130
+    with StopSignal() as stop, ckpts.RunFolder(cfg.out_dir, cfg.overwrite, cfg.resume) as folder:
         dist = Dist.from_environment(cfg)
         device, dtype = runtime.resolve_device(cfg, dist)
         runtime.set_up_device(device, cfg.seed)
-        enc = D.get_encoding(cfg.encoding)
-        train_set, val_set, test = D.load_data(cfg, enc)
-        model = ckpts.build_model(cfg, enc, device)
-        before, stream_start = ckpts.init_origin(cfg)  # a stage run from a checkpoint reads on where it stopped
+        inputs = ckpts.read_inputs(cfg)  # every input file read once and hashed: later edits cannot matter
+        enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
+        train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, cfg.batch_size * cfg.grad_accum * dist.world)
+        model = ckpts.build_model(cfg, enc, device, inputs)
+        before, stream_start = inputs.origin  # a stage run from a checkpoint reads on where it stopped
         stages = [] if cfg.eval_only else plan_stages(cfg, before)
         if dist.master:
             runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test),
                                 model, device, dist, dtype, stages)
-        folder.take([s.name for s in stages], model.config, dist.master, dist.world)  # input checked: lock, or refuse
+        folder.take([(ckpts.RESULTS_NAME,)] + [(s.name, ckpts.CKPT_NAME) for s in stages],  # input checked: lock
+                    lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist.master)
         results, log, seconds = {}, [], {}
         if cfg.eval_only:
             results["init"] = evaluate(model, enc, test, cfg, device, dtype)
-        shapes = runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size)
-        peak = runtime.peak_flops(device, dtype, shapes) if stages else None  # for MFU; timed on a CPU
+        peak = runtime.peak_flops(device, dtype)  # for MFU, on a GPU with a known peak
         for k, stage in enumerate(stages):
-            path = os.path.join(cfg.out_dir, stage.name, "ckpt.pt")
+            path = ckpts.owned_path(cfg.out_dir, stage.name, ckpts.CKPT_NAME)
             saved = ckpts.read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
             if saved is not None:
                 model.load_state_dict(saved["model"])
                 log[:], results, seconds = saved["log"], saved["results"], saved["seconds"]
                 if stage.name in results:  # finished and evaluated before the interruption: the next one goes on
-                    ckpts.restore_rng(saved)  # from the RNG state this one ended with
+                    ckpts.restore_rng(saved, dist.rank)  # from the RNG state this one ended with
                     continue
             steps_before = stream_start + sum(s.iters for s in stages[:k])  # stage 2 reads on after stage 1
-            resume_state = {"results": results, "seconds": seconds, "stream_start": steps_before}  # in every write
+            resume_state = {"results": results, "seconds": seconds, "stream_start": steps_before,  # in every write
+                            "file_hashes": inputs.sha256}
             ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, resume_state, stop, dist)
             with stop.deferred():  # a signal here stops after the step in flight and its checkpoint
                 optimizer = train(model, train_set, val_set, cfg, stage.weights, stage.iters, stage.lr, stage.name,
@@ -274,7 +279,7 @@ def run(cfg: TrainConfig) -> dict:
                    "log": log}
         if dist.master:
             print(runtime.results_table(results))
-            ckpts.write_json(os.path.join(cfg.out_dir, "results.json"), summary)
+            ckpts.write_json(ckpts.owned_path(cfg.out_dir, ckpts.RESULTS_NAME), summary)
         dist.close()
         return summary
 
@@ -288,7 +293,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    runtime.command(run, parse_args(argv))  # flags checked first; errors and stops in one line, no traceback
+    runtime.command(lambda: run(runtime.check_config(parse_args(argv))))  # errors and stops: one line each
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def profile(args, report: dict) -> None:
     data = D.tokenize(examples, enc, cfg.block_size, name="gsm8k train")
     model = GPT(ckpts.model_config(cfg, enc)).to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
-    peak = runtime.peak_flops(device, dtype, runtime.matmul_shapes(model, cfg.batch_size * cfg.block_size))
+    peak = runtime.peak_flops(device, dtype)
     warmup, timed = (1, 2) if args.quick else (3, 12)
     stages = {"stage 1": (0.0, 1.0, 1.0), "stage 2": (0.0, 0.0, 1.0)}
     backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,

@@ -131,7 +131,7 @@ FLAG_CASES = [
     ("--eval_only with --data alone", lambda tmp: ["--eval_only", "--data", str(tmp / "x.jsonl")], "needs --eval_data"),
     ("stage 2 at lr 0", lambda tmp: ["--stage2_iters", "2", "--min_lr_ratio", "0"], "--stage2_lr 0 means --lr x --min_lr_ratio"),
     ("heads do not divide the width", lambda tmp: ["--n_embd", "10", "--n_head", "3"], "not a multiple of --n_head"),
-    ("zero batch size", lambda tmp: ["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    ("zero batch size", lambda tmp: ["--batch_size", "0"], "--batch_size 0: must be a whole number >= 1"),
     ("nan learning rate", lambda tmp: ["--lr", "nan"], "--lr nan: must be a finite number"),
     ("unknown device", lambda tmp: ["--device", "tpu"], "--device tpu: not a device"),
     ("unknown dtype", lambda tmp: ["--dtype", "float8"], "--dtype float8"),

@@ -140,7 +140,7 @@ def test_mismatched_flags_are_named(checkpoint, tmp_path, capsys):
     (b"PK\x03\x04 truncated zip", "not a readable PyTorch checkpoint"),
     ([1, 2, 3], "not an sftkey checkpoint"),
     ({"model": {}, "model_config": {"n_layer": 1, "colour": "red"}}, "does not describe this project's GPT"),
-    ("missing weights", "its weights do not fit the model"),
+    ("missing weights", "are not this model's float32 tensors"),
 ], ids=["empty", "truncated", "a list", "unknown config field", "missing weights"])
 def test_unusable_checkpoints(checkpoint, tmp_path, contents, problem):
     path, model = checkpoint

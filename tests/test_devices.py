@@ -39,6 +39,9 @@ class CheckedDist(runtime.Dist):
     def wrap(self, model, device):
         return model
 
+    def gather(self, value) -> list:
+        return [value] * self.world
+
     def no_sync(self, net, last_micro_batch):
         return runtime.contextlib.nullcontext()
 
@@ -89,7 +92,7 @@ def test_the_old_device_mixing_counter_is_caught_here(tmp_path, monkeypatch):
                     torch.float32, [])
 
 
-def test_bench_steps_generation_and_peak_name_their_device():
+def test_bench_steps_and_generation_name_their_device():
     enc = D.char_encoding()
     data = D.tokenize(D.synthetic_task(8, seed=1), enc, block_size=96)
     model = GPT(GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=32))
@@ -102,7 +105,6 @@ def test_bench_steps_generation_and_peak_name_their_device():
             bench.train_step(model, optimizer, batch, w, full, "cpu", torch.float32)()
         for use_cache in (True, False):
             bench.generation(model, prompts, 4, use_cache, "cpu", torch.float32, enc.n_vocab)()
-        assert runtime.peak_flops("cpu", torch.float32, sizes=(64,), seconds=0.0, remeasure=True) > 0
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
 
 

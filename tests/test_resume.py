@@ -162,7 +162,7 @@ def test_resume_between_stages_restores_the_rng(tmp_path, monkeypatch):
             if name == "sft_tag":
                 os.kill(os.getpid(), signal.SIGINT)
 
-        for name, restore in (("resumed", checkpoints.restore_rng), ("unrestored", lambda saved: None)):
+        for name, restore in (("resumed", checkpoints.restore_rng), ("unrestored", lambda saved, rank=0: None)):
             out = tmp_path / name
             monkeypatch.setattr(runtime, "print_result", print_result)
             with pytest.raises(runtime.Interrupted, match="SIGINT received outside a training step"):

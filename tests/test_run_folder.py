@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import checkpoints
+import runtime
 import data as D
 import train
 from model import GPT, GPTConfig
@@ -137,8 +138,8 @@ FLAG_CHANGES = [
     (["--grad_clip", "0.5"], "--grad_clip: 1.0 in the checkpoint, 0.5 here"),
     (["--warmup_iters", "3"], "--warmup_iters: 2 in the checkpoint, 3 here"),
     (["--min_lr_ratio", "0.2"], "--min_lr_ratio: 0.1 in the checkpoint, 0.2 here"),
-    (["--key_only"], "--key_only: False in the checkpoint, True here"),
-    (["--key_weight", "2"], "--key_weight: 1.0 in the checkpoint, 2.0 here"),
+    (["--key_only"], "holds files this run does not write"),  # other stage names: sft_tag/ckpt.pt is not planned
+    (["--key_weight", "2"], "holds files this run does not write"),
     (["--grad_accum", "2"], "--grad_accum: 1 in the checkpoint, 2 here"),
     (["--stage2_iters", "3"], "--stage2_iters: 6 in the checkpoint, 3 here"),
     (["--n_val", "12"], "--n_val: 10 in the checkpoint, 12 here"),
@@ -152,7 +153,10 @@ def test_resume_refuses_changed_flags(made, tmp_path, capsys, monkeypatch, chang
     before = digests(out)
     no_training(monkeypatch)
     code, err = main(flags(out, made["data"], "--resume", *change), capsys)
-    one_line_error(code, err, f"{out / 'sft_tag' / 'ckpt.pt'} was written by another run", message, "--overwrite")
+    if "holds files" in message:  # the stages are named otherwise: the checkpoint is not this run's file at all
+        one_line_error(code, err, message, str(out / "sft_tag" / "ckpt.pt"))
+    else:
+        one_line_error(code, err, f"{out / 'sft_tag' / 'ckpt.pt'} was written by another run", message, "--overwrite")
     assert digests(out) == before
 
 
@@ -170,8 +174,8 @@ def test_resume_refuses_other_data(made, tmp_path, capsys, monkeypatch):
     torch.save(ckpt, out / "sft_tag" / "ckpt.pt")
     code, err = main(flags(out, same_path, "--resume"), capsys)
     one_line_error(code, err, f"--data {same_path}: other contents (sha256 "
-                              f"{checkpoints._sha256(str(made['data']))[:12]}… in the checkpoint, sha256 "
-                              f"{checkpoints._sha256(str(same_path))[:12]}… here)")
+                              f"{hashlib.sha256(made['data'].read_bytes()).hexdigest()[:12]}… in the checkpoint, "
+                              f"sha256 {hashlib.sha256(same_path.read_bytes()).hexdigest()[:12]}… here)")
 
 
 def test_resume_refuses_another_tiktoken_file(tmp_path, capsys, monkeypatch):
@@ -196,21 +200,20 @@ def test_resume_with_the_same_flags_continues(made, tmp_path, capsys):
 
 
 def test_resume_mismatches_names_every_field(tmp_path):
-    """The rule is an allow-list: every field but the result-neutral ones, new and removed fields too."""
+    """Every field runtime.FLAGS marks "same", new and removed fields too (tests/test_flags.py: each field)."""
     data = write_data(tmp_path / "data.jsonl")
     cfg = train.parse_args(flags(tmp_path / "out", data))
-    saved = {"train_config": train.dataclasses.asdict(cfg), "file_hashes": checkpoints.file_hashes(cfg)}
-    assert checkpoints.resume_mismatches(saved, cfg) == []
+    saved = {"train_config": train.dataclasses.asdict(cfg), "file_hashes": {"--data": "ab" * 32}}
+    assert checkpoints.resume_mismatches(saved, cfg, {"--data": "ab" * 32}) == []
     neutral = train.dataclasses.replace(cfg, out_dir="elsewhere", log_interval=1, eval_batch_size=3, eval_interval=7,
                                         ckpt_interval=2, device="cuda", compile=True, resume=True)
     assert checkpoints.resume_mismatches(saved, neutral) == []
-    decisive = [f.name for f in train.dataclasses.fields(cfg) if f.name not in checkpoints.RESULT_NEUTRAL]
+    decisive = [name for name, (_, resume, _) in runtime.FLAGS.items() if resume == "same"]
     assert {"lr", "seed", "data", "encoding", "max_iters", "key_only", "dropout", "init_from"} <= set(decisive)
     saved["train_config"]["future_flag"] = 3
     del saved["train_config"]["lr"]
     assert checkpoints.resume_mismatches(saved, cfg) == [
-        "--lr: not recorded in the checkpoint (written before the flag existed), 0.001 here",
-        "--future_flag: 3 in the checkpoint, no such flag here"]
+        "--lr: not recorded in the checkpoint, 0.001 here", "--future_flag: 3 in the checkpoint, no such flag here"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +235,8 @@ def test_overwrite_deletes_exactly_the_run_files(made, tmp_path, capsys):
     (out / "sft_tag" / "keep.txt").write_text("mine too")
     code, err = main(flags(out, made["data"], "--lr", "2e-3", "--overwrite"), capsys)
     assert code == 0, err
-    assert f"--overwrite: deleted {out / 'sft_tag' / 'ckpt.pt'}" in err
+    assert err.count("--overwrite: deleted") == 1 and all(str(out / name) in err for name in (
+        "results.json", "sft_tag/ckpt.pt", "sftkey_tag/ckpt.pt"))
     assert (out / "notes.txt").read_text() == "mine" and (out / "sft_tag" / "keep.txt").read_text() == "mine too"
     assert json.loads((out / "results.json").read_text())["config"]["lr"] == 2e-3
     for stage in ("sft_tag", "sftkey_tag"):
@@ -486,14 +490,15 @@ def _drop_weight(c):
 
 
 MALFORMED = [
-    (_drop_weight, "1 missing weight tensor(s) (transformer.wte.weight)"),
-    (lambda c: c.update(optimizer=None), "no optimizer state ('optimizer' is NoneType)"),
+    (_drop_weight, "1 weight tensor(s) are not this model's float32 tensors (the first: transformer.wte.weight, "
+                   "missing"),
+    (lambda c: c.update(optimizer=None), "'optimizer' is a NoneType"),
     (lambda c: c.pop("log"), "no 'log' entry"),
     (lambda c: c.pop("step"), "no 'step' entry"),
     (lambda c: c.update(step="8"), "'step' is a str, not an int"),
     (lambda c: c.update(results=[]), "'results' is a list, not a dict"),
-    (lambda c: c.pop("rng"), "no 'rng' entry"),
-    (lambda c: c.update(stage="sftkey_tag"), "it is stage sftkey_tag's checkpoint, found in the folder sft_tag"),
+    (lambda c: c.pop("rng_ranks"), "no 'rng_ranks' entry"),
+    (lambda c: c.update(stage="sftkey_tag"), "stage sftkey_tag in the folder sft_tag"),
 ]
 
 
@@ -504,11 +509,9 @@ def test_malformed_checkpoint_on_resume_is_one_clean_line(made, tmp_path, capsys
     ckpt = torch.load(path, weights_only=True)
     spoil(ckpt)
     torch.save(ckpt, path)
-    with pytest.raises(ValueError, match="not a checkpoint --resume can continue from"):
-        checkpoints.check_resume_checkpoint(ckpt, str(path))
     no_training(monkeypatch)
     code, err = main(flags(out, made["data"], "--resume"), capsys)
-    one_line_error(code, err, f"error: {path}: not a checkpoint --resume can continue from", problem)
+    one_line_error(code, err, f"error: {path}", problem)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +521,7 @@ def test_resume_without_a_checkpoint_says_so(made, tmp_path, capsys):
     out = tmp_path / "typo"
     code, err = main(flags(out, made["data"], "--resume", "--max_iters", "2", "--stage2_iters", "0"), capsys)
     assert code == 0, err
-    assert f"--resume: no checkpoint in {out} (no {out / 'STAGE' / 'ckpt.pt'}): starting from step 0" in err
+    assert f"--resume: no checkpoint in {out}: starting from step 0" in err
     assert torch.load(out / "sft_tag" / "ckpt.pt", weights_only=True)["step"] == 2
 
 
@@ -581,42 +584,42 @@ def test_resume_refuses_another_number_of_ranks(made, tmp_path):
     another run, though every flag is the same."""
     out = copy(made["interrupted"], tmp_path / "out")
     cfg = train.parse_args(flags(out, made["data"], "--resume"))
-    stages = [s.name for s in train.plan_stages(cfg)]
-    checkpoints.prepare_out_dir(cfg, stages, world=1)  # the same: accepted
+    shape, hashes = checkpoints.model_config(cfg, D.get_encoding(cfg.encoding)), checkpoints.read_inputs(cfg).sha256
+    path = str(out / "sft_tag" / "ckpt.pt")
+    checkpoints.check_resume(path, cfg, shape, 1, hashes)  # the same: accepted
     with pytest.raises(ValueError, match=r"ranks: 1 in the checkpoint, 2 here \(they set the batch"):
-        checkpoints.prepare_out_dir(cfg, stages, world=2)
+        checkpoints.check_resume(path, cfg, shape, 2, hashes)
 
 
-def test_eval_only_into_a_run_folder_claims_only_results_json(made, tmp_path, capsys):
-    out = copy(made["finished"], tmp_path / "out")
-    (out / "results.json").unlink()
-    before = digests(out)
-    code, err = main(flags(out, made["data"], "--eval_only", "--init_from", str(out / "sft_tag" / "ckpt.pt"),
-                           "--eval_data", str(made["data"]), "--eval_limit", "2"), capsys)
+def test_eval_only_writes_only_into_a_folder_of_its_own(made, tmp_path, capsys):
+    """--eval_only writes results.json: a folder holding a run's checkpoints (finished or interrupted) is
+    another run's, refused with --overwrite too (it would make that run unresumable)."""
+    evaluate = ["--eval_only", "--init_from", str(made["finished"] / "sft_tag" / "ckpt.pt"), "--eval_data",
+                str(made["data"]), "--eval_limit", "2"]
+    for run in ("finished", "interrupted"):
+        out = copy(made[run], tmp_path / run)
+        (out / "results.json").unlink(missing_ok=True)
+        before = digests(out)
+        for extra in ([], ["--overwrite"]):
+            code, err = main(flags(out, made["data"], *evaluate, *extra), capsys)
+            one_line_error(code, err, "holds files this run does not write", str(out / "sft_tag" / "ckpt.pt"))
+            assert digests(out) == before
+    code, err = main(flags(tmp_path / "eval", made["data"], *evaluate), capsys)
     assert code == 0, err
-    assert {k: v for k, v in digests(out).items() if k != "results.json"} == before  # checkpoints untouched
-    assert "init" in json.loads((out / "results.json").read_text())["results"]
-    # a second evaluation into the same folder would replace that results.json: refused, as for any run
-    code, err = main(flags(out, made["data"], "--eval_only", "--init_from", str(out / "sft_tag" / "ckpt.pt"),
-                           "--eval_data", str(made["data"]), "--eval_limit", "2"), capsys)
+    assert "init" in json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    code, err = main(flags(tmp_path / "eval", made["data"], *evaluate), capsys)  # a second one would replace it
     one_line_error(code, err, "holds the files of an earlier run", "results.json")
 
 
 def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(made, tmp_path, capsys, monkeypatch):
+    """The --init_from checkpoint in --out_dir is not a file of this run's plan: the folder is refused."""
     out = copy(made["finished"], tmp_path / "out")
     before = digests(out)
     no_training(monkeypatch)
     start = ["--overwrite", "--init_from", str(out / "sft_tag" / "ckpt.pt")]
     code, err = main(flags(out, made["data"], *start, "--stage2_iters", "0"), capsys)
-    one_line_error(code, err, "--overwrite would delete", "the --init_from checkpoint this run starts from")
+    one_line_error(code, err, "holds files this run does not write", str(out / "sft_tag" / "ckpt.pt"))
     assert digests(out) == before
-    # --eval_only writes only results.json, so --overwrite deletes only that, and the checkpoints stay
-    monkeypatch.undo()
-    code, err = main(flags(out, made["data"], *start, "--eval_only", "--eval_data", str(made["data"]),
-                           "--eval_limit", "2"), capsys)
-    assert code == 0 and "deleted" in err and "ckpt.pt" not in err, err
-    assert {k: v for k, v in digests(out).items() if k != "results.json"} == \
-        {k: v for k, v in before.items() if k != "results.json"}
 
 
 def test_resume_with_overwrite_is_refused_before_anything_is_written(made, tmp_path, capsys):

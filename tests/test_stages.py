@@ -182,8 +182,8 @@ def test_weight_bounds_keep_a_step_total_finite_in_float32():
 
 
 def test_a_legacy_checkpoint_is_a_start_point_too_and_a_bad_one_a_clear_error(tmp_path, capsys):
-    """init_origin looks at --init_from through a memory map; a legacy (not zip) file cannot be mapped but
-    is read whole, and a file that is no checkpoint gets read_checkpoint's one-line message."""
+    """--init_from is read once, whole (checkpoints.read_inputs): a legacy (not zip) file is a start point
+    too, and a file that is no checkpoint gets read_checkpoint's one-line message."""
     run(tmp_path, "first", "--max_iters", "3", "--stage2_iters", "0")
     saved = torch.load(tmp_path / "first/sft_tag/ckpt.pt", weights_only=True)
     legacy = tmp_path / "legacy.pt"
@@ -195,4 +195,4 @@ def test_a_legacy_checkpoint_is_a_start_point_too_and_a_bad_one_a_clear_error(tm
     garbage.write_bytes(b"not a checkpoint")
     cfg = train.parse_args([*TINY, "--init_from", str(garbage)])
     with pytest.raises(ValueError, match=r"garbage\.pt: (refused to load|not a readable PyTorch checkpoint)"):
-        checkpoints.init_origin(cfg)
+        checkpoints.read_inputs(cfg)
