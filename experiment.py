@@ -430,7 +430,8 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     for name in run_names:
         print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}, "
                                           f"{s['iters']} steps, peak lr {s['lr']:g})" for s in recorder.stages[name]))
-    D.load_data(arm_config(cfg, run_names[0]), enc)  # bad input stops here, before the folder is taken
+    # bad input, or too little data for one step, stops here, before the folder is taken
+    D.load_data(arm_config(cfg, run_names[0]), enc, step_examples=cfg.batch_size * cfg.grad_accum)
     with ckpts.RunFolder(cfg) as folder:  # one run per folder: a second one, or an earlier one's results, refused
         folder.take([])
         for seed in seeds:

@@ -192,10 +192,11 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
     prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     correct, formatted, samples = [False] * len(examples), [False] * len(examples), []
+    allowed = D.generable_ids(enc, model.config.vocab_size).to(device)  # once per call: 0.1 s for cl100k_base
     for start in range(0, len(order), cfg.eval_batch_size):
         rows = order[start:start + cfg.eval_batch_size]
         with autocast(device, dtype):
-            outs = model.generate([prompts[i] for i in rows], cfg.block_size, enc.eot_token, n_vocab=enc.n_vocab)
+            outs = model.generate([prompts[i] for i in rows], cfg.block_size, enc.eot_token, allowed=allowed)
         for i, out in zip(rows, outs):
             ended = bool(out) and out[-1] == enc.eot_token
             response = enc.decode(out[:-1] if ended else out)
@@ -235,7 +236,8 @@ def run(cfg: TrainConfig) -> dict:
         device, dtype = runtime.resolve_device(cfg, dist)
         runtime.set_up_device(device, cfg.seed)
         enc = D.get_encoding(cfg.encoding)
-        train_set, val_set, test = D.load_data(cfg, enc)
+        step = 1 if cfg.eval_only else cfg.batch_size * cfg.grad_accum * dist.world  # examples one step draws
+        train_set, val_set, test = D.load_data(cfg, enc, None, step)  # positional: test_signals wraps it as (*args)
         model = ckpts.build_model(cfg, enc, device)
         before, stream_start = ckpts.init_origin(cfg)  # a stage run from a checkpoint reads on where it stopped
         stages = [] if cfg.eval_only else plan_stages(cfg, before)
