@@ -190,11 +190,12 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: tuple[torch.
 
 
 def generation(model: GPT, prompts: list[list[int]], new_tokens: int, use_cache: bool, device: str,
-               dtype: torch.dtype, n_vocab: int) -> Callable[[], None]:
-    """Greedy generation of exactly `new_tokens` per prompt (the stop token -1 is never produced)."""
+               dtype: torch.dtype, allowed: torch.Tensor) -> Callable[[], None]:
+    """Greedy generation of exactly `new_tokens` per prompt (the stop token -1 is never produced) among the
+    `allowed` ids (`data.generable_ids`)."""
     def generate() -> None:
         with R.autocast(device, dtype):
-            out = model.generate(prompts, new_tokens, stop_token=-1, use_cache=use_cache, n_vocab=n_vocab)
+            out = model.generate(prompts, new_tokens, stop_token=-1, use_cache=use_cache, allowed=allowed)
         if any(len(row) != new_tokens for row in out):
             raise RuntimeError("generation stopped early; the timing would not be comparable")
     return generate
@@ -275,10 +276,11 @@ def run(args) -> dict:
     middle = by_prompt[len(by_prompt) // 2:][:args.gen_batch]
     prompts = [enc.encode_ordinary(sftkey.prompt_head(data.examples[i].prompt)) for i in middle]
     groups = {"single": prompts[:1], "batched": prompts}
+    allowed = D.generable_ids(enc, config.vocab_size).to(device)
     for group in groups.values():
         for use_cache in (False, True):  # warm-up: a few tokens only
-            generation(model, group, 4, use_cache, device, dtype, enc.n_vocab)()
-    gens = {(g, c): generation(model, group, args.new_tokens, c, device, dtype, enc.n_vocab)
+            generation(model, group, 4, use_cache, device, dtype, allowed)()
+    gens = {(g, c): generation(model, group, args.new_tokens, c, device, dtype, allowed)
             for g, group in groups.items() for c in (False, True)}
     seconds = interleaved_seconds(gens, device, 0, args.gen_iters)
     model.train()

@@ -11,9 +11,11 @@ import binascii
 import json
 import os
 import re
+import stat
 import sys
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tiktoken
@@ -24,10 +26,34 @@ import sftkey
 SYNTHETIC_ENCODING = "sftkey-chars"
 FORMATS = ("gsm8k", "tagged", "completion")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
+_CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_KINDS = {"p": "a FIFO", "c": "a character device", "b": "a block device", "d": "a folder", "s": "a socket"}
+# Letters and symbols that render blank (Hangul fillers, the blank Braille pattern; U+180E, a space before
+# Unicode 6.3): no Unicode property says "renders blank", so they are listed.
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
 
 
 class DataError(ValueError):
     """Bad input: the message names the file, the line and the problem."""
+
+
+def read_input(path: str, flag: str) -> bytes:
+    """All the bytes of the regular file `path` (`flag` names it in errors), through one descriptor: opened
+    with O_NONBLOCK (a FIFO must not wait for a writer), checked by its own fstat (the path's could change)."""
+    fd = None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if (kind := stat.filemode(os.fstat(fd).st_mode)[0]) == "-":
+            return b"".join(iter(lambda: os.read(fd, 1 << 24), b""))
+        problem = f"not a regular file ({_KINDS.get(kind, 'of no known kind')}); give a file"  # /dev/zero never ends
+    except OSError as err:  # no permission, ...; a socket cannot even be opened
+        problem = ("no such file" if isinstance(err, FileNotFoundError) else f"cannot read it ({err.strerror or err})"
+                   if not Path(path).is_socket() else "not a regular file (a socket); give a file")
+    finally:
+        if fd is not None:
+            os.close(fd)
+    raise DataError(f"{flag} {path}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,17 +75,15 @@ def char_encoding() -> tiktoken.Encoding:
                              special_tokens={"<|endoftext|>": len(ranks)})
 
 
-def get_encoding(name: str) -> tiktoken.Encoding:
-    """`sftkey-chars`, a tiktoken encoding name (`gpt2`, `cl100k_base`), or a `.tiktoken` file."""
+def get_encoding(name: str, raw: bytes | None = None) -> tiktoken.Encoding:
+    """`sftkey-chars`, a tiktoken encoding name (`gpt2`, `cl100k_base`), or a `.tiktoken` file (`raw`: its bytes)."""
     if name == SYNTHETIC_ENCODING:
         return char_encoding()
     if name.endswith(".tiktoken") or os.path.sep in name:
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"--encoding {name}: no such file")
-        ranks = read_tiktoken_file(name)
+        ranks = read_tiktoken_file(name, raw)
         # A .tiktoken file holds only the merges: split text as cl100k_base does, end-of-text last.
         return tiktoken.Encoding(os.path.basename(name), pat_str=_CL100K_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={"<|endoftext|>": max(ranks.values()) + 1})
+                                 special_tokens={"<|endoftext|>": len(ranks)})
     if name not in tiktoken.list_encoding_names():
         raise ValueError(f"--encoding {name}: unknown; use {SYNTHETIC_ENCODING}, a .tiktoken file, or one of "
                          f"{', '.join(tiktoken.list_encoding_names())}")
@@ -70,34 +94,40 @@ def get_encoding(name: str) -> tiktoken.Encoding:
                            f"network, point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cached files.") from err
 
 
-def read_tiktoken_file(path: str) -> dict[bytes, int]:
-    """The merges of a `.tiktoken` file (one "base64-token rank" pair a line), checked line by line.
+def read_tiktoken_file(path: str, raw: bytes | None = None) -> dict[bytes, int]:
+    """The merges of a `.tiktoken` file (one "base64-token rank" pair a line; `raw`: its bytes, if read).
 
     Read directly rather than through tiktoken.load, which caches any path it is given under the
     path's name in TIKTOKEN_CACHE_DIR and would keep serving the old contents of an edited file.
-    Every single byte must have a rank, or some text could not be encoded at all.
+    Every single byte must have a rank, or some text could not be encoded at all. The ranks are ids 0 to
+    n-1 (as in gpt2 and cl100k_base): a gap leaves ids with no bytes, a huge rank a huge embedding.
     """
-    ranks: dict[bytes, int] = {}
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except (ValueError, binascii.Error):
-                raise DataError(f"{path}:{number}: not a '<base64 token> <rank>' line") from None
+    raw = read_input(path, "--encoding") if raw is None else raw
+    lines = [(number, line) for number, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
+    ranks, rank_line = {}, {}  # rank_line: where each rank first appeared
+    for number, line in lines:
+        try:
+            token, rank = line.split()
+            token, rank = base64.b64decode(token, validate=True), int(rank)
+        except (ValueError, binascii.Error):
+            raise DataError(f"{path}:{number}: not a '<base64 token> <rank>' line") from None
+        problem = (f"rank {rank} is not below {len(lines)}, the number of tokens" if not 0 <= rank < len(lines)
+                   else f"rank {rank} repeats line {rank_line[rank]}" if rank in rank_line
+                   else f"the token {token!r} repeats line {rank_line[ranks[token]]}" if token in ranks else "")
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}; the ranks must be 0 to n-1, each once, one per token")
+        ranks[token], rank_line[rank] = rank, number
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise DataError(f"{path}: {len(missing)} of the 256 single bytes have no rank (the first: 0x{missing[0]:02x}), "
                         f"so some text could not be encoded; this is not a complete BPE file")
-    if len(set(ranks.values())) != len(ranks) or min(ranks.values()) < 0:
-        raise DataError(f"{path}: ranks must be distinct non-negative numbers")
     return ranks
 
 
-_CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+def generable_ids(enc: tiktoken.Encoding, vocab_size: int) -> torch.Tensor:
+    """Which of the model's `vocab_size` ids generation may produce: the ones `enc` can decode (every
+    token has bytes). Gaps in its ids (cl100k_base has 16) and padding rows above n_vocab have none."""
+    return torch.from_numpy(np.pad(sftkey.token_byte_lengths(enc), (0, vocab_size))[:vocab_size] > 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +175,8 @@ def _problem(rng: np.random.Generator, n_steps: int = 0) -> Example:
 
 
 def read_examples(path: str, fmt: str, strip_calculator: bool = False, skip_bad_lines: bool = False,
-                  skipped: list[str] | None = None) -> list[Example]:
-    """Read a JSONL file in one of FORMATS; any bad line raises DataError naming file and line.
+                  skipped: list[str] | None = None, raw: bytes | None = None) -> list[Example]:
+    """Read a JSONL file in one of FORMATS (or its bytes, `raw`); any bad line raises DataError naming file and line.
 
     gsm8k: {"question", "answer"}, the answer ending in a line "#### final".
     tagged: {"prompt", "thinking", "answer"}.
@@ -160,15 +190,7 @@ def read_examples(path: str, fmt: str, strip_calculator: bool = False, skip_bad_
     """
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as err:  # a folder, no permission, ...
-        raise DataError(f"{path}: cannot read it ({err.strerror or err})") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+    raw = (read_input(path, "data file") if raw is None else raw).removeprefix(b"\xef\xbb\xbf")  # a byte-order mark
     examples, bad = [], []
     for number, line in enumerate(raw.split(b"\n"), 1):
         try:
@@ -236,8 +258,6 @@ def _split_completion(completion: str) -> tuple[str, str]:
 
 
 def _check_example(example: Example) -> None:
-    if all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in example.answer):  # e.g. U+200B alone
-        raise ValueError("empty answer" + (" (only invisible characters)" if example.answer else ""))
     for name in ("prompt", "thinking", "answer"):
         value = getattr(example, name)
         if "<|endoftext|>" in value:
@@ -246,6 +266,8 @@ def _check_example(example: Example) -> None:
             raise ValueError(f"the {name} contains the tag {found[0]}, which only the template may write")
         if surrogate := re.search("[\ud800-\udfff]", value):  # a lone surrogate such as \ud800, legal in JSON
             raise ValueError(f"the {name} holds {surrogate.group()!r}, which is not a Unicode character")
+    if all(c.isspace() or unicodedata.category(c)[0] in "CMZ" or c in _BLANK for c in example.answer):
+        raise ValueError("empty answer" + (" (only invisible characters)" if example.answer else ""))
 
 
 def split(examples: list[Example], n_val: int, seed: int) -> tuple[list[Example], list[Example]]:
@@ -319,22 +341,15 @@ def prompt_tokens_differ(enc: tiktoken.Encoding, text: str, spans: list[tuple[in
 
 
 def format_summary(summary: dict) -> str:
-    s = summary
+    s, skipped = summary, summary.get("skipped_bad_lines", 0)
     return (f"{s['name']}: {s['examples']} examples ({s['dropped_too_long']} dropped as too long); tokens per "
             f"example: prompt {s['prompt_tokens_mean']:.1f} (max {s['prompt_tokens_max']}), thinking "
             f"{s['thinking_tokens_mean']:.1f} (max {s['thinking_tokens_max']}), key {s['key_tokens_mean']:.1f} "
             f"(max {s['key_tokens_max']}); key fraction of response {s['key_fraction']:.1%}; straddling tokens "
             f"{s['straddling_tokens']}; prompt-prefix mismatches {s['prompt_prefix_mismatches']}"
             + (f" (the first: {s['first_prompt_prefix_mismatch']})" if s.get("first_prompt_prefix_mismatch") else "")
-            + _skipped_note(s.get("skipped_bad_lines", 0), s.get("bad_lines", [])))
-
-
-def _skipped_note(count: int, reasons: list[str], show: int = 3) -> str:
-    """The --skip_bad_lines part of a summary: how many lines were skipped and the first reasons."""
-    if not count:
-        return ""
-    more = f"; {count - show} more" if count > show else ""
-    return f"\n  skipped {count} bad lines (--skip_bad_lines): " + "; ".join(reasons[:show]) + more
+            + (f"\n  skipped {skipped} bad lines (--skip_bad_lines): " + "; ".join(s["bad_lines"][:3])
+               + (f"; {skipped - 3} more" if skipped > 3 else "") if skipped else ""))
 
 
 def collate(ids: list[np.ndarray], roles: list[np.ndarray], device: str) -> tuple[torch.Tensor, ...]:
@@ -344,8 +359,7 @@ def collate(ids: list[np.ndarray], roles: list[np.ndarray], device: str) -> tupl
     token is learnt from the prompt's last position and end-of-text from `</Answer>`'s.
     """
     width = max(len(x) for x in ids) - 1
-    x = np.zeros((len(ids), width), dtype=np.int64)
-    y = np.zeros((len(ids), width), dtype=np.int64)
+    x, y = np.zeros((2, len(ids), width), dtype=np.int64)
     r = np.full((len(ids), width), sftkey.PAD, dtype=np.int64)
     for row, (seq, role) in enumerate(zip(ids, roles)):
         n = len(seq) - 1
@@ -369,7 +383,9 @@ class Batches:
     def __init__(self, data: TokenizedSet, batch_size: int, seed: int, window: int = 16):
         if window < 1:
             raise ValueError(f"Batches: window must be at least 1 batch, got {window}")
-        self.data, self.batch_size, self.seed, self.window = data, min(batch_size, len(data.ids)), seed, window
+        if len(data.ids) < batch_size:
+            raise DataError(f"{data.summary.get('name', 'data')}: {len(data.ids)} examples for batches of {batch_size}")
+        self.data, self.batch_size, self.seed, self.window = data, batch_size, seed, window
         self.per_epoch = len(data.ids) // self.batch_size
         self._epoch, self._plan = -1, []
 
@@ -398,12 +414,15 @@ class Batches:
 # ---------------------------------------------------------------------------------------------
 # What a run trains and is tested on
 
-def load_data(cfg, enc: tiktoken.Encoding) -> tuple[TokenizedSet, TokenizedSet, list[Example]]:
-    """The (train, validation) tokenized sets and the test examples that train.py's flags (`cfg`) ask for."""
+def load_data(cfg, enc: tiktoken.Encoding, raw: dict[str, bytes] | None = None,
+              step_examples: int = 1) -> tuple[TokenizedSet, TokenizedSet, list[Example]]:
+    """The (train, validation) tokenized sets and the test examples that train.py's flags (`cfg`) ask for. `raw`:
+    the bytes of "data" and "eval_data" if the caller read them; a training set under `step_examples` is refused."""
     bad_lines: list[str] = []  # with --skip_bad_lines, "file:line: problem" of each skipped line
     if cfg.data:
-        examples, test = (read_examples(path, cfg.format, cfg.strip_calculator, cfg.skip_bad_lines, bad_lines)
-                          if path else [] for path in (cfg.data, cfg.eval_data))
+        raw = raw or {k: read_input(getattr(cfg, k), f"--{k}") for k in ("data", "eval_data") if getattr(cfg, k)}
+        examples, test = (read_examples(getattr(cfg, k), cfg.format, cfg.strip_calculator, cfg.skip_bad_lines,
+                          bad_lines, raw.get(k)) if getattr(cfg, k) else [] for k in ("data", "eval_data"))
     else:  # see synthetic_split
         examples, test = synthetic_split(cfg.n_train, cfg.n_test, cfg.data_seed)
     train_examples, val_examples = split(examples, cfg.n_val, cfg.seed)
@@ -412,6 +431,10 @@ def load_data(cfg, enc: tiktoken.Encoding) -> tuple[TokenizedSet, TokenizedSet, 
                         f"takes --n_val {cfg.n_val} but at most a tenth of them; use --n_val >= 1 and >= 10 examples")
     train_set = tokenize(train_examples, enc, cfg.block_size, not cfg.untagged, name=cfg.data or "synthetic train")
     val_set = tokenize(val_examples, enc, cfg.block_size, not cfg.untagged, name="validation")
+    if len(train_set.ids) < step_examples:  # Batches would cut empty micro-batches
+        raise DataError(f"{cfg.data or 'synthetic task'}: {len(train_set.ids)} training examples (once validation and "
+                        f"too long ones are set apart), fewer than the {step_examples} of one optimizer step "
+                        f"(--batch_size x --grad_accum x ranks); lower --batch_size or --grad_accum, or give more data")
     if bad_lines:
         train_set.summary.update(skipped_bad_lines=len(bad_lines), bad_lines=bad_lines[:10])
     test = test[:cfg.eval_limit] if cfg.eval_limit else test

@@ -163,7 +163,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_token: int,
-                 use_cache: bool = True, n_vocab: int | None = None) -> list[list[int]]:
+                 use_cache: bool = True, allowed: torch.Tensor | None = None) -> list[list[int]]:
         """Greedy continuation of a batch of prompts of any lengths, until `stop_token` or the limit.
 
         Prompts are left-padded; each row's positions start at 0 at its first real token and an
@@ -171,8 +171,9 @@ class GPT(nn.Module):
         Each row's own limit: `max_new_tokens`, and block_size + 1 tokens in all with its prompt (the
         last is predicted from position block_size - 1, never fed back: the longest example training
         keeps). `use_cache=False` re-runs the whole prefix at every step (the slow reference the tests
-        and bench.py compare against). `n_vocab` limits the choice to the tokenizer's ids (the
-        embedding table is padded to a multiple of 64). Rows include the stop token when produced.
+        and bench.py compare against). `allowed`, a bool mask over the vocabulary (`data.generable_ids`),
+        limits the choice to ids the tokenizer can decode: not the embedding's padding rows (the table is
+        a multiple of 64), not gaps in its ids. Rows include the stop token when produced.
         """
         device, B, block = self.transformer.wte.weight.device, len(prompts), self.config.block_size
         width = max(len(p) for p in prompts)
@@ -200,7 +201,9 @@ class GPT(nn.Module):
             # lm_head's product written as W @ h.T: the same product, but CPU BLAS streams the large
             # (vocab, C) matrix 2-3x faster in this order when only a few rows are projected.
             logits = (self.lm_head.weight @ h[:, -1].T).T
-            nxt = logits[:, :n_vocab].argmax(-1)  # never a padding id the tokenizer lacks
+            if allowed is not None:  # -inf: an id outside the mask is never the argmax
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            nxt = logits.argmax(-1)
             idx[:, end] = nxt
             done |= (nxt == stop_token) | (budget <= end + 1 - width)
             start, end = (end if use_cache else 0), end + 1

@@ -195,10 +195,11 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
     prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     correct, formatted, samples = [False] * len(examples), [False] * len(examples), []
+    allowed = D.generable_ids(enc, model.config.vocab_size).to(device)  # once per call: 0.1 s for cl100k_base
     for start in range(0, len(order), cfg.eval_batch_size):
         rows = order[start:start + cfg.eval_batch_size]
         with autocast(device, dtype):
-            outs = model.generate([prompts[i] for i in rows], cfg.block_size, enc.eot_token, n_vocab=enc.n_vocab)
+            outs = model.generate([prompts[i] for i in rows], cfg.block_size, enc.eot_token, allowed=allowed)
         for i, out in zip(rows, outs):
             ended = bool(out) and out[-1] == enc.eot_token
             response = enc.decode(out[:-1] if ended else out)
@@ -239,7 +240,8 @@ def run(cfg: TrainConfig) -> dict:
         runtime.set_up_device(device, cfg.seed)
         inputs = ckpts.read_inputs(cfg)  # every input file read once and hashed: later edits cannot matter
         enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
-        train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, cfg.batch_size * cfg.grad_accum * dist.world)
+        step = 1 if cfg.eval_only else cfg.batch_size * cfg.grad_accum * dist.world  # examples one step draws
+        train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, step)
         model = ckpts.build_model(cfg, enc, device, inputs)
         before, stream_start = inputs.origin  # a stage run from a checkpoint reads on where it stopped
         stages = [] if cfg.eval_only else plan_stages(cfg, before)

@@ -126,7 +126,7 @@ FLAG_CASES = [
     ("broken .tiktoken", lambda tmp: ["--encoding", bad_tiktoken(tmp)], "broken.tiktoken:2: not a '<base64 token>"),
     ("missing --init_from", lambda tmp: ["--init_from", str(tmp / "ckpt.pt")], "--init_from"),
     ("missing --data", lambda tmp: ["--data", str(tmp / "none.jsonl")], "none.jsonl: no such file"),
-    ("--data is a folder", lambda tmp: ["--data", str(tmp)], "cannot read it"),
+    ("--data is a folder", lambda tmp: ["--data", str(tmp)], "not a regular file (a folder); give a file"),
     ("--eval_data without --data", lambda tmp: ["--eval_data", str(tmp / "x.jsonl")], "needs --data"),
     ("--eval_only with --data alone", lambda tmp: ["--eval_only", "--data", str(tmp / "x.jsonl")], "needs --eval_data"),
     ("stage 2 at lr 0", lambda tmp: ["--stage2_iters", "2", "--min_lr_ratio", "0"], "--stage2_lr 0 means --lr x --min_lr_ratio"),
@@ -207,7 +207,8 @@ def test_skip_bad_lines_through_a_training_run(tmp_path, capsys):
             for a in range(4) for b in range(4)]
     path.write_text(jsonl(*good[:5], "not json", *good[5:], {"prompt": "x", "thinking": "y"}))
     out = tmp_path / "out"
-    train.main(TINY + ["--data", str(path), "--format", "tagged", "--skip_bad_lines", "--out_dir", str(out)])
+    train.main(TINY + ["--data", str(path), "--format", "tagged", "--skip_bad_lines", "--batch_size", "8",
+                       "--out_dir", str(out)])  # 15 examples train: a step of 32 would be refused
     printed = capsys.readouterr().out
     assert "skipped 2 bad lines" in printed and f"{path}:6: invalid JSON" in printed
     summary = json.loads((out / "results.json").read_text())["data"][0]

@@ -19,6 +19,7 @@ import torch
 import data as D
 import sftkey
 import train
+from model import GPTConfig
 
 CHARS = D.char_encoding()
 
@@ -227,12 +228,12 @@ class RecordingModel:
     """Stands in for GPT in train.evaluate: records the prompts it is given and answers end-of-text."""
 
     def __init__(self, eot: int):
-        self.eot, self.prompts = eot, []
+        self.eot, self.prompts, self.config = eot, [], GPTConfig(vocab_size=eot + 1)
 
     def eval(self):
         return self
 
-    def generate(self, prompts, max_new_tokens, stop_token, n_vocab=None):
+    def generate(self, prompts, max_new_tokens, stop_token, allowed=None):
         self.prompts += prompts
         return [[self.eot] for _ in prompts]
 

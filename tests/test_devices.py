@@ -104,7 +104,7 @@ def test_bench_steps_and_generation_name_their_device():
         for full in (True, False):
             bench.train_step(model, optimizer, batch, w, full, "cpu", torch.float32)()
         for use_cache in (True, False):
-            bench.generation(model, prompts, 4, use_cache, "cpu", torch.float32, enc.n_vocab)()
+            bench.generation(model, prompts, 4, use_cache, "cpu", torch.float32, D.generable_ids(enc, 320))()
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -2,7 +2,7 @@
 
 Generation that quietly stops using its KV cache gives the same tokens, only quadratically slower,
 so comparing outputs (test_model.py) cannot see it: here the width of every forward call and the
-cache's final length are checked. The `n_vocab` limit is checked where it matters, with the
+cache's final length are checked. The `allowed` mask is checked where it matters, with the
 padding rows of the embedding rigged to win the argmax. And `checkpoints.build_model` must round the
 vocabulary up to a multiple of 64 while covering every id of the encoding, end-of-text included.
 """
@@ -85,7 +85,7 @@ def test_cached_generation_that_stops_early_fed_only_what_it_produced(caches):
 
 
 # ---------------------------------------------------------------------------------------------
-# The n_vocab limit
+# The allowed mask: the padding rows
 
 def rigged_model(vocab: int, n_vocab: int) -> GPT:
     """Every position's final hidden state is the same vector b (ln_f's gain zeroed), and the
@@ -99,7 +99,7 @@ def rigged_model(vocab: int, n_vocab: int) -> GPT:
     return model
 
 
-def test_generate_never_emits_an_id_past_n_vocab_even_when_padding_rows_win():
+def test_generate_never_emits_an_id_outside_allowed_even_when_padding_rows_win():
     vocab, n_vocab = 64, 50
     model = rigged_model(vocab, n_vocab)
     unlimited = model.generate([[1, 2, 3]], 8, NEVER)[0]
@@ -107,7 +107,7 @@ def test_generate_never_emits_an_id_past_n_vocab_even_when_padding_rows_win():
     h = model.transformer.ln_f.bias  # the hidden state at every position
     best_real = int((model.lm_head.weight[:n_vocab] @ h).argmax())
     for use_cache in (True, False):
-        out = model.generate([[1, 2, 3], [4]], 8, NEVER, use_cache=use_cache, n_vocab=n_vocab)
+        out = model.generate([[1, 2, 3], [4]], 8, NEVER, use_cache=use_cache, allowed=torch.arange(vocab) < n_vocab)
         assert out == [[best_real] * 8] * 2
 
 

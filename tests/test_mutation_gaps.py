@@ -164,7 +164,7 @@ class ScriptedModel:
     """Stands in for GPT in train.evaluate: answers each prompt with a fixed token sequence."""
 
     def __init__(self, enc, script):
-        self.enc, self.script = enc, script
+        self.enc, self.script, self.config = enc, script, GPTConfig(vocab_size=enc.n_vocab)
 
     def eval(self):
         return self

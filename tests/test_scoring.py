@@ -19,6 +19,7 @@ import data as D
 import sftkey
 import train
 from conftest import GSM8K_DIR, needs_gsm8k
+from model import GPTConfig
 
 GOOD = "<Thinking>48/2 = 24\n48+24 = 72</Thinking><Answer>72</Answer>"
 
@@ -199,7 +200,7 @@ class ScriptedModel:
     """Stands in for GPT in train.evaluate: answers each prompt with a fixed response."""
 
     def __init__(self, enc, script: dict[str, tuple[str, bool]]):
-        self.enc, self.script = enc, script
+        self.enc, self.script, self.config = enc, script, GPTConfig(vocab_size=enc.n_vocab)
 
     def eval(self):
         return self
