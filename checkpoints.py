@@ -470,8 +470,8 @@ class RunFolder:
     folder (FolderLock), then checks it against the plan, the files this run writes (tuples of
     names under out_dir): each is an owned_path; any run file found outside the plan refuses the
     folder, --overwrite or not (it is another run's, or an interrupted one's); run files of the plan
-    refuse a fresh run unless --overwrite, which deletes exactly them; --resume keeps them and hands
-    each checkpoint to `check`. Temporaries of writes killed mid-way are removed."""
+    refuse a fresh run unless --overwrite, which deletes exactly them; --resume keeps them, each
+    checkpoint found first handed to `check`. Temporaries of writes killed mid-way are removed."""
 
     def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True):
         self.out_dir, self.overwrite, self.resume, self.resumable = out_dir, overwrite, resume, resumable
@@ -490,6 +490,8 @@ class RunFolder:
         self.lock.acquire()
         out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]
         found = found_files(out)
+        for path in (p for p in found if self.resume and check is not None and p.endswith(CKPT_NAME)):
+            check(path)  # first: "written by another run" names the flag or file that differs
         strangers = [p for p in found if p not in planned]
         if strangers:
             raise ValueError(f"--out_dir {out} holds files this run does not write ({', '.join(strangers[:3])}"
@@ -511,8 +513,6 @@ class RunFolder:
         if self.resume:
             if not any(p.endswith(CKPT_NAME) for p in found):
                 print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr, flush=True)
-            for path in (p for p in found if p.endswith(CKPT_NAME) and check is not None):
-                check(path)
         elif found and not self.overwrite:
             raise ValueError(f"--out_dir {out} holds the files of an earlier run ({', '.join(found)}): "
                              + ("continue it with --resume (and the same flags), " if self.resumable else "")

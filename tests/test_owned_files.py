@@ -1,0 +1,248 @@
+"""What a run reads and what it may write: each input is read once (later edits cannot reach the run
+or its resumption), every path written or deleted is one the run named under --out_dir, and no
+file, signal or flag ends a run with a wrong result and exit 0 or a traceback."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import data as D
+import experiment
+import runtime
+import train
+from model import GPT, GPTConfig
+from test_run_folder import Killed, digests, flags, main, no_training, one_line_error, write_data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def batches_hook(monkeypatch, actions: dict) -> None:
+    """At batch index i of the data stream, run actions[i] (which may raise) before fetching it."""
+    original = D.Batches.get
+
+    def get(self, i, device, **split):
+        if i in actions:
+            actions[i]()
+        return original(self, i, device, **split)
+    monkeypatch.setattr(D.Batches, "get", get)
+
+
+def kill() -> None:
+    raise Killed("killed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every input is read once
+
+def test_data_rewritten_while_training_is_not_resumed_into(tmp_path, capsys, monkeypatch):
+    """The checkpoint records the sha256 of the bytes trained on, not of the file at writing time: a
+    --data rewritten by another process mid-run makes --resume refuse, not mix the two files."""
+    data = write_data(tmp_path / "data.jsonl")
+    trained_on = sha256(data)
+    with pytest.MonkeyPatch.context() as mp:
+        batches_hook(mp, {5: lambda: write_data(data, offset=1), 9: kill})
+        with pytest.raises(Killed):
+            train.run(train.parse_args(flags(tmp_path / "out", data)))
+    ckpt = torch.load(tmp_path / "out" / "sft_tag" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["file_hashes"]["--data"] == trained_on != sha256(data)
+    no_training(monkeypatch)
+    code, err = main(flags(tmp_path / "out", data, "--resume"), capsys)
+    one_line_error(code, err, f"--data {data}: other contents (sha256 {trained_on[:12]}")
+
+
+def test_init_from_replaced_after_loading_is_not_resumed_from(tmp_path, capsys, monkeypatch):
+    """A stage run by hand from a checkpoint that is then replaced (its stage-1 run still writing):
+    --resume compares the bytes it started from and refuses, rather than re-reading another origin."""
+    data = write_data(tmp_path / "data.jsonl")
+    train.run(train.parse_args(flags(tmp_path / "first", data, "--max_iters", "4", "--stage2_iters", "0")))
+    start = tmp_path / "first" / "sft_tag" / "ckpt.pt"
+    other = torch.load(start, weights_only=True)
+    other.update(stage="w0-1-2_tag", step=2)
+    by_hand = ["--init_from", str(start), "--key_only", "--max_iters", "12", "--stage2_iters", "0"]
+
+    def replace() -> None:
+        torch.save(other, start)
+    with pytest.MonkeyPatch.context() as mp:
+        batches_hook(mp, {4 + 1: replace, 4 + 9: kill})  # the stream reads on at 4, where stage 1 stopped
+        with pytest.raises(Killed):
+            train.run(train.parse_args(flags(tmp_path / "out", data, *by_hand)))
+    assert torch.load(tmp_path / "out" / "sftkey_tag" / "ckpt.pt", weights_only=True)["step"] == 8
+    no_training(monkeypatch)
+    code, err = main(flags(tmp_path / "out", data, "--resume", *by_hand), capsys)
+    one_line_error(code, err, f"--init_from {start}: other contents")
+
+
+class Rank(runtime.Dist):
+    """Rank `rank` of two, whose gather hands back the states both ranks hold."""
+
+    def __init__(self, rank: int, states: list):
+        super().__init__(rank=rank, world=2)
+        self.states = states
+
+    def gather(self, value) -> list:
+        return self.states
+
+
+def test_every_ranks_rng_state_is_saved_and_each_rank_restores_its_own(tmp_path):
+    """With dropout each rank draws its own masks: restoring rank 0's state on every rank made a resumed
+    torchrun job differ from an uninterrupted one."""
+    cfg = train.parse_args(["--out_dir", str(tmp_path)])
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu")
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(checkpoints.rng_state())
+    path = tmp_path / "sft_tag" / "ckpt.pt"
+    resume_state = {"results": {}, "seconds": {}}
+    checkpoints.StageCheckpoint(str(path), cfg, "sft_tag", [], extra=resume_state, dist=Rank(0, states)).save(
+        3, model, optimizer)
+    saved = torch.load(path, weights_only=True)
+    assert len(saved["rng_ranks"]) == 2 and saved["world"] == 2
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        assert checkpoints.StageCheckpoint(None, cfg, "sft_tag", [], saved, dist=Rank(rank, [])).restore(optimizer) == 3
+        assert torch.equal(torch.get_rng_state(), states[rank]["rng"]), rank
+    saved["rng_ranks"] = saved["rng_ranks"][:1]  # one rank's state for two ranks: not resumable
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match="1 RNG states for 2 rank"):
+        checkpoints.check_resume(str(path), cfg, model.config, 2, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# We own only what we name
+
+@pytest.mark.parametrize("stage", ["../../x", "/tmp/sftkey-absolute", "a/b", ".hidden"])
+def test_a_checkpoints_stage_name_never_chooses_where_we_write(tmp_path, capsys, stage):
+    data = write_data(tmp_path / "data.jsonl")
+    model = GPT(GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=32))
+    start = tmp_path / "downloaded.pt"
+    checkpoints.save_checkpoint(str(start), model, None, train.parse_args([]), 2, {"stage": stage})
+    before = sorted(p for p in tmp_path.rglob("*"))
+    code, err = main(flags(tmp_path / "a" / "b" / "out", data, "--init_from", str(start), "--encoding",
+                           "sftkey-chars", "--format", "tagged"), capsys)
+    one_line_error(code, err, f"--init_from {start}: its stage name {stage!r}")
+    assert sorted(p for p in tmp_path.rglob("*")) == before and not Path("/tmp/sftkey-absolute+sft_tag").exists()
+
+
+def test_overwrite_neither_follows_a_symlinked_stage_nor_deletes_other_folders(tmp_path, capsys, monkeypatch):
+    data = write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    train.run(train.parse_args(flags(out, data, "--max_iters", "2", "--stage2_iters", "0")))
+    elsewhere = tmp_path / "elsewhere"
+    (out / "sft_tag").rename(elsewhere)
+    (out / "sft_tag").symlink_to(elsewhere, target_is_directory=True)
+    before = digests(tmp_path)
+    no_training(monkeypatch)
+    code, err = main(flags(out, data, "--max_iters", "2", "--stage2_iters", "0", "--overwrite"), capsys)
+    one_line_error(code, err, f"{out / 'sft_tag'} is a symbolic link")
+    assert digests(tmp_path) == before and (elsewhere / "ckpt.pt").exists()
+    (out / "sft_tag").unlink()
+    (out / "notmine").mkdir()
+    checkpoints.write_text(str(out / "notmine" / "ckpt.pt"), "another run's")
+    code, err = main(flags(out, data, "--max_iters", "2", "--stage2_iters", "0", "--overwrite"), capsys)
+    one_line_error(code, err, "holds files this run does not write", str(out / "notmine" / "ckpt.pt"))
+    assert (out / "notmine" / "ckpt.pt").read_text() == "another run's"
+
+
+def test_new_folders_are_made_durable(tmp_path, monkeypatch):
+    """A file renamed into a folder made moments before survives a power loss only if the folder's
+    parent was fsync'ed too."""
+    synced = []
+    monkeypatch.setattr(checkpoints, "_fsync_folder", lambda folder: synced.append(Path(folder)))
+    checkpoints.write_text(str(tmp_path / "out" / "stage" / "ckpt.pt"), "x")
+    assert synced == [tmp_path, tmp_path / "out", tmp_path / "out" / "stage"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment has train.py's folder and signal handling
+
+TINY_EXPERIMENT = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_train", "200", "--n_val", "20",
+                   "--n_test", "4", "--e1", "2", "--e2", "1", "--seeds", "1", "--n_boot", "20",
+                   "--arms", "sft_tag,sftkey_tag", "--warmup_iters", "1", "--dtype", "float32", "--device", "cpu"]
+
+
+def experiment_main(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        experiment.main(args)
+        return 0, capsys.readouterr().err
+    except SystemExit as exit_info:
+        return exit_info.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_experiment_stops_on_a_signal_in_one_line_and_frees_its_folder(tmp_path, capsys, monkeypatch, sig):
+    out = tmp_path / "exp"
+    original = train.train
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train, "train", signalled)
+    code, err = experiment_main([*TINY_EXPERIMENT, "--out_dir", str(out)], capsys)
+    assert code == 130 and "Traceback" not in err and err.strip().count("\n") == 0, err
+    assert err.startswith("stopped: ") and signal.Signals(sig).name in err
+    assert not (out / checkpoints.LOCK_NAME).exists()
+
+
+def test_experiment_rerun_is_told_what_it_can_do_and_overwrite_leaves_nothing_stale(tmp_path, capsys):
+    out = tmp_path / "exp"
+    args = [*TINY_EXPERIMENT, "--out_dir", str(out), "--save_ckpt"]
+    assert experiment_main(args, capsys)[0] == 0
+    code, err = experiment_main(args, capsys)
+    one_line_error(code, err, "holds the files of an earlier run", "--overwrite")
+    assert "--resume" not in err  # the experiment cannot be resumed: never suggested
+    code, err = experiment_main([*args[:-1], "--overwrite"], capsys)  # no --save_ckpt now: its files are not planned
+    one_line_error(code, err, "holds files this run does not write", str(out / "seed1337" / "sft_tag" / "ckpt.pt"))
+    assert experiment_main([*args, "--overwrite"], capsys)[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# One line, never a traceback; checkpoints of another dtype
+
+def test_a_signal_before_or_after_a_run_is_one_line_and_exit_130(tmp_path):
+    tiny = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_train", "100", "--n_val", "10",
+            "--n_test", "2", "--max_iters", "1", "--stage2_iters", "0", "--out_dir", str(tmp_path / "out")]
+    script = ("import startup, os, signal, train; train.main(%r); os.kill(os.getpid(), signal.SIGINT); "
+              "import time; time.sleep(5)" % tiny)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("stopped: SIGINT received outside a run")
+    child = subprocess.Popen([sys.executable, "train.py", "--out_dir", str(tmp_path / "early")], cwd=ROOT,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        child.wait(timeout=0.5)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGINT)  # while torch is still loading, or later: one line either way
+    err = child.communicate(timeout=120)[1]
+    assert child.returncode == 130 and "Traceback" not in err and err.startswith("stopped: "), err
+
+
+def test_a_model_too_large_for_memory_is_a_flag_error(tmp_path, capsys):
+    data = write_data(tmp_path / "data.jsonl")
+    code, err = main(flags(tmp_path / "out", data, "--block_size", "1000000000"), capsys)
+    one_line_error(code, err, "the model does not fit in memory", "--block_size 1000000000")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64])
+def test_checkpoint_weights_of_another_dtype_are_refused_not_cast(tmp_path, capsys, dtype):
+    data = write_data(tmp_path / "data.jsonl")
+    model = GPT(checkpoints.model_config(train.parse_args(flags(tmp_path, data)), D.char_encoding()))
+    start = tmp_path / "start.pt"
+    checkpoints.save_checkpoint(str(start), model, None, train.parse_args([]), 2)
+    ckpt = torch.load(start, weights_only=True)
+    ckpt["model"] = {k: v.to(dtype) for k, v in ckpt["model"].items()}
+    torch.save(ckpt, start)
+    code, err = main(flags(tmp_path / "out", data, "--init_from", str(start)), capsys)
+    one_line_error(code, err, f"{start}:", "not this model's float32 tensors", str(dtype))
