@@ -11,7 +11,7 @@ Three rules carry it; each makes a whole class of mistakes impossible rather tha
   --overwrite deletes exactly the planned files found.
 - *Whole or not at all.* `atomic_write`: a unique temporary, fsync'ed, renamed, folders fsync'ed.
 Also: `StageCheckpoint`, the training loop's one hook (resume, periodic writes, stop signals, every
-rank's RNG state), and GPT-2's weights from a Hugging Face folder.
+rank's RNG state). GPT-2's weights from a Hugging Face folder are read by gpt2.py.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ except ImportError:  # Windows: FolderLock says it cannot lock
     fcntl = None
 
 import data as D
+import gpt2
 import runtime
 from model import GPT, GPTConfig
 from runtime import PRETRAINED, Dist, Interrupted, StopSignal
@@ -100,8 +101,7 @@ def make_folders(folder: str) -> None:
 
 
 class _Recording(io.RawIOBase):
-    """Remembers the first OSError of a write: torch.save reports a failed write only as "unexpected
-    pos", and the cause (ENOSPC, EIO) is what the user needs."""
+    """Remembers the first OSError of a write: torch.save says only "unexpected pos", not ENOSPC or EIO."""
 
     def __init__(self, f):
         super().__init__()
@@ -118,13 +118,8 @@ class _Recording(io.RawIOBase):
             raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
+_UMASK = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
+os.umask(_UMASK)
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -150,12 +145,11 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         with contextlib.suppress(OSError, AttributeError):  # torch's own error ("unexpected pos") says less
             stat = os.statvfs(folder)
             full = full or stat.f_bavail * stat.f_frsize < 1 << 20
-        before = "the previous file there is intact" if os.path.exists(path) else "nothing was written there"
-        detail = str(cause).splitlines()[0] if str(cause) else "no details"
-        raise WriteError(getattr(cause, "errno", None) or errno.EIO,
-                         f"could not write {path}: {'the disk is full' if full else 'the write failed'} "
-                         f"({type(cause).__name__}: {detail}); {before}, and the partial temporary file was "
-                         f"removed") from None
+        raise WriteError(getattr(cause, "errno", None) or errno.EIO, f"could not write {path}: "
+                         f"{'the disk is full' if full else 'the write failed'} ({type(cause).__name__}: "
+                         f"{str(cause).splitlines()[0] if str(cause) else 'no details'}); "
+                         f"{'the previous file there is intact' if os.path.exists(path) else 'nothing was written there'}"
+                         f", and the partial temporary file was removed") from None
     finally:
         if tmp is not None:  # failed or interrupted (KeyboardInterrupt too) before the rename
             with contextlib.suppress(OSError):
@@ -175,10 +169,9 @@ def write_json(path: str, obj) -> None:
 
 @dataclass
 class Inputs:
-    """A run's input files, each read once: their bytes (by field name), the sha256 of those bytes (by
-    flag), and the --init_from checkpoint parsed from its bytes, with the stage it ended and its
-    position in the data stream (steps read), so a stage run from it is named by its history and
-    reads on where it stopped."""
+    """A run's input files, each read once: their bytes (by field name), their sha256 (by flag), and the
+    --init_from checkpoint parsed from its bytes with its origin: the stage it ended and the steps of the
+    data stream read, so a stage run from it is named by its history and reads on where it stopped."""
     raw: dict[str, bytes]
     sha256: dict[str, str]
     init: dict | None = None
@@ -303,7 +296,7 @@ def load_checkpoint(path: str, expected: GPTConfig, device: str, encoding: str |
 
 def _model_from(ckpt: dict, device: str) -> GPT:
     model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["model"])  # float32 and these shapes: read_checkpoint checked
     return model
 
 
@@ -319,18 +312,15 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
     checkpoints trained from it). A model too large for memory is a flag error, not a traceback."""
     try:
         if cfg.init_from.startswith(PRETRAINED):
-            return load_gpt2(cfg.init_from, enc, cfg.block_size, cfg.dropout).to(device)
+            return gpt2.load_gpt2(cfg.init_from, enc, cfg.block_size, cfg.dropout).to(device)
         if cfg.init_from:
             init = inputs.init if inputs is not None and inputs.init is not None else read_checkpoint(
                 cfg.init_from, None, "cpu")
             check_shape(init, cfg.init_from, model_config(cfg, enc), cfg.encoding, enc.n_vocab)
             return _model_from(init, device)
         return GPT(model_config(cfg, enc)).to(device)
-    except (MemoryError, torch.OutOfMemoryError) as err:
-        raise ValueError(f"the model does not fit in memory (--n_layer {cfg.n_layer}, --n_embd {cfg.n_embd}, "
-                         f"--block_size {cfg.block_size}, a vocabulary of {enc.n_vocab}): {err}") from None
-    except RuntimeError as err:  # the CPU allocator's failure is a RuntimeError
-        if "alloc" not in str(err):
+    except (MemoryError, RuntimeError) as err:  # CUDA's OutOfMemoryError and the CPU allocator's are RuntimeErrors
+        if isinstance(err, RuntimeError) and "alloc" not in str(err):
             raise
         raise ValueError(f"the model does not fit in memory (--n_layer {cfg.n_layer}, --n_embd {cfg.n_embd}, "
                          f"--block_size {cfg.block_size}, a vocabulary of {enc.n_vocab})") from None
@@ -339,18 +329,13 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
 # ---------------------------------------------------------------------------------------------
 # The training loop's hook
 
-# --ckpt_interval 0: write a checkpoint after the first step that ends this many seconds after the
-# last write. A write of the default model costs milliseconds, invisible at this rate.
-AUTO_CKPT_SECONDS = 300.0
+AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passed (milliseconds each here)
 
 
 class StageCheckpoint:
-    """One stage's checkpoint as the training loop sees it: what to resume from, when to write.
-
-    `saved` is this stage's checkpoint when resuming; `extra` goes into every write (what run() needs
-    to resume the stages around this one). With no `path` nothing is written (experiment.py's arms).
-    Every write holds every rank's RNG state, so dropout resumes exactly on each rank.
-    """
+    """One stage's checkpoint as the loop sees it: `saved` (when resuming) to start from, when to write,
+    `extra` in every write (what run() needs around this stage), every rank's RNG state (dropout resumes
+    exactly on each rank). With no `path` nothing is written (experiment.py's arms)."""
 
     def __init__(self, path: str | None, cfg, stage: str, log: list[dict], saved: dict | None = None,
                  extra: dict | None = None, stop: StopSignal | None = None, dist: Dist | None = None):
@@ -402,9 +387,8 @@ class StageCheckpoint:
 # Resuming: the same flags, the same input bytes, a complete checkpoint
 
 def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> list[str]:
-    """What differs between the run that wrote `ckpt` and the flags `cfg`, one entry per flag with both
-    values: every field runtime.FLAGS marks "same" on resume, then (given `hashes`, the sha256 of
-    this run's inputs) the input files' contents."""
+    """What differs between the run that wrote `ckpt` and the flags `cfg`, both values named: each field
+    runtime.FLAGS marks "same", then the input files' contents (`hashes`: this run's sha256 by flag)."""
     saved, here = ckpt.get("train_config"), dataclasses.asdict(cfg)
     if not isinstance(saved, dict):
         return ["the checkpoint records no flags (train_config)"]
@@ -464,14 +448,11 @@ def found_files(out_dir: str) -> list[str]:
 
 
 class RunFolder:
-    """--out_dir, held by one run from `take` to the end of the `with` block.
-
-    `take(plan)` (after the flags and the data are checked, so bad input writes nothing) locks the
-    folder (FolderLock), then checks it against the plan, the files this run writes (tuples of
-    names under out_dir): each is an owned_path; any run file found outside the plan refuses the
-    folder, --overwrite or not (it is another run's, or an interrupted one's); run files of the plan
-    refuse a fresh run unless --overwrite, which deletes exactly them; --resume keeps them, each
-    checkpoint found first handed to `check`. Temporaries of writes killed mid-way are removed."""
+    """--out_dir, held by one run from `take` to the end of the `with` block. `take(plan)` (after the input
+    is checked: bad input writes nothing) locks it, then checks it against the plan (name tuples of the
+    files this run writes, each an owned_path): a run file outside the plan is another run's, refused
+    even with --overwrite; planned ones refuse a fresh run unless --overwrite, which deletes exactly
+    them; --resume keeps them, each checkpoint first handed to `check`. Dead writes' temporaries go."""
 
     def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True):
         self.out_dir, self.overwrite, self.resume, self.resumable = out_dir, overwrite, resume, resumable
@@ -535,10 +516,9 @@ def _probe(folder: str) -> str | None:
 
 
 class FolderLock:
-    """An exclusive lock on a run folder for the run's life: fcntl.flock on out_dir/.sftkey.lock,
-    released by the kernel when the holder's process ends however it ends (kill -9 too), so a dead run
-    never blocks the folder. The file names the holder ("pid host"); a second run is refused at once
-    naming it. Where fcntl is missing (Windows) there is no lock, and a note says so."""
+    """fcntl.flock on out_dir/.sftkey.lock for the run's life, released by the kernel however the holder
+    ends (kill -9 too); the file names the holder ("pid host") for a refused second run. No fcntl
+    (Windows): no lock, and a note says so."""
 
     def __init__(self, out_dir: str):
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
@@ -586,8 +566,7 @@ class FolderLock:
                     break
             os.close(fd)
         if previous := self._holder(fd):
-            pid, _, host = previous.partition(" ")
-            print(f"note: took over the lock {self.path} left by pid {pid} on {host}, which no longer holds it",
+            print(f"note: took over the lock {self.path} left by pid {previous}, which no longer holds it",
                   file=sys.stderr, flush=True)
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
@@ -601,137 +580,3 @@ class FolderLock:
             os.unlink(self.path)
         os.close(self.fd)
         self.fd = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face GPT-2 checkpoints
-
-def load_gpt2(init_from: str, enc, block_size: int, dropout: float) -> GPT:
-    """GPT-2 for --init_from gpt2:DIR: its shape from the checkpoint (--n_layer, --n_head and --n_embd
-    do not apply), the position table cropped to --block_size, the tokenizer GPT-2's own."""
-    if enc.name != "gpt2":
-        raise ValueError(f"--init_from {init_from} needs --encoding gpt2 (GPT-2's own tokenizer), "
-                         f"got --encoding {enc.name}")
-    model = gpt2_from_hf(init_from[len(PRETRAINED):], block_size=block_size, dropout=dropout)
-    if model.config.vocab_size != enc.n_vocab:
-        raise ValueError(f"--init_from {init_from}: a vocabulary of {model.config.vocab_size} tokens, but the "
-                         f"gpt2 encoding has {enc.n_vocab}")
-    return model
-
-
-def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0) -> GPT:
-    """GPT-2 from a local Hugging Face checkpoint folder, in float32 on the CPU.
-
-    Reads `model.safetensors` (when the optional `safetensors` package imports) or
-    `pytorch_model.bin` (torch.load with weights_only=True), any of the four GPT-2 sizes: the
-    shape comes from the tensors (layers from the h.N blocks, width and vocabulary from wte,
-    positions from wpe) and n_head from config.json, or GPT-2's own table when it is absent.
-    `block_size` crops the position table (it cannot exceed the checkpoint's). Hugging Face's
-    `transformers` is not needed.
-    """
-    tensors, source = _read_hf_tensors(path)
-    config = _gpt2_config(tensors, path, source, dropout)
-    if block_size is not None:
-        if block_size > config.block_size:
-            raise ValueError(f"--block_size {block_size} exceeds the {config.block_size} positions of {source}")
-        config.block_size = block_size
-    state = _gpt2_state_dict(tensors, config, source)
-    with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
-        model = GPT(config)
-    _check_names_and_shapes(state, model, source)
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both; tie them again
-    return model
-
-
-_GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head of GPT-2 small, medium, large, xl
-# Hugging Face stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The checkpoint's tensors, keys without the optional "transformer." prefix, and the file read."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"gpt2:{path}: no such directory")
-    st_file, bin_file = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        load_file = None
-    if os.path.isfile(st_file) and load_file is not None:
-        source, read = st_file, load_file
-    elif os.path.isfile(bin_file):  # weights_only: never unpickle code
-        source, read = bin_file, lambda f: torch.load(f, map_location="cpu", weights_only=True)
-    elif os.path.isfile(st_file):
-        raise FileNotFoundError(f"{st_file}: reading it needs the safetensors package (pip install safetensors), "
-                                f"or put a pytorch_model.bin beside it")
-    else:
-        raise FileNotFoundError(f"gpt2:{path}: holds neither model.safetensors nor pytorch_model.bin "
-                                f"(sharded checkpoints are not supported)")
-    try:
-        tensors = read(source)
-    except Exception as err:  # truncated, foreign, or holding pickled objects other than tensors
-        raise ValueError(f"{source}: cannot be read as a checkpoint of tensors ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'no details'})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise ValueError(f"{source}: not a state dict of tensors")
-    return {k.removeprefix("transformer."): t for k, t in tensors.items()}, source
-
-
-def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropout: float) -> GPTConfig:
-    for name in ("wte.weight", "wpe.weight"):
-        if name not in tensors:
-            raise ValueError(f"{source}: no tensor {name}; is it a GPT-2 checkpoint?")
-    vocab, n_embd = tensors["wte.weight"].shape
-    n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
-    hf = {}
-    config_file = os.path.join(path, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            hf = json.load(f)
-    # Variants whose arithmetic differs from GPT-2's would load without error and compute
-    # something else: refuse them by name.
-    unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
-                   "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
-    for key, allowed in unsupported.items():
-        if key in hf and hf[key] not in allowed:
-            raise ValueError(f"{config_file}: {key}={hf[key]!r} is not supported (GPT-2 has {allowed[0]!r})")
-    n_head = hf.get("n_head", _GPT2_HEADS.get(n_embd))
-    if n_head is None:
-        raise ValueError(f"gpt2:{path}: n_head is not in the tensors' shapes and there is no config.json giving it "
-                         f"(width {n_embd} is none of GPT-2's sizes {sorted(_GPT2_HEADS)})")
-    if n_embd % n_head:
-        raise ValueError(f"gpt2:{path}: width {n_embd} is not a multiple of n_head {n_head}")
-    return GPTConfig(vocab_size=vocab, block_size=tensors["wpe.weight"].shape[0], n_layer=n_layer,
-                     n_head=n_head, n_embd=n_embd, dropout=dropout)
-
-
-def _gpt2_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, source: str) -> dict[str, torch.Tensor]:
-    """Hugging Face's names and layouts turned into this model's state dict (float32)."""
-    state = {}
-    for key, tensor in tensors.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
-            continue
-        if key == "lm_head.weight":  # GPT-2 ties it to wte; a different tensor is another model
-            if not torch.equal(tensor, tensors["wte.weight"]):
-                raise ValueError(f"{source}: lm_head.weight differs from wte.weight; only tied GPT-2 is supported")
-            continue
-        tensor = tensor.float()
-        state["transformer." + key] = tensor.t().contiguous() if key.endswith(_CONV1D) else tensor.contiguous()
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size].clone()
-    return state
-
-
-def _check_names_and_shapes(state: dict[str, torch.Tensor], model: GPT, source: str) -> None:
-    """A clear error for a missing, unexpected or misshapen tensor (load_state_dict's is a wall of text)."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    missing = sorted(k.removeprefix("transformer.") for k in expected.keys() - state.keys())
-    unexpected = sorted(k.removeprefix("transformer.") for k in state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source}: not GPT-2's tensors: missing {missing[:5] or 'none'}, "
-                         f"unexpected {unexpected[:5] or 'none'}")
-    for key, shape in expected.items():
-        if state[key].shape != shape:
-            raise ValueError(f"{source}: {key.removeprefix('transformer.')} has shape {tuple(state[key].shape)}, "
-                             f"expected {tuple(shape)} (after transposing Conv1D weights)")

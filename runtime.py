@@ -1,9 +1,6 @@
-"""Run-time plumbing for train.py: device and dtype, DDP, stop signals, throughput and MFU, flag checks.
-
-Nothing here is SFTKey: a reader of the method can skip this file. train.py meets it through a few
-one-line hooks: `Dist` (this process's place in a torchrun job), `StopSignal` (SIGINT, SIGTERM and SIGHUP
-stop the run: after the current step in training, at once elsewhere), `Meter` (tokens/s, MFU and
-ETA of the log lines) and `check_config` (bad flags refused before anything runs).
+"""Run-time plumbing for train.py; nothing here is SFTKey. The loop meets it through one-line hooks: `Dist`
+(this process's place in a torchrun job), `StopSignal` (a stop signal ends the run after the step in
+flight), `Meter` (tokens/s, MFU, ETA), and the flags: `FLAGS` classifies each, `check_config` refuses bad ones.
 """
 from __future__ import annotations
 
@@ -51,9 +48,7 @@ def resolve_device(cfg, dist: Dist | None = None) -> tuple[str, torch.dtype]:
         # 0.7x float32's speed at the default width 128 and faster at 384, so narrow models stay float32.
         bf16 = native_bf16(device) and (device.startswith("cuda") or cfg.n_embd >= 256)
         return device, torch.bfloat16 if bf16 else torch.float32
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
-    return device, getattr(torch, cfg.dtype)
+    return device, getattr(torch, cfg.dtype)  # float32 or bfloat16: check_config refused the rest
 
 
 def autocast(device: str, dtype: torch.dtype):
@@ -78,14 +73,9 @@ COMPILE_BACKEND = "SFTKEY_COMPILE_BACKEND"  # environment variable: tests use "e
 
 
 def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """`model` itself, or torch.compile'd with dynamic shapes for --compile.
-
-    Batch widths change from step to step (length grouping) and only the positions with a loss are
-    projected, so static shapes would recompile for every new width: with dynamic=None PyTorch
-    compiles once for the first width and again, shape-generic, at the second; dynamic=True makes
-    the first compilation the generic one and the only one. The projection (sftkey.weighted_loss_sum,
-    whose boolean mask makes its shapes data-dependent) stays outside the compiled module.
-    """
+    """`model`, or for --compile torch.compile'd with dynamic shapes: batch widths change from step to step
+    (length grouping), and dynamic=True compiles one shape-generic graph at once instead of a first one
+    for the first width. The projection (its boolean mask gives data-dependent shapes) stays outside."""
     if not enabled:
         return model
     return torch.compile(model, dynamic=True, backend=os.environ.get(COMPILE_BACKEND, "inductor"))
@@ -161,10 +151,8 @@ class Dist:
 # Stop signals
 
 class Interrupted(BaseException):
-    """A stop signal (SIGINT, SIGTERM or SIGHUP) ended the run; what it wrote can be resumed with --resume.
-
-    A BaseException, as KeyboardInterrupt is: raised from a signal handler it can surface anywhere,
-    and an `except Exception` meant for bad input (a checkpoint reader's) must not turn it into one."""
+    """A stop signal ended the run (resume with --resume). A BaseException, as KeyboardInterrupt is: raised
+    from a signal handler anywhere, no `except Exception` meant for bad input may swallow it."""
 
 
 # A closed terminal or ssh session sends SIGHUP: it stops a run as SIGTERM does (absent on Windows).
@@ -172,18 +160,11 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 class StopSignal:
-    """SIGINT, SIGTERM and SIGHUP while a run lasts: every one ends it with one line and exit 130.
-
-    Handlers are installed only inside the `with` block, and the ones found are put back after it.
-    Outside `deferred()` (loading data, evaluating, writing results) a signal raises Interrupted at
-    once: nothing is lost there, as every write is atomic and a stage's weights are saved before it
-    is evaluated, so a resumed run redoes only the evaluation that was cut off. Inside `deferred()`
-    (the training steps and the save that ends a stage) it only sets `received`: the step in flight
-    finishes, `StageCheckpoint.after_step` writes its checkpoint and raises Interrupted, and further
-    signals only repeat the notice (before, a second one raised KeyboardInterrupt mid-step, losing
-    the step). Once a stop is under way every later signal only says so: the first one's message,
-    naming what was written, is the one the run ends with.
-    """
+    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found are put back after the `with`
+    block): each ends it with one line and exit 130. Outside `deferred()` a signal raises Interrupted
+    at once (every write is atomic, and a stage is saved before it is evaluated: nothing is lost);
+    inside (the training steps) it sets `received`, the step in flight finishes and
+    `StageCheckpoint.after_step` writes its checkpoint, then raises. Later signals only say so."""
 
     def __init__(self):
         self.received = False
@@ -243,59 +224,42 @@ class StopSignal:
         self._previous.clear()
 
 
-def describe_last(path: str | None) -> str:
-    """What a stopped stage leaves to resume from, as a clause: "the last checkpoint, PATH at step N,
-    is intact", "no checkpoint has been written to PATH yet", or that the stage writes none (no path)."""
-    if not path:
-        return "this stage writes no checkpoint"
-    if not os.path.isfile(path):
-        return f"no checkpoint has been written to {path} yet"
-    try:  # mmap: only the step is read, not the weights
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-    except Exception as err:  # a message about the failure must not fail: say what happened
-        return f"{path} exists but could not be read back ({type(err).__name__})"
-    return f"the last checkpoint, {path} at step {step}, is intact"
-
-
 def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float,
                        weights: tuple[float, ...]) -> str:
-    """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left (describe_last)
-    and the likely causes. Step 0 comes before any update of the stage, so its learning rate cannot be
-    the cause there; a loss weight can be, most surely one that float32 (the loss's dtype) holds as inf."""
-    # The loss is divided by the sum of the weights, so their size cannot make it overflow, only a weight
-    # float32 cannot hold (the flags refuse those; train() called from code may still get one).
-    heaviest = max(weights)
-    weight = (f"a loss weight of {heaviest:g} (--weights, --stage2_weights or --key_weight), infinite in float32"
-              if heaviest > torch.finfo(torch.float32).max else "")
+    """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left, the likely
+    causes. Step 0 precedes the stage's first update, so its learning rate cannot be the cause there; a
+    loss weight float32 holds as inf can (the flags refuse those; train() called from code may get one)."""
+    weight = (f"a loss weight of {max(weights):g} (--weights, --stage2_weights or --key_weight), infinite in "
+              f"float32" if max(weights) > torch.finfo(torch.float32).max else "")
     if step == 0:
         causes = ("No update had been made in this stage, so its learning rate is not the cause; look at "
                   + (weight or "the data and the weights the stage started from"))
     else:
         causes = (f"Likely causes: a learning rate too high (this stage's peak is {peak_lr:g}: lower --lr, or "
                   f"--stage2_lr in stage 2)" + (f", or {weight}" if weight else ""))
-    last = describe_last(path)
-    return (f"{stage} step {step}: the loss or gradient is not finite; stopping before the update. "
-            f"{last[0].upper()}{last[1:]}. {causes}.")
+    try:  # mmap: only the step is read, not the weights
+        last = (f"The last checkpoint, {path} at step "
+                f"{torch.load(path, map_location='cpu', weights_only=True, mmap=True)['step']}, is intact"
+                if path and os.path.isfile(path) else f"No checkpoint has been written to {path} yet" if path
+                else "This stage writes no checkpoint")
+    except Exception as err:  # a message about the failure must not fail: say what happened
+        last = f"{path} exists but could not be read back ({type(err).__name__})"
+    return f"{stage} step {step}: the loss or gradient is not finite; stopping before the update. {last}. {causes}."
 
 
 # ---------------------------------------------------------------------------------------------
 # Throughput and MFU
 
-# Dense (not sparse) bfloat16 tensor-core peaks from NVIDIA's data sheets, FLOP/s, with FP32
-# accumulation (what autocast's matmuls use; GeForce cards run bf16 at half rate with it). A name
-# matches an entry when it holds the entry's model token and exactly the entry's variant tokens:
-# "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" is not, "NVIDIA L40" (half the L40S)
-# and "RTX 3090 Ti" match nothing and are measured instead.
+# Dense bf16 tensor-core peaks (FLOP/s, FP32 accumulation as autocast uses) from NVIDIA's data sheets. A
+# name matches when it holds the model token and exactly the variant tokens: "NVIDIA H100 80GB HBM3" is
+# the SXM part, "NVIDIA H100 PCIe" is not; "NVIDIA L40" and "RTX 3090 Ti" match nothing (no MFU).
 _GPU_VARIANTS = frozenset({"pcie", "nvl", "ti", "laptop", "mobile", "super", "d"})
-_GPU_BF16_PEAKS: tuple[tuple[str, frozenset[str], float], ...] = (
-    ("b200", frozenset(), 2250e12),
-    ("h200", frozenset(), 989e12), ("h200", frozenset({"nvl"}), 835e12),
-    ("gh200", frozenset(), 989e12),  # the Grace Hopper superchip's GPU is an H100/H200 SXM
-    ("h100", frozenset(), 989e12), ("h100", frozenset({"pcie"}), 756e12), ("h100", frozenset({"nvl"}), 835e12),
-    ("a100", frozenset(), 312e12), ("a100", frozenset({"pcie"}), 312e12),
-    ("l40s", frozenset(), 362e12), ("l4", frozenset(), 121e12),
-    ("4090", frozenset(), 165.2e12), ("3090", frozenset(), 71e12),
-)
+_GPU_BF16_PEAKS: tuple[tuple[str, frozenset[str], float], ...] = (  # GH200's GPU is an H100/H200 SXM
+    ("b200", frozenset(), 2250e12), ("h200", frozenset(), 989e12), ("h200", frozenset({"nvl"}), 835e12),
+    ("gh200", frozenset(), 989e12), ("h100", frozenset(), 989e12), ("h100", frozenset({"pcie"}), 756e12),
+    ("h100", frozenset({"nvl"}), 835e12), ("a100", frozenset(), 312e12), ("a100", frozenset({"pcie"}), 312e12),
+    ("l40s", frozenset(), 362e12), ("l4", frozenset(), 121e12), ("4090", frozenset(), 165.2e12),
+    ("3090", frozenset(), 71e12))
 
 
 def gpu_bf16_peak(name: str) -> float | None:
@@ -317,12 +281,8 @@ def peak_flops(device: str, dtype: torch.dtype) -> float | None:
 
 
 def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, peak: float) -> float:
-    """Model FLOPs utilisation of training: matmul FLOP/s achieved (GPT.flops_per_token) over `peak`.
-
-    `tokens_per_s` counts real (non-padding) input positions, `seq_len` is the mean padded width of
-    the micro-batches, `projected_fraction` the share of real positions with a non-zero loss weight
-    (the ones projected onto the vocabulary), `peak` comes from peak_flops.
-    """
+    """Model FLOPs utilisation: matmul FLOP/s achieved (GPT.flops_per_token at the mean padded width
+    `seq_len`, the share `projected_fraction` of positions projected) over `peak`."""
     return model.flops_per_token(seq_len, projected_fraction) * tokens_per_s / peak
 
 
@@ -331,11 +291,8 @@ def mfu_text(value: float | None) -> str:
 
 
 class Meter:
-    """What the log lines of one stage report: loss, tokens/s, MFU and ETA, validation time left out.
-
-    Token counts stay on the device (reading them would wait for the GPU at every step) and are
-    summed over ranks only when a line is logged.
-    """
+    """The log lines of one stage: loss, tokens/s, MFU and ETA, validation time left out. Token counts
+    stay on the device (reading them would wait for the GPU every step) until a line is logged."""
 
     def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None,
                  dtype: torch.dtype = torch.float32):
@@ -433,8 +390,7 @@ def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
     """One flag per field of the `config_class` dataclass, its help text taken from the field's metadata."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(config_class):
-        # %(default)r, not the field's default: a parser that calls set_defaults (experiment.py) shows its own
-        flag, help_text = f"--{f.name}", f.metadata["help"] + " (default: %(default)r)"
+        flag, help_text = f"--{f.name}", f.metadata["help"] + " (default: %(default)r)"  # set_defaults shows
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
@@ -442,9 +398,8 @@ def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-# A weight is 0 or within these bounds: the loss divides by a float32 sum of weights, which a weight
-# of 1e39 makes infinite and one of 1e-50 (0 in float32) would leave its tokens silently unsupervised.
-# The loss is normalised by that sum, so only the ratios of the weights matter and nothing is lost.
+# A weight is 0 or within these bounds: the loss divides by a float32 sum of weights (only their ratios
+# matter), which a weight of 1e39 makes infinite and 1e-50 (0 in float32) leaves silently unsupervised.
 WEIGHT_RANGE = (1e-6, 1e6)
 
 
@@ -503,12 +458,11 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "untagged": ("", "same", "set"), "encoding": ("", "same", "all"), "n_train": ("int>=0", "same", "all"),
     "n_val": ("int>=0", "same", "all"), "n_test": ("int>=0", "same", "all"), "data_seed": ("int>=0", "same", "all"),
     "init_from": ("", "same", "all"), "weights": ("", "same", "set"), "key_only": ("", "same", "set"),
-    "key_weight": ("", "same", "arm"), "max_iters": ("int>=0", "same", "arm"),
-    "stage2_iters": ("int>=0", "same", "arm"), "stage2_weights": ("", "same", "set"),
-    "stage2_lr": (">=0", "same", "all"), "block_size": ("int>=1", "same", "all"), "n_layer": ("int>=1", "same", "all"),
-    "n_head": ("int>=1", "same", "all"), "n_embd": ("int>=1", "same", "all"), "dropout": ("[0,1)", "same", "all"),
-    "batch_size": ("int>=1", "same", "all"), "grad_accum": ("int>=1", "same", "all"), "lr": (">0", "same", "all"),
-    "warmup_iters": ("int>=0", "same", "all"), "min_lr_ratio": ("[0,1]", "same", "all"),
+    "key_weight": ("", "same", "arm"), "max_iters": ("int>=0", "same", "arm"), "stage2_iters": ("int>=0", "same", "arm"),
+    "stage2_weights": ("", "same", "set"), "stage2_lr": (">=0", "same", "all"), "block_size": ("int>=1", "same", "all"),
+    "n_layer": ("int>=1", "same", "all"), "n_head": ("int>=1", "same", "all"), "n_embd": ("int>=1", "same", "all"),
+    "dropout": ("[0,1)", "same", "all"), "batch_size": ("int>=1", "same", "all"), "grad_accum": ("int>=1", "same", "all"),
+    "lr": (">0", "same", "all"), "warmup_iters": ("int>=0", "same", "all"), "min_lr_ratio": ("[0,1]", "same", "all"),
     "weight_decay": (">=0", "same", "all"), "grad_clip": (">=0", "same", "all"), "seed": ("int>=0", "same", "all"),
     "resume": ("", "free", "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)"),
     "overwrite": ("", "free", "all"),

@@ -1,10 +1,6 @@
-"""Stop signals before a run starts: `python train.py` and `python experiment.py` import this first.
-
-Loading torch takes seconds, and until a run installs runtime.StopSignal a Ctrl-C would print a
-KeyboardInterrupt traceback (SIGTERM and SIGHUP would end it without a word). From here on any of
-them ends the process with one line and exit 130; StopSignal puts this handler back when a run
-ends, so a signal in a run's last moments ends the same way. Nothing else happens at import.
-"""
+"""Stop signals outside a run: train.py and experiment.py import this first, before torch loads (seconds,
+in which a Ctrl-C printed a traceback). Any stop signal then ends the process in one line, exit 130;
+runtime.StopSignal puts this handler back when a run ends, so its last moments end the same way."""
 import os
 import signal
 import sys

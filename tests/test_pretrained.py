@@ -1,4 +1,4 @@
-"""checkpoints.gpt2_from_hf and --init_from gpt2:DIR, on small random checkpoints in Hugging Face's layout.
+"""gpt2.gpt2_from_hf and --init_from gpt2:DIR, on small random checkpoints in Hugging Face's layout.
 
 The checkpoints are built here tensor by tensor with GPT-2's names and shapes (Conv1D weights
 stored as (in, out), the attention-mask buffers, with or without the "transformer." prefix), so
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-import checkpoints
+import gpt2
 import train
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -84,7 +84,7 @@ def reference_logits(t: dict[str, torch.Tensor], ids: torch.Tensor, n_head: int)
 @pytest.mark.parametrize("prefix", [False, True])
 def test_load_is_exact_and_logits_match_the_reference(tmp_path, prefix):
     tensors = hf_tensors(n_layer=2, n_embd=32, vocab=97, n_positions=40)
-    model = checkpoints.gpt2_from_hf(write_checkpoint(tmp_path, tensors, prefix=prefix, n_head=4))
+    model = gpt2.gpt2_from_hf(write_checkpoint(tmp_path, tensors, prefix=prefix, n_head=4))
     c = model.config
     assert (c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.block_size) == (2, 4, 32, 97, 40)
     ours = model.state_dict()
@@ -114,48 +114,48 @@ def test_load_is_exact_and_logits_match_the_reference(tmp_path, prefix):
 def test_block_size_crops_the_position_table_and_cannot_grow_it(tmp_path):
     tensors = hf_tensors(n_layer=1, n_embd=16, vocab=50, n_positions=32)
     folder = write_checkpoint(tmp_path, tensors, n_head=2)
-    full, cropped = checkpoints.gpt2_from_hf(folder), checkpoints.gpt2_from_hf(folder, block_size=12)
+    full, cropped = gpt2.gpt2_from_hf(folder), gpt2.gpt2_from_hf(folder, block_size=12)
     assert cropped.config.block_size == 12
     assert torch.equal(cropped.transformer.wpe.weight, tensors["wpe.weight"][:12])
     ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(full(ids), cropped(ids))
     with pytest.raises(ValueError, match="block_size 33 exceeds the 32 positions"):
-        checkpoints.gpt2_from_hf(folder, block_size=33)
+        gpt2.gpt2_from_hf(folder, block_size=33)
 
 
 def test_n_head_from_gpt2_table_without_config_json(tmp_path):
     # GPT-2 small's width with a tiny vocabulary and one layer: the head count comes from the table.
     folder = write_checkpoint(tmp_path / "small", hf_tensors(n_layer=1, n_embd=768, vocab=8, n_positions=4))
-    assert checkpoints.gpt2_from_hf(folder).config.n_head == 12
+    assert gpt2.gpt2_from_hf(folder).config.n_head == 12
     odd = write_checkpoint(tmp_path / "odd", hf_tensors(n_layer=1, n_embd=24, vocab=8, n_positions=4))
     with pytest.raises(ValueError, match="n_head"):
-        checkpoints.gpt2_from_hf(odd)
+        gpt2.gpt2_from_hf(odd)
 
 
 def test_clear_errors_for_bad_folders_and_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        checkpoints.gpt2_from_hf(str(tmp_path / "absent"))
+        gpt2.gpt2_from_hf(str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
-        checkpoints.gpt2_from_hf(str(tmp_path))
+        gpt2.gpt2_from_hf(str(tmp_path))
 
     tensors = hf_tensors(n_layer=2, n_embd=16, vocab=30, n_positions=8)
     missing = dict(tensors)
     del missing["h.1.mlp.c_fc.bias"]
     with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.bias'\]"):
-        checkpoints.gpt2_from_hf(write_checkpoint(tmp_path / "missing", missing, n_head=2))
+        gpt2.gpt2_from_hf(write_checkpoint(tmp_path / "missing", missing, n_head=2))
     untied = {**tensors, "lm_head.weight": tensors["wte.weight"] + 1}
     with pytest.raises(ValueError, match="lm_head.weight differs"):
-        checkpoints.gpt2_from_hf(write_checkpoint(tmp_path / "untied", untied, n_head=2))
+        gpt2.gpt2_from_hf(write_checkpoint(tmp_path / "untied", untied, n_head=2))
     with pytest.raises(ValueError, match="activation_function"):
-        checkpoints.gpt2_from_hf(write_checkpoint(tmp_path / "relu", tensors, n_head=2,
+        gpt2.gpt2_from_hf(write_checkpoint(tmp_path / "relu", tensors, n_head=2,
                                              extra_config={"activation_function": "relu"}))
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read as a checkpoint of tensors"):
-        checkpoints.gpt2_from_hf(str(tmp_path / "garbage"))
+        gpt2.gpt2_from_hf(str(tmp_path / "garbage"))
     tied = {**tensors, "lm_head.weight": tensors["wte.weight"].clone()}  # a tied copy is fine
-    assert checkpoints.gpt2_from_hf(write_checkpoint(tmp_path / "tied", tied, n_head=2)).config.n_layer == 2
+    assert gpt2.gpt2_from_hf(write_checkpoint(tmp_path / "tied", tied, n_head=2)).config.n_layer == 2
 
 
 def test_safetensors_file_loads_or_names_the_missing_package(tmp_path):
@@ -165,11 +165,11 @@ def test_safetensors_file_loads_or_names_the_missing_package(tmp_path):
     except ImportError:  # the package is optional: the error must say what to install
         (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
         with pytest.raises(FileNotFoundError, match="pip install safetensors"):
-            checkpoints.gpt2_from_hf(str(tmp_path))
+            gpt2.gpt2_from_hf(str(tmp_path))
         return
     save_file({"transformer." + k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"n_head": 2}))
-    model = checkpoints.gpt2_from_hf(str(tmp_path))
+    model = gpt2.gpt2_from_hf(str(tmp_path))
     assert torch.equal(model.transformer.h[0].attn.c_attn.weight, tensors["h.0.attn.c_attn.weight"].T)
 
 
