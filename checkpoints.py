@@ -53,7 +53,6 @@ RUN_FILES = (RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accu
 NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")  # what we name: no separator, never "." or ".."
 
 
-# ---------------------------------------------------------------------------------------------
 # Writing whole or not at all, only where we name
 
 class WriteError(OSError):
@@ -88,8 +87,7 @@ def _fsync_folder(folder: str) -> None:
 
 
 def make_folders(folder: str) -> None:
-    """os.makedirs, then each new folder's parent fsync'ed: a power loss cannot lose the folder later
-    files are renamed into."""
+    """os.makedirs, each new folder's parent fsync'ed: a power loss cannot lose a folder files go into."""
     new = []
     while folder and not os.path.isdir(folder):
         new.append(folder)
@@ -145,11 +143,11 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         with contextlib.suppress(OSError, AttributeError):  # torch's own error ("unexpected pos") says less
             stat = os.statvfs(folder)
             full = full or stat.f_bavail * stat.f_frsize < 1 << 20
+        before = "the previous file there is intact" if os.path.exists(path) else "nothing was written there"
         raise WriteError(getattr(cause, "errno", None) or errno.EIO, f"could not write {path}: "
                          f"{'the disk is full' if full else 'the write failed'} ({type(cause).__name__}: "
-                         f"{str(cause).splitlines()[0] if str(cause) else 'no details'}); "
-                         f"{'the previous file there is intact' if os.path.exists(path) else 'nothing was written there'}"
-                         f", and the partial temporary file was removed") from None
+                         f"{str(cause).splitlines()[0] if str(cause) else 'no details'}); {before}, and the partial "
+                         f"temporary file was removed") from None
     finally:
         if tmp is not None:  # failed or interrupted (KeyboardInterrupt too) before the rename
             with contextlib.suppress(OSError):
@@ -164,7 +162,6 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
-# ---------------------------------------------------------------------------------------------
 # Reading every input once
 
 @dataclass
@@ -195,12 +192,7 @@ def read_inputs(cfg) -> Inputs:
     return inputs
 
 
-# ---------------------------------------------------------------------------------------------
 # Checkpoints
-
-# The flag that sets each model-config field, to name it when a checkpoint does not match.
-_CONFIG_FLAGS = {"vocab_size": "--encoding", "block_size": "--block_size", "n_layer": "--n_layer",
-                 "n_head": "--n_head", "n_embd": "--n_embd", "dropout": "--dropout"}
 
 
 def rng_state() -> dict:
@@ -229,11 +221,10 @@ def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dic
 
 
 def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding: str | None = None,
-                    exact_vocab: int | None = None, mmap: bool = False, raw: bytes | None = None) -> dict:
-    """A checkpoint (from `raw`, its bytes, when given), refused with one ValueError naming the file
-    unless it holds exactly this model's weights in float32 and its shape matches `expected` (and
-    `encoding`). A vocabulary of `exact_vocab` (a tokenizer's own size, GPT-2's) passes as well as the
-    rounded one. torch.load with weights_only=True: loading never runs code."""
+                    mmap: bool = False, raw: bytes | None = None) -> dict:
+    """A checkpoint (from `raw`, its bytes, when given), refused with one ValueError naming the file unless
+    it holds exactly this model's weights in float32 and its shape matches `expected` (and `encoding`).
+    torch.load with weights_only=True: loading never runs code."""
     if raw is None and not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
@@ -259,26 +250,29 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise ValueError(f"{path}: its model_config does not describe this project's GPT ({err})") from None
     weights = ckpt["model"]
-    wrong = [k for k in reference if not isinstance(weights.get(k), torch.Tensor) or weights[k].shape != reference[k].shape
-             or weights[k].dtype != torch.float32] + [k for k in weights if k not in reference]
+    wrong = [k for k in reference if not isinstance(weights.get(k), torch.Tensor)
+             or weights[k].shape != reference[k].shape or weights[k].dtype != torch.float32]
+    wrong += [k for k in weights if k not in reference]
     if wrong:  # another dtype would be cast silently by load_state_dict and trained on
-        k = wrong[0]
-        what = (f"{type(weights[k]).__name__} {tuple(getattr(weights[k], 'shape', ()))} "
-                f"{getattr(weights[k], 'dtype', '')}" if k in weights else "missing")
-        raise ValueError(f"{path}: {len(wrong)} weight tensor(s) are not this model's float32 tensors "
-                         f"(the first: {k}, {what}; expected {tuple(reference[k].shape) if k in reference else 'none'})")
+        found = weights.get(wrong[0])
+        what = f"{getattr(found, 'dtype', type(found).__name__)} {tuple(getattr(found, 'shape', ()))}" \
+            if wrong[0] in weights else "missing"
+        raise ValueError(f"{path}: {len(wrong)} weight tensor(s) are not this model's float32 tensors (the first: "
+                         f"{wrong[0]}, {what})")
     if expected is not None:
-        check_shape(ckpt, path, expected, encoding, exact_vocab)
+        check_shape(ckpt, path, expected, encoding)
     return ckpt
 
 
 def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None = None,
                 exact_vocab: int | None = None) -> None:
-    """Refuse a checkpoint whose model shape (or --encoding) is not the one the flags ask for."""
+    """Refuse a checkpoint whose model shape (or --encoding) is not the one the flags ask for. A vocabulary
+    of `exact_vocab` (a tokenizer's own size: GPT-2's) passes as well as the rounded one."""
     saved = GPTConfig(**ckpt["model_config"])
     if exact_vocab is not None and saved.vocab_size == exact_vocab:
         expected = dataclasses.replace(expected, vocab_size=exact_vocab)
-    diffs = [f"{_CONFIG_FLAGS.get(k, k)}: {k}={getattr(saved, k)} in the checkpoint but {getattr(expected, k)} here"
+    flag = {"vocab_size": "--encoding"}  # the flag that sets each model-config field, to name it
+    diffs = [f"{flag.get(k, '--' + k)}: {k}={getattr(saved, k)} in the checkpoint but {getattr(expected, k)} here"
              for k in vars(saved) if getattr(saved, k) != getattr(expected, k)]
     trained_with = (ckpt.get("train_config") or {}).get("encoding")
     if encoding is not None and trained_with is not None and trained_with != encoding:
@@ -287,10 +281,9 @@ def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None
         raise ValueError(f"{path} does not match the flags: " + "; ".join(diffs))
 
 
-def load_checkpoint(path: str, expected: GPTConfig, device: str, encoding: str | None = None,
-                    exact_vocab: int | None = None) -> tuple[GPT, dict]:
+def load_checkpoint(path: str, expected: GPTConfig, device: str, encoding: str | None = None) -> tuple[GPT, dict]:
     """The model a checkpoint holds, on `device`, and the checkpoint."""
-    ckpt = read_checkpoint(path, expected, device, encoding, exact_vocab)
+    ckpt = read_checkpoint(path, expected, device, encoding)
     return _model_from(ckpt, device), ckpt
 
 
@@ -326,7 +319,6 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
                          f"--block_size {cfg.block_size}, a vocabulary of {enc.n_vocab})") from None
 
 
-# ---------------------------------------------------------------------------------------------
 # The training loop's hook
 
 AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passed (milliseconds each here)
@@ -357,8 +349,8 @@ class StageCheckpoint:
         return time.time() - self.start
 
     def save(self, step: int, model: GPT, optimizer) -> None:
-        """Write the checkpoint of `step`. Every rank calls it at the same steps (the RNG states are
-        gathered), except a second write of the same step, which reuses them (rank 0 only, after evaluating)."""
+        """Write `step`'s checkpoint: all ranks call it (their RNG states are gathered), but for a second write
+        of the same step, which reuses them (rank 0 alone, after evaluating)."""
         if self.rng_ranks[0] != step:
             self.rng_ranks = (step, self.dist.gather(rng_state()))
         if self.path and self.dist.master:
@@ -371,7 +363,8 @@ class StageCheckpoint:
         """Every --ckpt_interval steps, or (0, the default) once AUTO_CKPT_SECONDS have passed since the last
         write, so a kill -9 loses minutes, not a stage; never after the last step (the stage's end writes)."""
         interval = self.cfg.ckpt_interval
-        return done < iters and (done % interval == 0 if interval else time.time() - self.last_write >= AUTO_CKPT_SECONDS)
+        waited = time.time() - self.last_write
+        return done < iters and (done % interval == 0 if interval else waited >= AUTO_CKPT_SECONDS)
 
     def after_step(self, done: int, iters: int, model: GPT, optimizer) -> None:
         """Write when `due`; on a stop signal write, then raise Interrupted. All ranks decide together."""
@@ -383,7 +376,6 @@ class StageCheckpoint:
                               f"to {self.path}. Resume with the same command and --resume.")
 
 
-# ---------------------------------------------------------------------------------------------
 # Resuming: the same flags, the same input bytes, a complete checkpoint
 
 def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> list[str]:
@@ -397,12 +389,14 @@ def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> 
     for name in dict.fromkeys([*here, *saved]):  # a flag unknown here (from a later version) is compared too
         before, now = saved.get(name, absent), here.get(name, absent)
         if runtime.FLAGS.get(name, ("", "same"))[1] == "same" and before != now:
-            diffs.append(f"--{name}: {show(before, 'not recorded')} in the checkpoint, {show(now, 'no such flag')} here")
+            diffs.append(f"--{name}: {show(before, 'not recorded')} in the checkpoint, "
+                         f"{show(now, 'no such flag')} here")
     recorded = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
     for flag, digest in (hashes or {}).items():
         if saved.get(flag[2:]) == here[flag[2:]] and recorded.get(flag) != digest:  # another path: named above
             was = f"sha256 {recorded[flag][:12]}…" if flag in recorded else "not recorded"
-            diffs.append(f"{flag} {here[flag[2:]]}: other contents ({was} in the checkpoint, sha256 {digest[:12]}… here)")
+            diffs.append(f"{flag} {here[flag[2:]]}: other contents ({was} in the checkpoint, "
+                         f"sha256 {digest[:12]}… here)")
     return diffs
 
 
@@ -433,7 +427,6 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
                          f"another --out_dir")
 
 
-# ---------------------------------------------------------------------------------------------
 # One run per folder
 
 def found_files(out_dir: str) -> list[str]:
@@ -479,18 +472,16 @@ class RunFolder:
                              f"{', …' * (len(strangers) > 3)}): another run's. This run writes only "
                              f"{', '.join(os.path.relpath(p, out) for p in planned)}; choose another --out_dir, "
                              f"or move those files away")
-        problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)]
-        problems += [f"{os.path.dirname(p)} is a file, not a folder" for p in planned
-                     if os.path.lexists(os.path.dirname(p)) and not os.path.isdir(os.path.dirname(p))]
-        problems += [why for why in {_probe(os.path.dirname(p)) for p in planned if os.path.isdir(os.path.dirname(p))} if why]
+        folders = sorted({os.path.dirname(p) for p in planned if os.path.lexists(os.path.dirname(p))})
+        problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)] + [
+            why for why in (_probe(f) if os.path.isdir(f) else f"{f} is a file, not a folder" for f in folders) if why]
         if problems:
             raise ValueError(f"--out_dir {out}: the run could not write its files there: {'; '.join(problems)}. "
                              f"Nothing was trained; fix this or choose another --out_dir")
-        for folder in {os.path.dirname(p) for p in planned if os.path.isdir(os.path.dirname(p))}:
-            for entry in os.listdir(folder):  # the folder is locked: no other writer owns these
-                if entry.startswith(".") and entry.endswith(TMP_SUFFIX) and entry != LOCK_NAME:
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(folder, entry))
+        for folder in folders:  # temporaries of writes killed mid-way: the folder is locked, no writer owns them
+            for entry in (e for e in os.listdir(folder) if e.startswith(".") and e.endswith(TMP_SUFFIX)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, entry))
         if self.resume:
             if not any(p.endswith(CKPT_NAME) for p in found):
                 print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr, flush=True)

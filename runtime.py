@@ -26,13 +26,11 @@ import sftkey
 PRETRAINED = "gpt2:"  # --init_from gpt2:DIR loads a Hugging Face GPT-2 checkpoint folder
 
 
-# ---------------------------------------------------------------------------------------------
 # Device and dtype
 
 def native_bf16(device: str) -> bool:
-    """Whether `device` multiplies bfloat16 matrices in hardware. Elsewhere bf16 is emulated and slow:
-    CUDA before Ampere (where is_bf16_supported() is still true), and CPUs without AVX-512 BF16
-    (an AMD EPYC here ran a bf16 matmul at 0.3 GFLOP/s against 69 GFLOP/s in float32)."""
+    """Whether `device` multiplies bf16 in hardware; emulated elsewhere, and slow: CUDA before Ampere (where
+    is_bf16_supported() is still true), CPUs without AVX-512 BF16 (0.3 GFLOP/s against 69 in float32 here)."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -53,9 +51,7 @@ def resolve_device(cfg, dist: Dist | None = None) -> tuple[str, torch.dtype]:
 
 def autocast(device: str, dtype: torch.dtype):
     """bf16 autocast: matmuls in bfloat16, weights and optimizer state in float32 (no loss scaling needed)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=dtype)
 
 
 def set_up_device(device: str, seed: int) -> None:
@@ -81,7 +77,6 @@ def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     return torch.compile(model, dynamic=True, backend=os.environ.get(COMPILE_BACKEND, "inductor"))
 
 
-# ---------------------------------------------------------------------------------------------
 # Data parallelism
 
 @dataclass
@@ -111,16 +106,12 @@ class Dist:
 
     def wrap(self, model: torch.nn.Module, device: str) -> torch.nn.Module:
         """The module to call in training: DDP around `model` when there are several ranks."""
-        if self.world == 1:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda")
-                                                         else None)
+        ids = [device] if device.startswith("cuda") else None
+        return model if self.world == 1 else torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def no_sync(self, net: torch.nn.Module, last_micro_batch: bool):
         """Gradient accumulation: DDP all-reduces the gradients on the last micro-batch of a step only."""
-        if self.world > 1 and not last_micro_batch:
-            return net.no_sync()
-        return contextlib.nullcontext()
+        return net.no_sync() if self.world > 1 and not last_micro_batch else contextlib.nullcontext()
 
     def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.world > 1:
@@ -147,7 +138,6 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------
 # Stop signals
 
 class Interrupted(BaseException):
@@ -167,10 +157,8 @@ class StopSignal:
     `StageCheckpoint.after_step` writes its checkpoint, then raises. Later signals only say so."""
 
     def __init__(self):
-        self.received = False
-        self.name = ""  # of the first signal received
-        self._depth = 0  # how many deferred() blocks are open
-        self._previous: dict = {}
+        self.received, self.name = False, ""  # the name of the first signal received
+        self._depth, self._previous = 0, {}  # how many deferred() blocks are open; the handlers found
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -247,7 +235,6 @@ def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float,
     return f"{stage} step {step}: the loss or gradient is not finite; stopping before the update. {last}. {causes}."
 
 
-# ---------------------------------------------------------------------------------------------
 # Throughput and MFU
 
 # Dense bf16 tensor-core peaks (FLOP/s, FP32 accumulation as autocast uses) from NVIDIA's data sheets. A
@@ -294,10 +281,8 @@ class Meter:
     """The log lines of one stage: loss, tokens/s, MFU and ETA, validation time left out. Token counts
     stay on the device (reading them would wait for the GPU every step) until a line is logged."""
 
-    def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None):
         self.model, self.cfg, self.dist, self.peak = model, cfg, dist, peak
-        self.device, self.dtype = device, dtype
         self.iters, self.first_step = iters, first_step
         self.start, self.paused_seconds = time.time(), 0.0
         # non-padding input positions, positions the model ran (padding included), positions with a loss weight
@@ -383,7 +368,6 @@ def results_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
 # Flags
 
 def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
@@ -458,11 +442,13 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "untagged": ("", "same", "set"), "encoding": ("", "same", "all"), "n_train": ("int>=0", "same", "all"),
     "n_val": ("int>=0", "same", "all"), "n_test": ("int>=0", "same", "all"), "data_seed": ("int>=0", "same", "all"),
     "init_from": ("", "same", "all"), "weights": ("", "same", "set"), "key_only": ("", "same", "set"),
-    "key_weight": ("", "same", "arm"), "max_iters": ("int>=0", "same", "arm"), "stage2_iters": ("int>=0", "same", "arm"),
-    "stage2_weights": ("", "same", "set"), "stage2_lr": (">=0", "same", "all"), "block_size": ("int>=1", "same", "all"),
-    "n_layer": ("int>=1", "same", "all"), "n_head": ("int>=1", "same", "all"), "n_embd": ("int>=1", "same", "all"),
-    "dropout": ("[0,1)", "same", "all"), "batch_size": ("int>=1", "same", "all"), "grad_accum": ("int>=1", "same", "all"),
-    "lr": (">0", "same", "all"), "warmup_iters": ("int>=0", "same", "all"), "min_lr_ratio": ("[0,1]", "same", "all"),
+    "key_weight": ("", "same", "arm"), "max_iters": ("int>=0", "same", "arm"),
+    "stage2_iters": ("int>=0", "same", "arm"),
+    "stage2_weights": ("", "same", "set"), "stage2_lr": (">=0", "same", "all"), "lr": (">0", "same", "all"),
+    "block_size": ("int>=1", "same", "all"), "n_layer": ("int>=1", "same", "all"), "n_head": ("int>=1", "same", "all"),
+    "n_embd": ("int>=1", "same", "all"), "dropout": ("[0,1)", "same", "all"), "batch_size": ("int>=1", "same", "all"),
+    "grad_accum": ("int>=1", "same", "all"), "warmup_iters": ("int>=0", "same", "all"),
+    "min_lr_ratio": ("[0,1]", "same", "all"),
     "weight_decay": (">=0", "same", "all"), "grad_clip": (">=0", "same", "all"), "seed": ("int>=0", "same", "all"),
     "resume": ("", "free", "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)"),
     "overwrite": ("", "free", "all"),

@@ -125,7 +125,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
     # A step's examples are drawn together, then cut into grad_accum x ranks micro-batches: --batch_size 16
     # --grad_accum 2 trains on the same 32 examples per step as --batch_size 32, and so does DDP.
     batches = D.Batches(train_set, cfg.batch_size * cfg.grad_accum * dist.world, cfg.seed)
-    meter = Meter(model, cfg, dist, device, iters, first_step, peak, dtype)
+    meter = Meter(model, cfg, dist, device, iters, first_step, peak)
     for step in range(first_step, iters):
         lr = lr_at(step, iters, peak_lr, cfg)
         for group in optimizer.param_groups:
@@ -264,9 +264,8 @@ def run(cfg: TrainConfig) -> dict:
                     ckpts.restore_rng(saved, dist.rank)  # from the RNG state this one ended with
                     continue
             steps_before = stream_start + sum(s.iters for s in stages[:k])  # stage 2 reads on after stage 1
-            resume_state = {"results": results, "seconds": seconds, "stream_start": steps_before,  # in every write
-                            "file_hashes": inputs.sha256}
-            ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, resume_state, stop, dist)
+            extra = {"results": results, "seconds": seconds, "stream_start": steps_before, "file_hashes": inputs.sha256}
+            ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, extra, stop, dist)  # extra: in every write
             with stop.deferred():  # a signal here stops after the step in flight and its checkpoint
                 optimizer = train(model, train_set, val_set, cfg, stage.weights, stage.iters, stage.lr, stage.name,
                                   device, dtype, log, steps_before, ckpt, dist, peak)
