@@ -1,26 +1,20 @@
-"""The contracts of the training loop's parts, each against an independent computation: the lr the
-optimizer actually applies, gradient clipping, the validation loss per role, the data order
-(`D.Batches` and the stream across stages and micro-batches), the optimizer's parameter groups, and
-the initialisation.
+"""What an optimizer step applies: the scheduled lr, clipping, AdamW's groups, each step's own gradient.
 
-Why: a slip in any of these (clipping at the wrong norm, the thinking and key validation losses
-swapped, stage 2 re-reading stage 1's batches, biases decayed) still trains and passes tests that
-only look at whether a run finishes or a loss falls.
+Each is checked against an independent computation. Why: a slip here (clipping at the wrong norm,
+biases decayed, gradients left to accumulate across steps) still trains and passes tests that only
+look at whether a run finishes or a loss falls. The validation loss is in test_validation.py, the
+data order in test_batches.py, the initialisation in test_model.py.
 """
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data as D
-import runtime
 import sftkey
 import train
 from model import GPT, GPTConfig
-from sftkey import KEY, THINK
 
 ENC = D.char_encoding()
 
@@ -138,101 +132,6 @@ def test_clipping_changes_adamw_training_and_off_equals_a_limit_never_reached(to
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation loss per role
-
-def test_validation_loss_is_the_mean_token_loss_per_role(tokenized):
-    model = tiny_model(seed=1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)  # peaked predictions: thinking and key losses far apart
-    val = D.TokenizedSet(tokenized.examples[:7], tokenized.ids[:7], tokenized.roles[:7], {})
-    # 7 examples in batches of 3 (3, 3, 1): a mean of batch means would weigh the last one wrongly.
-    got = train.validation_loss(model, val, config(batch_size=3), "cpu", torch.float32)
-    losses, roles = [], []
-    with torch.no_grad():
-        for ids, r in zip(val.ids, val.roles):  # one unpadded sequence at a time
-            x, y = torch.from_numpy(ids[:-1])[None], torch.from_numpy(ids[1:])
-            logits = model(x)[0] @ model.transformer.wte.weight.T
-            losses.append(F.cross_entropy(logits, y, reduction="none"))
-            roles.append(torch.from_numpy(r[1:]))  # the role of the token predicted
-    losses, roles = torch.cat(losses), torch.cat(roles)
-    thinking, key = float(losses[roles == THINK].mean()), float(losses[roles == KEY].mean())
-    assert abs(thinking - key) > 0.1 * key
-    assert got["thinking"] == pytest.approx(thinking, rel=1e-5)
-    assert got["key"] == pytest.approx(key, rel=1e-5)
-    # and not over the prompt or everything (the alternatives are distinct numbers)
-    assert float(losses.mean()) != pytest.approx(got["key"], rel=1e-3)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data order
-
-def test_batches_are_a_pure_function_of_seed_and_index(tokenized):
-    sequential = D.Batches(tokenized, 4, seed=9)
-    expected = [sequential.indices(i).tolist() for i in range(35)]  # three and a half epochs
-    shuffled = D.Batches(tokenized, 4, seed=9)
-    for i in np.random.default_rng(0).permutation(35):  # jumping back and forth across epochs
-        assert shuffled.indices(int(i)).tolist() == expected[i]
-    x, y, roles = D.Batches(tokenized, 4, seed=9).get(12, "cpu")
-    rows = expected[12]
-    assert torch.equal(x, D.collate([tokenized.ids[j] for j in rows], [tokenized.roles[j] for j in rows], "cpu")[0])
-
-
-def test_each_epoch_covers_distinct_examples_and_seeds_and_epochs_differ(tokenized):
-    batches = D.Batches(tokenized, 4, seed=9)
-    per_epoch = len(tokenized.ids) // 4
-    assert batches.per_epoch == per_epoch == 10  # 42 examples: 40 used per epoch
-    epochs = [np.concatenate([batches.indices(e * per_epoch + k) for k in range(per_epoch)]) for e in range(3)]
-    for epoch in epochs:
-        assert len(epoch) == len(set(epoch.tolist())) == 40 and set(epoch.tolist()) <= set(range(42))
-    assert epochs[0].tolist() != epochs[1].tolist()
-    other = D.Batches(tokenized, 4, seed=10)
-    first_epoch = lambda b: [b.indices(i).tolist() for i in range(per_epoch)]  # noqa: E731
-    assert first_epoch(other) != first_epoch(batches)
-
-
-def test_batches_hold_similar_lengths(tokenized):
-    # 10 batches per epoch fit in one window of 16: sorted by length, each batch is a run of
-    # consecutive lengths, so the batches' length ranges do not overlap.
-    batches = D.Batches(tokenized, 4, seed=9)
-    lengths = sorted([sorted(len(tokenized.ids[j]) for j in batches.indices(i)) for i in range(10)])
-    assert len({l for b in lengths for l in b}) > 10  # many lengths: an unsorted epoch would overlap
-    for a, b in zip(lengths, lengths[1:]):
-        assert a[-1] <= b[0]
-
-
-def record_batch_numbers(monkeypatch) -> list[tuple[int, int, int]]:
-    """(batch number i, parts, part) of every micro-batch D.Batches.get is asked for, in order."""
-    fetched = []
-    original = D.Batches.get
-
-    def get(self, i, device, parts=1, part=0):
-        fetched.append((i, parts, part))
-        return original(self, i, device, parts=parts, part=part)
-    monkeypatch.setattr(D.Batches, "get", get)
-    return fetched
-
-
-def test_a_step_reads_one_batch_cut_into_its_micro_batches_after_earlier_steps(tokenized, monkeypatch):
-    fetched = record_batch_numbers(monkeypatch)
-    run_train(tiny_model(), tokenized, config(grad_accum=3), iters=2, steps_before=5)
-    assert fetched == [(5, 3, 0), (5, 3, 1), (5, 3, 2), (6, 3, 0), (6, 3, 1), (6, 3, 2)]
-
-
-def test_run_stage2_continues_the_data_stream_after_stage1(tmp_path, monkeypatch):
-    fetched = record_batch_numbers(monkeypatch)
-    monkeypatch.setattr(runtime, "peak_flops", lambda *args, **kwargs: 1e12)  # slow, and not under test
-    train.run(train.parse_args(["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "4",
-                                "--n_train", "60", "--n_val", "6", "--n_test", "1", "--grad_accum", "2",
-                                "--max_iters", "3", "--stage2_iters", "2", "--warmup_iters", "1",
-                                "--eval_interval", "1000", "--device", "cpu", "--dtype", "float32",
-                                "--out_dir", str(tmp_path)]))
-    assert [i for i, _, _ in fetched] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # stage 2 reads batches 3 and 4
-    assert [part for _, _, part in fetched] == [0, 1] * 5
-
-
-# ---------------------------------------------------------------------------------------------
 # The optimizer
 
 def test_optimizer_decays_exactly_matrices_and_embeddings_with_the_flag_value(tokenized):
@@ -258,25 +157,21 @@ def test_optimizer_decays_exactly_matrices_and_embeddings_with_the_flag_value(to
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation
+# Each step's gradient
+# (Mutation audit: `optimizer.zero_grad(...)` deleted, so gradients accumulated across steps; in the
+# suite only the resume test noticed, through the weights of a resumed run.)
 
-def test_initialisation_gpt2_style():
-    torch.manual_seed(0)
-    n_layer = 3
-    model = GPT(GPTConfig(vocab_size=512, block_size=128, n_layer=n_layer, n_head=4, n_embd=256))
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
-    for name, p in model.named_parameters():
-        p = p.detach()
-        if name.endswith("c_proj.weight"):
-            std = 0.02 / math.sqrt(2 * n_layer)
-        elif p.dim() >= 2:
-            std = 0.02
-        elif ".ln_" in name or "ln_f" in name:
-            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
-            continue
-        else:  # a Linear's bias
-            assert torch.count_nonzero(p) == 0, name
-            continue
-        assert float(p.std()) == pytest.approx(std, rel=0.03), name
-        assert abs(float(p.mean())) < 0.1 * std, name
+def test_every_step_gets_the_gradient_of_its_own_batch_only(tokenized):
+    model = tiny_model(seed=2)
+    recorder = GradRecorder(model)
+    model.configure_optimizer = lambda *args, **kwargs: recorder
+    cfg = config(grad_clip=0.0)
+    train.train(model, tokenized, tokenized, cfg, sftkey.role_weights(), 3, 1e-3, "test", "cpu", torch.float32, [])
+    params = list(model.parameters())
+    for step in range(3):  # the weights never change, so each step's gradient is batch `step`'s at them
+        model.zero_grad(set_to_none=True)
+        x, y, roles = D.Batches(tokenized, cfg.batch_size, cfg.seed).get(step, "cpu")
+        w = sftkey.token_weights(roles, sftkey.role_weights())
+        (sftkey.weighted_loss_sum(model(x), model.lm_head, y, w) / w.sum()).backward()
+        for got, p in zip(recorder.grads[step], params):
+            assert torch.allclose(got, p.grad, rtol=1e-5, atol=1e-7)
