@@ -1,5 +1,7 @@
-"""DistributedDataParallel: two CPU processes (gloo) give the weights of one process that sees the
-same global batch, because the loss is normalised by the supervised weight summed over all ranks."""
+"""DistributedDataParallel: two CPU ranks (gloo) train the weights of one process that sees the same global batch.
+
+They do because the loss is normalised by the supervised weight summed over all ranks.
+"""
 import os
 import subprocess
 import sys

@@ -1,15 +1,23 @@
-"""The experiment: arm definitions, shared prefixes trained once, the paired bootstrap on inputs
-with a known answer, and miniature runs that write every output (with and without matplotlib)."""
+"""The experiment (experiment.py): its arms, shared stages trained once, each arm's own data and records.
+
+Arm definitions, shared prefixes trained once, each arm's data layout, log rows and seconds its
+own, the paired bootstrap on inputs with a known answer, and miniature runs that write every output
+(with and without matplotlib). The statistics on hand-made inputs are in test_experiment_stats.py.
+"""
+import copy
+import dataclasses
 import importlib.util
+import inspect
 import json
 import sys
+import time
+import types
 
 import numpy as np
 import pytest
 import torch
 
-import dataclasses
-
+import data as D
 import experiment as E
 import sftkey
 import train
@@ -224,3 +232,108 @@ def test_an_arm_trains_the_same_weights_whichever_arms_run_beside_it_with_dropou
 def test_refused_flags_say_why(flags, why):
     with pytest.raises(ValueError, match=why):
         E.parse_args(flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each arm's data, log rows and seconds are its own: E.run_seed with train.train and train.evaluate
+# replaced by fakes that record what they are given; stage k takes STAGE_SECONDS[k] on a fake time.time.
+
+STAGE_SECONDS = {"sft": 1.0, "sft_tag": 2.0, "key_tag": 4.0, "sftkey_tag": 8.0, "sftsft_tag": 16.0}
+STAGE_OF = {"sft": "sft", "sft_tag": "sft_tag", "key_tag": "key_tag", "sftkey_tag": "sftkey_tag",
+            "sft_tag_long": "sftsft_tag"}  # an arm's last stage
+
+
+@pytest.fixture
+def fake_loop(monkeypatch):
+    calls, evals, clock = [], [], [1000.0]
+    signature = inspect.signature(train.train)
+
+    def fake_train(*args, **kwargs):
+        kw = signature.bind(*args, **kwargs).arguments  # by name, however run_seed passes them
+        calls.append(kw)
+        kw["log"].extend({"stage": kw["stage"], "step": s, "loss": 1.0, "val_thinking": 1.0, "val_key": 2.0}
+                         for s in range(kw["iters"]))
+        clock[0] += STAGE_SECONDS[kw["stage"]]
+
+    def fake_evaluate(model, enc, examples, cfg, device, dtype):
+        evals.append({"untagged": cfg.untagged, "examples": examples})
+        tagged = not cfg.untagged
+        return {"acc": 0.5, "fmt": 1.0 if tagged else None, "composite": 0.65 if tagged else None, "n": 2,
+                "correct": [True, False], "formatted": [True, True] if tagged else None, "samples": []}
+
+    monkeypatch.setattr(train, "train", fake_train)
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    return types.SimpleNamespace(calls=calls, evals=evals)
+
+
+@pytest.fixture
+def seed_cfg(tmp_path):
+    return train.TrainConfig(out_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=16, block_size=64, n_train=100,
+                             n_val=10, n_test=4, max_iters=E1, stage2_iters=E2, batch_size=8, warmup_iters=1,
+                             eval_interval=100, log_interval=100, device="cpu", seed=11)
+
+
+def run_arms(cfg, names, on_result=None) -> list[tuple]:
+    out = []
+    E.run_seed(cfg, names, D.char_encoding(), "cpu", torch.float32, on_result or (lambda *args: out.append(args)))
+    return out
+
+
+def in_layout(data, tagged: bool) -> bool:
+    enc = D.char_encoding()
+    return all(enc.decode(ids[:-1].tolist()) == sftkey.render(ex.prompt, ex.thinking, ex.answer, tagged)[0]
+               for ex, ids in zip(data.examples, data.ids))
+
+
+@pytest.mark.parametrize("names", [["sft", "sft_tag", "sftkey_tag"], ["sftkey_tag", "key_tag", "sft"]])
+def test_the_untagged_arm_trains_validates_and_is_scored_untagged_and_the_tagged_arms_tagged(seed_cfg, fake_loop,
+                                                                                             names):
+    run_arms(seed_cfg, names)
+    assert {c["stage"] for c in fake_loop.calls} == {STAGE_OF[n] for n in names} | {"sft_tag"}
+    for c in fake_loop.calls:
+        tagged = c["stage"] != "sft"
+        assert c["cfg"].untagged == (not tagged), c["stage"]
+        assert in_layout(c["train_set"], tagged), f"{c['stage']} trains on the other layout's data"
+        assert in_layout(c["val_set"], tagged), f"{c['stage']} validates on the other layout's data"
+    assert [e["untagged"] for e in fake_loop.evals] == [n == "sft" for n in names]  # scored by its own rule
+    assert all(e["examples"] == fake_loop.evals[0]["examples"] for e in fake_loop.evals)  # one test set
+
+
+@pytest.mark.parametrize("names", [["sft_tag", "sftkey_tag", "sft_tag_long"], ["sftkey_tag", "sft_tag_long", "sft_tag"]])
+def test_each_arm_gets_the_log_rows_and_seconds_of_its_own_stages_only(seed_cfg, fake_loop, names):
+    """sftkey_tag and sft_tag_long continue the one sft_tag stage kept in memory: each must get a copy of
+    its rows and seconds, not the kept lists that the other arm's stage 2 then extends."""
+    got = {}
+
+    def on_result(name, result, rows):
+        got[name] = copy.deepcopy((result, rows))
+        result["train_seconds"] = -1.0  # what a caller does with one arm's records changes no other arm's
+        for row in rows:
+            row["stage"] = "changed"
+        rows.append({"arm": "other", "stage": "changed"})
+    run_arms(seed_cfg, names, on_result)
+    stages = {"sft_tag": ["sft_tag"], "sftkey_tag": ["sft_tag", "sftkey_tag"],
+              "sft_tag_long": ["sft_tag", "sftsft_tag"]}
+    for name, own in stages.items():
+        result, rows = got[name]
+        expected = [(stage, step) for stage in own for step in range(E1 if stage == "sft_tag" else E2)]
+        assert [(r["stage"], r["step"]) for r in rows] == expected, name
+        assert [r["global_step"] for r in rows] == list(range(len(expected))), name
+        assert all(r["arm"] == name and r["seed"] == seed_cfg.seed for r in rows), name
+        assert result["train_seconds"] == sum(STAGE_SECONDS[s] for s in own), name
+        assert result["last_stage_seconds"] == STAGE_SECONDS[own[-1]], name
+        assert result["steps"] == len(expected), name
+
+
+def test_the_recorder_keeps_each_arms_results_and_rows_apart(tmp_path):
+    cfg = train.TrainConfig(out_dir=str(tmp_path), max_iters=E1, stage2_iters=E2)
+    recorder = E.Recorder(cfg, ["sft_tag", "sftkey_tag"], seeds=[1], n_boot=10)
+    result = {"acc": 0.5, "fmt": 1.0, "composite": 0.65, "n": 2, "correct": [True, False], "formatted": [True, True],
+              "seed": 1, "steps": E1, "train_seconds": 2.0, "last_stage_seconds": 2.0}
+    recorder.add("sft_tag", result, [{"arm": "sft_tag", "seed": 1, "stage": "sft_tag", "step": 0, "loss": 1.0}])
+    summary = json.loads((tmp_path / "results.json").read_text())  # rewritten after each arm
+    assert list(summary["results"]) == ["sft_tag"] and len(summary["results"]["sft_tag"]) == 1
+    assert list(summary["aggregates"]) == ["sft_tag"]
+    rows = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["sft_tag"]

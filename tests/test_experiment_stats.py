@@ -111,6 +111,23 @@ def test_level_sets_the_quantiles_of_the_bootstrap():
     assert narrow["ci"] == [0.5, 0.5] and narrow["level"] == 0.4
 
 
+# A level-L interval cuts (1 - L) / 2 from each tail.
+# (Mutation audit: `tail = 1 - level`, a 95% interval that is really a 90% one. The designs above have
+# the same quantiles at 2.5%/5% and 95%/97.5%; this one does not.)
+
+
+def test_a_95_percent_interval_puts_2_5_percent_in_each_tail():
+    # Item means [1, 0, 0]: a resample's mean is Binomial(3, 1/3) / 3, whose cumulative
+    # probabilities are 8/27, 20/27, 26/27 = 0.963, 1 at 0, 1/3, 2/3, 1. The 97.5% quantile is
+    # therefore 1 and the 95% quantile 2/3; both low quantiles are 0.
+    cdf = np.cumsum([math.comb(3, k) * (1 / 3) ** k * (2 / 3) ** (3 - k) for k in range(4)])
+    assert 0.95 < cdf[2] < 0.975
+    a = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    c = E.paired_comparison(a, np.zeros_like(a), n_boot=20_000, seed=4)
+    assert c["ci"] == [0.0, 1.0]
+    assert c["mean"] == pytest.approx(1 / 3)
+
+
 @pytest.mark.parametrize("a, b, kwargs", [
     (np.zeros((2, 5)), np.zeros((3, 5)), {}),  # different seeds
     (np.zeros(5), np.zeros(5), {}),  # not (seeds, items)

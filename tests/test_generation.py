@@ -111,6 +111,33 @@ def test_generate_never_emits_an_id_outside_allowed_even_when_padding_rows_win()
         assert out == [[best_real] * 8] * 2
 
 
+def test_evaluation_generates_only_ids_the_tokenizer_can_decode_even_when_padding_rows_win():
+    """Through train.evaluate, whatever generate's limit parameter is called: the model's vocabulary is
+    the encoding's rounded up to a multiple of 64, and the padding ids past enc.n_vocab must never come
+    out, even when their logits are by far the largest (as the rigged model makes them at every step)."""
+    enc = D.char_encoding()
+    vocab = 64 * math.ceil(enc.n_vocab / 64)
+    assert vocab > enc.n_vocab
+    model = rigged_model(vocab, enc.n_vocab)
+    prompts = [enc.encode_ordinary("Q: 1+2\n"), enc.encode_ordinary("Q: 4\n")]
+    assert all(t >= enc.n_vocab for row in model.generate(prompts, 6, enc.eot_token) for t in row)  # unlimited
+    generated, real = [], model.generate
+
+    def checked(*args, **kwargs):  # what evaluate asks generate for, checked before it is decoded
+        out = real(*args, **kwargs)
+        past = sorted({t for row in out for t in row if t >= enc.n_vocab})
+        assert not past, f"generate gave ids {past} that encoding {enc.name} (n_vocab {enc.n_vocab}) cannot decode"
+        generated.extend(out)
+        return out
+    model.generate = checked
+    examples = [D.Example("Q: 1+2", "1+2=3", "3"), D.Example("Q: 4", "4", "4")]
+    result = train.evaluate(model, enc, examples, train.TrainConfig(block_size=40), "cpu", torch.float32)
+    assert len(generated) == 2 and all(generated) and result["n"] == 2
+    h = model.transformer.ln_f.bias  # the hidden state at every position
+    best_real = int((model.lm_head.weight[:enc.n_vocab] @ h).argmax())  # what greedy decoding must pick instead
+    assert all(row[0] == best_real for row in generated)
+
+
 # ---------------------------------------------------------------------------------------------
 # Vocabulary size of a built model
 

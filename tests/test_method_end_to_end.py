@@ -1,5 +1,7 @@
-"""The method end to end, through `train.run`/`train.main` on tiny configurations: which tokens each
-stage's loss is on, the learning-rate schedule of both stages as logged, and seeding.
+"""The method end to end (train.run): which tokens each stage's loss is on, both stages' lr schedule, seeding.
+
+Through `train.run`/`train.main` on tiny configurations: which tokens each stage's loss is on, the
+learning-rate schedule of both stages as logged, and seeding.
 
 Why: these are the properties that make SFTKey what it is (stage 1 on thinking and key, stage 2 on
 the key only, stage 2 continuing from where stage 1's schedule ended), and a one-line slip in

@@ -1,6 +1,11 @@
-"""The network and the loss on its outputs: causality, KV-cache and batched generation against
-cache-free generation of each prompt alone, the weighted loss, and the key-only gradient."""
+"""The network (model.GPT) and the loss on its outputs: causality, generation, initialisation, the weighted loss.
+
+KV-cache and batched generation are checked against cache-free generation of each prompt alone,
+the initialisation against GPT-2's, the weighted loss against a full projection, and the key-only
+gradient against changed targets. Dropout is in test_dropout.py.
+"""
 import copy
+import math
 
 import pytest
 import torch
@@ -119,6 +124,31 @@ def test_a_short_prompt_beside_a_long_one_gives_its_tokens_alone():
     for use_cache in (True, False):
         assert model.generate([short, long], 100, NEVER, use_cache=use_cache) == alone[True]
         assert model.generate([long, short, short], 100, NEVER, use_cache=use_cache) == [alone[True][i] for i in (1, 0, 0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation
+
+def test_initialisation_gpt2_style():
+    torch.manual_seed(0)
+    n_layer = 3
+    model = GPT(GPTConfig(vocab_size=512, block_size=128, n_layer=n_layer, n_head=4, n_embd=256))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    for name, p in model.named_parameters():
+        p = p.detach()
+        if name.endswith("c_proj.weight"):
+            std = 0.02 / math.sqrt(2 * n_layer)
+        elif p.dim() >= 2:
+            std = 0.02
+        elif ".ln_" in name or "ln_f" in name:
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
+            continue
+        else:  # a Linear's bias
+            assert torch.count_nonzero(p) == 0, name
+            continue
+        assert float(p.std()) == pytest.approx(std, rel=0.03), name
+        assert abs(float(p.mean())) < 0.1 * std, name
 
 
 # ---------------------------------------------------------------------------------------------

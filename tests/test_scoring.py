@@ -1,6 +1,8 @@
-"""Scoring a generated response: Fmt (`sftkey.format_ok`), which answer counts for Acc
-(`sftkey.extract_answer`), exact answer comparison (`sftkey.normalize`, `sftkey.answers_match`), the
-composite, and the wiring of all of them in `train.evaluate`.
+"""Scoring a generated response: Fmt, which answer counts for Acc, exact answer comparison, the composite.
+
+Fmt (`sftkey.format_ok`), which answer counts for Acc (`sftkey.extract_answer`), exact answer
+comparison (`sftkey.normalize`, `sftkey.answers_match`), the composite, and the wiring of all of
+them in `train.evaluate`. The untagged layout's rule is in test_untagged.py.
 
 Acc and Fmt are the paper's headline numbers, so a loose rule here silently inflates or deflates
 every result: a float tolerance that calls 2499998 right for 2500000, a parser that reads "1,2" as
@@ -93,6 +95,26 @@ def test_fmt_is_true_only_for_the_exact_rendered_layout():
     ("<Answer>7</Answer>", "7"),
 ])
 def test_extract_answer_tagged(response, answer):
+    assert sftkey.extract_answer(response) == answer
+
+
+# The rule when `</Thinking>` appears more than once, or after an answer: the reasoning ends at the
+# FIRST `</Thinking>`, and the answer is the LAST `<Answer>` after it; an `</Thinking>` after an answer
+# neither voids it nor moves the end of the reasoning.
+@pytest.mark.parametrize("response, answer", [
+    ("<Thinking>a</Thinking><Answer>5</Answer></Thinking><Answer>7</Answer>", "7"),
+    ("<Answer>5</Answer></Thinking><Answer>7</Answer>", "7"),  # 5 comes before the reasoning ends
+    ("<Answer>5</Answer></Thinking>", None),  # the only answer is inside the reasoning
+    ("<Answer>5</Answer></Thinking>x</Thinking><Answer>7</Answer>", "7"),
+    ("<Thinking>a</Thinking><Answer>5</Answer></Thinking>", "5"),  # a stray close after it keeps the answer
+    ("<Thinking>a</Thinking><Answer>5</Answer></Thinking>b</Thinking>", "5"),
+    ("<Thinking>a</Thinking><Answer>5</Answer></Thinking><Answer>7", "7"),  # the last one, cut off
+    ("<Thinking>a</Thinking><Answer>5</Answer><Answer>6</Answer></Thinking>", "6"),
+    ("<Thinking>a</Thinking></Thinking><Answer>5</Answer>", "5"),
+    ("</Thinking><Answer>5</Answer>", "5"),
+    ("<Thinking>x<Answer>1</Answer></Thinking><Answer>5</Answer></Thinking><Answer>7</Answer></Thinking>", "7"),
+])
+def test_extract_answer_reasoning_ends_at_the_first_close_and_the_last_answer_after_it_counts(response, answer):
     assert sftkey.extract_answer(response) == answer
 
 
@@ -230,3 +252,18 @@ def test_evaluate_scores_each_response_by_the_rules():
     assert result["formatted"] == [c[5] for c in cases]
     assert result["acc"] == pytest.approx(3 / 5) and result["fmt"] == pytest.approx(2 / 5)
     assert result["composite"] == pytest.approx(0.7 * 3 / 5 + 0.3 * 2 / 5)
+
+
+# A response that did not end with end-of-text is scored on all its tokens.
+# (Mutation audit: `ended = True`, so the last token of a cut-off response was dropped as if it were end-of-text.)
+
+def test_evaluate_keeps_every_token_of_a_response_cut_off_at_the_limit():
+    enc = D.char_encoding()
+    cut = "<Thinking>6+6=12</Thinking><Answer>12"  # the length limit hit before </Answer>
+    full = "<Thinking>1+1=2</Thinking><Answer>2</Answer>"
+    model = ScriptedModel(enc, {"Q: 6+6\n": (cut, False), "Q: 1+1\n": (full, True)})
+    examples = [D.Example("Q: 6+6", "6+6=12", "12"), D.Example("Q: 1+1", "1+1=2", "2")]
+    result = train.evaluate(model, enc, examples, train.TrainConfig(block_size=64), "cpu", torch.float32)
+    assert result["correct"] == [True, True]  # "12", not "1"
+    assert result["formatted"] == [False, True]  # no end-of-text, no </Answer>
+    assert sorted(s["response"] for s in result["samples"]) == sorted([cut, full])

@@ -1,12 +1,18 @@
-"""Stages as data (issue 17, items 9-11): what a step trains on, where a stage reads on in the data
-stream, how stages are named, and the per-role loss weights a user may set.
+"""Stages as data: what a step trains on, where a stage reads on, how stages are named, the loss weights per role.
+
+Issue 17, items 9-11: what a step trains on, where a stage reads on in the data stream, how stages
+are named, and the per-role loss weights a user may set; also --key_weight's stage, and the RNG
+state stage 2 starts from when a run is resumed between the stages.
 
 Why: a stage is its loss weights, steps and peak lr, and the data it reads. Two runs that the README
 says are the same (--batch_size 16 --grad_accum 2 and --batch_size 32; stage 2 by hand from a stage-1
 checkpoint and stage 2 in one command) must train the same weights, and two runs that differ must
 never share a name or a checkpoint folder.
 """
+import inspect
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -196,3 +202,50 @@ def test_a_legacy_checkpoint_is_a_start_point_too_and_a_bad_one_a_clear_error(tm
     cfg = train.parse_args([*TINY, "--init_from", str(garbage)])
     with pytest.raises(ValueError, match=r"garbage\.pt: (refused to load|not a readable PyTorch checkpoint)"):
         checkpoints.read_inputs(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's --key_weight sets the key weight of the (single) stage; stage 2 is always (0, 0, 1).
+# (Mutation audit: run() built stage 1's weights with role_weights(cfg.key_only), dropping --key_weight.)
+
+RUN = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--batch_size", "4",
+       "--eval_interval", "1000", "--device", "cpu", "--dtype", "float32", "--n_train", "60", "--n_val", "6",
+       "--n_test", "1", "--warmup_iters", "1"]
+
+
+def test_key_weight_flag_reaches_the_loss_of_stage_1_only(tmp_path, monkeypatch, capsys):
+    seen = {}
+    real_train = train.train
+
+    def recording(*args, **kwargs):
+        given = inspect.signature(real_train).bind(*args, **kwargs).arguments  # however run() passes them
+        seen[given["stage"]] = (tuple(given["weights"]), given["iters"])
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(train, "train", recording)
+    train.main([*RUN, "--out_dir", str(tmp_path), "--key_weight", "5", "--max_iters", "2", "--stage2_iters", "1"])
+    assert seen == {"w0-1-5_tag": ((0.0, 1.0, 5.0), 2), "w0-1-5+key_tag": ((0.0, 0.0, 1.0), 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Between the stages: resumed after stage 1 finished (and was evaluated) but before stage 2 wrote a
+# checkpoint, stage 2 starts from the RNG state stage 1 ended with, so dropout draws what the
+# uninterrupted run drew.
+# (Mutation audit: the `ckpts.restore_rng(saved)` of a finished stage skipped.)
+
+def test_resume_between_the_stages_gives_the_uninterrupted_weights(tmp_path, capsys):
+    flags = [*RUN, "--max_iters", "3", "--stage2_iters", "2", "--dropout", "0.2", "--seed", "4"]
+    train.main([*flags, "--out_dir", str(tmp_path / "whole")])
+    # As if stopped right after stage 1's evaluation: only stage 1's final checkpoint (with its results).
+    os.makedirs(tmp_path / "cut" / "sft_tag")
+    shutil.copy(tmp_path / "whole" / "sft_tag" / "ckpt.pt", tmp_path / "cut" / "sft_tag" / "ckpt.pt")
+    torch.manual_seed(999)  # the resumed process starts from some other RNG state
+    train.main([*flags, "--out_dir", str(tmp_path / "cut"), "--resume"])
+
+    def final(name):
+        return torch.load(tmp_path / name / "sftkey_tag" / "ckpt.pt", weights_only=True)["model"]
+    whole, resumed = final("whole"), final("cut")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    stage1 = torch.load(tmp_path / "whole" / "sft_tag" / "ckpt.pt", weights_only=True)["model"]
+    assert any(not torch.equal(stage1[k], resumed[k]) for k in stage1)  # stage 2 did train
+

@@ -1,6 +1,10 @@
-"""The loop: per-role weights, the input/target/role shift, the loss of a step under gradient
-accumulation (through `train.train` itself), overfitting a few examples, and the default run in
-miniature through the command line."""
+"""The training loop and the default run: per-role weights, the shift, a step's loss, the loss log, learning.
+
+Per-role weights, the input/target/role shift, the loss of a step under gradient accumulation
+(through `train.train` itself), the loss log, overfitting a few examples, and the default run in
+miniature through the command line. The optimizer step is in test_optimization.py, the validation
+loss in test_validation.py, the data stream in test_batches.py.
+"""
 import copy
 import dataclasses
 import json
@@ -179,6 +183,24 @@ def test_micro_batch_with_zero_weight_adds_nothing(six_examples):
     grads, loss = train_one_step(tiny_model(), nothing, key_only, batch_size=1, grad_accum=1)
     assert loss == 0.0
     assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss log: every log_interval-th step and always the last step of a stage.
+# (Mutation audit: the `or step + 1 == iters` dropped, so a stage's final loss was never logged.)
+
+def test_loss_is_logged_every_log_interval_steps_and_at_the_last_step(six_examples):
+    log = []
+    model = tiny_model()
+    model.configure_optimizer = lambda *args, **kwargs: GradRecorder(model)  # AdamW not needed
+    cfg = train.TrainConfig(batch_size=2, log_interval=3, eval_interval=1000, warmup_iters=0, weight_decay=0.0, seed=7)
+    train.train(model, six_examples, six_examples, cfg, sftkey.role_weights(), 5, 1e-3, "stage_x", "cpu", torch.float32,
+                log)
+    loss_steps = [row["step"] for row in log if "val_key" not in row]
+    assert loss_steps == [0, 3, 4]
+    assert all(row["stage"] == "stage_x" for row in log)
+    val_steps = [row["step"] for row in log if "val_key" in row]
+    assert val_steps == [0, 4]  # eval_interval 1000: the first step and the last
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
-"""What data.py promises about a data set: the figures of `tokenize(...).summary`, the block-size
-cut, `split`, and the synthetic task's problems.
+"""What data.py promises about a data set: reading examples, the summary's figures, the block-size cut, the split.
 
-The summary is printed at the start of every run and stored in results.json; it is how one sees
-that a data set holds what one thinks (how long the reasoning is next to the answer, how many
-examples were dropped, whether the tokenizer merges across the template's boundaries). Each figure
-is compared with a direct count on small hand-made sets where the figures all differ: with
-`sftkey-chars` (one token per ASCII character or tag, so counts follow from string lengths) and
-with GPT-2's real tokenizer for the tokens that straddle a boundary and the prompts that do not
-tokenize as a prefix of their example.
+Also the synthetic task's problems and the prompt evaluation feeds. The summary is printed at the
+start of every run and stored in results.json; it is how one sees that a data set holds what one
+thinks (how long the reasoning is next to the answer, how many examples were dropped, whether the
+tokenizer merges across the template's boundaries). Each figure is compared with a direct count on
+small hand-made sets where the figures all differ: with `sftkey-chars` (one token per ASCII
+character or tag, so counts follow from string lengths) and with GPT-2's real tokenizer for the
+tokens that straddle a boundary and the prompts that do not tokenize as a prefix of their example.
+Reading bad input is in test_bad_input.py, the real GSM8K files in test_gsm8k.py.
 """
 import json
 import re
@@ -33,6 +33,39 @@ def char_role_counts(ex: D.Example) -> tuple[int, int, int]:
 def model_reads(ex: D.Example) -> int:
     """Tokens the model reads of an example: all but the final end-of-text."""
     return sum(char_role_counts(ex)) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading examples
+
+# gsm8k: the final answer is the one after the LAST "\n####" line.
+# (Mutation audit: `rpartition` -> `partition`, so a reasoning holding a "####" line lost its answer.)
+
+def test_gsm8k_answer_is_after_the_last_hash_line_and_earlier_ones_stay_in_the_reasoning(tmp_path):
+    path = tmp_path / "g.jsonl"
+    record = {"question": "Q?", "answer": "first try\n#### 3\nno, recount: 2+3=5\n#### 5"}
+    path.write_text(json.dumps(record) + "\n")
+    [example] = D.read_examples(str(path), "gsm8k")
+    assert example.answer == "5"
+    assert example.thinking == "first try\n#### 3\nno, recount: 2+3=5"
+    assert example.prompt == "Q?"
+
+
+# A prompt may hold the tag strings (only the thinking and the answer may not).
+# (Mutation audit: the tag check applied to the prompt too, so such examples were refused.)
+
+def test_a_prompt_that_mentions_the_tags_is_kept_and_tagged(tmp_path):
+    prompt = "What do <Thinking> and </Answer> mean?"
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "thinking": "they are tags", "answer": "markup"}) + "\n")
+    [example] = D.read_examples(str(path), "tagged")
+    assert (example.prompt, example.thinking, example.answer) == (prompt, "they are tags", "markup")
+    data = D.tokenize([example], CHARS, block_size=96)
+    n_prompt = len(CHARS.encode_ordinary(prompt + sftkey.PROMPT_SEP))  # the tags in it are tokens of the prompt
+    assert data.roles[0][:n_prompt].tolist() == [sftkey.PROMPT] * n_prompt
+    with pytest.raises(D.DataError, match="thinking contains the tag"):
+        path.write_text(json.dumps({"prompt": "Q", "thinking": "a <Answer> b", "answer": "markup"}) + "\n")
+        D.read_examples(str(path), "tagged")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +213,28 @@ def test_split_is_seeded():
     assert D.split(examples, 6, seed=2)[1] != D.split(examples, 6, seed=3)[1]
 
 
+# --seed re-draws the validation split (the experiment's seeds differ in it); --data_seed does not.
+# (Mutation audit: load_data split with cfg.data_seed.)
+
+def test_seed_redraws_the_validation_split_of_the_same_problems():
+    flags = ["--n_train", "60", "--n_val", "6", "--n_test", "2", "--block_size", "96"]
+
+    def split_for(*extra):
+        train_set, val_set, test = D.load_data(train.parse_args([*flags, *extra]), CHARS)
+        return {e.prompt for e in train_set.examples}, {e.prompt for e in val_set.examples}
+    train_a, val_a = split_for("--seed", "1", "--data_seed", "0")
+    train_b, val_b = split_for("--seed", "2", "--data_seed", "0")
+    train_c, val_c = split_for("--seed", "1", "--data_seed", "0")
+    assert len(val_a) == len(val_b) == 6
+    assert train_a | val_a == train_b | val_b  # the same problems
+    assert val_a != val_b  # split differently
+    assert (train_c, val_c) == (train_a, val_a)
+    # and the split is the one D.split draws with --seed
+    pool = D.synthetic_split(60, 2, 0)[0]  # the training problems of --n_train 60 --n_test 2 --data_seed 0
+    expected_train, expected_val = D.split(pool, 6, 2)
+    assert val_b == {e.prompt for e in expected_val}
+
+
 # ---------------------------------------------------------------------------------------------
 # The synthetic task
 
@@ -233,7 +288,7 @@ class RecordingModel:
     def eval(self):
         return self
 
-    def generate(self, prompts, max_new_tokens, stop_token, allowed=None):
+    def generate(self, prompts, max_new_tokens, stop_token, **limits):  # limits: the vocabulary's, unused here
         self.prompts += prompts
         return [[self.eot] for _ in prompts]
 
