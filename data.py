@@ -1,8 +1,7 @@
 """The data: tokenizers, datasets on disk, the embedded synthetic task, and batching.
 
-Every example is a (prompt, thinking, answer) triple. `sftkey.render` writes it as text and
-`sftkey.tag` turns it into token ids and roles; this file reads examples, tokenizes a whole set
-once (with a summary of what it holds) and cuts it into padded batches.
+Every example is a (prompt, thinking, answer) triple, which `sftkey.render` writes as text and `sftkey.tag`
+turns into token ids and roles; here a whole set is tokenized once (with a summary) and cut into padded batches.
 """
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                    r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _KINDS = {"p": "a FIFO", "c": "a character device", "b": "a block device", "d": "a folder", "s": "a socket"}
-# Letters and symbols that render blank (Hangul fillers, the blank Braille pattern; U+180E, a space before
-# Unicode 6.3): no Unicode property says "renders blank", so they are listed.
+# Characters that render blank yet no Unicode property says so: Hangul fillers, blank Braille, U+180E (old space).
 _BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
 
 
@@ -56,16 +54,11 @@ def read_input(path: str, flag: str) -> bytes:
     raise DataError(f"{flag} {path}: {problem}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenizers
+# --- Tokenizers -----------------------------------------------------------------------------------
 
 def char_encoding() -> tiktoken.Encoding:
-    """A compact, offline tokenizer for the synthetic task: one token per byte, one per tag.
-
-    Digits stay single tokens (so arithmetic is not obscured by BPE merges) and the four tags are
-    single tokens (built as merge chains over their prefixes), which keeps sequences short.
-    It needs no download, so the default run works on a machine with no network.
-    """
+    """A compact, offline tokenizer for the synthetic task: one token per byte, one per tag (a merge chain
+    over its prefixes). Single-digit tokens keep arithmetic clear of BPE merges; no download is needed."""
     ranks = {bytes([b]): b for b in range(256)}
     for tag in sftkey.TAGS:
         for end in range(2, len(tag) + 1):
@@ -95,13 +88,10 @@ def get_encoding(name: str, raw: bytes | None = None) -> tiktoken.Encoding:
 
 
 def read_tiktoken_file(path: str, raw: bytes | None = None) -> dict[bytes, int]:
-    """The merges of a `.tiktoken` file (one "base64-token rank" pair a line; `raw`: its bytes, if read).
-
-    Read directly rather than through tiktoken.load, which caches any path it is given under the
-    path's name in TIKTOKEN_CACHE_DIR and would keep serving the old contents of an edited file.
-    Every single byte must have a rank, or some text could not be encoded at all. The ranks are ids 0 to
-    n-1 (as in gpt2 and cl100k_base): a gap leaves ids with no bytes, a huge rank a huge embedding.
-    """
+    """The merges of a `.tiktoken` file (one "base64-token rank" pair a line; `raw`: its bytes, if read), read here,
+    not by tiktoken.load, which caches a file under its path's name and would serve an edited file's old contents.
+    Every byte needs a rank (or some text cannot be encoded); ranks are 0 to n-1 as in gpt2 and cl100k_base (a gap
+    leaves ids with no bytes, a huge rank a huge embedding)."""
     raw = read_input(path, "--encoding") if raw is None else raw
     lines = [(number, line) for number, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
     ranks, rank_line = {}, {}  # rank_line: where each rank first appeared
@@ -130,8 +120,7 @@ def generable_ids(enc: tiktoken.Encoding, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(np.pad(sftkey.token_byte_lengths(enc), (0, vocab_size))[:vocab_size] > 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Examples
+# --- Examples -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Example:
@@ -142,14 +131,11 @@ class Example:
 
 
 def synthetic_task(n: int, seed: int | list, exclude: frozenset = frozenset(), distinct: bool = True) -> list[Example]:
-    """Multi-step arithmetic with a worked solution, generated deterministically from `seed`.
-
-    "Q: 17+8-5+9" is solved as "17+8=25 25-5=20 20+9=29" with answer "29": a start below 20, then
-    one to five (uniformly) additions or subtractions of a digit, never going below zero. Easy steps in
-    varying number make a small model's accuracy grow gradually, not all at once, and the reasoning
-    long next to the answer. A problem in `exclude` or (with `distinct`) a repeat is redrawn with as
-    many steps, so that step counts keep their law exactly (306 one-step problems would run out).
-    """
+    """Multi-step arithmetic with a worked solution, generated deterministically from `seed`: "Q: 17+8-5+9" is
+    solved as "17+8=25 25-5=20 20+9=29", answer "29", from a start below 20 by one to five (uniformly) additions or
+    subtractions of a digit, never below zero. Easy steps in varying number make a small model's accuracy grow
+    gradually and the reasoning long next to the answer. A problem in `exclude` or (with `distinct`) a repeat is
+    redrawn with as many steps, so step counts keep their law exactly (the 306 one-step problems can run out)."""
     rng = np.random.default_rng(seed)
     seen, examples = set(exclude), []
     while len(examples) < n:
@@ -178,15 +164,11 @@ def read_examples(path: str, fmt: str, strip_calculator: bool = False, skip_bad_
                   skipped: list[str] | None = None, raw: bytes | None = None) -> list[Example]:
     """Read a JSONL file in one of FORMATS (or its bytes, `raw`); any bad line raises DataError naming file and line.
 
-    gsm8k: {"question", "answer"}, the answer ending in a line "#### final".
-    tagged: {"prompt", "thinking", "answer"}.
-    completion: {"prompt", "completion"}, the completion being <Thinking>…</Thinking><Answer>…</Answer>.
-
-    Lines are split on "\\n" only (JSON strings may hold U+2028 and other characters that
-    str.splitlines treats as line ends), a trailing "\\r" and a leading UTF-8 byte-order mark are
-    dropped, and each line is decoded on its own so that invalid UTF-8 is reported by line. With
-    `skip_bad_lines` a bad line is skipped instead, and its "file:line: problem" message appended
-    to `skipped` (when given).
+    gsm8k: {"question", "answer"}, the answer ending in a line "#### final". tagged: {"prompt", "thinking",
+    "answer"}. completion: {"prompt", "completion"}, the completion being <Thinking>…</Thinking><Answer>…</Answer>.
+    Lines are split on "\\n" only (JSON strings may hold U+2028, a line end to str.splitlines); a trailing "\\r"
+    and a leading byte-order mark are dropped; each line is decoded alone, so bad UTF-8 is reported by line.
+    With `skip_bad_lines` a bad line is skipped, its "file:line: problem" appended to `skipped` (when given).
     """
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
@@ -240,21 +222,16 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
     elif fmt == "tagged":
         prompt, thinking, answer = record["prompt"], record["thinking"], record["answer"]
     else:
-        prompt, (thinking, answer) = record["prompt"], _split_completion(record["completion"])
+        prompt, completion = record["prompt"], record["completion"]
+        for tag in sftkey.TAGS:
+            if (count := completion.count(tag)) != 1:
+                raise ValueError(f"the completion must hold {tag} exactly once, found it {count} times")
+        if not (match := re.fullmatch(r"\s*<Thinking>(.*)</Thinking>\s*<Answer>(.*)</Answer>\s*", completion, re.S)):
+            raise ValueError("the completion is not <Thinking>…</Thinking><Answer>…</Answer>")
+        thinking, answer = match.groups()
     example = Example(prompt, thinking.strip(), answer.strip(), source)
     _check_example(example)
     return example
-
-
-def _split_completion(completion: str) -> tuple[str, str]:
-    for tag in sftkey.TAGS:
-        count = completion.count(tag)
-        if count != 1:
-            raise ValueError(f"the completion must hold {tag} exactly once, found it {count} times")
-    match = re.fullmatch(r"\s*<Thinking>(.*)</Thinking>\s*<Answer>(.*)</Answer>\s*", completion, re.S)
-    if not match:
-        raise ValueError("the completion is not <Thinking>…</Thinking><Answer>…</Answer>")
-    return match.group(1), match.group(2)
 
 
 def _check_example(example: Example) -> None:
@@ -277,8 +254,7 @@ def split(examples: list[Example], n_val: int, seed: int) -> tuple[list[Example]
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenized sets and batches
+# --- Tokenized sets and batches -------------------------------------------------------------------
 
 @dataclass
 class TokenizedSet:
@@ -353,11 +329,9 @@ def format_summary(summary: dict) -> str:
 
 
 def collate(ids: list[np.ndarray], roles: list[np.ndarray], device: str) -> tuple[torch.Tensor, ...]:
-    """Right-padded (inputs, targets, target roles): position t predicts token t+1 from tokens <= t.
-
-    The role of a prediction is the role of the token being predicted, so the first `<Thinking>`
-    token is learnt from the prompt's last position and end-of-text from `</Answer>`'s.
-    """
+    """Right-padded (inputs, targets, target roles): position t predicts token t+1 from tokens <= t. A prediction
+    has the predicted token's role, so `<Thinking>` is learnt from the prompt's last position, end-of-text from
+    `</Answer>`'s."""
     width = max(len(x) for x in ids) - 1
     x, y = np.zeros((2, len(ids), width), dtype=np.int64)
     r = np.full((len(ids), width), sftkey.PAD, dtype=np.int64)
@@ -371,14 +345,11 @@ def collate(ids: list[np.ndarray], roles: list[np.ndarray], device: str) -> tupl
 
 
 class Batches:
-    """Batch number i of an endless, seeded stream over the set, computed from i alone (so a resumed
-    run sees exactly the batches an uninterrupted one would); `get` cuts it into micro-batches.
-
-    Each epoch is a fresh permutation; within windows of `window` batches the examples are sorted by
-    length (similar lengths pad less), then the batches' order is shuffled again. Padding falls roughly
-    as 1/window while a smaller window draws batch-mates from a smaller pool: on GSM8K train (gpt2,
-    batch 32) padding is 47% of computed positions ungrouped, 7% at window 16, 2% at 64 (bench.py).
-    """
+    """Batch number i of an endless, seeded stream over the set, computed from i alone (so a resumed run sees
+    the batches an uninterrupted one would); `get` cuts it into micro-batches. Each epoch is a fresh permutation,
+    sorted by length within windows of `window` batches (similar lengths pad less), the batches then shuffled.
+    Padding falls roughly as 1/window while a smaller window draws batch-mates from a smaller pool: on GSM8K train
+    (gpt2, batch 32) padding is 47% of computed positions ungrouped, 7% at window 16, 2% at 64 (bench.py)."""
 
     def __init__(self, data: TokenizedSet, batch_size: int, seed: int, window: int = 16):
         if window < 1:
@@ -411,8 +382,7 @@ class Batches:
         return collate([self.data.ids[j] for j in rows], [self.data.roles[j] for j in rows], device)
 
 
-# ---------------------------------------------------------------------------------------------
-# What a run trains and is tested on
+# --- What a run trains and is tested on -----------------------------------------------------------
 
 def load_data(cfg, enc: tiktoken.Encoding, raw: dict[str, bytes] | None = None,
               step_examples: int = 1) -> tuple[TokenizedSet, TokenizedSet, list[Example]]:
@@ -452,13 +422,10 @@ def load_data(cfg, enc: tiktoken.Encoding, raw: dict[str, bytes] | None = None,
 
 
 def synthetic_split(n_train: int, n_test: int, data_seed: int) -> tuple[list[Example], list[Example]]:
-    """(training, test) problems of the synthetic task, both drawn from its law (`synthetic_task`).
-
-    The test set is n_test distinct problems from a stream seeded by (data_seed, 1): it depends on
-    --data_seed and --n_test alone (the first k the same for any n_test >= k). Training problems,
-    seeded by (data_seed, 0), are never test ones and may repeat (rejecting repeats among 20,000 would
-    use up short problems); so may the validation ones carved from them by `split`: their losses are
-    a diagnostic of training, the test set is what is scored.
-    """
+    """(training, test) problems of the synthetic task, both drawn from its law (`synthetic_task`). The test set,
+    n_test distinct problems seeded by (data_seed, 1), depends on --data_seed and --n_test alone (the first k the same
+    for any n_test >= k). Training problems, seeded by (data_seed, 0), are never test ones and may repeat (rejecting
+    repeats among 20,000 would use up short problems), as may the validation ones `split` carves from them: their
+    losses diagnose training, the test set is what is scored."""
     test = synthetic_task(n_test, [data_seed, 1])
     return synthetic_task(n_train, [data_seed, 0], frozenset(ex.prompt for ex in test), distinct=False), test
