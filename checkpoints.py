@@ -121,9 +121,8 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` whole or not at all, durably: `write(f)` fills a temporary made by mkstemp in the
-    same folder (O_EXCL: never a planted name or link), fsync'ed, renamed over `path`, the folder
-    fsync'ed. On failure the temporary is removed and the error is a WriteError naming the file."""
+    """Write `path` whole or not at all, durably: `write(f)` fills a mkstemp temporary beside it (O_EXCL: never a
+    planted name or link), fsync'ed, renamed, the folder fsync'ed. A failure is a WriteError naming the file."""
     folder, tmp, recording = os.path.dirname(path) or ".", None, None
     try:
         make_folders(folder)
@@ -166,9 +165,8 @@ def write_json(path: str, obj) -> None:
 
 @dataclass
 class Inputs:
-    """A run's input files, each read once: their bytes (by field name), their sha256 (by flag), and the
-    --init_from checkpoint parsed from its bytes with its origin: the stage it ended and the steps of the
-    data stream read, so a stage run from it is named by its history and reads on where it stopped."""
+    """A run's input files read once: bytes (by field), sha256 (by flag), the --init_from checkpoint and its
+    origin (the stage it ended, the data-stream steps read: a stage from it is named and reads on so)."""
     raw: dict[str, bytes]
     sha256: dict[str, str]
     init: dict | None = None
@@ -344,8 +342,7 @@ class StageCheckpoint:
         restore_rng(self.saved, self.dist.rank)
         return self.saved["step"]
 
-    def elapsed(self) -> float:
-        """Seconds of training in this stage, interrupted runs included."""
+    def elapsed(self) -> float:  # seconds of training in this stage, interrupted runs included
         return time.time() - self.start
 
     def save(self, step: int, model: GPT, optimizer) -> None:
@@ -495,8 +492,7 @@ class RunFolder:
             print(f"--overwrite: deleted {', '.join(found)}", file=sys.stderr, flush=True)
 
 
-def _probe(folder: str) -> str | None:
-    """Why a file cannot be created in `folder` (None: it can), found by creating one."""
+def _probe(folder: str) -> str | None:  # why a file cannot be created in `folder` (None: it can), by making one
     try:
         fd, name = tempfile.mkstemp(dir=folder, prefix=".sftkey-probe.", suffix=TMP_SUFFIX)
         os.close(fd)

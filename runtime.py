@@ -145,8 +145,7 @@ class Interrupted(BaseException):
     from a signal handler anywhere, no `except Exception` meant for bad input may swallow it."""
 
 
-# A closed terminal or ssh session sends SIGHUP: it stops a run as SIGTERM does (absent on Windows).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))  # HUP: ssh
 
 
 class StopSignal:

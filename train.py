@@ -253,7 +253,6 @@ def run(cfg: TrainConfig) -> dict:
         results, log, seconds = {}, [], {}
         if cfg.eval_only:
             results["init"] = evaluate(model, enc, test, cfg, device, dtype)
-        peak = runtime.peak_flops(device, dtype)  # for MFU, on a GPU with a known peak
         for k, stage in enumerate(stages):
             path = ckpts.owned_path(cfg.out_dir, stage.name, ckpts.CKPT_NAME)
             saved = ckpts.read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
@@ -268,7 +267,7 @@ def run(cfg: TrainConfig) -> dict:
             ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, extra, stop, dist)  # extra: in every write
             with stop.deferred():  # a signal here stops after the step in flight and its checkpoint
                 optimizer = train(model, train_set, val_set, cfg, stage.weights, stage.iters, stage.lr, stage.name,
-                                  device, dtype, log, steps_before, ckpt, dist, peak)
+                                  device, dtype, log, steps_before, ckpt, dist, runtime.peak_flops(device, dtype))
                 seconds[stage.name] = ckpt.elapsed()
                 ckpt.save(stage.iters, model, optimizer)  # the stage's weights, before evaluating
             if dist.master:
