@@ -27,3 +27,38 @@ def gpt2_encoding():
     """GPT-2's real tokenizer (from TIKTOKEN_CACHE_DIR offline, or downloaded)."""
     import tiktoken
     return tiktoken.get_encoding("gpt2")
+
+
+# The training-loop tests' common set-up: a tokenized synthetic set, a tiny model, a loop config.
+@pytest.fixture(scope="session")
+def tokenized():
+    import data as D
+    return D.tokenize(D.synthetic_task(42, seed=3), D.char_encoding(), block_size=96)  # 1 to 5 steps: varied lengths
+
+
+def tiny_model(seed: int = 0, n_embd: int = 32, dropout: float = 0.0):
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=n_embd, dropout=dropout))
+
+
+def config(**overrides):
+    import train
+    base = dict(batch_size=4, log_interval=1000, eval_interval=1000, warmup_iters=0, weight_decay=0.0, seed=7)
+    return train.TrainConfig(**{**base, **overrides})
+
+
+def run_train(model, data, cfg, iters, peak_lr=1e-2, weights=(0.0, 1.0, 1.0), steps_before=0):
+    import train
+    return train.train(model, data, data, cfg, weights, iters, peak_lr, "test", "cpu", torch.float32, [],
+                       steps_before=steps_before)
+
+
+class Frozen(torch.optim.Optimizer):
+    """Stands in for AdamW in train.train: changes nothing (AdamW is not under test where it is used)."""
+
+    def __init__(self, params):
+        super().__init__(list(params), {"lr": 0.0})
+
+    def step(self, closure=None):
+        pass

@@ -12,6 +12,7 @@ import data as D
 import sftkey
 import train
 from model import GPT, GPTConfig
+from conftest import Frozen, config
 
 ENC = D.char_encoding()
 P = 0.5
@@ -112,28 +113,13 @@ def test_in_eval_mode_a_model_with_dropout_computes_exactly_what_it_computes_wit
 # step trained without dropout; `model.eval()` deleted from validation_loss, so noisy validation losses.)
 
 @pytest.fixture(scope="module")
-def tokenized() -> D.TokenizedSet:
+def tokenized() -> D.TokenizedSet:  # this file's own: fewer, other problems
     return D.tokenize(D.synthetic_task(24, seed=5), ENC, block_size=96)
 
 
 def loop_model(dropout: float = 0.0, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=32, dropout=dropout))
-
-
-def config(**overrides) -> train.TrainConfig:
-    base = dict(batch_size=4, log_interval=1000, eval_interval=1000, warmup_iters=0, weight_decay=0.0, seed=7)
-    return train.TrainConfig(**{**base, **overrides})
-
-
-class Frozen(torch.optim.Optimizer):
-    """Stands in for AdamW in train.train: changes nothing (AdamW is not under test here)."""
-
-    def __init__(self, params):
-        super().__init__(list(params), {"lr": 0.0})
-
-    def step(self, closure=None):
-        pass
 
 
 def test_every_training_forward_is_in_train_mode_and_every_validation_forward_in_eval_mode(tokenized):

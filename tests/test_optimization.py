@@ -15,28 +15,9 @@ import data as D
 import sftkey
 import train
 from model import GPT, GPTConfig
+from conftest import config, run_train, tiny_model
 
 ENC = D.char_encoding()
-
-
-@pytest.fixture(scope="module")
-def tokenized() -> D.TokenizedSet:
-    return D.tokenize(D.synthetic_task(42, seed=3), ENC, block_size=96)  # 1 to 5 steps: varied lengths
-
-
-def tiny_model(seed: int = 0, n_embd: int = 32) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=n_embd))
-
-
-def run_train(model, data, cfg, iters, peak_lr=1e-2, weights=sftkey.role_weights(), steps_before=0):
-    return train.train(model, data, data, cfg, weights, iters, peak_lr, "test", "cpu", torch.float32, [],
-                       steps_before=steps_before)
-
-
-def config(**overrides) -> train.TrainConfig:
-    base = dict(batch_size=4, log_interval=1000, eval_interval=1000, warmup_iters=0, weight_decay=0.0, seed=7)
-    return train.TrainConfig(**{**base, **overrides})
 
 
 class GradRecorder(torch.optim.Optimizer):

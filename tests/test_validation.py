@@ -13,20 +13,11 @@ import torch.nn.functional as F
 import data as D
 import runtime
 import train
-from model import GPT, GPTConfig
+from model import GPT
 from sftkey import KEY, THINK
+from conftest import Frozen, config, tiny_model
 
 ENC = D.char_encoding()
-
-
-@pytest.fixture(scope="module")
-def tokenized() -> D.TokenizedSet:
-    return D.tokenize(D.synthetic_task(42, seed=3), ENC, block_size=96)  # 1 to 5 steps: varied lengths
-
-
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=320, block_size=96, n_layer=1, n_head=2, n_embd=32))
 
 
 def peaked(model: GPT) -> GPT:
@@ -36,11 +27,6 @@ def peaked(model: GPT) -> GPT:
             if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
     return model
-
-
-def config(**overrides) -> train.TrainConfig:
-    base = dict(batch_size=4, log_interval=1000, eval_interval=1000, warmup_iters=0, weight_decay=0.0, seed=7)
-    return train.TrainConfig(**{**base, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,16 +55,6 @@ def test_validation_loss_is_the_mean_token_loss_per_role(tokenized):
 
 # ---------------------------------------------------------------------------------------------
 # On the validation set, not the training set
-
-class Frozen(torch.optim.Optimizer):
-    """Stands in for AdamW in train.train: changes nothing, so every validation sees the same weights."""
-
-    def __init__(self, params):
-        super().__init__(list(params), {"lr": 0.0})
-
-    def step(self, closure=None):
-        pass
-
 
 def test_every_validation_loss_train_logs_is_the_validation_sets_not_the_training_sets(tokenized):
     model = peaked(tiny_model(seed=2))
