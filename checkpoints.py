@@ -1,23 +1,21 @@
 """Files: what a run reads, what it writes, and the one folder it owns. Nothing here is SFTKey.
 
-Three rules carry it; each makes a whole class of mistakes impossible rather than checking for them:
-- *Every input is read once.* `read_inputs` reads --data, --eval_data, a .tiktoken --encoding and
-  the --init_from checkpoint into memory (regular files only, data.read_input) and hashes those
-  bytes; everything is parsed from them, and every checkpoint records the hashes and the
-  --init_from origin. A file edited after the start reaches neither the run nor its resumption.
-- *We own only what we name.* Every path written or deleted is `owned_path(out_dir, names...)`:
-  names built from flags, each matching one pattern, no symlink under out_dir followed. A run
-  plans its files first; `RunFolder` refuses a folder holding files outside the plan, and
-  --overwrite deletes exactly the planned files found.
-- *Whole or not at all.* `atomic_write`: a unique temporary, fsync'ed, renamed, folders fsync'ed.
-Also: `StageCheckpoint`, the training loop's one hook (resume, periodic writes, stop signals, every
-rank's RNG state). GPT-2's weights from a Hugging Face folder are read by gpt2.py.
+Three rules carry it, each making a class of mistakes impossible rather than checking for them:
+- *Every input is read once* (`read_inputs`: regular files only, data.read_input) and hashed from
+  those bytes; checkpoints record the hashes and the --init_from origin, so a file edited after the
+  start reaches neither the run nor its resumption.
+- *We own only what we name*: every path written or deleted is `owned_path(out_dir, names...)`, names
+  built from flags matching one pattern, no symlink under out_dir followed; a run plans its files,
+  `RunFolder` refuses run files outside the plan, and --overwrite deletes exactly the planned ones.
+- *Whole or not at all*: `atomic_write` (a unique temporary, fsync'ed, renamed, folders fsync'ed).
+Also `StageCheckpoint`, the loop's one hook (resume, periodic writes, signals, every rank's RNG state).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import errno
+import glob
 import hashlib
 import io
 import json
@@ -47,10 +45,9 @@ from model import GPT, GPTConfig
 from runtime import PRETRAINED, Dist, Interrupted, StopSignal
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
-# The files that make a folder a run's (train.py's and experiment.py's): found at the top, or ckpt.pt
-# one or two folders down. A folder holding any of them outside the plan belongs to another run.
+# Run files (train.py's, experiment.py's), at the top or ckpt.pt 1-2 folders down; outside a plan: another run's.
 RUN_FILES = (RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
-NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")  # what we name: no separator, never "." or ".."
+NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,99}")  # what we name: no separator, no "." or "..", short
 
 
 # Writing whole or not at all, only where we name
@@ -165,8 +162,8 @@ def write_json(path: str, obj) -> None:
 
 @dataclass
 class Inputs:
-    """A run's input files read once: bytes (by field), sha256 (by flag), the --init_from checkpoint and its
-    origin (the stage it ended, the data-stream steps read: a stage from it is named and reads on so)."""
+    """A run's input files, read once: bytes (by field), sha256 (by flag), the --init_from checkpoint and its
+    origin (the stage it ended and the data-stream steps read: a stage run from it is named and reads on)."""
     raw: dict[str, bytes]
     sha256: dict[str, str]
     init: dict | None = None
@@ -174,6 +171,7 @@ class Inputs:
 
 
 def read_inputs(cfg) -> Inputs:
+    """Every input file the flags name, read (regular files only) and hashed; --init_from parsed once."""
     tiktoken_file = cfg.encoding.endswith(".tiktoken") or os.path.sep in cfg.encoding
     files = {"data": cfg.data, "eval_data": cfg.eval_data, "encoding": cfg.encoding if tiktoken_file else "",
              "init_from": "" if cfg.init_from.startswith(PRETRAINED) else cfg.init_from}
@@ -183,7 +181,7 @@ def read_inputs(cfg) -> Inputs:
         inputs.init = read_checkpoint(cfg.init_from, None, "cpu", raw=raw.pop("init_from"))
         stage, start, step = (inputs.init.get(k, d) for k, d in (("stage", ""), ("stream_start", 0), ("step", 0)))
         if not (isinstance(stage, str) and (stage == "" or NAME.fullmatch(stage))
-                and type(start) is int and type(step) is int and start >= 0 and step >= 0):
+                and type(start) is int and type(step) is int and 0 <= start + step < 2 ** 63 and step >= 0):
             raise ValueError(f"--init_from {cfg.init_from}: its stage name {stage!r} or stream position is not "
                              f"one this project writes")
         inputs.origin = (stage, start + step)
@@ -191,7 +189,6 @@ def read_inputs(cfg) -> Inputs:
 
 
 # Checkpoints
-
 
 def rng_state() -> dict:
     """This process's CPU and CUDA RNG states (CUDA's once in use: asking earlier would start a context)."""
@@ -243,6 +240,8 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
         raise ValueError(f"{path}: not an sftkey checkpoint (no 'model' and 'model_config' entries)")
     try:
         saved = GPTConfig(**ckpt["model_config"])
+        if any(type(getattr(saved, f.name)) is not type(f.default) for f in dataclasses.fields(GPTConfig)):
+            raise TypeError("a field of another type than GPTConfig's")  # True would pass as 1 layer
         with torch.device("meta"):  # shapes only, no memory
             reference = GPT(saved).state_dict()
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
@@ -272,7 +271,8 @@ def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None
     flag = {"vocab_size": "--encoding"}  # the flag that sets each model-config field, to name it
     diffs = [f"{flag.get(k, '--' + k)}: {k}={getattr(saved, k)} in the checkpoint but {getattr(expected, k)} here"
              for k in vars(saved) if getattr(saved, k) != getattr(expected, k)]
-    trained_with = (ckpt.get("train_config") or {}).get("encoding")
+    trained = ckpt.get("train_config")
+    trained_with = trained.get("encoding") if isinstance(trained, dict) else None
     if encoding is not None and trained_with is not None and trained_with != encoding:
         diffs.append(f"--encoding: {trained_with} in the checkpoint but {encoding} here")
     if diffs:
@@ -402,8 +402,7 @@ _RESUME_ENTRIES = {"step": int, "log": list, "results": dict, "seconds": dict, "
 
 
 def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[str, str]) -> None:
-    """Refuse, in one ValueError naming the file and every problem, a checkpoint --resume cannot
-    continue: another run's (flags, input bytes, ranks), or one lacking what resuming needs."""
+    """Refuse in one ValueError a checkpoint --resume cannot continue: another run's, or an incomplete one."""
     ckpt = read_checkpoint(path, expected, "cpu", cfg.encoding, mmap=True)
     problems = [f"no '{key}' entry" if key not in ckpt else f"'{key}' is a {type(ckpt[key]).__name__}, not "
                 f"{'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__}"
@@ -427,25 +426,22 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
 # One run per folder
 
 def found_files(out_dir: str) -> list[str]:
-    """The run files in out_dir (RUN_FILES at the top, ckpt.pt one or two folders down), not following links."""
-    found = []
-    for folder, subfolders, files in os.walk(out_dir):
-        depth = os.path.relpath(folder, out_dir).count(os.sep) + (folder != out_dir)
-        found += [os.path.join(folder, f) for f in files if f in (RUN_FILES if depth == 0 else (CKPT_NAME,))]
-        if depth >= 2:
-            subfolders.clear()
-    return sorted(found)
+    """The run files in out_dir: RUN_FILES at the top, ckpt.pt one or two folders down."""
+    top, folder = [os.path.join(out_dir, name) for name in RUN_FILES], glob.escape(out_dir)
+    deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
+    return sorted(path for path in top + deeper if os.path.isfile(path))
 
 
 class RunFolder:
-    """--out_dir, held by one run from `take` to the end of the `with` block. `take(plan)` (after the input
-    is checked: bad input writes nothing) locks it, then checks it against the plan (name tuples of the
-    files this run writes, each an owned_path): a run file outside the plan is another run's, refused
-    even with --overwrite; planned ones refuse a fresh run unless --overwrite, which deletes exactly
-    them; --resume keeps them, each checkpoint first handed to `check`. Dead writes' temporaries go."""
+    """--out_dir, held by one run from `take(plan)` (after the input is checked) to the end of the `with`
+    block. The plan names the files the run writes (owned_paths); a run file outside it is another run's,
+    refused even with --overwrite; planned ones refuse a fresh run unless --overwrite, which deletes
+    exactly them; --resume keeps them, each checkpoint first handed to `check`."""
 
-    def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True):
+    def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True,
+                 start: str = ""):  # start: the --init_from file, which --overwrite never deletes
         self.out_dir, self.overwrite, self.resume, self.resumable = out_dir, overwrite, resume, resumable
+        self.start = start
         self.lock = FolderLock(out_dir)
 
     def __enter__(self) -> RunFolder:
@@ -454,10 +450,18 @@ class RunFolder:
     def __exit__(self, *exc) -> None:
         self.lock.release()
 
-    def take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None = None,
-             master: bool = True) -> None:
-        if not master:  # the other ranks of a torchrun job share rank 0's folder
-            return
+    def take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None = None, dist: Dist | None = None):
+        """Rank 0 locks and checks; every rank of a torchrun job then raises rank 0's refusal, if any."""
+        dist, refusal = dist or Dist(), ""
+        if dist.master:
+            try:
+                self._take(plan, check)
+            except ValueError as err:
+                refusal = str(err)
+        if refusal := dist.gather(refusal)[0]:
+            raise ValueError(refusal)
+
+    def _take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None) -> None:
         self.lock.acquire()
         out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]
         found = found_files(out)
@@ -466,17 +470,22 @@ class RunFolder:
         strangers = [p for p in found if p not in planned]
         if strangers:
             raise ValueError(f"--out_dir {out} holds files this run does not write ({', '.join(strangers[:3])}"
-                             f"{', …' * (len(strangers) > 3)}): another run's. This run writes only "
-                             f"{', '.join(os.path.relpath(p, out) for p in planned)}; choose another --out_dir, "
-                             f"or move those files away")
+                             f"{', …' * (len(strangers) > 3)}): another run's, or one with other flags. This run "
+                             f"writes only {', '.join(os.path.relpath(p, out) for p in planned)}; choose another "
+                             f"--out_dir, or move those files away")
+        start = self.start
+        if self.overwrite and start and any(os.path.isfile(start) and os.path.samefile(p, start) for p in found):
+            raise ValueError(f"--overwrite would delete {start}, the --init_from checkpoint this run starts from: "
+                             f"copy it elsewhere first, or choose another --out_dir")
         folders = sorted({os.path.dirname(p) for p in planned if os.path.lexists(os.path.dirname(p))})
         problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)] + [
             why for why in (_probe(f) if os.path.isdir(f) else f"{f} is a file, not a folder" for f in folders) if why]
         if problems:
             raise ValueError(f"--out_dir {out}: the run could not write its files there: {'; '.join(problems)}. "
                              f"Nothing was trained; fix this or choose another --out_dir")
-        for folder in folders:  # temporaries of writes killed mid-way: the folder is locked, no writer owns them
-            for entry in (e for e in os.listdir(folder) if e.startswith(".") and e.endswith(TMP_SUFFIX)):
+        ours = tuple(f".{os.path.basename(p)}." for p in planned) + (".sftkey-probe.",)  # atomic_write's names
+        for folder in folders:  # temporaries of our writes killed mid-way: the folder is locked, none is live
+            for entry in (e for e in os.listdir(folder) if e.startswith(ours) and e.endswith(TMP_SUFFIX)):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, entry))
         if self.resume:
@@ -509,13 +518,6 @@ class FolderLock:
 
     def __init__(self, out_dir: str):
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
-
-    def __enter__(self) -> FolderLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
     def _holder(self, fd: int) -> str:
         os.lseek(fd, 0, os.SEEK_SET)

@@ -384,7 +384,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     cfg, defaults = train.TrainConfig(**args), train.TrainConfig()
     for flag, (_, _, use) in runtime.FLAGS.items():  # before check_config, which would read them as the user's
         if use not in ("all", "arm") and getattr(cfg, flag) != getattr(defaults, flag):
-            why = runtime.ARMS_SET if use == "set" else use
+            why = "the arms set the loss and the layout themselves" if use == "set" else use
             raise ValueError(f"--{flag} does not apply to the experiment: {why}")
     runtime.check_config(cfg)  # train.py's flag checks, stage 2's learning rate among them
     if (cfg.data and not cfg.eval_data) or (not cfg.data and cfg.n_test < 1):  # train.py would train, not score
@@ -401,11 +401,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
 
 
 def replot(out_dir: str) -> list[str]:
-    """The plots of a finished run, from the files it wrote."""
-    with open(os.path.join(out_dir, "results.json")) as f:
-        summary = json.load(f)
-    with open(os.path.join(out_dir, "loss_log.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    """The plots of a finished run, from the files it wrote (regular files only, as every input)."""
+    summary = json.loads(D.read_input(ckpts.owned_path(out_dir, "results.json"), "--plot_only"))
+    log = D.read_input(ckpts.owned_path(out_dir, "loss_log.jsonl"), "--plot_only")
+    rows = [json.loads(line) for line in log.splitlines()]
     return plot(summary, rows, out_dir)
 
 
@@ -432,7 +431,9 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     D.load_data(arm_config(cfg, run_names[0]), enc, inputs.raw, cfg.batch_size * cfg.grad_accum)  # bad input: here
     plan = [(name,) for name in ckpts.RUN_FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds for n in run_names
                                                     if save_ckpt]
-    with runtime.StopSignal(), ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resumable=False) as folder:
+    finished = "the arms finished so far are in --out_dir (results.json says \"complete\": false)"
+    folder = ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resume=False, resumable=False, start=cfg.init_from)
+    with runtime.StopSignal(finished), folder:
         folder.take(plan)  # one run per folder: a second one, or another run's files, refused
         for seed in seeds:
             run_seed(dataclasses.replace(cfg, seed=seed), run_names, enc, device, dtype, recorder.add, save_ckpt,

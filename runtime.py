@@ -42,8 +42,7 @@ def resolve_device(cfg, dist: Dist | None = None) -> tuple[str, torch.dtype]:
     if dist is not None and dist.world > 1 and device.startswith("cuda"):
         device = f"cuda:{dist.local_rank}"  # one GPU per rank, the one NCCL's tensors (Dist.device) live on
     if cfg.dtype == "auto":
-        # On a CPU with AVX-512 BF16, bf16 pays off only once matmuls dominate: bench.py measured it
-        # 0.7x float32's speed at the default width 128 and faster at 384, so narrow models stay float32.
+        # On a CPU with AVX-512 BF16, bf16 was 0.7x float32's speed at width 128 and faster at 384 (bench.py).
         bf16 = native_bf16(device) and (device.startswith("cuda") or cfg.n_embd >= 256)
         return device, torch.bfloat16 if bf16 else torch.float32
     return device, getattr(torch, cfg.dtype)  # float32 or bfloat16: check_config refused the rest
@@ -55,9 +54,8 @@ def autocast(device: str, dtype: torch.dtype):
 
 
 def set_up_device(device: str, seed: int) -> None:
-    """Seed the RNG; on CUDA let float32 matmuls use TF32 tensor cores (bf16 autocast covers the rest)
-    and keep attention off cuDNN, which builds a plan for every new batch width: on an H200 (PyTorch
-    2.11 picks cuDNN there) a GPT-2-small step on a width met for the first time took 185 ms, not 40."""
+    """Seed the RNG; on CUDA use TF32 for float32 matmuls, and keep attention off cuDNN, which builds a plan per new
+    batch width: on an H200 (PyTorch 2.11 picks cuDNN there) a GPT-2-small step on a new width took 185 ms, not 40."""
     torch.manual_seed(seed)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -149,14 +147,13 @@ STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 class StopSignal:
-    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found are put back after the `with`
-    block): each ends it with one line and exit 130. Outside `deferred()` a signal raises Interrupted
-    at once (every write is atomic, and a stage is saved before it is evaluated: nothing is lost);
-    inside (the training steps) it sets `received`, the step in flight finishes and
-    `StageCheckpoint.after_step` writes its checkpoint, then raises. Later signals only say so."""
+    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found are put back after it), each ending
+    it with one line and exit 130. Outside `deferred()` a signal raises Interrupted at once (writes are
+    atomic, a stage is saved before it is evaluated: nothing is lost); inside (training steps) the step in
+    flight finishes, `StageCheckpoint.after_step` writes its checkpoint, then raises. Later ones only say so."""
 
-    def __init__(self):
-        self.received, self.name = False, ""  # the name of the first signal received
+    def __init__(self, after: str = "to continue, run the same command with --resume"):
+        self.received, self.name, self.after = False, "", after  # the name of the first signal received
         self._depth, self._previous = 0, {}  # how many deferred() blocks are open; the handlers found
 
     def _handle(self, signum, frame) -> None:
@@ -168,7 +165,7 @@ class StopSignal:
         self.received, self.name = True, name
         if not self._depth:
             raise Interrupted(f"{name} received outside a training step: the run ends here, and no training since "
-                              f"the last checkpoint is lost; to continue, run the same command with --resume")
+                              f"the last checkpoint is lost; {self.after}")
         print(f"\n{name} received: stopping once the step in flight is finished and checkpointed", file=sys.stderr,
               flush=True)
 
@@ -184,7 +181,7 @@ class StopSignal:
             self._depth -= 1
         if self.received and not already and not self._depth:
             raise Interrupted(f"{self.name} received: the run ends here, with the training in progress checkpointed; "
-                              f"to continue, run the same command with --resume")
+                              f"{self.after}")
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -413,9 +410,8 @@ def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, f
 
 
 def command(work: Callable[[], object]) -> None:
-    """A command line around `work()`: bad input or flags end in one clear line and exit 2; a stop (a
-    signal, Ctrl-C included: 130; a non-finite loss or a failed write such as a full disk: 1) in one
-    line too; never a traceback for any of them."""
+    """A command line around `work()`: bad input or flags end in one line and exit 2; a stop in one line too
+    (a signal: 130; a non-finite loss, a failed write such as a full disk: 1). Never a traceback."""
     try:
         work()
     except (FileNotFoundError, ValueError) as err:
@@ -425,16 +421,18 @@ def command(work: Callable[[], object]) -> None:
         stop = isinstance(err, (Interrupted, KeyboardInterrupt))
         print(f"stopped: {err or 'interrupted'}", file=sys.stderr)
         sys.exit(130 if stop else 1)
+    except RuntimeError as err:  # in a torchrun job, a collective failing because another rank stopped first
+        if os.environ.get("RANK", "0") == "0":
+            raise
+        print(f"stopped: rank {os.environ['RANK']}: another rank stopped first ({str(err).splitlines()[0][:200]})",
+              file=sys.stderr)
+        sys.exit(1)
 
 
-# Every TrainConfig field, classified for each consumer; tests/test_flags.py fails for a field missing
-# here, so a new flag is checked, compared on --resume and given to the experiment's arms, or refused.
-# (check_config's rule: one of RULES, or "" for a rule of its own below or none needed;
-#  --resume: "same" value needed, or "free" (where files go, how often something is printed or
-#  written, where the same arithmetic runs: nothing a result depends on);
-#  experiment.py: "all" (every arm gets it as given), "arm" (the arms derive theirs from it: E1, E2,
-#  λ), "set" (each arm sets its own, so the user's is refused), or why the experiment refuses it.)
-ARMS_SET = "the arms set the loss and the layout themselves"
+# Every TrainConfig field, classified for each consumer (tests/test_flags.py fails for a field left out):
+# (check_config's rule from RULES, or "" for its own rule or none; --resume: "same" value needed, or "free":
+# where files go, how often something is printed or written, where the arithmetic runs; experiment.py: "all"
+# arms get it as given, the arms derive theirs from it ("arm": E1, E2, λ), set their own ("set"), or why not.)
 FLAGS: dict[str, tuple[str, str, str]] = {
     "out_dir": ("", "free", "all"), "data": ("", "same", "all"), "format": ("", "same", "all"),
     "eval_data": ("", "same", "all"), "strip_calculator": ("", "same", "all"), "skip_bad_lines": ("", "same", "all"),

@@ -234,7 +234,7 @@ def run(cfg: TrainConfig) -> dict:
     Each stage's checkpoint (out_dir/STAGE/ckpt.pt) holds, once the stage is evaluated, its results
     too, so --resume skips finished stages and continues an unfinished one where it stopped.
     """
-    with StopSignal() as stop, ckpts.RunFolder(cfg.out_dir, cfg.overwrite, cfg.resume) as folder:
+    with StopSignal() as stop, ckpts.RunFolder(cfg.out_dir, cfg.overwrite, cfg.resume, start=cfg.init_from) as folder:
         dist = Dist.from_environment(cfg)
         device, dtype = runtime.resolve_device(cfg, dist)
         runtime.set_up_device(device, cfg.seed)
@@ -249,7 +249,7 @@ def run(cfg: TrainConfig) -> dict:
             runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test),
                                 model, device, dist, dtype, stages)
         folder.take([(ckpts.RESULTS_NAME,)] + [(s.name, ckpts.CKPT_NAME) for s in stages],  # input checked: lock
-                    lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist.master)
+                    lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist)
         results, log, seconds = {}, [], {}
         if cfg.eval_only:
             results["init"] = evaluate(model, enc, test, cfg, device, dtype)

@@ -155,6 +155,66 @@ def test_overwrite_neither_follows_a_symlinked_stage_nor_deletes_other_folders(t
     assert (out / "notmine" / "ckpt.pt").read_text() == "another run's"
 
 
+def test_a_run_deletes_only_its_own_temporaries(tmp_path, capsys):
+    """Temporaries of writes killed mid-way are removed, but only atomic_write's names for this plan's files:
+    a user's own `.notes.tmp` in --out_dir stays."""
+    data = write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    (out / "sft_tag").mkdir(parents=True)
+    for leftover in (out / ".results.json.x1.tmp", out / "sft_tag" / ".ckpt.pt.x2.tmp", out / ".notes.tmp"):
+        leftover.write_text("x")
+    code, err = main(flags(out, data, "--max_iters", "2", "--stage2_iters", "0"), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.rglob("*.tmp")) == [".notes.tmp"]
+
+
+def test_overwrite_never_deletes_the_init_from_checkpoint_it_would_replace(tmp_path, capsys):
+    out = tmp_path / "exp"
+    args = [*TINY_EXPERIMENT, "--out_dir", str(out), "--save_ckpt", "--arms", "sft_tag"]
+    assert experiment_main(args, capsys)[0] == 0
+    start = out / "seed1337" / "sft_tag" / "ckpt.pt"
+    before = digests(out)
+    code, err = experiment_main([*args, "--overwrite", "--init_from", str(start)], capsys)
+    one_line_error(code, err, f"--overwrite would delete {start}, the --init_from checkpoint")
+    assert digests(out) == before
+
+
+def test_every_rank_of_a_job_ends_with_rank_0s_refusal(tmp_path):
+    """Rank 0 checks the folder; the other ranks raise its refusal too, instead of training on alone."""
+    class Rank1(runtime.Dist):
+        def __init__(self):
+            super().__init__(rank=1, world=2)
+
+        def gather(self, value) -> list:
+            assert value == ""  # rank 1 checks nothing itself
+            return ["--out_dir x holds the files of an earlier run", value]
+    with pytest.raises(ValueError, match="holds the files of an earlier run"):
+        checkpoints.RunFolder(str(tmp_path / "x")).take([("results.json",)], dist=Rank1())
+    assert not (tmp_path / "x").exists()  # rank 1 neither locks nor writes
+
+
+@pytest.mark.parametrize("spoil, problem", [
+    (lambda c: c.update(train_config=[1]), None),
+    (lambda c: c["model_config"].update(n_layer=True), "does not describe this project's GPT"),
+    (lambda c: c.update(stage="s" * 250), "its stage name"),
+    (lambda c: c.update(stream_start=2 ** 70), "stream position"),
+])
+def test_odd_init_from_checkpoints_are_one_line_errors_or_harmless(tmp_path, capsys, spoil, problem):
+    data = write_data(tmp_path / "data.jsonl")
+    train.run(train.parse_args(flags(tmp_path / "first", data, "--max_iters", "2", "--stage2_iters", "0")))
+    start = tmp_path / "start.pt"
+    ckpt = torch.load(tmp_path / "first" / "sft_tag" / "ckpt.pt", weights_only=True)
+    spoil(ckpt)
+    torch.save(ckpt, start)
+    code, err = main(flags(tmp_path / "out", data, "--init_from", str(start), "--key_only", "--max_iters", "1",
+                           "--stage2_iters", "0"), capsys)
+    if problem is None:  # flags it does not record cannot be compared: nothing to refuse
+        assert code == 0, err
+    else:
+        one_line_error(code, err, str(start), problem)
+        assert not (tmp_path / "out").exists()
+
+
 def test_new_folders_are_made_durable(tmp_path, monkeypatch):
     """A file renamed into a folder made moments before survives a power loss only if the folder's
     parent was fsync'ed too."""
@@ -192,6 +252,7 @@ def test_experiment_stops_on_a_signal_in_one_line_and_frees_its_folder(tmp_path,
     code, err = experiment_main([*TINY_EXPERIMENT, "--out_dir", str(out)], capsys)
     assert code == 130 and "Traceback" not in err and err.strip().count("\n") == 0, err
     assert err.startswith("stopped: ") and signal.Signals(sig).name in err
+    assert "--resume" not in err and "the arms finished so far are in --out_dir" in err  # it cannot be resumed
     assert not (out / checkpoints.LOCK_NAME).exists()
 
 

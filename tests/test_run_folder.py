@@ -423,8 +423,10 @@ def test_second_run_is_refused_naming_the_holder(made, tmp_path, capsys, monkeyp
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    with checkpoints.FolderLock(str(out)):  # released by its end: free again, without a note
-        assert (out / ".sftkey.lock").read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    lock = checkpoints.FolderLock(str(out))
+    lock.acquire()  # free again: taken without a note
+    assert (out / ".sftkey.lock").read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    lock.release()
     assert "took over" not in capsys.readouterr().err
     assert not (out / ".sftkey.lock").exists()
 
@@ -436,10 +438,12 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path, capsys):
     holder.wait(timeout=60)
     holder.stdin.close()
     assert (out / ".sftkey.lock").exists()
-    with checkpoints.FolderLock(str(out)):
-        err = capsys.readouterr().err
-        assert f"took over the lock {out / '.sftkey.lock'} left by pid {holder.pid}" in err
-        assert err.strip().count("\n") == 0
+    lock = checkpoints.FolderLock(str(out))
+    lock.acquire()
+    err = capsys.readouterr().err
+    lock.release()
+    assert f"took over the lock {out / '.sftkey.lock'} left by pid {holder.pid}" in err
+    assert err.strip().count("\n") == 0
 
 
 # ---------------------------------------------------------------------------------------------
