@@ -15,6 +15,10 @@ _CACHE = os.path.join(_SHARED, "tiktoken_cache")
 if os.path.isdir(_CACHE):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(_CACHE))
 
+# The offline tiktoken files (gpt2, cl100k_base) are in the same folder; tests of real encodings need them
+# or a network, and skip only on a machine without ../shared.
+needs_tiktoken_cache = pytest.mark.skipif(not os.path.isdir(_CACHE), reason=f"no tiktoken cache at {_CACHE}")
+
 GSM8K_DIR = os.path.abspath(os.path.join(_SHARED, "gsm8k"))
 # The real GSM8K files are the project's ../shared copy (CI always has it); the project itself does not
 # need them, so on a machine without them the tests that read them say so and skip.

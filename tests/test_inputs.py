@@ -31,6 +31,7 @@ import torch
 import data as D
 import train
 from model import GPT, GPTConfig
+from conftest import needs_tiktoken_cache
 
 TINY = ["--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--max_iters", "1", "--stage2_iters", "0",
         "--n_train", "40", "--n_test", "4", "--n_val", "2", "--eval_limit", "1", "--eval_interval", "1000",
@@ -212,12 +213,13 @@ def test_a_complete_tiktoken_file_is_accepted_and_end_of_text_follows_it(tmp_pat
     assert D.generable_ids(enc, 320).tolist() == [True] * 259 + [False] * 61
 
 
+@needs_tiktoken_cache
 def test_cl100k_base_file_meets_the_rule():
-    """The real file (tiktoken's cached copy, when present) has ranks 0..n-1."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "")
-    found = [p for p in Path(cache).glob("*") if cache and p.is_file() and p.read_bytes()[:7] == b"IQ== 0\n"]
-    if not found:
-        pytest.skip("no cached cl100k_base file in TIKTOKEN_CACHE_DIR")
+    """The real file (tiktoken's cached copy) has ranks 0..n-1."""
+    tiktoken.get_encoding("cl100k_base")  # caches the file, if it was not yet
+    cache = os.environ["TIKTOKEN_CACHE_DIR"]
+    found = [p for p in Path(cache).glob("*") if p.is_file() and p.read_bytes()[:7] == b"IQ== 0\n"]
+    assert found, f"no cl100k_base file in {cache}"
     ranks = D.read_tiktoken_file(str(found[0]))
     assert sorted(ranks.values()) == list(range(len(ranks))) == list(range(100256))
 
@@ -273,11 +275,9 @@ def test_generable_ids_are_exactly_the_decodable_ones():
     assert D.generable_ids(enc, 200).tolist() == [True] * 200  # a table smaller than n_vocab: cut
 
 
+@needs_tiktoken_cache
 def test_cl100k_base_gaps_are_not_generable():
-    try:
-        enc = tiktoken.get_encoding("cl100k_base")
-    except Exception:  # no network and no cached file
-        pytest.skip("cl100k_base is not available offline")
+    enc = tiktoken.get_encoding("cl100k_base")
     allowed = D.generable_ids(enc, 100352)
     assert (~allowed).nonzero().flatten().tolist() == [100256, *range(100261, 100276), *range(100277, 100352)]
 
