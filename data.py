@@ -13,7 +13,7 @@ import re
 import stat
 import sys
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ import torch
 import sftkey
 
 SYNTHETIC_ENCODING = "sftkey-chars"
-FORMATS = ("gsm8k", "tagged", "completion")
+FORMATS = ("gsm8k", "tagged", "completion", "messages")
+TASKS = ("arithmetic", "parity")  # the embedded synthetic tasks: the answer is the result, or whether it is even
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                    r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -165,7 +166,8 @@ def read_examples(path: str, fmt: str, strip_calculator: bool = False, skip_bad_
     """Read a JSONL file in one of FORMATS (or its bytes, `raw`); any bad line raises DataError naming file and line.
 
     gsm8k: {"question", "answer"}, the answer ending in a line "#### final". tagged: {"prompt", "thinking",
-    "answer"}. completion: {"prompt", "completion"}, the completion being <Thinking>…</Thinking><Answer>…</Answer>.
+    "answer"}. completion: {"prompt", "completion"}, the completion being <Thinking>…</Thinking><Answer>…</Answer>, or
+    TRL's conversational prompt/completion (lists of messages); messages: {"messages": [user, assistant]} (`_turns`).
     Lines are split on "\\n" only (JSON strings may hold U+2028, a line end to str.splitlines); a trailing "\\r"
     and a leading byte-order mark are dropped; each line is decoded alone, so bad UTF-8 is reported by line.
     With `skip_bad_lines` a bad line is skipped, its "file:line: problem" appended to `skipped` (when given).
@@ -207,6 +209,9 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
         raise ValueError("invalid JSON (nested too deeply)") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "messages" or (fmt == "completion" and isinstance(record.get("prompt"), list)):
+        record, fmt = _turns(record.get("messages") if fmt == "messages" else record["prompt"] + record.get(
+            "completion", [])), "completion"
     fields = {"gsm8k": ("question", "answer"), "tagged": ("prompt", "thinking", "answer"),
               "completion": ("prompt", "completion")}[fmt]
     for name in fields:
@@ -232,6 +237,19 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
     example = Example(prompt, thinking.strip(), answer.strip(), source)
     _check_example(example)
     return example
+
+
+def _turns(messages) -> dict:
+    """Chat turns as {"prompt", "completion"}: one user message, one assistant message (the tagged response); a
+    leading system message is folded into the prompt, before the user's, separated by a blank line."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in messages):
+        raise ValueError('the messages must be a list of {"role": ..., "content": "<a string>"}')
+    roles = [m.get("role") for m in messages]
+    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+        raise ValueError(f"the messages must be one user turn then one assistant turn (a system message may lead); "
+                         f"got the roles {roles}")
+    return {"prompt": "\n\n".join(m["content"] for m in messages[:-1]), "completion": messages[-1]["content"]}
 
 
 def _check_example(example: Example) -> None:
@@ -263,6 +281,7 @@ class TokenizedSet:
     ids: list[np.ndarray]
     roles: list[np.ndarray]
     summary: dict
+    enc: tiktoken.Encoding | None = None  # what they were tokenized with (for generating from their prompts)
 
 
 def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, tagged: bool = True,
@@ -304,7 +323,7 @@ def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, t
                "straddling_tokens": straddling, "prompt_prefix_mismatches": len(mismatched),
                # the first in the file: "f:9" before "f:10" (one file, so the shorter is the earlier line)
                "first_prompt_prefix_mismatch": min(mismatched, key=lambda s: (len(s), s), default=None)}
-    return TokenizedSet(kept, ids_list, roles_list, summary)
+    return TokenizedSet(kept, ids_list, roles_list, summary, enc)
 
 
 def prompt_tokens_differ(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]],
@@ -394,7 +413,7 @@ def load_data(cfg, enc: tiktoken.Encoding, raw: dict[str, bytes] | None = None,
         examples, test = (read_examples(getattr(cfg, k), cfg.format, cfg.strip_calculator, cfg.skip_bad_lines,
                           bad_lines, raw.get(k)) if getattr(cfg, k) else [] for k in ("data", "eval_data"))
     else:  # see synthetic_split
-        examples, test = synthetic_split(cfg.n_train, cfg.n_test, cfg.data_seed)
+        examples, test = synthetic_split(cfg.n_train, cfg.n_test, cfg.data_seed, cfg.task)
     train_examples, val_examples = split(examples, cfg.n_val, cfg.seed)
     if not val_examples:
         raise DataError(f"{cfg.data or 'synthetic task'}: {len(examples)} examples leave no validation set, which "
@@ -421,11 +440,15 @@ def load_data(cfg, enc: tiktoken.Encoding, raw: dict[str, bytes] | None = None,
     return train_set, val_set, test
 
 
-def synthetic_split(n_train: int, n_test: int, data_seed: int) -> tuple[list[Example], list[Example]]:
+def synthetic_split(n_train: int, n_test: int, data_seed: int, task: str = "arithmetic"
+                    ) -> tuple[list[Example], list[Example]]:
     """(training, test) problems of the synthetic task, both drawn from its law (`synthetic_task`). The test set,
     n_test distinct problems seeded by (data_seed, 1), depends on --data_seed and --n_test alone (the first k the same
     for any n_test >= k). Training problems, seeded by (data_seed, 0), are never test ones and may repeat (rejecting
     repeats among 20,000 would use up short problems), as may the validation ones `split` carves from them: their
     losses diagnose training, the test set is what is scored."""
     test = synthetic_task(n_test, [data_seed, 1])
-    return synthetic_task(n_train, [data_seed, 0], frozenset(ex.prompt for ex in test), distinct=False), test
+    examples = synthetic_task(n_train, [data_seed, 0], frozenset(ex.prompt for ex in test), distinct=False)
+    if task == "parity":  # the same problems; the answer is a step of its own that the reasoning never writes
+        return [[replace(ex, answer=("even", "odd")[int(ex.answer) % 2]) for ex in part] for part in (examples, test)]
+    return examples, test

@@ -1,10 +1,10 @@
 """The experiment: the paper's four arms, the two controls it lacked, several seeds, paired statistics.
 
     python experiment.py                       # all six arms, 3 seeds (about 40 minutes on 2 CPU cores)
-    python experiment.py --arms sft_tag,sftkey_tag,sft_tag_long --seeds 2 --e1 200 --e2 40
+    python experiment.py --arms sft_tag,sftkey_tag,sftsft_tag --seeds 2 --e1 200 --e2 40
 
 Each arm is a train.py run (`arm_config` gives its flags; `python train.py` is sftkey_tag), planned
-into stages by train.plan_stages. `sftkey_tag` (the method) and `sft_tag_long` (the compute-matched
+into stages by train.plan_stages. `sftkey_tag` (the method) and `sftsft_tag` (the compute-matched
 control, `--stage2_weights 0,1,1`) both continue from sft_tag's stage with a fresh optimizer, the same
 stage-2 schedule and the data stream read on, so the only difference between them is the loss on
 the reasoning tokens. Stages that arms share are trained once per seed and kept in memory. Each seed
@@ -24,6 +24,7 @@ if __name__ == "__main__":
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -38,28 +39,45 @@ import sftkey
 import train
 from model import GPT, GPTConfig
 
-ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sft_tag_long", "weighted")
-COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sft_tag_long"), ("sftkey_tag", "weighted"))
+ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sftsft_tag", "weighted", "sft_tag_e1e2")
+COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sftsft_tag"), ("sftkey_tag", "weighted"),
+               ("weighted", "sft_tag_e1e2"))
+SWEPT = ("sftkey_tag", "sftsft_tag")  # the arms --stage2_lrs trains at every setting (from the same stage 1)
 METRICS = ("acc", "fmt", "composite")
 ABOUT = {"sft": "untagged SFT, E1", "sft_tag": "tagged SFT, E1", "key_tag": "key only from the initial weights, E1",
          "sftkey_tag": "sft_tag, then E2 key only (the method)",
-         "sft_tag_long": "sft_tag, then E2 more tagged SFT (compute-matched control)",
-         "weighted": "one stage of E1+E2 with key weight λ (up-weighting control)"}
+         "sftsft_tag": "sft_tag, then E2 more tagged SFT (compute-matched control)",
+         "weighted": "one stage of E1+E2 with key weight λ (up-weighting control)",
+         "sft_tag_e1e2": "one stage of E1+E2, key weight 1 (weighted's schedule without λ)"}
 # The train.py flags each arm sets; every other flag is the user's. E1, E2, λ are --max_iters,
 # --stage2_iters, --key_weight. An arm is a train.py run: `python train.py` is sftkey_tag.
 ARM_FLAGS = {"weights": "0,1,1", "stage2_weights": "0,0,1", "key_only": False, "key_weight": 1.0, "untagged": False}
 
 
+def variant(arm: str, stage2_lr: float) -> str:
+    """The name of `arm` trained at stage-2 peak lr `stage2_lr` in a sweep (letters, digits, `._+-`: a folder name)."""
+    return f"{arm}.lr{stage2_lr:g}"
+
+
 def arm_config(cfg: train.TrainConfig, name: str) -> train.TrainConfig:
-    """The train.py configuration of an arm: the experiment's flags, with the loss, layout and steps it sets."""
+    """The train.py configuration of an arm (or a sweep's `variant` of one): the experiment's flags, with the
+    loss, layout and steps it sets."""
+    name, _, stage2_lr = name.partition(".lr")
     own = {"sft": {"untagged": True, "stage2_iters": 0}, "sft_tag": {"stage2_iters": 0},
            "key_tag": {"weights": "0,0,1", "stage2_iters": 0}, "sftkey_tag": {},
-           "sft_tag_long": {"stage2_weights": "0,1,1"},
+           "sftsft_tag": {"stage2_weights": "0,1,1"},
            "weighted": {"weights": f"0,1,{cfg.key_weight!r}", "max_iters": cfg.max_iters + cfg.stage2_iters,
-                        "stage2_iters": 0}}
+                        "stage2_iters": 0},
+           "sft_tag_e1e2": {"max_iters": cfg.max_iters + cfg.stage2_iters, "stage2_iters": 0}}
     if name not in own:
         raise ValueError(f"--arms: unknown arm {name}; choose from {', '.join(ARM_NAMES)}")
-    return dataclasses.replace(cfg, **{**ARM_FLAGS, **own[name]})
+    swept = {"stage2_lr": float(stage2_lr)} if stage2_lr else {}
+    return dataclasses.replace(cfg, **{**ARM_FLAGS, **own[name], **swept})
+
+
+def about(name: str, key_weight: float) -> str:
+    arm, _, stage2_lr = name.partition(".lr")
+    return ABOUT[arm].replace("λ", f"{key_weight:g}") + (f", stage-2 peak lr {stage2_lr}" if stage2_lr else "")
 
 
 def arm_stages(cfg: train.TrainConfig, name: str, before: str = "") -> list[sftkey.Stage]:
@@ -70,14 +88,27 @@ def arm_stages(cfg: train.TrainConfig, name: str, before: str = "") -> list[sftk
 # ---------------------------------------------------------------------------------------------
 # Statistics (numpy only, so they can be checked on constructed inputs)
 
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t distribution with `df` degrees of freedom: its density
+    integrated numerically from 0 to 64 (beyond the 0.995-quantile at every df), so numpy suffices."""
+    if not 0.5 < p <= 0.995:
+        raise ValueError(f"t_quantile: p must be in (0.5, 0.995], got {p}")
+    x = np.linspace(0.0, 64.0, 640_001)
+    density = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    pdf = density * (1 + x * x / df) ** (-(df + 1) / 2)
+    cdf = 0.5 + np.concatenate([[0.0], np.cumsum((pdf[1:] + pdf[:-1]) / 2 * (x[1] - x[0]))])
+    return float(np.interp(p, cdf, x))
+
+
 def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0,
                       level: float = 0.95) -> dict:
-    """Mean of a - b over seeds and test items, with a paired percentile-bootstrap confidence interval.
+    """Mean of a - b over seeds and test items, with two confidence intervals.
 
-    `a` and `b` are (seeds, items) per-item scores of two arms on the same test items. A bootstrap
-    sample draws item indices with replacement and uses the same indices for every seed (item i of
-    each seed's test set travels together), then averages the differences over seeds and items.
-    Seeds are not resampled: with a handful of them their spread is reported as `per_seed` instead.
+    `a` and `b` are (seeds, items) per-item scores of two arms on the same test items. `ci`, the one to
+    read, covers what varies from seed to seed as well as the test problems: a t-interval over the
+    per-seed mean differences (each already averages its seed's test problems), so it needs 2 seeds.
+    `ci_items` resamples test problems only (a paired percentile bootstrap: the same item indices for
+    every seed), so it is too narrow whenever seeds disagree; it is kept to show how much narrower.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or a.size == 0:
@@ -93,8 +124,12 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
                             for i in range(0, n_boot, 1000)])  # in chunks: bounded memory for large n
     tail = (1 - level) / 2
     low, high = np.quantile(boots, [tail, 1 - tail])
-    return {"mean": float(diff.mean()), "ci": [float(low), float(high)], "level": level,
-            "per_seed": diff.mean(axis=1).tolist(), "n_items": n, "n_seeds": diff.shape[0], "n_boot": n_boot}
+    per_seed, mean = diff.mean(axis=1), float(diff.mean())
+    half = (t_quantile(1 - tail, len(per_seed) - 1) * per_seed.std(ddof=1) / math.sqrt(len(per_seed))
+            if len(per_seed) > 1 else math.nan)
+    return {"mean": mean, "ci": None if math.isnan(half) else [mean - half, mean + half],
+            "ci_items": [float(low), float(high)], "level": level, "per_seed": per_seed.tolist(), "n_items": n,
+            "n_seeds": diff.shape[0], "n_boot": n_boot}
 
 
 def item_scores(result: dict, metric: str) -> np.ndarray | None:
@@ -110,17 +145,30 @@ def item_scores(result: dict, metric: str) -> np.ndarray | None:
 def aggregate(runs: list[dict]) -> dict:
     """Mean and sample standard deviation over seeds (std None with one seed; metrics None where undefined)."""
     out = {}
-    for key in (*METRICS, "train_seconds", "last_stage_seconds"):
+    for key in (*METRICS, "val_acc", "train_seconds", "last_stage_seconds"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = {"mean": float(np.mean(values)) if values else None,
                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
     return out
 
 
+def pick(results: dict[str, list[dict]], arm: str) -> str | None:
+    """The setting of a swept `arm` to compare: its variant with the highest validation Acc (at the last step,
+    mean over seeds; a tie goes to the one listed first). Validation only: the test set never chooses."""
+    scores = {n: np.mean([r["val_acc"] for r in runs]) for n, runs in results.items()
+              if n.partition(".lr")[0] == arm and ".lr" in n and all(r.get("val_acc") is not None for r in runs)}
+    return max(scores, key=scores.get) if scores else None
+
+
 def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str, dict]:
-    """The COMPARISONS whose two arms were both run, on Acc and Composite."""
-    out = {}
-    for a, b in COMPARISONS:
+    """The COMPARISONS whose two arms were both run, on Acc and Composite; in a sweep, each swept arm at each
+    setting, and the setting `pick` chose for each swept arm against the other's (best against best)."""
+    out, pairs = {}, list(COMPARISONS)
+    lrs = sorted({n.partition(".lr")[2] for n in results if ".lr" in n}, key=float)
+    pairs += [(variant(a, float(lr)), variant(b, float(lr))) for a, b in [SWEPT] for lr in lrs]
+    best = [pick(results, arm) for arm in SWEPT]
+    pairs += [tuple(best)] if None not in best else []
+    for a, b in pairs:
         if a not in results or b not in results or len(results[a]) != len(results[b]):
             continue
         entry = {}
@@ -130,7 +178,7 @@ def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str,
             if any(s is None for s in sa + sb):
                 continue
             entry[metric] = paired_comparison(np.stack(sa), np.stack(sb), n_boot=n_boot, seed=seed)
-        out[f"{a} - {b}"] = entry
+        out[f"{a} - {b}" + (" (best vs best)" if [a, b] == best else "")] = entry
     return out
 
 
@@ -155,7 +203,7 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
              save_ckpt: bool = False, inputs: ckpts.Inputs | None = None) -> None:
     """Every arm in `names` at the seed cfg.seed, each trained through its stages as train.py would.
 
-    Stages that arms share from the start are trained once: sftkey_tag and sft_tag_long both begin
+    Stages that arms share from the start are trained once: sftkey_tag and sftsft_tag both begin
     with sft_tag's stage, so the state after it is kept in memory and both continue from it (with the
     data stream read on where it stopped). `on_result(arm, result, log_rows)` follows each arm.
     `inputs`: the input files, read once (ckpts.read_inputs; read here when not given).
@@ -198,8 +246,10 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
                 "stage": stages[-1].name, "stream_start": start + sum(s.iters for s in stages[:-1])})
         t1 = time.time()
         result = train.evaluate(model=model, enc=enc, examples=test, cfg=arm_cfg, device=device, dtype=dtype)
+        val_rows = [row for row in rows if row.get("val_acc") is not None]  # --val_acc_n prompts, at each interval
         result.update(seed=cfg.seed, steps=sum(s.iters for s in stages), train_seconds=sum(seconds),
-                      last_stage_seconds=seconds[-1], eval_seconds=time.time() - t1)
+                      last_stage_seconds=seconds[-1], eval_seconds=time.time() - t1,
+                      val_acc=val_rows[-1]["val_acc"] if val_rows else None)
         on_result(name, result, [{"arm": name, "seed": cfg.seed, **row} for row in rows])
 
 
@@ -226,11 +276,12 @@ class Recorder:
         full = {n: runs for n, runs in done.items() if len(runs) == len(self.seeds)}
         return {"complete": complete, "config": dataclasses.asdict(self.cfg), "seeds": self.seeds,
                 "n_boot": self.n_boot,
-                "arms": {n: {"about": ABOUT[n].replace("λ", f"{self.cfg.key_weight:g}"),
+                "arms": {n: {"about": about(n, self.cfg.key_weight),
                              "tagged": not arm_config(self.cfg, n).untagged,
                              "stages": self.stages[n]} for n in self.names},
                 "results": done, "aggregates": {n: aggregate(runs) for n, runs in done.items()},
-                "comparisons": compare(full, self.n_boot, self.cfg.seed)}
+                "comparisons": compare(full, self.n_boot, self.cfg.seed),
+                "picked": {arm: pick(full, arm) for arm in SWEPT if any(".lr" in n for n in full)}}
 
     def write(self, complete: bool) -> dict:
         summary = self.summary(complete)
@@ -250,10 +301,11 @@ def _mean_std(stat: dict) -> str:
     return runtime.number(stat["mean"]) + ("" if stat["std"] is None else f" ± {stat['std']:.3f}")
 
 
-def _diff(c: dict | None) -> str:
+def _diff(c: dict | None, interval: str = "ci") -> str:
     if c is None:
         return "-"
-    return f"{c['mean']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+    ci = c.get(interval)
+    return f"{c['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (one seed: no interval)")
 
 
 def markdown(summary: dict) -> str:
@@ -265,23 +317,31 @@ def markdown(summary: dict) -> str:
              f"{stage2_lr:g}), λ = {cfg['key_weight']:g}, batch {cfg['batch_size']}x{cfg['grad_accum']}, "
              f"seeds {', '.join(map(str, seeds))}, {'/'.join(map(str, sorted(n_test))) or '?'} test problems per seed"
              + ("" if summary["complete"] else " (incomplete run)"), "",
-             "| arm | training | Acc | Fmt | Composite | train s (last stage) | train s (all stages) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| arm | training | Acc | Fmt | Composite | val Acc | train s (last stage) | train s (all stages) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, agg in summary["aggregates"].items():
         about = summary["arms"][name]["about"]
         lines.append(f"| {name} | {about} | {_mean_std(agg['acc'])} | {_mean_std(agg['fmt'])} | "
-                     f"{_mean_std(agg['composite'])} | {agg['last_stage_seconds']['mean']:.0f} | "
+                     f"{_mean_std(agg['composite'])} | {_mean_std(agg.get('val_acc', {'mean': None}))} | "
+                     f"{agg['last_stage_seconds']['mean']:.0f} | "
                      f"{agg['train_seconds']['mean']:.0f} |")
     lines += ["", f"Mean ± sample standard deviation over {len(seeds)} seed(s); Fmt is undefined for the untagged "
-                  "arm. Times are wall-clock seconds of training (mean over seeds), without evaluation."]
+                  "arm. val Acc: greedy, on --val_acc_n validation prompts after the last step. Times are "
+                  "wall-clock seconds of training (mean over seeds), without evaluation."]
+    if summary.get("picked"):
+        lines += ["", "Picked by validation Acc (never the test set): " + ", ".join(
+            f"{arm} -> {name}" for arm, name in summary["picked"].items())]
     if summary["comparisons"]:
-        lines += ["", "| comparison | ΔAcc [95% CI] | ΔComposite [95% CI] | ΔAcc per seed |",
-                  "| --- | --- | --- | --- |"]
+        lines += ["", "| comparison | ΔAcc [95% CI] | ΔComposite [95% CI] | ΔAcc per seed | ΔAcc [problems only] |",
+                  "| --- | --- | --- | --- | --- |"]
         for name, c in summary["comparisons"].items():
             per_seed = ", ".join(f"{d:+.3f}" for d in c["acc"]["per_seed"])
-            lines.append(f"| {name} | {_diff(c.get('acc'))} | {_diff(c.get('composite'))} | {per_seed} |")
-        lines += ["", f"Differences are means over seeds and test problems; intervals are paired percentile bootstraps "
-                      f"over test problems ({summary['n_boot']} resamples, the same problems for every seed)."]
+            lines.append(f"| {name} | {_diff(c.get('acc'))} | {_diff(c.get('composite'))} | {per_seed} | "
+                         f"{_diff(c.get('acc'), 'ci_items')} |")
+        lines += ["", "Differences are means over seeds and test problems. The 95% CI is a t-interval over the "
+                      "per-seed differences: it covers seed-to-seed variation and the test problems. The last "
+                      f"column resamples test problems only ({summary['n_boot']} paired bootstrap resamples), "
+                      "ignoring seeds: too narrow when seeds disagree, shown for comparison."]
     return "\n".join(lines) + "\n"
 
 
@@ -296,16 +356,23 @@ def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
         return []
     written = []
     curves = _val_curves(rows)
-    pair = [a for a in ("sftkey_tag", "sft_tag_long") if a in curves]  # each curve starts with sft_tag's
+    picked = summary.get("picked") or {}
+    pair = [a for a in (picked.get(arm, arm) for arm in SWEPT) if a in curves]  # each starts with sft_tag's curve
+    panels = [("thinking", "validation loss on thinking tokens"), ("key", "validation loss on key tokens")]
+    panels += [("acc", "greedy validation Acc")] if pair and curves[pair[0]].get("acc") else []
     if pair:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-        for ax, role in zip(axes, ("thinking", "key")):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharex=True)
+        for ax, (role, title) in zip(axes, panels):
             for arm in pair:
                 steps, values = curves[arm][role]
                 ax.plot(steps, values, marker=".", label=arm)
             ax.axvline(summary["config"]["max_iters"], color="grey", linestyle=":", linewidth=1)
-            ax.set(title=f"validation loss on {role} tokens", xlabel="step (stage 2 continues after E1)",
-                   ylabel="loss (nats/token, log scale)", yscale="log")
+            ax.set(title=title, xlabel="step (stage 2 continues after E1)")
+            if role == "acc":
+                ax.set(ylabel="fraction of validation prompts", ylim=(0, 1))
+                ax.legend()
+                continue
+            ax.set(ylabel="loss (nats/token, log scale)", yscale="log")
             # Plain numbers (0.1, 1) rather than 10^-1, 10^0; of the minor ticks only 2s and 5s are labelled.
             ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
             ax.yaxis.set_minor_formatter(ticker.FuncFormatter(
@@ -339,7 +406,8 @@ def _val_curves(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], list[f
     for arm, points in by_arm.items():
         steps = sorted(points)
         curves[arm] = {role: (steps, [float(np.mean([r[f"val_{role}"] for r in points[s]])) for s in steps])
-                       for role in ("thinking", "key")}
+                       for role in ("thinking", "key", "acc")
+                       if all(r.get(f"val_{role}") is not None for s in steps for r in points[s])}
     return curves
 
 
@@ -359,19 +427,23 @@ def build_parser():
     parser = train.build_parser(__doc__)
     parser.add_argument("--arms", default=",".join(ARM_NAMES),
                         help=f"comma-separated arms to run (default: all: {','.join(ARM_NAMES)}); stages that arms "
-                             "share (sft_tag's, which sftkey_tag and sft_tag_long continue) are trained once")
+                             "share (sft_tag's, which sftkey_tag and sftsft_tag continue) are trained once")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds: --seed, --seed+1, ... (default: 3)")
     parser.add_argument("--e1", dest="max_iters", type=int, help="E1: steps of the first stage (= --max_iters)")
     parser.add_argument("--e2", dest="stage2_iters", type=int, help="E2: steps of stage 2 (= --stage2_iters)")
     parser.add_argument("--lam", dest="key_weight", type=float,
                         help="λ: key-token loss weight of the weighted arm (= --key_weight)")
+    parser.add_argument("--stage2_lrs", default="", help="a sweep: comma-separated stage-2 peak lrs (e.g. "
+                        "1e-5,3e-5,1e-4) at which sftkey_tag and sftsft_tag are each trained from the same stage 1; "
+                        "each arm's setting is picked by validation Acc, then the two are compared on the test set")
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
     parser.add_argument("--plot_only", action="store_true", help="train nothing: redraw the plots from the "
                         "results.json and loss_log.jsonl already in --out_dir (after pip install matplotlib)")
     parser.add_argument("--save_ckpt", action="store_true", help="write every arm's final weights to "
                         "OUT_DIR/seedS/ARM/ckpt.pt (default: keep nothing but the results)")
     # E1 and E2 are train.py's stage budgets, so an arm here is the default run's; see the README.
-    parser.set_defaults(out_dir="out/experiment", key_weight=5.0, n_val=200, eval_interval=30, log_interval=100)
+    parser.set_defaults(out_dir="out/experiment", key_weight=5.0, eval_interval=100,
+                        log_interval=100)
     return parser
 
 
@@ -379,6 +451,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     """(train.py's config, the experiment's own settings: names, n_seeds, n_boot, save_ckpt)."""
     args = vars(build_parser().parse_args(argv))
     names = [n.strip() for n in args.pop("arms").split(",") if n.strip()]
+    try:
+        lrs = [float(v) for v in args.pop("stage2_lrs").split(",") if v.strip()]
+    except ValueError:
+        raise ValueError("--stage2_lrs: give numbers separated by commas, e.g. 1e-5,3e-5,1e-4") from None
+    if lrs and (args["stage2_lr"] or not all(0 < v < math.inf for v in lrs) or len(set(lrs)) < len(lrs)):
+        raise ValueError("--stage2_lrs: give distinct finite numbers > 0, and no --stage2_lr beside them")
     own = {"names": names, "n_seeds": args.pop("seeds"), "n_boot": args.pop("n_boot"),
            "save_ckpt": args.pop("save_ckpt"), "plot_only": args.pop("plot_only")}
     cfg, defaults = train.TrainConfig(**args), train.TrainConfig()
@@ -397,6 +475,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
         raise ValueError("--seeds, --n_boot, --e1 and --e2 must all be at least 1")
     if not names:
         raise ValueError("--arms: no arm given")
+    own["names"] = [n for n in ARM_NAMES if n in names for n in ([variant(n, v) for v in lrs] if lrs and n in SWEPT
+                                                                   else [n])]
     return cfg, own
 
 
@@ -417,7 +497,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
         print("plots: " + ", ".join(images) if images else
               "no plots: matplotlib is not installed (pip install matplotlib)")
         return None
-    run_names = [n for n in ARM_NAMES if n in names]  # in ARM_NAMES order, each once
+    run_names = sorted(dict.fromkeys(names), key=lambda n: ARM_NAMES.index(n.partition(".lr")[0]))  # each once
     device, dtype = runtime.resolve_device(cfg)
     inputs = ckpts.read_inputs(cfg)  # every input file read once, for every arm and seed
     enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))

@@ -298,7 +298,9 @@ class Meter:
 
     def validation_line(self, stage: str, step: int, val: dict[str, float]) -> dict:
         """The validation row of `step` (for results.json), printed."""
-        print(f"{stage} step {step:5d} | val loss: thinking {val['thinking']:.4f} | key {val['key']:.4f}", flush=True)
+        answers = "".join(f" {k.capitalize()} {val[k]:.3f}" for k in ("acc", "fmt") if val.get(k) is not None)
+        print(f"{stage} step {step:5d} | val loss: thinking {val['thinking']:.4f} | key {val['key']:.4f}"
+              + (f" | answers:{answers}" if answers else ""), flush=True)
         return {"stage": stage, "step": step, **{f"val_{k}": v for k, v in val.items()}}
 
     def line(self, stage: str, step: int, lr: float, step_loss: torch.Tensor) -> dict:
@@ -353,7 +355,7 @@ def print_result(stage: str, r: dict, seconds: float) -> None:
         return
     print(f"{stage}: Acc {number(r['acc'])} | Fmt {number(r['fmt'])} | Composite {number(r['composite'])} on "
           f"{r['n']} test examples | trained in {clock(seconds)}", flush=True)
-    for sample in r["samples"][:1]:
+    for sample in r["responses"][:1]:
         print(f"  e.g. {sample['prompt']!r} -> {sample['response']!r} (reference {sample['reference']!r})")
 
 
@@ -436,7 +438,8 @@ def command(work: Callable[[], object]) -> None:
 FLAGS: dict[str, tuple[str, str, str]] = {
     "out_dir": ("", "free", "all"), "data": ("", "same", "all"), "format": ("", "same", "all"),
     "eval_data": ("", "same", "all"), "strip_calculator": ("", "same", "all"), "skip_bad_lines": ("", "same", "all"),
-    "untagged": ("", "same", "set"), "encoding": ("", "same", "all"), "n_train": ("int>=0", "same", "all"),
+    "untagged": ("", "same", "set"), "encoding": ("", "same", "all"), "task": ("", "same", "all"),
+    "n_train": ("int>=0", "same", "all"),
     "n_val": ("int>=0", "same", "all"), "n_test": ("int>=0", "same", "all"), "data_seed": ("int>=0", "same", "all"),
     "init_from": ("", "same", "all"), "weights": ("", "same", "set"), "key_only": ("", "same", "set"),
     "key_weight": ("", "same", "arm"), "max_iters": ("int>=0", "same", "arm"),
@@ -452,7 +455,8 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "ckpt_interval": ("int>=0", "free", "arms write no checkpoints on the way (--save_ckpt keeps their final weights)"),
     "eval_only": ("", "same", "it trains every arm (evaluate one checkpoint with train.py --eval_only)"),
     "eval_limit": ("int>=0", "same", "all"), "eval_interval": ("int>=1", "free", "all"),
-    "eval_batch_size": ("int>=1", "free", "all"), "log_interval": ("int>=1", "free", "all"),
+    "eval_batch_size": ("int>=1", "free", "all"), "val_acc_n": ("int>=0", "free", "all"),
+    "log_interval": ("int>=1", "free", "all"),
     "device": ("", "free", "all"), "dtype": ("", "same", "all"), "compile": ("", "free", "all"),
 }
 _LIMIT = 2 ** 63  # a whole number beyond this overflows torch's and numpy's seeds and sizes
@@ -472,8 +476,11 @@ def check_config(cfg):
                 if rule and not RULES[rule][0](getattr(cfg, name))]
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}")
-    if cfg.format not in D.FORMATS:
-        problems.append(f"--format {cfg.format}: unknown; use one of {', '.join(D.FORMATS)}")
+    for name, known in (("format", D.FORMATS), ("task", D.TASKS)):
+        if getattr(cfg, name) not in known:
+            problems.append(f"--{name} {getattr(cfg, name)}: unknown; use one of {', '.join(known)}")
+    if cfg.data and cfg.task != D.TASKS[0]:
+        problems.append(f"--task {cfg.task} picks the synthetic task, which --data replaces: give one of them")
     if cfg.eval_data and not cfg.data:
         problems.append(f"--eval_data {cfg.eval_data} needs --data (without it the synthetic task is used)")
     if cfg.resume and cfg.overwrite:

@@ -42,12 +42,13 @@ class TrainConfig:
     skip_bad_lines: bool = _flag(False, "skip and count malformed lines of --data/--eval_data, not stop at one")
     untagged: bool = _flag(False, "responses as 'reasoning\\n#### answer', not tagged (plain SFT; Fmt undefined)")
     encoding: str = _flag(D.SYNTHETIC_ENCODING, "tokenizer: sftkey-chars (offline), a tiktoken name, a .tiktoken file")
+    task: str = _flag("arithmetic", "synthetic task: arithmetic (answer: the result) or parity (even/odd: unwritten)")
     n_train: int = _flag(20000, "synthetic task: number of training problems")
     n_val: int = _flag(500, "validation examples carved from the training data (seeded)")
     n_test: int = _flag(500, "synthetic task: number of test problems")
     data_seed: int = _flag(0, "synthetic task: seed of its problems, apart from --seed (all seeds share the test)")
     # the method
-    init_from: str = _flag("", "checkpoint to start from (e.g. out/stage1/ckpt.pt), or gpt2:DIR for a Hugging Face "
+    init_from: str = _flag("", "checkpoint to start from (e.g. out/sft_tag/ckpt.pt), or gpt2:DIR for a Hugging Face "
                                "GPT-2 folder (its shape then comes from the checkpoint); empty = random weights")
     weights: str = _flag("", "loss weights P,T,K of prompt, thinking and answer tokens in stage 1 (default 0,1,1); the "
                              "loss is sum(weight x token loss) / sum(weight), so only their ratios matter")
@@ -68,20 +69,22 @@ class TrainConfig:
     # optimisation
     batch_size: int = _flag(32, "sequences per micro-batch")
     grad_accum: int = _flag(1, "micro-batches per optimizer step")
-    lr: float = _flag(1e-3, "peak learning rate")
+    lr: float = _flag(2e-3, "peak learning rate")
     warmup_iters: int = _flag(100, "linear warm-up steps (capped at a tenth of the stage), then cosine decay")
     min_lr_ratio: float = _flag(0.1, "the cosine decays to lr x this")
     weight_decay: float = _flag(0.1, "AdamW weight decay (matrices and embeddings only)")
     grad_clip: float = _flag(1.0, "clip the gradient norm to this (0 = off)")
-    seed: int = _flag(1337, "seed for data generation, order and initialisation")
+    seed: int = _flag(1337, "seed of the initial weights, the data order and the validation split (not the problems)")
     # evaluation and logging
     resume: bool = _flag(False, "continue from the checkpoints in --out_dir (same flags as the interrupted run)")
     overwrite: bool = _flag(False, "first delete an earlier run's checkpoints and results.json in --out_dir")
     ckpt_interval: int = _flag(0, "write a checkpoint every N steps (0 = every 5 minutes), and at each stage's end")
     eval_only: bool = _flag(False, "only evaluate --init_from on the test set (writes --out_dir/results.json)")
     eval_limit: int = _flag(0, "evaluate on the first N test examples only (0 = all)")
-    eval_interval: int = _flag(250, "steps between validation losses")
-    eval_batch_size: int = _flag(64, "prompts generated together at evaluation")
+    eval_interval: int = _flag(250, "steps between validation losses (and --val_acc_n answers)")
+    val_acc_n: int = _flag(100, "greedy Acc and Fmt on this many validation prompts at every --eval_interval (0 = off)")
+    eval_batch_size: int = _flag(64, "prompts generated together at evaluation (no effect in float32; in bfloat16 the "
+                                     "rounding follows batch shapes, so a few greedy answers may change)")
     log_interval: int = _flag(50, "steps between log lines")
     # hardware
     device: str = _flag("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
@@ -111,13 +114,10 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
           device: str, dtype: torch.dtype, log: list[dict], steps_before: int = 0,
           ckpt: ckpts.StageCheckpoint | None = None, dist: Dist | None = None,
           peak: float | None = None) -> torch.optim.Optimizer:
-    """Train `iters` optimizer steps with per-role loss `weights`. Both stages run through here.
-
-    The loss of a step is sum(weight x token loss) / sum(weight), both sums over all micro-batches
-    of the step and all ranks, so every supervised token counts the same however the batch is cut.
-    `steps_before`: steps earlier stages took on this data (the stream continues after them). `ckpt`
-    resumes the stage and writes its checkpoints, `dist` is a torchrun job, `peak` FLOP/s adds MFU.
-    """
+    """Train `iters` optimizer steps with per-role loss `weights`; both stages run through here. A step's loss is
+    sum(weight x token loss) / sum(weight) over all its micro-batches and ranks: every supervised token counts the
+    same however the batch is cut. `steps_before`: steps earlier stages took on this data (the stream reads on).
+    `ckpt` resumes the stage and writes its checkpoints, `dist` is a torchrun job, `peak` FLOP/s adds MFU."""
     dist = dist or Dist()
     optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     first_step = ckpt.restore(optimizer) if ckpt else 0
@@ -157,6 +157,9 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         if dist.master and (step % cfg.eval_interval == 0 or step + 1 == iters):
             with meter.paused():
                 val = validation_loss(model, val_set, cfg, device, dtype)
+                if cfg.val_acc_n and val_set.enc:  # drift as it happens: answers, not only losses
+                    found = evaluate(model, val_set.enc, val_set.examples[:cfg.val_acc_n], cfg, device, dtype)
+                    val.update(acc=found["acc"], fmt=found["fmt"])
             log.append(meter.validation_line(stage, step, val))
         if ckpt:
             ckpt.after_step(step + 1, iters, model, optimizer)
@@ -189,12 +192,12 @@ def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, devic
 @torch.no_grad()
 def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, device: str,
              dtype: torch.dtype) -> dict:
-    """Greedy answers to the test prompts; Acc, Fmt (tagged only) and the composite score."""
+    """Greedy answers to the test prompts (all kept, in their order); Acc, Fmt (tagged only) and the composite."""
     model.eval()
     tagged = not cfg.untagged
     prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    correct, formatted, samples = [False] * len(examples), [False] * len(examples), []
+    correct, formatted, responses = [False] * len(examples), [False] * len(examples), [None] * len(examples)
     allowed = D.generable_ids(enc, model.config.vocab_size).to(device)  # once per call: 0.1 s for cl100k_base
     for start in range(0, len(order), cfg.eval_batch_size):
         rows = order[start:start + cfg.eval_batch_size]
@@ -205,13 +208,12 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
             response = enc.decode(out[:-1] if ended else out)
             correct[i] = sftkey.answers_match(sftkey.extract_answer(response, tagged), examples[i].answer)
             formatted[i] = sftkey.format_ok(response, ended)
-            if len(samples) < 3:
-                samples.append({"prompt": examples[i].prompt, "response": response, "reference": examples[i].answer})
+            responses[i] = {"prompt": examples[i].prompt, "response": response, "reference": examples[i].answer}
     acc = float(np.mean(correct)) if examples else None  # no test set (--data without --eval_data)
     fmt = float(np.mean(formatted)) if tagged and examples else None
     return {"acc": acc, "fmt": fmt, "composite": sftkey.composite(acc, fmt) if fmt is not None else None,
             "n": len(examples), "correct": correct, "formatted": formatted if tagged else None,
-            "samples": samples}
+            "responses": responses}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,11 +231,9 @@ def plan_stages(cfg: TrainConfig, before: str = "") -> list[sftkey.Stage]:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """The stages of plan_stages, each trained, checkpointed and evaluated (or --eval_only --init_from).
-
-    Each stage's checkpoint (out_dir/STAGE/ckpt.pt) holds, once the stage is evaluated, its results
-    too, so --resume skips finished stages and continues an unfinished one where it stopped.
-    """
+    """The stages of plan_stages, each trained, checkpointed and evaluated (or --eval_only --init_from). Each
+    stage's checkpoint (out_dir/STAGE/ckpt.pt) holds, once the stage is evaluated, its results too, so --resume
+    skips finished stages and continues an unfinished one where it stopped."""
     with StopSignal() as stop, ckpts.RunFolder(cfg.out_dir, cfg.overwrite, cfg.resume, start=cfg.init_from) as folder:
         dist = Dist.from_environment(cfg)
         device, dtype = runtime.resolve_device(cfg, dist)

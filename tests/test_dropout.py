@@ -162,4 +162,4 @@ def test_evaluation_of_a_model_left_in_train_mode_generates_without_dropout():
     reference = train.evaluate(without.eval(), ENC, examples, cfg, "cpu", torch.float32)
     with_dropout.train()  # as the training loop leaves it
     got = train.evaluate(with_dropout, ENC, examples, cfg, "cpu", torch.float32)
-    assert got["samples"] == reference["samples"] and got["correct"] == reference["correct"]
+    assert got["responses"] == reference["responses"] and got["correct"] == reference["correct"]

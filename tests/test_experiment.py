@@ -36,8 +36,9 @@ def test_arms_have_the_intended_weights_schedules_and_shared_stages():
         "sft_tag": (True, [full1]),
         "key_tag": (True, [sftkey.Stage("key_tag", (0, 0, 1), 10, 1e-3)]),
         "sftkey_tag": (True, [full1, sftkey.Stage("sftkey_tag", (0, 0, 1), 4, 3e-4)]),
-        "sft_tag_long": (True, [full1, sftkey.Stage("sftsft_tag", (0, 1, 1), 4, 3e-4)]),
+        "sftsft_tag": (True, [full1, sftkey.Stage("sftsft_tag", (0, 1, 1), 4, 3e-4)]),
         "weighted": (True, [sftkey.Stage("w0-1-5_tag", (0, 1, 5), 14, 1e-3)]),
+        "sft_tag_e1e2": (True, [sftkey.Stage("sft_tag", (0, 1, 1), 14, 1e-3)]),
     }
     assert set(expected) == set(E.ARM_NAMES) == set(E.ABOUT)
     for name, (tagged, stages) in expected.items():
@@ -45,7 +46,7 @@ def test_arms_have_the_intended_weights_schedules_and_shared_stages():
         assert E.arm_stages(cfg, name) == stages, name
     # compute matched: the method, its control and the weighted arm train equally long
     total = {n: sum(s.iters for s in E.arm_stages(cfg, n)) for n in E.ARM_NAMES}
-    assert total["sftkey_tag"] == total["sft_tag_long"] == total["weighted"] == 14
+    assert total["sftkey_tag"] == total["sftsft_tag"] == total["weighted"] == 14
     # the method's arm is train.py's default run
     assert E.arm_stages(cfg, "sftkey_tag") == train.plan_stages(dataclasses.replace(cfg, key_weight=1.0))
     with pytest.raises(ValueError, match="unknown arm"):
@@ -93,14 +94,14 @@ def test_refused_before_any_arm_is_trained(tmp_path, capsys, flags, problem):
 def test_paired_comparison_known_answers():
     ones, zeros = np.ones((2, 50)), np.zeros((2, 50))
     c = E.paired_comparison(ones, zeros, n_boot=500)
-    assert c["mean"] == 1.0 and c["ci"] == [1.0, 1.0] and c["per_seed"] == [1.0, 1.0]
+    assert c["mean"] == 1.0 and c["ci_items"] == [1.0, 1.0] and c["per_seed"] == [1.0, 1.0]
 
     # Seed 0 gains on the items seed 1 loses: every item's seed-average is 0, so resampling the same
     # items for all seeds gives exactly 0 (independent resampling per seed would not).
     a = np.array([[1, 0] * 50, [0, 1] * 50], dtype=float)
     b = a[::-1]
     c = E.paired_comparison(a, b, n_boot=500)
-    assert c["mean"] == 0.0 and c["ci"] == [0.0, 0.0] and c["per_seed"] == [0.0, 0.0]
+    assert c["mean"] == 0.0 and c["ci_items"] == [0.0, 0.0] and c["per_seed"] == [0.0, 0.0]
 
     # One seed, 30% of 2000 items improved: mean 0.3, CI close to the normal 0.3 ± 1.96 sqrt(0.21/2000).
     n = 2000
@@ -109,12 +110,12 @@ def test_paired_comparison_known_answers():
     c = E.paired_comparison(a, np.zeros((1, n)), n_boot=4000, seed=1)
     half = 1.96 * np.sqrt(0.3 * 0.7 / n)
     assert c["mean"] == pytest.approx(0.3)
-    assert c["ci"][0] == pytest.approx(0.3 - half, abs=0.2 * half)
-    assert c["ci"][1] == pytest.approx(0.3 + half, abs=0.2 * half)
+    assert c["ci_items"][0] == pytest.approx(0.3 - half, abs=0.2 * half)
+    assert c["ci_items"][1] == pytest.approx(0.3 + half, abs=0.2 * half)
     # swapping the arms mirrors the answer; the seed makes it reproducible
     mirrored = E.paired_comparison(np.zeros((1, n)), a, n_boot=4000, seed=1)
     assert mirrored["mean"] == pytest.approx(-0.3)
-    assert mirrored["ci"] == pytest.approx([-c["ci"][1], -c["ci"][0]])
+    assert mirrored["ci_items"] == pytest.approx([-c["ci_items"][1], -c["ci_items"][0]])
     assert E.paired_comparison(a, np.zeros((1, n)), n_boot=4000, seed=1) == c
 
     with pytest.raises(ValueError, match="equal"):
@@ -136,7 +137,7 @@ def test_shared_prefix_is_trained_once_and_children_start_from_it(tmp_path, monk
                       "weights": kwargs["weights"], "start": start, "end": _fingerprint(kwargs["model"])})
         return optimizer
     monkeypatch.setattr(train, "train", counting)
-    cfg, own = E.parse_args([*TINY, "--arms", "sft,sftkey_tag,sft_tag_long", "--out_dir", str(tmp_path)])
+    cfg, own = E.parse_args([*TINY, "--arms", "sft,sftkey_tag,sftsft_tag", "--out_dir", str(tmp_path)])
     summary = E.run_experiment(cfg, **own)
 
     seeds = [cfg.seed, cfg.seed + 1]
@@ -151,10 +152,10 @@ def test_shared_prefix_is_trained_once_and_children_start_from_it(tmp_path, monk
         assert torch.equal(by[s, "sft"]["start"], by[s, "sft_tag"]["start"])  # same init within a seed
     assert not torch.equal(by[seeds[0], "sft_tag"]["start"], by[seeds[1], "sft_tag"]["start"])
 
-    assert set(summary["results"]) == {"sft", "sftkey_tag", "sft_tag_long"}
+    assert set(summary["results"]) == {"sft", "sftkey_tag", "sftsft_tag"}
     assert all(r["fmt"] is None and r["composite"] is None for r in summary["results"]["sft"])
     assert "| sft | untagged SFT, E1 |" in (tmp_path / "results.md").read_text()
-    assert set(summary["comparisons"]) == {"sftkey_tag - sft_tag_long"}
+    assert set(summary["comparisons"]) == {"sftkey_tag - sftsft_tag"}
     plotted = {p.name for p in tmp_path.glob("*.png")}
     if importlib.util.find_spec("matplotlib"):
         assert plotted == {"val_loss.png", "accuracy.png"}
@@ -187,7 +188,7 @@ def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monk
         per_seed = [x[metric] - y[metric] for x, y in zip(summary["results"]["sftkey_tag"],
                                                            summary["results"]["sft_tag"])]
         assert c["per_seed"] == pytest.approx(per_seed)
-        assert c["ci"][0] <= c["mean"] <= c["ci"][1] and c["n_items"] == 6
+        assert c["ci_items"][0] <= c["mean"] <= c["ci_items"][1] and c["n_items"] == 6
 
     markdown = (tmp_path / "results.md").read_text()
     assert "| sft_tag |" in markdown and "| sftkey_tag |" in markdown and "sftkey_tag - sft_tag" in markdown
@@ -240,7 +241,7 @@ def test_refused_flags_say_why(flags, why):
 
 STAGE_SECONDS = {"sft": 1.0, "sft_tag": 2.0, "key_tag": 4.0, "sftkey_tag": 8.0, "sftsft_tag": 16.0}
 STAGE_OF = {"sft": "sft", "sft_tag": "sft_tag", "key_tag": "key_tag", "sftkey_tag": "sftkey_tag",
-            "sft_tag_long": "sftsft_tag"}  # an arm's last stage
+            "sftsft_tag": "sftsft_tag"}  # an arm's last stage
 
 
 @pytest.fixture
@@ -259,7 +260,7 @@ def fake_loop(monkeypatch):
         evals.append({"untagged": cfg.untagged, "examples": examples})
         tagged = not cfg.untagged
         return {"acc": 0.5, "fmt": 1.0 if tagged else None, "composite": 0.65 if tagged else None, "n": 2,
-                "correct": [True, False], "formatted": [True, True] if tagged else None, "samples": []}
+                "correct": [True, False], "formatted": [True, True] if tagged else None, "responses": []}
 
     monkeypatch.setattr(train, "train", fake_train)
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
@@ -300,9 +301,9 @@ def test_the_untagged_arm_trains_validates_and_is_scored_untagged_and_the_tagged
     assert all(e["examples"] == fake_loop.evals[0]["examples"] for e in fake_loop.evals)  # one test set
 
 
-@pytest.mark.parametrize("names", [["sft_tag", "sftkey_tag", "sft_tag_long"], ["sftkey_tag", "sft_tag_long", "sft_tag"]])
+@pytest.mark.parametrize("names", [["sft_tag", "sftkey_tag", "sftsft_tag"], ["sftkey_tag", "sftsft_tag", "sft_tag"]])
 def test_each_arm_gets_the_log_rows_and_seconds_of_its_own_stages_only(seed_cfg, fake_loop, names):
-    """sftkey_tag and sft_tag_long continue the one sft_tag stage kept in memory: each must get a copy of
+    """sftkey_tag and sftsft_tag continue the one sft_tag stage kept in memory: each must get a copy of
     its rows and seconds, not the kept lists that the other arm's stage 2 then extends."""
     got = {}
 
@@ -314,7 +315,7 @@ def test_each_arm_gets_the_log_rows_and_seconds_of_its_own_stages_only(seed_cfg,
         rows.append({"arm": "other", "stage": "changed"})
     run_arms(seed_cfg, names, on_result)
     stages = {"sft_tag": ["sft_tag"], "sftkey_tag": ["sft_tag", "sftkey_tag"],
-              "sft_tag_long": ["sft_tag", "sftsft_tag"]}
+              "sftsft_tag": ["sft_tag", "sftsft_tag"]}
     for name, own in stages.items():
         result, rows = got[name]
         expected = [(stage, step) for stage in own for step in range(E1 if stage == "sft_tag" else E2)]

@@ -63,7 +63,7 @@ def test_bootstrap_resamples_the_same_items_for_every_seed():
     cdf = np.cumsum([math.comb(4, k) * p ** k * (1 - p) ** (4 - k) for k in range(5)])
     assert cdf[0] > 0.025 and cdf[2] < 0.975 < cdf[3]  # so the exact quantiles are 0 and 3/4
     c = E.paired_comparison(a, b, n_boot=4000, seed=3)
-    assert c["ci"] == [0.0, 0.75]
+    assert c["ci_items"] == [0.0, 0.75]
 
 
 def test_bootstrap_of_seeds_that_cancel_per_item_is_exact_at_a_nonzero_mean():
@@ -73,7 +73,7 @@ def test_bootstrap_of_seeds_that_cancel_per_item_is_exact_at_a_nonzero_mean():
     b = np.zeros((2, x.size))
     a = np.stack([1 + x, 1 - x])
     c = E.paired_comparison(a, b, n_boot=500)
-    assert c["mean"] == 1.0 and c["ci"] == [1.0, 1.0]
+    assert c["mean"] == 1.0 and c["ci_items"] == [1.0, 1.0]
     assert c["per_seed"] == pytest.approx([1 + x.mean(), 1 - x.mean()])
 
 
@@ -83,7 +83,7 @@ def test_bootstrap_is_degenerate_when_every_item_has_the_same_difference():
     b = rng.integers(0, 2, size=(3, 40)).astype(float)
     a = b + np.array([[1.0], [0.0], [-0.25]])
     c = E.paired_comparison(a, b, n_boot=300)
-    assert c["mean"] == 0.25 and c["ci"] == [0.25, 0.25]
+    assert c["mean"] == 0.25 and c["ci_items"] == [0.25, 0.25]
     assert c["per_seed"] == [1.0, 0.0, -0.25]
 
 
@@ -94,8 +94,8 @@ def test_confidence_interval_contains_the_mean_and_narrows_with_more_items():
     large_a = np.tile(pattern, 16)  # the same item distribution, 16x as many items
     large = E.paired_comparison(large_a, np.zeros_like(large_a), n_boot=2000, seed=1)
     for c in (small, large):
-        assert c["ci"][0] < c["mean"] < c["ci"][1]
-    width = {k: c["ci"][1] - c["ci"][0] for k, c in (("small", small), ("large", large))}
+        assert c["ci_items"][0] < c["mean"] < c["ci_items"][1]
+    width = {k: c["ci_items"][1] - c["ci_items"][0] for k, c in (("small", small), ("large", large))}
     assert large["mean"] == pytest.approx(small["mean"])
     # the standard error falls as 1/sqrt(n): 16x the items, a quarter of the width (within noise)
     assert 0.15 < width["large"] / width["small"] < 0.35
@@ -106,9 +106,9 @@ def test_level_sets_the_quantiles_of_the_bootstrap():
     # 1/2, 1/4. At 95% the interval is [0, 1]; at 40% (quantiles 0.3 and 0.7) it is [1/2, 1/2].
     a = np.array([[1.0, 0.0], [1.0, 0.0]])
     b = np.zeros_like(a)
-    assert E.paired_comparison(a, b, n_boot=4000, seed=2)["ci"] == [0.0, 1.0]
+    assert E.paired_comparison(a, b, n_boot=4000, seed=2)["ci_items"] == [0.0, 1.0]
     narrow = E.paired_comparison(a, b, n_boot=4000, seed=2, level=0.4)
-    assert narrow["ci"] == [0.5, 0.5] and narrow["level"] == 0.4
+    assert narrow["ci_items"] == [0.5, 0.5] and narrow["level"] == 0.4
 
 
 # A level-L interval cuts (1 - L) / 2 from each tail.
@@ -124,7 +124,7 @@ def test_a_95_percent_interval_puts_2_5_percent_in_each_tail():
     assert 0.95 < cdf[2] < 0.975
     a = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     c = E.paired_comparison(a, np.zeros_like(a), n_boot=20_000, seed=4)
-    assert c["ci"] == [0.0, 1.0]
+    assert c["ci_items"] == [0.0, 1.0]
     assert c["mean"] == pytest.approx(1 / 3)
 
 
@@ -146,7 +146,7 @@ def test_paired_comparison_is_deterministic_for_a_seed():
     a, b = rng.random((3, 60)), rng.random((3, 60))
     first = E.paired_comparison(a, b, n_boot=1500, seed=7)
     assert E.paired_comparison(a, b, n_boot=1500, seed=7) == first
-    assert E.paired_comparison(a, b, n_boot=1500, seed=8)["ci"] != first["ci"]
+    assert E.paired_comparison(a, b, n_boot=1500, seed=8)["ci_items"] != first["ci_items"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def _result(seed, correct, formatted, seconds=1.0, all_stages=None):
     fmt = None if formatted is None else float(np.mean(formatted))
     return {"seed": seed, "acc": acc, "fmt": fmt, "composite": None if fmt is None else 0.7 * acc + 0.3 * fmt,
             "n": len(correct), "correct": correct, "formatted": None if formatted is None else [bool(f) for f in formatted],
-            "samples": [], "steps": 3, "last_stage_seconds": seconds,
+            "responses": [], "steps": 3, "last_stage_seconds": seconds,
             "train_seconds": seconds if all_stages is None else all_stages}
 
 
@@ -221,10 +221,10 @@ def _matrix(runs, key):
 
 
 def test_compare_pairs_seed_k_of_one_arm_with_seed_k_of_the_other():
-    results = _results(["sftkey_tag", "sft_tag", "sft_tag_long"])
+    results = _results(["sftkey_tag", "sft_tag", "sftsft_tag"])
     got = E.compare(results, n_boot=300, seed=4)
-    assert set(got) == {"sftkey_tag - sft_tag", "sftkey_tag - sft_tag_long"}  # no "weighted": not run
-    for b in ("sft_tag", "sft_tag_long"):
+    assert set(got) == {"sftkey_tag - sft_tag", "sftkey_tag - sftsft_tag"}  # no "weighted": not run
+    for b in ("sft_tag", "sftsft_tag"):
         ca, cb = _matrix(results["sftkey_tag"], "correct"), _matrix(results[b], "correct")
         fa, fb = _matrix(results["sftkey_tag"], "formatted"), _matrix(results[b], "formatted")
         expected = {"acc": (ca, cb), "composite": (0.7 * ca + 0.3 * fa, 0.7 * cb + 0.3 * fb)}
@@ -246,7 +246,7 @@ def test_compare_leaves_out_comparisons_with_missing_or_unequal_arms():
     results = _results(["sftkey_tag", "sft_tag", "weighted"])
     results["weighted"] = results["weighted"][:2]  # a seed short: not comparable
     assert set(E.compare(results, n_boot=50, seed=0)) == {"sftkey_tag - sft_tag"}
-    assert E.compare(_results(["sft_tag", "sft_tag_long", "weighted"]), n_boot=50, seed=0) == {}
+    assert E.compare(_results(["sft_tag", "sftsft_tag", "weighted"]), n_boot=50, seed=0) == {}
 
 
 def test_compare_with_an_untagged_arm_gives_acc_only(monkeypatch):
@@ -283,9 +283,9 @@ def _summary_by_hand(complete):
         },
         "comparisons": {
             "sftkey_tag - sft_tag": {
-                "acc": {"mean": 0.2061, "ci": [-0.0411, 0.2876], "per_seed": [0.2512, 0.1611]},
+                "acc": {"mean": 0.2061, "ci": [-0.0411, 0.2876], "ci_items": [0.1, 0.3], "per_seed": [0.2512, 0.1611]},
                 "composite": {"mean": -0.0712, "ci": [-0.1503, 0.0109], "per_seed": [0.0, 0.0]}},
-            "sftkey_tag - sft_tag_long": {"acc": {"mean": -0.0334, "ci": [-0.0938, 0.0177], "per_seed": [-0.0334]}},
+            "sftkey_tag - sftsft_tag": {"acc": {"mean": -0.0334, "ci": [-0.0938, 0.0177], "per_seed": [-0.0334]}},
         },
     }
 
@@ -296,13 +296,14 @@ def test_markdown_shows_each_arm_and_comparison_with_sign_and_interval():
     assert lines[0].startswith("E1 = 7 steps, E2 = 3 steps, lr 0.002 (stage 2: 0.0002), λ = 2.5, batch 16x1, "
                                "seeds 4, 5, 12 test problems per seed")
     assert "incomplete" not in lines[0]
-    assert "| sft | about-sft | 0.300 | - | - | 40 | 40 |" in lines  # one seed: no ±; untagged: no Fmt
-    assert "| sft_tag | about-st | 0.412 ± 0.031 | 0.880 ± 0.012 | 0.553 ± 0.021 | 51 | 51 |" in lines
-    assert "| sftkey_tag | about-key | 0.618 ± 0.045 | 0.703 ± 0.104 | 0.644 ± 0.008 | 10 | 61 |" in lines
-    assert ("| sftkey_tag - sft_tag | +0.206 [-0.041, +0.288] | -0.071 [-0.150, +0.011] | +0.251, +0.161 |"
+    assert "| sft | about-sft | 0.300 | - | - | - | 40 | 40 |" in lines  # one seed: no ±; untagged: no Fmt
+    assert "| sft_tag | about-st | 0.412 ± 0.031 | 0.880 ± 0.012 | 0.553 ± 0.021 | - | 51 | 51 |" in lines
+    assert "| sftkey_tag | about-key | 0.618 ± 0.045 | 0.703 ± 0.104 | 0.644 ± 0.008 | - | 10 | 61 |" in lines
+    assert ("| sftkey_tag - sft_tag | +0.206 [-0.041, +0.288] | -0.071 [-0.150, +0.011] | +0.251, +0.161 | "
+            "+0.206 [+0.100, +0.300] |" in lines)
+    assert ("| sftkey_tag - sftsft_tag | -0.033 [-0.094, +0.018] | - | -0.033 | -0.033 (one seed: no interval) |"
             in lines)
-    assert "| sftkey_tag - sft_tag_long | -0.033 [-0.094, +0.018] | - | -0.033 |" in lines
-    assert "123 resamples" in text
+    assert "123 paired bootstrap resamples" in text
     assert "(incomplete run)" in E.markdown(_summary_by_hand(complete=False)).splitlines()[0]
 
 
@@ -359,10 +360,11 @@ def test_arms_follow_the_weights_lambda_and_stage2_lr():
     assert stages["weighted"] == [sftkey.Stage("w0-1-2.5_tag", (0.0, 1.0, 2.5), 14, 2e-3)]
     first = sftkey.Stage("sft_tag", (0.0, 1.0, 1.0), 9, 2e-3)
     assert stages["sftkey_tag"] == [first, sftkey.Stage("sftkey_tag", (0.0, 0.0, 1.0), 5, 4e-4)]
-    assert stages["sft_tag_long"] == [first, sftkey.Stage("sftsft_tag", (0.0, 1.0, 1.0), 5, 4e-4)]
+    assert stages["sftsft_tag"] == [first, sftkey.Stage("sftsft_tag", (0.0, 1.0, 1.0), 5, 4e-4)]
     assert stages["key_tag"] == [sftkey.Stage("key_tag", (0.0, 0.0, 1.0), 9, 2e-3)]
-    names = [s.name for plan in stages.values() for s in plan]
-    assert len(set(names)) == len(names) - 2  # only sft_tag's stage is shared (by three arms)
+    assert stages["sft_tag_e1e2"] == [sftkey.Stage("sft_tag", (0.0, 1.0, 1.0), 14, 2e-3)]  # weighted's schedule, λ 1
+    every = [s for plan in stages.values() for s in plan]
+    assert every.count(first) == 3 and len(set(every)) == len(every) - 2  # only sft_tag's stage is shared (by 3 arms)
     # without --stage2_lr, stage 2's peak is where stage 1's schedule ended
     default = dataclasses.replace(cfg, stage2_lr=0.0)
     assert E.arm_stages(default, "sftkey_tag")[1].lr == pytest.approx(2e-3 * cfg.min_lr_ratio)
@@ -373,7 +375,7 @@ def test_arms_follow_the_weights_lambda_and_stage2_lr():
 
 E1, E2 = 3, 2
 STAGES = {"sft": "sft", "sft_tag": "sft_tag", "key_tag": "key_tag", "sftkey_tag": "sftkey_tag",
-          "sft_tag_long": "sftsft_tag", "weighted": "w0-1-3_tag"}  # each arm's last stage (key weight 3)
+          "sftsft_tag": "sftsft_tag", "weighted": "w0-1-3_tag"}  # each arm's last stage (key weight 3)
 CODE = {"sft": 1, "sft_tag": 2, "key_tag": 4, "sftkey_tag": 8, "sftsft_tag": 16, "w0-1-3_tag": 32,
         "a": 1, "b": 2, "b2": 4, "c": 8}  # per stage: the mark added to the weights and the seconds taken
 
@@ -414,7 +416,7 @@ def fakes(monkeypatch):
         evals.append({"weights": _fingerprint(model), "n": len(examples)})
         tagged = not cfg.untagged
         return {"acc": 0.5, "fmt": 1.0 if tagged else None, "composite": 0.65 if tagged else None, "n": 2,
-                "correct": [True, False], "formatted": [True, True] if tagged else None, "samples": []}
+                "correct": [True, False], "formatted": [True, True] if tagged else None, "responses": []}
 
     monkeypatch.setattr(train, "train", fake_train)
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
@@ -429,7 +431,7 @@ def _run_seed(cfg, enc, names):
 
 
 def test_arms_that_continue_a_shared_stage_read_the_data_stream_after_it(cfg, enc, fakes):
-    out = _run_seed(cfg, enc, list(E.ARM_NAMES))
+    out = _run_seed(cfg, enc, list(STAGES))
     by = {c["stage"]: c for c in fakes.calls}
     assert [c["stage"] for c in fakes.calls] == list(STAGES.values())  # sft_tag's stage once, for three arms
     expected = {"sft": (0, E1), "sft_tag": (0, E1), "key_tag": (0, E1), "sftkey_tag": (E1, E2),
@@ -451,7 +453,7 @@ def test_root_arms_share_the_seeded_init_and_continuing_arms_start_from_the_shar
     torch.manual_seed(cfg.seed)
     init = _fingerprint(checkpoints.build_model(cfg, enc, "cpu"))
     torch.manual_seed(12345)  # the arms must not depend on the RNG state they find
-    _run_seed(cfg, enc, list(E.ARM_NAMES))
+    _run_seed(cfg, enc, list(STAGES))
     by = {c["stage"]: c for c in fakes.calls}
     for root in ("sft", "sft_tag", "key_tag", "w0-1-3_tag"):
         assert torch.equal(by[root]["start"], init), root
@@ -459,7 +461,7 @@ def test_root_arms_share_the_seeded_init_and_continuing_arms_start_from_the_shar
         assert torch.equal(by[second]["start"], by["sft_tag"]["end"]), second
         assert torch.allclose(by[second]["start"], init + CODE["sft_tag"])
     # each arm is evaluated with the weights its last stage ended with
-    assert [torch.equal(e["weights"], by[STAGES[n]]["end"]) for e, n in zip(fakes.evals, E.ARM_NAMES)] == [True] * 6
+    assert [torch.equal(e["weights"], by[STAGES[n]]["end"]) for e, n in zip(fakes.evals, STAGES)] == [True] * 6
 
 
 def test_an_arm_made_of_stages_already_trained_trains_nothing(cfg, enc, fakes):
@@ -505,8 +507,8 @@ def test_experiment_runs_consecutive_seeds_with_different_inits(cfg, enc, fakes,
 
 
 def test_real_loop_second_stage_reads_the_batches_after_the_first(cfg, enc, monkeypatch):
-    monkeypatch.setattr(train, "evaluate", lambda **kw: {"acc": 0.0, "fmt": 0.0, "composite": 0.0, "n": 1,
-                                                         "correct": [False], "formatted": [False], "samples": []})
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kw: {"acc": 0.0, "fmt": 0.0, "composite": 0.0, "n": 1,
+                                                         "correct": [False], "formatted": [False], "responses": []})
     read, original = [], D.Batches.get
 
     def recording(self, i, device, **split):

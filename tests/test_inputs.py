@@ -299,4 +299,4 @@ def test_evaluate_with_a_gap_winning_the_argmax_decodes_every_response():
     examples = [D.Example("Q: 1", "t", "1"), D.Example("Q: 22", "t", "2")]
     result = train.evaluate(model, enc, examples, train.TrainConfig(block_size=32), "cpu", torch.float32)
     assert result["n"] == 2 and result["acc"] == 0.0
-    assert [s["response"] for s in result["samples"]] == ["", ""]  # end-of-text at once
+    assert [s["response"] for s in result["responses"]] == ["", ""]  # end-of-text at once

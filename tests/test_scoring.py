@@ -266,4 +266,4 @@ def test_evaluate_keeps_every_token_of_a_response_cut_off_at_the_limit():
     result = train.evaluate(model, enc, examples, train.TrainConfig(block_size=64), "cpu", torch.float32)
     assert result["correct"] == [True, True]  # "12", not "1"
     assert result["formatted"] == [False, True]  # no end-of-text, no </Answer>
-    assert sorted(s["response"] for s in result["samples"]) == sorted([cut, full])
+    assert sorted(s["response"] for s in result["responses"]) == sorted([cut, full])

@@ -304,7 +304,7 @@ def test_evaluation_scores_the_same_at_any_eval_batch_size(boundary_model):
     scores = [train.evaluate(model, enc, BOUNDARY_EXAMPLES, dataclasses.replace(cfg, eval_batch_size=size), "cpu",
                              torch.float32) for size in (1, 64)]
     assert [s["acc"] for s in scores] == [1.0, 1.0]  # before: [1.0, 0.5]
-    assert [s["fmt"] for s in scores] == [1.0, 1.0] and scores[0]["samples"] == scores[1]["samples"]
+    assert [s["fmt"] for s in scores] == [1.0, 1.0] and scores[0]["responses"] == scores[1]["responses"]
 
 
 # ---------------------------------------------------------------------------------------------
