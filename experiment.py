@@ -34,6 +34,7 @@ import torch
 
 import checkpoints as ckpts
 import data as D
+import plots
 import runtime
 import sftkey
 import train
@@ -55,8 +56,9 @@ ARM_FLAGS = {"weights": "0,1,1", "stage2_weights": "0,0,1", "key_only": False, "
 
 
 def variant(arm: str, stage2_lr: float) -> str:
-    """The name of `arm` trained at stage-2 peak lr `stage2_lr` in a sweep (letters, digits, `._+-`: a folder name)."""
-    return f"{arm}.lr{stage2_lr:g}"
+    """The name of `arm` trained at stage-2 peak lr `stage2_lr` in a sweep (letters, digits, `._+-`: a folder name);
+    repr writes the float exactly, so arm_config reads back the very lr given."""
+    return f"{arm}.lr{stage2_lr!r}"
 
 
 def arm_config(cfg: train.TrainConfig, name: str) -> train.TrainConfig:
@@ -89,15 +91,16 @@ def arm_stages(cfg: train.TrainConfig, name: str, before: str = "") -> list[sftk
 # Statistics (numpy only, so they can be checked on constructed inputs)
 
 def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t distribution with `df` degrees of freedom: its density
-    integrated numerically from 0 to 64 (beyond the 0.995-quantile at every df), so numpy suffices."""
-    if not 0.5 < p <= 0.995:
-        raise ValueError(f"t_quantile: p must be in (0.5, 0.995], got {p}")
-    x = np.linspace(0.0, 64.0, 640_001)
+    """The p-quantile (p > 0.5) of Student's t distribution with `df` degrees of freedom, by integrating its density
+    numerically (numpy suffices): over x = tan(θ), whose integrand stays bounded however heavy the tails."""
+    if not 0.5 < p < 1:
+        raise ValueError(f"t_quantile: p must be in (0.5, 1), got {p}")
+    theta = np.linspace(0.0, np.pi / 2 * (1 - 1e-9), 400_001)
+    x = np.tan(theta)
     density = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    pdf = density * (1 + x * x / df) ** (-(df + 1) / 2)
-    cdf = 0.5 + np.concatenate([[0.0], np.cumsum((pdf[1:] + pdf[:-1]) / 2 * (x[1] - x[0]))])
-    return float(np.interp(p, cdf, x))
+    integrand = density * (1 + x * x / df) ** (-(df + 1) / 2) * (1 + x * x)  # dx = (1 + x²) dθ
+    cdf = 0.5 + np.concatenate([[0.0], np.cumsum((integrand[1:] + integrand[:-1]) / 2 * (theta[1] - theta[0]))])
+    return float(np.tan(np.interp(p, cdf, theta)))
 
 
 def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0,
@@ -163,12 +166,12 @@ def pick(results: dict[str, list[dict]], arm: str) -> str | None:
 def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str, dict]:
     """The COMPARISONS whose two arms were both run, on Acc and Composite; in a sweep, each swept arm at each
     setting, and the setting `pick` chose for each swept arm against the other's (best against best)."""
-    out, pairs = {}, list(COMPARISONS)
-    lrs = sorted({n.partition(".lr")[2] for n in results if ".lr" in n}, key=float)
-    pairs += [(variant(a, float(lr)), variant(b, float(lr))) for a, b in [SWEPT] for lr in lrs]
-    best = [pick(results, arm) for arm in SWEPT]
-    pairs += [tuple(best)] if None not in best else []
-    for a, b in pairs:
+    picked = {arm: name for arm in SWEPT if (name := pick(results, arm))}
+    lrs = sorted({float(n.partition(".lr")[2]) for n in results if ".lr" in n})
+    pairs = [(picked.get(a, a), picked.get(b, b)) for a, b in COMPARISONS]  # a swept arm at its picked setting
+    pairs += [(variant(a, lr), variant(b, lr)) for a, b in [SWEPT] for lr in lrs]
+    out, best = {}, [picked.get(arm) for arm in SWEPT]
+    for a, b in dict.fromkeys(pairs):
         if a not in results or b not in results or len(results[a]) != len(results[b]):
             continue
         entry = {}
@@ -281,7 +284,7 @@ class Recorder:
                              "stages": self.stages[n]} for n in self.names},
                 "results": done, "aggregates": {n: aggregate(runs) for n, runs in done.items()},
                 "comparisons": compare(full, self.n_boot, self.cfg.seed),
-                "picked": {arm: pick(full, arm) for arm in SWEPT if any(".lr" in n for n in full)}}
+                "picked": {arm: name for arm in SWEPT if (name := pick(full, arm))}}
 
     def write(self, complete: bool) -> dict:
         summary = self.summary(complete)
@@ -311,10 +314,11 @@ def _diff(c: dict | None, interval: str = "ci") -> str:
 def markdown(summary: dict) -> str:
     """results.md: the per-arm table (mean ± std over seeds), the paired comparisons and the costs."""
     cfg, seeds = summary["config"], summary["seeds"]
-    stage2_lr = train.stage2_peak_lr(train.TrainConfig(**cfg))
+    swept = sorted({float(n.partition(".lr")[2]) for n in summary["arms"] if ".lr" in n})
+    stage2_lr = ", ".join(f"{lr:g}" for lr in swept) or f"{train.stage2_peak_lr(train.TrainConfig(**cfg)):g}"
     n_test = {r["n"] for runs in summary["results"].values() for r in runs}
     lines = [f"E1 = {cfg['max_iters']} steps, E2 = {cfg['stage2_iters']} steps, lr {cfg['lr']:g} (stage 2: "
-             f"{stage2_lr:g}), λ = {cfg['key_weight']:g}, batch {cfg['batch_size']}x{cfg['grad_accum']}, "
+             f"{stage2_lr}), λ = {cfg['key_weight']:g}, batch {cfg['batch_size']}x{cfg['grad_accum']}, "
              f"seeds {', '.join(map(str, seeds))}, {'/'.join(map(str, sorted(n_test))) or '?'} test problems per seed"
              + ("" if summary["complete"] else " (incomplete run)"), "",
              "| arm | training | Acc | Fmt | Composite | val Acc | train s (last stage) | train s (all stages) |",
@@ -347,13 +351,10 @@ def markdown(summary: dict) -> str:
 
 def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
     """val_loss.png and accuracy.png; returns the files written, or [] when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
-        from matplotlib import ticker
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return []
+    from matplotlib import ticker
     written = []
     curves = _val_curves(rows)
     picked = summary.get("picked") or {}
@@ -378,7 +379,7 @@ def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
             ax.yaxis.set_minor_formatter(ticker.FuncFormatter(
                 lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "25" else ""))
             ax.legend()
-        written.append(_save(fig, ckpts.owned_path(out_dir, "val_loss.png")))
+        written.append(plots.save(fig, ckpts.owned_path(out_dir, "val_loss.png")))
     names = list(summary["aggregates"])
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 4))
     x = np.arange(len(names))
@@ -391,7 +392,7 @@ def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
     ax.set(ylim=(0, 1.05), ylabel="fraction of test problems",
            title=f"Acc and Fmt per arm (mean ± std over {len(summary['seeds'])} seeds)")
     ax.legend()
-    written.append(_save(fig, ckpts.owned_path(out_dir, "accuracy.png")))
+    written.append(plots.save(fig, ckpts.owned_path(out_dir, "accuracy.png")))
     return written
 
 
@@ -409,14 +410,6 @@ def _val_curves(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], list[f
                        for role in ("thinking", "key", "acc")
                        if all(r.get(f"val_{role}") is not None for s in steps for r in points[s])}
     return curves
-
-
-def _save(fig, path: str) -> str:
-    fig.tight_layout()
-    ckpts.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
         raise ValueError("--stage2_lrs: give numbers separated by commas, e.g. 1e-5,3e-5,1e-4") from None
     if lrs and (args["stage2_lr"] or not all(0 < v < math.inf for v in lrs) or len(set(lrs)) < len(lrs)):
         raise ValueError("--stage2_lrs: give distinct finite numbers > 0, and no --stage2_lr beside them")
+    if lrs and (args["val_acc_n"] < 1 or not set(SWEPT) & set(names)):
+        raise ValueError(f"--stage2_lrs trains {' and '.join(SWEPT)} at each lr and picks by validation Acc: give one "
+                         f"of them in --arms, and --val_acc_n >= 1")
     own = {"names": names, "n_seeds": args.pop("seeds"), "n_boot": args.pop("n_boot"),
            "save_ckpt": args.pop("save_ckpt"), "plot_only": args.pop("plot_only")}
     cfg, defaults = train.TrainConfig(**args), train.TrainConfig()
