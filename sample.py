@@ -1,0 +1,205 @@
+"""Ask a trained checkpoint your own questions: its response, whether it has the format, the answer it gives.
+
+    python sample.py --ckpt out/sftkey_tag/ckpt.pt "Q: 7+5-3" "Q: 2+2"
+    python sample.py --ckpt out/sftkey_tag/ckpt.pt --file prompts.txt --temperature 0.8 --top_k 20
+
+Each prompt is fed as training and evaluation feed it (`sftkey.prompt_head`: trailing whitespace dropped,
+then a newline), in the tokenizer recorded in the checkpoint. The checkpoint is loaded with the project's
+checks (`checkpoints.read_checkpoint`: weights_only, this model's float32 tensors). Decoding is greedy by
+default, exactly `model.GPT.generate` as evaluation runs it; --temperature > 0 samples instead (optionally
+from the --top_k most likely tokens), reproducibly from --seed. Either way only ids the tokenizer can
+decode are ever chosen (`data.generable_ids`), and a response ends at end-of-text or when the prompt and
+response fill block_size + 1 tokens. Bad input ends in one line starting with "error:" and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+
+import checkpoints as ckpts
+import data as D
+import runtime
+import sftkey
+from model import GPT, GPTConfig
+
+
+@dataclass
+class Reply:
+    prompt: str
+    ids: list[int]  # generated, end-of-text included when produced
+    response: str  # the text before end-of-text
+    ended: bool  # whether it closed with end-of-text
+    format_ok: bool | None  # None: an untagged checkpoint, which has no format to check
+    answer: str | None  # sftkey.extract_answer's, None when it gives none
+
+
+def load(path: str, device: str, encoding: str = "") -> tuple[GPT, tiktoken.Encoding, bool]:
+    """The checkpoint's model (in eval mode on `device`), its tokenizer (`encoding`, else the one its run
+    recorded) and whether it was trained on the tagged layout."""
+    ckpt = ckpts.read_checkpoint(path, None, device)
+    trained = ckpt.get("train_config") if isinstance(ckpt.get("train_config"), dict) else {}
+    name = encoding or trained.get("encoding")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{path}: records no tokenizer (train_config.encoding); give --encoding")
+    enc = D.get_encoding(name)
+    config = GPTConfig(**ckpt["model_config"])
+    if config.vocab_size not in (enc.n_vocab, 64 * math.ceil(enc.n_vocab / 64)):
+        raise ValueError(f"{path}: a vocabulary of {config.vocab_size} rows, which encoding {enc.name} "
+                         f"({enc.n_vocab} tokens) did not make")
+    model = GPT(config).to(device)
+    model.load_state_dict(ckpt["model"])  # float32 and these shapes: read_checkpoint checked
+    return model.eval(), enc, not trained.get("untagged", False)
+
+
+def prompt_ids(enc: tiktoken.Encoding, prompts: list[str], block_size: int) -> list[list[int]]:
+    """The tokens of each prompt as training fed them, or a ValueError for an empty or an overlong one."""
+    out = []
+    for number, prompt in enumerate(prompts, 1):
+        if not prompt.strip():
+            raise ValueError(f"prompt {number} is empty")
+        ids = enc.encode_ordinary(sftkey.prompt_head(prompt))
+        if len(ids) >= block_size:
+            raise ValueError(f"prompt {number} ({prompt[:40]!r}{'…' * (len(prompt) > 40)}) is {len(ids)} tokens "
+                             f"with its newline: it fills the model's block_size of {block_size}, leaving no room "
+                             f"for a response")
+        out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def sample(model: GPT, prompt: list[int], max_new_tokens: int, stop_token: int, allowed: torch.Tensor,
+           temperature: float, top_k: int, generator: torch.Generator) -> list[int]:
+    """One prompt's continuation, each token drawn from softmax(logits / temperature) over the `allowed`
+    ids (the `top_k` most likely of them when top_k > 0), by a full forward pass over the whole sequence.
+    Stops as `GPT.generate` does: at `stop_token` (kept), after `max_new_tokens`, or once prompt and
+    response hold block_size + 1 tokens (the last one predicted, never fed back)."""
+    device, block = model.transformer.wte.weight.device, model.config.block_size
+    budget = max(0, min(max_new_tokens, block + 1 - len(prompt)))
+    seq, out = list(prompt), []
+    while len(out) < budget:
+        hidden = model(torch.tensor([seq], device=device))[0, -1]  # at most block_size tokens: see budget
+        logits = (model.lm_head.weight @ hidden).float() / temperature
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        if top_k:
+            kth = torch.topk(logits, min(top_k, int(allowed.sum()))).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        out.append(token)
+        seq.append(token)
+        if token == stop_token:
+            break
+    return out
+
+
+def respond(model: GPT, enc: tiktoken.Encoding, prompts: list[str], tagged: bool = True,
+            max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+            batch_size: int = 16) -> list[Reply]:
+    """Each prompt's reply: greedy (`GPT.generate`, `batch_size` prompts at a time) at temperature 0,
+    else sampled (one seeded generator for the whole call). max_new_tokens 0: up to the block's limit."""
+    device = model.transformer.wte.weight.device
+    ids = prompt_ids(enc, prompts, model.config.block_size)
+    limit = max_new_tokens or model.config.block_size + 1
+    allowed = D.generable_ids(enc, model.config.vocab_size).to(device)
+    if temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        outs = [sample(model, p, limit, enc.eot_token, allowed, temperature, top_k, generator) for p in ids]
+    else:
+        outs = [out for start in range(0, len(ids), batch_size)
+                for out in model.generate(ids[start:start + batch_size], limit, enc.eot_token, allowed=allowed)]
+    replies = []
+    for prompt, out in zip(prompts, outs):
+        ended = bool(out) and out[-1] == enc.eot_token
+        response = enc.decode(out[:-1] if ended else out)
+        replies.append(Reply(prompt, out, response, ended, sftkey.format_ok(response, ended) if tagged else None,
+                             sftkey.extract_answer(response, tagged)))
+    return replies
+
+
+def describe(reply: Reply) -> str:
+    ending = "<|endoftext|>" if reply.ended else f"\n(no end-of-text: stopped after {len(reply.ids)} tokens)"
+    fmt = {True: "ok", False: "not ok", None: "n/a (an untagged checkpoint)"}[reply.format_ok]
+    answer = "none found" if reply.answer is None else repr(reply.answer)
+    return f"prompt:   {reply.prompt}\nresponse: {reply.response}{ending}\nformat:   {fmt}\nanswer:   {answer}"
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt a line (blank lines skipped); a line's trailing "\\r" dropped."""
+    raw = D.read_input(path, "--file")
+    try:
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"--file {path}:{line}: not valid UTF-8") from None
+    prompts = [line.removesuffix("\r") for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--file {path}: holds no prompt (one a line)")
+    return prompts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompts", nargs="*", help="prompts, each one argument (quote them)")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint train.py wrote (e.g. out/sftkey_tag/ckpt.pt)")
+    parser.add_argument("--file", default="", help="a text file of prompts, one a line (after the arguments')")
+    parser.add_argument("--max_new_tokens", type=int, default=0,
+                        help="tokens a response may have; 0 = as evaluation: until prompt and response fill "
+                             "block_size + 1 (default: %(default)r)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy, as evaluation; > 0 samples from softmax(logits / T) (default: %(default)r)")
+    parser.add_argument("--top_k", type=int, default=0,
+                        help="with --temperature: sample from the K most likely tokens only; 0 = all "
+                             "(default: %(default)r)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: %(default)r)")
+    parser.add_argument("--batch_size", type=int, default=16,
+                        help="greedy: prompts generated together (default: %(default)r)")
+    parser.add_argument("--encoding", default="",
+                        help="the tokenizer; empty = the one the checkpoint's run recorded (default: %(default)r)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ... "
+                                                          "(default: %(default)r)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in [
+        ("max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 0, "must be a whole number >= 0"),
+        ("temperature", args.temperature, 0 <= args.temperature < math.inf, "must be a finite number >= 0"),
+        ("top_k", args.top_k, args.top_k >= 0, "must be a whole number >= 0"),
+        ("seed", args.seed, 0 <= args.seed < 2 ** 63, "must be a whole number >= 0"),
+        ("batch_size", args.batch_size, args.batch_size >= 1, "must be a whole number >= 1")] if not ok]
+    if args.top_k and not args.temperature:
+        problems.append(f"--top_k {args.top_k} samples: give a --temperature > 0 too (0 is greedy)")
+    if not args.prompts and not args.file:
+        problems.append("no prompt: give prompts as arguments, or --file")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index or 0
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: not a device to run on; use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    prompts = args.prompts + (read_prompts(args.file) if args.file else [])
+    model, enc, tagged = load(args.ckpt, device, args.encoding)
+    replies = respond(model, enc, prompts, tagged, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                      args.batch_size)
+    print("\n\n".join(describe(reply) for reply in replies))
+
+
+def main(argv: list[str] | None = None) -> None:
+    runtime.command(lambda: run(argv))  # bad input: one line, exit 2
+
+
+if __name__ == "__main__":
+    main()

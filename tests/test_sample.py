@@ -1,0 +1,161 @@
+"""sample.py: a checkpoint's replies to prompts of one's own.
+
+On a tiny checkpoint trained here for a few steps: greedy replies are exactly `GPT.generate`'s (the
+evaluation's decoding) for each prompt alone, whatever the batch; sampling is reproducible from its
+seed, never picks an id outside `allowed`, and at top_k 1 is greedy; the printed format and answer are
+sftkey's. Bad input ends in one line and exit code 2, with nothing on stdout.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import data as D
+import sample
+import sftkey
+import train
+from model import GPT
+
+PROMPTS = ["Q: 7+5-3", "Q: 2+2", "Q: 12+1-4+3+8"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("run")
+    train.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "48", "--n_train", "300",
+                "--n_val", "10", "--n_test", "2", "--eval_limit", "1", "--max_iters", "40", "--stage2_iters", "0",
+                "--batch_size", "16", "--lr", "1e-2", "--warmup_iters", "0", "--log_interval", "1000",
+                "--eval_interval", "1000", "--device", "cpu", "--dtype", "float32", "--out_dir", str(out)])
+    return str(out / "sft_tag" / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    return sample.load(ckpt, "cpu")
+
+
+def test_load_gives_the_trained_weights_and_tokenizer(ckpt, loaded):
+    model, enc, tagged = loaded
+    saved = torch.load(ckpt, weights_only=True)
+    assert enc.name == D.SYNTHETIC_ENCODING and tagged and not model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items())
+
+
+def test_greedy_is_generate_for_each_prompt_alone(loaded):
+    model, enc, _ = loaded
+    allowed = D.generable_ids(enc, model.config.vocab_size)
+    replies = sample.respond(model, enc, PROMPTS, batch_size=2)  # batches of two, left-padded: same tokens
+    for prompt, reply in zip(PROMPTS, replies):
+        ids = enc.encode_ordinary(sftkey.prompt_head(prompt))
+        expected = model.generate([ids], model.config.block_size, enc.eot_token, allowed=allowed)[0]
+        assert reply.ids == expected
+        assert reply.ended == (expected[-1] == enc.eot_token)
+        assert reply.response == enc.decode(expected[:-1] if reply.ended else expected)
+        assert reply.format_ok == sftkey.format_ok(reply.response, reply.ended)
+        assert reply.answer == sftkey.extract_answer(reply.response)
+    assert len({tuple(r.ids) for r in replies}) > 1  # the prompts matter: not one reply for all
+
+
+def test_cli_prints_response_format_and_answer(ckpt, loaded, capsys, tmp_path):
+    model, enc, _ = loaded
+    reply = sample.respond(model, enc, ["Q: 7+5-3"])[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Q: 2+2\r\n\n  \nQ: 12+1-4+3+8\n")  # blank lines skipped, CRLF read as a line end
+    sample.main(["--ckpt", ckpt, "Q: 7+5-3", "--file", str(prompts)])
+    out = capsys.readouterr().out
+    blocks = out.rstrip("\n").split("\n\n")
+    assert len(blocks) == 3 and [b.split("\n")[0] for b in blocks] == [f"prompt:   {p}" for p in PROMPTS]
+    assert blocks[0] == sample.describe(reply)
+    assert f"response: {reply.response}" in blocks[0]
+    assert ("<|endoftext|>\nformat:" in blocks[0]) == reply.ended
+    assert f"format:   {'ok' if reply.format_ok else 'not ok'}\n" in blocks[0]
+    assert blocks[0].endswith("answer:   " + ("none found" if reply.answer is None else repr(reply.answer)))
+
+
+def test_describe_says_when_the_response_was_cut():
+    text = sample.describe(sample.Reply("Q", [1, 2], "<Thinking>ab", False, False, None))
+    assert text == ("prompt:   Q\nresponse: <Thinking>ab\n(no end-of-text: stopped after 2 tokens)\n"
+                    "format:   not ok\nanswer:   none found")
+    assert "format:   n/a" in sample.describe(sample.Reply("Q", [0], "x", True, None, "x"))
+
+
+def test_sampling_is_reproducible_by_seed(loaded):
+    model, enc, _ = loaded
+    first = sample.respond(model, enc, PROMPTS, temperature=2.0, seed=3)
+    again = sample.respond(model, enc, PROMPTS, temperature=2.0, seed=3)
+    other = sample.respond(model, enc, PROMPTS, temperature=2.0, seed=4)
+    assert [r.ids for r in first] == [r.ids for r in again]
+    assert [r.ids for r in first] != [r.ids for r in other]
+    limited = sample.respond(model, enc, PROMPTS, temperature=2.0, seed=3, max_new_tokens=3)
+    assert all(len(r.ids) <= 3 for r in limited)
+
+
+def test_top_k_1_is_greedy(loaded):
+    model, enc, _ = loaded
+    greedy = sample.respond(model, enc, PROMPTS)
+    top1 = sample.respond(model, enc, PROMPTS, temperature=0.7, top_k=1, seed=11)
+    assert [r.ids for r in top1] == [r.ids for r in greedy]
+
+
+def test_sampling_never_leaves_the_allowed_ids(loaded):
+    model, enc, _ = loaded
+    # The padding rows of the table (ids the tokenizer cannot decode) are rigged to win every draw.
+    rigged = GPT(model.config)
+    rigged.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        rigged.transformer.wte.weight[enc.n_vocab:] = 0
+        rigged.transformer.ln_f.weight.zero_()
+        rigged.transformer.ln_f.bias.fill_(1.0)  # every hidden state all ones: a padding row of ones wins
+        rigged.transformer.wte.weight[enc.n_vocab:] = 5.0
+    rigged.eval()
+    allowed = D.generable_ids(enc, model.config.vocab_size)
+    assert not allowed[enc.n_vocab:].any() and allowed[:enc.n_vocab].all()
+    ids = enc.encode_ordinary(sftkey.prompt_head("Q: 1"))
+    generator = torch.Generator().manual_seed(0)
+    for top_k in (0, 3):
+        out = sample.sample(rigged, ids, 30, -1, allowed, 5.0, top_k, generator)
+        assert len(out) == 30 and all(allowed[i] for i in out)
+    # Fewer ids allowed than top_k asks for: drawn among those only.
+    few = torch.zeros_like(allowed)
+    few[[65, 66, enc.eot_token]] = True
+    out = sample.sample(model, ids, 40, -1, few, 3.0, 10, generator)
+    assert set(out) <= {65, 66, enc.eot_token} and len(set(out)) > 1
+
+
+def test_a_response_stops_at_the_block_limit(loaded):
+    model, enc, _ = loaded
+    prompt = "Q: " + "1+" * 20 + "1"  # 45 tokens with its newline: room for 4 more (block_size 48, + 1)
+    assert len(enc.encode_ordinary(sftkey.prompt_head(prompt))) == 45
+    for temperature in (0.0, 1.5):
+        reply = sample.respond(model, enc, [prompt], temperature=temperature, max_new_tokens=100)[0]
+        assert len(reply.ids) <= 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "{tmp}/absent.pt", "Q: 1"], "absent.pt: no such checkpoint"),
+    (["--ckpt", "{tmp}/cut.pt", "Q: 1"], "cut.pt: not a readable PyTorch checkpoint"),
+    (["--ckpt", "{tmp}/junk.pt", "Q: 1"], "junk.pt: "),
+    (["--ckpt", "{ckpt}", "Q: 1", ""], "prompt 2 is empty"),
+    (["--ckpt", "{ckpt}", "   "], "prompt 1 is empty"),
+    (["--ckpt", "{ckpt}", "Q: " + "1+" * 30], "fills the model's block_size of 48"),
+    (["--ckpt", "{ckpt}", "--file", "{tmp}/none.txt"], "--file {tmp}/none.txt: no such file"),
+    (["--ckpt", "{ckpt}", "--file", "{tmp}/blank.txt"], "holds no prompt"),
+    (["--ckpt", "{ckpt}", "--file", "{tmp}/latin1.txt"], "latin1.txt:2: not valid UTF-8"),
+    (["--ckpt", "{ckpt}"], "no prompt: give prompts as arguments, or --file"),
+    (["--ckpt", "{ckpt}", "Q: 1", "--top_k", "5"], "--top_k 5 samples: give a --temperature > 0 too"),
+    (["--ckpt", "{ckpt}", "Q: 1", "--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
+    (["--ckpt", "{ckpt}", "Q: 1", "--device", "gpu7"], "--device gpu7: not a device"),
+    (["--ckpt", "{ckpt}", "Q: 1", "--encoding", "nope"], "--encoding nope: unknown"),
+])
+def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys, args, message):
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    (tmp_path / "cut.pt").write_bytes(open(ckpt, "rb").read()[:1000])  # a truncated checkpoint
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes(b"Q: 1\nQ: caf\xe9\n")
+    args = [a.format(tmp=tmp_path, ckpt=ckpt) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(args)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert message.format(tmp=tmp_path) in captured.err
