@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -16,11 +17,8 @@ from runtime import PRETRAINED
 
 
 def load_gpt2(init_from: str, enc, block_size: int, dropout: float) -> GPT:
-    """GPT-2 for --init_from gpt2:DIR: its shape from the checkpoint (--n_layer, --n_head and --n_embd
-    do not apply), the position table cropped to --block_size, the tokenizer GPT-2's own."""
-    if enc.name != "gpt2":
-        raise ValueError(f"--init_from {init_from} needs --encoding gpt2 (GPT-2's own tokenizer), "
-                         f"got --encoding {enc.name}")
+    """GPT-2 for --init_from gpt2:DIR (runtime.check_config requires --encoding gpt2): its shape from the
+    checkpoint (--n_layer, --n_head and --n_embd do not apply), the position table cropped to --block_size."""
     model = gpt2_from_hf(init_from[len(PRETRAINED):], block_size=block_size, dropout=dropout)
     if model.config.vocab_size != enc.n_vocab:
         raise ValueError(f"--init_from {init_from}: a vocabulary of {model.config.vocab_size} tokens, but the "
@@ -29,21 +27,10 @@ def load_gpt2(init_from: str, enc, block_size: int, dropout: float) -> GPT:
 
 
 def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0) -> GPT:
-    """GPT-2 from a local Hugging Face checkpoint folder, in float32 on the CPU.
-
-    Reads `model.safetensors` (when the optional `safetensors` package imports) or
-    `pytorch_model.bin` (torch.load with weights_only=True), any of the four GPT-2 sizes: the
-    shape comes from the tensors (layers from the h.N blocks, width and vocabulary from wte,
-    positions from wpe) and n_head from config.json, or GPT-2's own table when it is absent.
-    `block_size` crops the position table (it cannot exceed the checkpoint's). Hugging Face's
-    `transformers` is not needed.
-    """
+    """GPT-2 (any of the four sizes) from a local Hugging Face checkpoint folder, in float32 on the CPU: its shape
+    from the tensors, n_head from config.json or GPT-2's table; `block_size` crops the position table."""
     tensors, source = _read_hf_tensors(path)
-    config = _gpt2_config(tensors, path, source, dropout)
-    if block_size is not None:
-        if block_size > config.block_size:
-            raise ValueError(f"--block_size {block_size} exceeds the {config.block_size} positions of {source}")
-        config.block_size = block_size
+    config = _gpt2_config(tensors, path, source, dropout, block_size)
     state = _gpt2_state_dict(tensors, config, source)
     with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
         model = GPT(config)
@@ -88,19 +75,16 @@ def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
     return {k.removeprefix("transformer."): t for k, t in tensors.items()}, source
 
 
-def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropout: float) -> GPTConfig:
+def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropout: float,
+                 block_size: int | None) -> GPTConfig:
     for name in ("wte.weight", "wpe.weight"):
         if name not in tensors:
             raise ValueError(f"{source}: no tensor {name}; is it a GPT-2 checkpoint?")
     vocab, n_embd = tensors["wte.weight"].shape
     n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
-    hf = {}
     config_file = os.path.join(path, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            hf = json.load(f)
-    # Variants whose arithmetic differs from GPT-2's would load without error and compute
-    # something else: refuse them by name.
+    hf = json.loads(Path(config_file).read_text(encoding="utf-8")) if os.path.isfile(config_file) else {}
+    # Variants whose arithmetic differs from GPT-2's would load and compute something else: refuse them by name.
     unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
                    "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
     for key, allowed in unsupported.items():
@@ -112,8 +96,12 @@ def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropo
                          f"(width {n_embd} is none of GPT-2's sizes {sorted(_GPT2_HEADS)})")
     if n_embd % n_head:
         raise ValueError(f"gpt2:{path}: width {n_embd} is not a multiple of n_head {n_head}")
-    return GPTConfig(vocab_size=vocab, block_size=tensors["wpe.weight"].shape[0], n_layer=n_layer,
-                     n_head=n_head, n_embd=n_embd, dropout=dropout)
+    positions = tensors["wpe.weight"].shape[0]
+    block_size = positions if block_size is None else block_size
+    if block_size > positions:
+        raise ValueError(f"--block_size {block_size} exceeds the {positions} positions of {source}")
+    return GPTConfig(vocab_size=vocab, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                     n_embd=n_embd, dropout=dropout)
 
 
 def _gpt2_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, source: str) -> dict[str, torch.Tensor]:
