@@ -303,7 +303,8 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
     checkpoints trained from it). A model too large for memory is a flag error, not a traceback."""
     try:
         if cfg.init_from.startswith(PRETRAINED):
-            return gpt2.load_gpt2(cfg.init_from, enc, cfg.block_size, cfg.dropout).to(device)
+            hf = gpt2.gpt2_from_hf(cfg.init_from.removeprefix(PRETRAINED), cfg.block_size, cfg.dropout, enc.n_vocab)
+            return hf.to(device)
         if cfg.init_from:
             init = inputs.init if inputs is not None and inputs.init is not None else read_checkpoint(
                 cfg.init_from, None, "cpu")

@@ -13,37 +13,36 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
-from runtime import PRETRAINED
-
-
-def load_gpt2(init_from: str, enc, block_size: int, dropout: float) -> GPT:
-    """GPT-2 for --init_from gpt2:DIR (runtime.check_config requires --encoding gpt2): its shape from the
-    checkpoint (--n_layer, --n_head and --n_embd do not apply), the position table cropped to --block_size."""
-    model = gpt2_from_hf(init_from[len(PRETRAINED):], block_size=block_size, dropout=dropout)
-    if model.config.vocab_size != enc.n_vocab:
-        raise ValueError(f"--init_from {init_from}: a vocabulary of {model.config.vocab_size} tokens, but the "
-                         f"gpt2 encoding has {enc.n_vocab}")
-    return model
-
-
-def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0) -> GPT:
-    """GPT-2 (any of the four sizes) from a local Hugging Face checkpoint folder, in float32 on the CPU: its shape
-    from the tensors, n_head from config.json or GPT-2's table; `block_size` crops the position table."""
-    tensors, source = _read_hf_tensors(path)
-    config = _gpt2_config(tensors, path, source, dropout, block_size)
-    state = _gpt2_state_dict(tensors, config, source)
-    with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
-        model = GPT(config)
-    _check_names_and_shapes(state, model, source)
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both; tie them again
-    return model
-
 
 _GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head of GPT-2 small, medium, large, xl
 # Hugging Face stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0, vocab: int | None = None) -> GPT:
+    """GPT-2 (any of the four sizes) from a local Hugging Face checkpoint folder, in float32 on the CPU: its shape
+    from the tensors (--n_layer, --n_head, --n_embd do not apply), n_head from config.json or GPT-2's table.
+    `block_size` crops the position table; `vocab` (the tokenizer's size), when given, must be the checkpoint's."""
+    tensors, source = _read_hf_tensors(path)
+    config = _gpt2_config(tensors, path, source, dropout, block_size, vocab)
+    state = _gpt2_state_dict(tensors, config, source)
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
+        model = GPT(config)
+    # A clear error for a missing, unexpected or misshapen tensor (load_state_dict's is a wall of text).
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(k.removeprefix("transformer.") for k in expected.keys() - state.keys())
+    unexpected = sorted(k.removeprefix("transformer.") for k in state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source}: not GPT-2's tensors: missing {missing[:5] or 'none'}, "
+                         f"unexpected {unexpected[:5] or 'none'}")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise ValueError(f"{source}: {key.removeprefix('transformer.')} has shape {tuple(state[key].shape)}, "
+                             f"expected {tuple(shape)} (after transposing Conv1D weights)")
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both; tie them again
+    return model
 
 
 def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -76,11 +75,13 @@ def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropout: float,
-                 block_size: int | None) -> GPTConfig:
+                 block_size: int | None, n_vocab: int | None) -> GPTConfig:
     for name in ("wte.weight", "wpe.weight"):
         if name not in tensors:
             raise ValueError(f"{source}: no tensor {name}; is it a GPT-2 checkpoint?")
     vocab, n_embd = tensors["wte.weight"].shape
+    if n_vocab is not None and vocab != n_vocab:
+        raise ValueError(f"gpt2:{path}: a vocabulary of {vocab} tokens, but the gpt2 encoding has {n_vocab}")
     n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
     config_file = os.path.join(path, "config.json")
     hf = json.loads(Path(config_file).read_text(encoding="utf-8")) if os.path.isfile(config_file) else {}
@@ -119,16 +120,3 @@ def _gpt2_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, source
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size].clone()
     return state
 
-
-def _check_names_and_shapes(state: dict[str, torch.Tensor], model: GPT, source: str) -> None:
-    """A clear error for a missing, unexpected or misshapen tensor (load_state_dict's is a wall of text)."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    missing = sorted(k.removeprefix("transformer.") for k in expected.keys() - state.keys())
-    unexpected = sorted(k.removeprefix("transformer.") for k in state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source}: not GPT-2's tensors: missing {missing[:5] or 'none'}, "
-                         f"unexpected {unexpected[:5] or 'none'}")
-    for key, shape in expected.items():
-        if state[key].shape != shape:
-            raise ValueError(f"{source}: {key.removeprefix('transformer.')} has shape {tuple(state[key].shape)}, "
-                             f"expected {tuple(shape)} (after transposing Conv1D weights)")
