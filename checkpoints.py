@@ -1,12 +1,9 @@
 """Files: what a run reads, what it writes, and the one folder it owns. Nothing here is SFTKey.
 
-Three rules carry it, each making a class of mistakes impossible rather than checking for them:
-- *Every input is read once* (`read_inputs`: regular files only, data.read_input) and hashed from
-  those bytes; checkpoints record the hashes and the --init_from origin, so a file edited after the
-  start reaches neither the run nor its resumption.
-- *We own only what we name*: every path written or deleted is `owned_path(out_dir, names...)`, names
-  built from flags matching one pattern, no symlink under out_dir followed; a run plans its files,
-  `RunFolder` refuses run files outside the plan, and --overwrite deletes exactly the planned ones.
+Three rules carry it (README, *Failure modes*), each making a class of mistakes impossible:
+- *Every input is read once* (`read_inputs`) and hashed from those bytes, the hashes kept in checkpoints.
+- *We own only what we name*: every path written or deleted is `owned_path(out_dir, names...)`, no symlink
+  followed; `RunFolder` refuses run files outside the run's plan, and --overwrite deletes exactly the planned ones.
 - *Whole or not at all*: `atomic_write` (a unique temporary, fsync'ed, renamed, folders fsync'ed).
 Also `StageCheckpoint`, the loop's one hook (resume, periodic writes, signals, every rank's RNG state).
 """
@@ -136,9 +133,6 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     except (OSError, RuntimeError) as err:
         cause = (recording and recording.error) or err
         full = getattr(cause, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        with contextlib.suppress(OSError, AttributeError):  # torch's own error ("unexpected pos") says less
-            stat = os.statvfs(folder)
-            full = full or stat.f_bavail * stat.f_frsize < 1 << 20
         before = "the previous file there is intact" if os.path.exists(path) else "nothing was written there"
         raise WriteError(getattr(cause, "errno", None) or errno.EIO, f"could not write {path}: "
                          f"{'the disk is full' if full else 'the write failed'} ({type(cause).__name__}: "
@@ -220,8 +214,6 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
     """A checkpoint (from `raw`, its bytes, when given), refused with one ValueError naming the file unless
     it holds exactly this model's weights in float32 and its shape matches `expected` (and `encoding`).
     torch.load with weights_only=True: loading never runs code."""
-    if raw is None and not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         with warnings.catch_warnings():  # a foreign pickle protocol draws a warning; the refusal says more
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -235,8 +227,7 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
     except Exception as err:  # a truncated or foreign file: the loader's own errors say little
         detail = str(err).splitlines()[0] if str(err) else "no details"
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {detail})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or not isinstance(
-            ckpt.get("model"), dict):
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "model_config"))):
         raise ValueError(f"{path}: not an sftkey checkpoint (no 'model' and 'model_config' entries)")
     try:
         saved = GPTConfig(**ckpt["model_config"])
