@@ -67,12 +67,9 @@ COMPILE_BACKEND = "SFTKEY_COMPILE_BACKEND"  # environment variable: tests use "e
 
 
 def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """`model`, or for --compile torch.compile'd with dynamic shapes: batch widths change from step to step
-    (length grouping), and dynamic=True compiles one shape-generic graph at once instead of a first one
-    for the first width. The projection (its boolean mask gives data-dependent shapes) stays outside."""
-    if not enabled:
-        return model
-    return torch.compile(model, dynamic=True, backend=os.environ.get(COMPILE_BACKEND, "inductor"))
+    """`model`, or for --compile torch.compile'd with dynamic shapes: batch widths change from step to step (length
+    grouping), so one shape-generic graph. The projection (boolean mask, data-dependent shapes) stays outside."""
+    return torch.compile(model, dynamic=True, backend=os.environ.get(COMPILE_BACKEND, "inductor")) if enabled else model
 
 
 # Data parallelism
@@ -96,11 +93,10 @@ class Dist:
         cuda = cfg.device != "cpu" and torch.cuda.is_available()
         torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
         local_rank = int(os.environ["LOCAL_RANK"])
-        dist = cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
-                   f"cuda:{local_rank}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(local_rank)
-        return dist
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
+                   f"cuda:{local_rank}" if cuda else "cpu")
 
     def wrap(self, model: torch.nn.Module, device: str) -> torch.nn.Module:
         """The module to call in training: DDP around `model` when there are several ranks."""
@@ -118,10 +114,8 @@ class Dist:
 
     def any(self, *flags: bool) -> list[bool]:
         """Each flag, true when it is true on any rank: every rank then decides alike."""
-        if self.world == 1:
-            return list(flags)
-        return [bool(v) for v in self.all_reduce(torch.tensor([float(f) for f in flags], device=self.device),
-                                                 "max").tolist()]
+        reduced = self.all_reduce(torch.tensor([float(f) for f in flags], device=self.device), "max")
+        return [bool(v) for v in reduced.tolist()]
 
     def gather(self, value) -> list:
         """`value` of every rank, in rank order (a collective: every rank calls it)."""
@@ -208,14 +202,12 @@ class StopSignal:
         self._previous.clear()
 
 
-def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float,
-                       weights: tuple[float, ...]) -> str:
-    """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left, the likely
-    causes. Step 0 precedes the stage's first update, so its learning rate cannot be the cause there; a
-    loss weight float32 holds as inf can (the flags refuse those; train() called from code may get one)."""
+def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float, weights: tuple[float, ...]) -> str:
+    """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left, the likely causes (a
+    loss weight float32 holds as inf among them: the flags refuse those, train() called from code may get one)."""
     weight = (f"a loss weight of {max(weights):g} (--weights, --stage2_weights or --key_weight), infinite in "
               f"float32" if max(weights) > torch.finfo(torch.float32).max else "")
-    if step == 0:
+    if step == 0:  # before the stage's first update: its learning rate cannot be the cause
         causes = ("No update had been made in this stage, so its learning rate is not the cause; look at "
                   + (weight or "the data and the weights the stage started from"))
     else:
@@ -233,24 +225,21 @@ def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float,
 
 # Throughput and MFU
 
-# Dense bf16 tensor-core peaks (FLOP/s, FP32 accumulation as autocast uses) from NVIDIA's data sheets. A
-# name matches when it holds the model token and exactly the variant tokens: "NVIDIA H100 80GB HBM3" is
-# the SXM part, "NVIDIA H100 PCIe" is not; "NVIDIA L40" and "RTX 3090 Ti" match nothing (no MFU).
-_GPU_VARIANTS = frozenset({"pcie", "nvl", "ti", "laptop", "mobile", "super", "d"})
-_GPU_BF16_PEAKS: tuple[tuple[str, frozenset[str], float], ...] = (  # GH200's GPU is an H100/H200 SXM
-    ("b200", frozenset(), 2250e12), ("h200", frozenset(), 989e12), ("h200", frozenset({"nvl"}), 835e12),
-    ("gh200", frozenset(), 989e12), ("h100", frozenset(), 989e12), ("h100", frozenset({"pcie"}), 756e12),
-    ("h100", frozenset({"nvl"}), 835e12), ("a100", frozenset(), 312e12), ("a100", frozenset({"pcie"}), 312e12),
-    ("l40s", frozenset(), 362e12), ("l4", frozenset(), 121e12), ("4090", frozenset(), 165.2e12),
-    ("3090", frozenset(), 71e12))
+# Dense bf16 tensor-core peaks (FLOP/s, FP32 accumulation as autocast uses) from NVIDIA's data sheets, keyed by
+# "model [variant]". A name matches when it holds the model token and exactly the variant tokens: "NVIDIA H100
+# 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" is not; "NVIDIA L40" and "RTX 3090 Ti" match nothing (no MFU).
+_GPU_VARIANTS = {"pcie", "nvl", "ti", "laptop", "mobile", "super", "d"}
+_GPU_BF16_PEAKS = {"b200": 2250e12, "h200": 989e12, "h200 nvl": 835e12, "gh200": 989e12,  # GH200: an H100/H200 SXM
+                   "h100": 989e12, "h100 pcie": 756e12, "h100 nvl": 835e12, "a100": 312e12, "a100 pcie": 312e12,
+                   "l40s": 362e12, "l4": 121e12, "4090": 165.2e12, "3090": 71e12}
 
 
 def gpu_bf16_peak(name: str) -> float | None:
     """The data-sheet dense bf16 peak of a GPU from its torch.cuda.get_device_name, or None if unknown."""
     tokens = set(re.findall(r"[a-z0-9]+", name.lower()))
-    variants = tokens & _GPU_VARIANTS
-    for model, variant, peak in _GPU_BF16_PEAKS:
-        if model in tokens and variants == variant:
+    for key, peak in _GPU_BF16_PEAKS.items():
+        model, *variant = key.split()
+        if model in tokens and tokens & _GPU_VARIANTS == set(variant):
             return peak
     return None
 
@@ -494,12 +483,10 @@ def check_config(cfg):
         problems.append(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
     if cfg.device != "auto":
         try:
-            device = torch.device(cfg.device)
+            if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
         except RuntimeError:
-            device = None
             problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
-        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
     if cfg.init_from.startswith(PRETRAINED):
         if not os.path.isdir(cfg.init_from[len(PRETRAINED):]):
             problems.append(f"--init_from {cfg.init_from}: no such directory")
