@@ -297,8 +297,7 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
             hf = gpt2.gpt2_from_hf(cfg.init_from.removeprefix(PRETRAINED), cfg.block_size, cfg.dropout, enc.n_vocab)
             return hf.to(device)
         if cfg.init_from:
-            init = inputs.init if inputs is not None and inputs.init is not None else read_checkpoint(
-                cfg.init_from, None, "cpu")
+            init = (inputs and inputs.init) or read_checkpoint(cfg.init_from, None, "cpu")
             check_shape(init, cfg.init_from, model_config(cfg, enc), cfg.encoding, enc.n_vocab)
             return _model_from(init, device)
         return GPT(model_config(cfg, enc)).to(device)
@@ -351,8 +350,7 @@ class StageCheckpoint:
     def due(self, done: int, iters: int) -> bool:
         """Every --ckpt_interval steps, or (0, the default) once AUTO_CKPT_SECONDS have passed since the last
         write, so a kill -9 loses minutes, not a stage; never after the last step (the stage's end writes)."""
-        interval = self.cfg.ckpt_interval
-        waited = time.time() - self.last_write
+        interval, waited = self.cfg.ckpt_interval, time.time() - self.last_write
         return done < iters and (done % interval == 0 if interval else waited >= AUTO_CKPT_SECONDS)
 
     def after_step(self, done: int, iters: int, model: GPT, optimizer) -> None:
@@ -512,25 +510,20 @@ class FolderLock:
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
 
     def _holder(self, fd: int) -> str:
-        os.lseek(fd, 0, os.SEEK_SET)
-        return os.read(fd, 200).decode("utf-8", "replace").strip()
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
 
     def acquire(self) -> None:
         if fcntl is None:
             print(f"note: no file locking on this system: nothing stops a second run in {self.out_dir}",
                   file=sys.stderr, flush=True)
             return
-        try:
-            make_folders(self.out_dir)
-        except OSError as err:  # a read-only file system, a path under a file, no permission
-            raise ValueError(f"--out_dir {self.out_dir}: the run could not write its files there: cannot create "
-                             f"{self.out_dir} ({err.strerror or err}). Nothing was trained") from None
         while True:
             try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, never followed
+                make_folders(self.out_dir)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            except OSError as err:
-                raise ValueError(f"--out_dir {self.out_dir}: cannot create the lock {self.path} ({err.strerror}); "
-                                 f"nothing was trained") from None
+            except OSError as err:  # a read-only file system, a path under a file, no permission
+                raise ValueError(f"--out_dir {self.out_dir}: the run could not write its files there: cannot create "
+                                 f"{err.filename or self.path} ({err.strerror or err}). Nothing was trained") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -542,22 +535,19 @@ class FolderLock:
             # A holder releasing unlinks the file: if that happened between our open and flock, the lock
             # we hold is on a file nobody else sees. Start again on the current one.
             with contextlib.suppress(FileNotFoundError):
-                current, mine = os.stat(self.path, follow_symlinks=False), os.fstat(fd)
-                if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+                if os.path.samestat(os.stat(self.path, follow_symlinks=False), os.fstat(fd)):
                     break
             os.close(fd)
         if previous := self._holder(fd):
             print(f"note: took over the lock {self.path} left by pid {previous}, which no longer holds it",
                   file=sys.stderr, flush=True)
         os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
 
     def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):  # unlink before unlocking: see the inode check in acquire
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = None
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # unlink before unlocking: see the inode check in acquire
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
