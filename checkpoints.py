@@ -270,18 +270,6 @@ def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None
         raise ValueError(f"{path} does not match the flags: " + "; ".join(diffs))
 
 
-def load_checkpoint(path: str, expected: GPTConfig, device: str, encoding: str | None = None) -> tuple[GPT, dict]:
-    """The model a checkpoint holds, on `device`, and the checkpoint."""
-    ckpt = read_checkpoint(path, expected, device, encoding)
-    return _model_from(ckpt, device), ckpt
-
-
-def _model_from(ckpt: dict, device: str) -> GPT:
-    model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])  # float32 and these shapes: read_checkpoint checked
-    return model
-
-
 def model_config(cfg, enc) -> GPTConfig:
     """The shape the flags ask for, the vocabulary rounded up to a multiple of 64 (efficient matmuls)."""
     return GPTConfig(64 * math.ceil(enc.n_vocab / 64), cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
@@ -299,7 +287,9 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
         if cfg.init_from:
             init = (inputs and inputs.init) or read_checkpoint(cfg.init_from, None, "cpu")
             check_shape(init, cfg.init_from, model_config(cfg, enc), cfg.encoding, enc.n_vocab)
-            return _model_from(init, device)
+            model = GPT(GPTConfig(**init["model_config"])).to(device)
+            model.load_state_dict(init["model"])  # float32 and these shapes: read_checkpoint checked
+            return model
         return GPT(model_config(cfg, enc)).to(device)
     except (MemoryError, RuntimeError) as err:  # CUDA's OutOfMemoryError and the CPU allocator's are RuntimeErrors
         if isinstance(err, RuntimeError) and "alloc" not in str(err):
