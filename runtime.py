@@ -258,10 +258,6 @@ def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, p
     return model.flops_per_token(seq_len, projected_fraction) * tokens_per_s / peak
 
 
-def mfu_text(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
-
-
 class Meter:
     """The log lines of one stage: loss, tokens/s, MFU and ETA, validation time left out. Token counts
     stay on the device (reading them would wait for the GPU every step) until a line is logged."""
@@ -297,21 +293,16 @@ class Meter:
         real, computed, projected = dist.all_reduce(torch.stack([self.real, self.computed, self.projected])).tolist()
         elapsed = time.time() - self.start
         busy = elapsed - self.paused_seconds
-        rate = real / busy
-        eta = busy / (done - self.first_step) * (self.iters - done)
+        rate, eta = real / busy, busy / (done - self.first_step) * (self.iters - done)
         row = {"stage": stage, "step": step, "lr": lr, "loss": loss, "tokens_per_s": rate}
         if self.peak:  # FLOPs per computed position at the mean padded width, times positions per second
             width = computed / ((done - self.first_step) * self.cfg.grad_accum * dist.world * self.cfg.batch_size)
             row["mfu"] = mfu(self.model, computed / busy, width, projected / computed, self.peak * dist.world)
         if dist.master:
             print(f"{stage} step {step:5d}/{self.iters} | lr {lr:.2e} | loss {loss:.4f} | {rate:,.0f} tok/s"
-                  + (f" | MFU {mfu_text(row['mfu'])}" if self.peak else "")
+                  + (f" | MFU {row['mfu']:.1%}" if self.peak else "")
                   + f" | {clock(elapsed)} elapsed | ETA {clock(eta)}", flush=True)
         return row
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def clock(seconds: float) -> str:
@@ -329,7 +320,7 @@ def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist
     print(f"test: {n_test} examples" if n_test else "test: none (--data without --eval_data, or --n_test 0): every "
           "stage is trained and checkpointed, none is evaluated")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-          f"{model.config.n_embd} wide | device {device} x{dist.world} | {dtype_name(dtype)}")
+          f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).removeprefix('torch.')}")
     for k, stage in enumerate(stages, 1):
         p, t, a = (f"{w:g}" for w in stage.weights)
         print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a} | {stage.iters} steps | "
@@ -407,9 +398,8 @@ def command(work: Callable[[], object]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt, FloatingPointError, OSError) as err:  # OSError: a WriteError too
-        stop = isinstance(err, (Interrupted, KeyboardInterrupt))
         print(f"stopped: {err or 'interrupted'}", file=sys.stderr)
-        sys.exit(130 if stop else 1)
+        sys.exit(130 if isinstance(err, (Interrupted, KeyboardInterrupt)) else 1)
     except RuntimeError as err:  # in a torchrun job, a collective failing because another rank stopped first
         if os.environ.get("RANK", "0") == "0":
             raise
@@ -455,8 +445,7 @@ RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 
 
 def check_config(cfg):
-    """Refuse flag values that would fail later (or silently do something else), before anything runs;
-    return `cfg`. One ValueError lists every problem."""
+    """Refuse flags that would fail later (or silently do something else), all in one ValueError; return `cfg`."""
     problems = [f"--{name} {getattr(cfg, name)}: {RULES[rule][1]}" for name, (rule, _, _) in FLAGS.items()
                 if rule and not RULES[rule][0](getattr(cfg, name))]
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
