@@ -405,13 +405,6 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
 
 # One run per folder
 
-def found_files(out_dir: str) -> list[str]:
-    """The run files in out_dir: RUN_FILES at the top, ckpt.pt one or two folders down."""
-    top, folder = [os.path.join(out_dir, name) for name in RUN_FILES], glob.escape(out_dir)
-    deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
-    return sorted(path for path in top + deeper if os.path.isfile(path))
-
-
 class RunFolder:
     """--out_dir, held by one run from `take(plan)` (after the input is checked) to the end of the `with`
     block. The plan names the files the run writes (owned_paths); a run file outside it is another run's,
@@ -444,7 +437,9 @@ class RunFolder:
     def _take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None) -> None:
         self.lock.acquire()
         out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]
-        found = found_files(out)
+        top, folder = [os.path.join(out, name) for name in RUN_FILES], glob.escape(out)  # ckpt.pt: 1-2 folders down
+        deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
+        found = sorted(path for path in top + deeper if os.path.isfile(path))  # run files, ours or another run's
         for path in (p for p in found if self.resume and check is not None and p.endswith(CKPT_NAME)):
             check(path)  # first: "written by another run" names the flag or file that differs
         strangers = [p for p in found if p not in planned]

@@ -412,28 +412,20 @@ def command(work: Callable[[], object]) -> None:
 # (check_config's rule from RULES, or "" for its own rule or none; --resume: "same" value needed, or "free":
 # where files go, how often something is printed or written, where the arithmetic runs; experiment.py: "all"
 # arms get it as given, the arms derive theirs from it ("arm": E1, E2, λ), set their own ("set"), or why not.)
-FLAGS: dict[str, tuple[str, str, str]] = {
-    "out_dir": ("", "free", "all"), "data": ("", "same", "all"), "format": ("", "same", "all"),
-    "eval_data": ("", "same", "all"), "strip_calculator": ("", "same", "all"), "skip_bad_lines": ("", "same", "all"),
-    "untagged": ("", "same", "set"), "encoding": ("", "same", "all"), "n_train": ("int>=0", "same", "all"),
-    "n_val": ("int>=0", "same", "all"), "n_test": ("int>=0", "same", "all"), "data_seed": ("int>=0", "same", "all"),
-    "init_from": ("", "same", "all"), "weights": ("", "same", "set"), "key_only": ("", "same", "set"),
-    "key_weight": ("", "same", "arm"), "max_iters": ("int>=0", "same", "arm"),
-    "stage2_iters": ("int>=0", "same", "arm"),
-    "stage2_weights": ("", "same", "set"), "stage2_lr": (">=0", "same", "all"), "lr": (">0", "same", "all"),
-    "block_size": ("int>=1", "same", "all"), "n_layer": ("int>=1", "same", "all"), "n_head": ("int>=1", "same", "all"),
-    "n_embd": ("int>=1", "same", "all"), "dropout": ("[0,1)", "same", "all"), "batch_size": ("int>=1", "same", "all"),
-    "grad_accum": ("int>=1", "same", "all"), "warmup_iters": ("int>=0", "same", "all"),
-    "min_lr_ratio": ("[0,1]", "same", "all"),
-    "weight_decay": (">=0", "same", "all"), "grad_clip": (">=0", "same", "all"), "seed": ("int>=0", "same", "all"),
-    "resume": ("", "free", "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)"),
-    "overwrite": ("", "free", "all"),
-    "ckpt_interval": ("int>=0", "free", "arms write no checkpoints on the way (--save_ckpt keeps their final weights)"),
-    "eval_only": ("", "same", "it trains every arm (evaluate one checkpoint with train.py --eval_only)"),
-    "eval_limit": ("int>=0", "same", "all"), "eval_interval": ("int>=1", "free", "all"),
-    "eval_batch_size": ("int>=1", "free", "all"), "log_interval": ("int>=1", "free", "all"),
-    "device": ("", "free", "all"), "dtype": ("", "same", "all"), "compile": ("", "free", "all"),
-}
+FLAGS: dict[str, tuple[str, str, str]] = {name: classes for names, classes in [
+    ("data format eval_data strip_calculator skip_bad_lines encoding init_from dtype", ("", "same", "all")),
+    ("n_train n_val n_test data_seed warmup_iters seed eval_limit", ("int>=0", "same", "all")),
+    ("block_size n_layer n_head n_embd batch_size grad_accum", ("int>=1", "same", "all")),
+    ("stage2_lr weight_decay grad_clip", (">=0", "same", "all")),
+    ("lr", (">0", "same", "all")), ("dropout", ("[0,1)", "same", "all")), ("min_lr_ratio", ("[0,1]", "same", "all")),
+    ("untagged weights key_only stage2_weights", ("", "same", "set")),
+    ("key_weight", ("", "same", "arm")), ("max_iters stage2_iters", ("int>=0", "same", "arm")),
+    ("out_dir overwrite device compile", ("", "free", "all")),
+    ("eval_interval eval_batch_size log_interval", ("int>=1", "free", "all")),
+    ("resume", ("", "free", "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)")),
+    ("ckpt_interval", ("int>=0", "free", "arms write no checkpoints on the way (--save_ckpt keeps the final weights)")),
+    ("eval_only", ("", "same", "it trains every arm (evaluate one checkpoint with train.py --eval_only)")),
+] for name in names.split()}
 _LIMIT = 2 ** 63  # a whole number beyond this overflows torch's and numpy's seeds and sizes
 RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "int>=1": (lambda v: 1 <= v < _LIMIT, "must be a whole number >= 1"),
