@@ -57,8 +57,7 @@ class WriteError(OSError):
 
 
 def owned_path(out_dir: str, *names: str) -> str:
-    """out_dir/NAME/...: refused unless each NAME matches NAME (a checkpoint's stage name can never
-    climb out with "../") and nothing below out_dir on the way is a symbolic link."""
+    """out_dir/NAME/..., refused unless each NAME matches NAME (no climbing out with "..") and no link is on the way."""
     path = out_dir
     for name in names:
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -191,8 +190,7 @@ def rng_state() -> dict:
 
 
 def restore_rng(ckpt: dict, rank: int = 0) -> None:
-    """The RNG states rank `rank` had when `ckpt` was written (read with map_location they may sit on
-    a GPU: the setters want CPU tensors); states of GPUs this machine lacks are left out."""
+    """The RNG states rank `rank` had when `ckpt` was written (as CPU tensors; GPUs this machine lacks left out)."""
     state = ckpt["rng_ranks"][rank] if "rng_ranks" in ckpt else ckpt
     torch.set_rng_state(state["rng"].cpu())
     if state.get("cuda_rng") and torch.cuda.is_available():
@@ -201,8 +199,7 @@ def restore_rng(ckpt: dict, rank: int = 0) -> None:
 
 
 def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dict | None = None) -> None:
-    """Tensors and plain values only (loadable with weights_only=True), written atomically. `extra` adds
-    entries (the stage, its log, every rank's RNG state as `rng_ranks`, the inputs' hashes)."""
+    """Tensors and plain values only (loadable with weights_only=True), written atomically; `extra` adds entries."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
              "model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
              "step": step, "rng_ranks": [rng_state()], **(extra or {})}
@@ -211,9 +208,8 @@ def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dic
 
 def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding: str | None = None,
                     mmap: bool = False, raw: bytes | None = None) -> dict:
-    """A checkpoint (from `raw`, its bytes, when given), refused with one ValueError naming the file unless
-    it holds exactly this model's weights in float32 and its shape matches `expected` (and `encoding`).
-    torch.load with weights_only=True: loading never runs code."""
+    """A checkpoint (from `raw`, its bytes, if given), loaded with weights_only=True (never running code), refused in
+    one ValueError unless it holds exactly this model's float32 weights, shaped as `expected` (and `encoding`)."""
     try:
         with warnings.catch_warnings():  # a foreign pickle protocol draws a warning; the refusal says more
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -272,14 +268,12 @@ def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None
 
 def model_config(cfg, enc) -> GPTConfig:
     """The shape the flags ask for, the vocabulary rounded up to a multiple of 64 (efficient matmuls)."""
-    return GPTConfig(64 * math.ceil(enc.n_vocab / 64), cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
-                     cfg.dropout)
+    return GPTConfig(64 * math.ceil(enc.n_vocab / 64), cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
 
 
 def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
-    """Random weights, the --init_from checkpoint's (from `inputs`, read once; else read here), or
-    GPT-2's (--init_from gpt2:DIR, which keeps GPT-2's shape and its 50,257-token vocabulary, as do
-    checkpoints trained from it). A model too large for memory is a flag error, not a traceback."""
+    """Random weights, the --init_from checkpoint's (from `inputs`), or GPT-2's (--init_from gpt2:DIR: its shape and
+    50,257-token vocabulary, kept by checkpoints trained from it). Too large for memory: a flag error."""
     try:
         if cfg.init_from.startswith(PRETRAINED):
             hf = gpt2.gpt2_from_hf(cfg.init_from.removeprefix(PRETRAINED), cfg.block_size, cfg.dropout, enc.n_vocab)
@@ -406,10 +400,9 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
 # One run per folder
 
 class RunFolder:
-    """--out_dir, held by one run from `take(plan)` (after the input is checked) to the end of the `with`
-    block. The plan names the files the run writes (owned_paths); a run file outside it is another run's,
-    refused even with --overwrite; planned ones refuse a fresh run unless --overwrite, which deletes
-    exactly them; --resume keeps them, each checkpoint first handed to `check`."""
+    """--out_dir, held by one run from `take(plan)` (the files it writes) to the end of the `with` block. A run file
+    outside the plan is another run's, refused even with --overwrite; planned ones refuse a fresh run unless
+    --overwrite, which deletes exactly them; --resume keeps them, each checkpoint first handed to `check`."""
 
     def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True,
                  start: str = ""):  # start: the --init_from file, which --overwrite never deletes
@@ -487,9 +480,8 @@ def _probe(folder: str) -> str | None:  # why a file cannot be created in `folde
 
 
 class FolderLock:
-    """fcntl.flock on out_dir/.sftkey.lock for the run's life, released by the kernel however the holder
-    ends (kill -9 too); the file names the holder ("pid host") for a refused second run. No fcntl
-    (Windows): no lock, and a note says so."""
+    """fcntl.flock on out_dir/.sftkey.lock, released by the kernel however the holder ends (kill -9 too); the file names
+    the holder ("pid host") for a refused second run. No fcntl (Windows): no lock, and a note says so."""
 
     def __init__(self, out_dir: str):
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
@@ -517,8 +509,7 @@ class FolderLock:
                 who = f"pid {pid} on {host}" if pid else "a process that is just starting"
                 raise ValueError(f"--out_dir {self.out_dir} is in use by another run ({who}; lock {self.path}): "
                                  f"wait for it to end, or choose another --out_dir") from None
-            # A holder releasing unlinks the file: if that happened between our open and flock, the lock
-            # we hold is on a file nobody else sees. Start again on the current one.
+            # A holder releasing unlinks the file: if it did between our open and flock, start again on the new one.
             with contextlib.suppress(FileNotFoundError):
                 if os.path.samestat(os.stat(self.path, follow_symlinks=False), os.fstat(fd)):
                     break

@@ -1,8 +1,8 @@
 """GPT-2's weights from a Hugging Face checkpoint folder (--init_from gpt2:DIR), in model.py's names.
 
-Not the method and not plumbing: a reader of SFTKey can skip it. Hugging Face's `transformers` is
-not needed: the tensors are read (safetensors, or a pytorch_model.bin with weights_only=True),
-renamed, and GPT-2's Conv1D weights transposed into nn.Linear's layout.
+Not the method and not plumbing: a reader of SFTKey can skip it. Hugging Face's `transformers` is not needed: the
+tensors are read (safetensors, or a pytorch_model.bin with weights_only=True), renamed, and GPT-2's Conv1D weights
+transposed into nn.Linear's layout.
 """
 from __future__ import annotations
 
@@ -20,25 +20,12 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 
 
 def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0, vocab: int | None = None) -> GPT:
-    """GPT-2 (any of the four sizes) from a local Hugging Face checkpoint folder, in float32 on the CPU: its shape
-    from the tensors (--n_layer, --n_head, --n_embd do not apply), n_head from config.json or GPT-2's table.
-    `block_size` crops the position table; `vocab` (the tokenizer's size), when given, must be the checkpoint's."""
+    """GPT-2 (any of the four sizes) from a local Hugging Face checkpoint folder, in float32 on the CPU, its shape from
+    the tensors; `block_size` crops the position table; `vocab` (the tokenizer's size) must be the checkpoint's."""
     tensors, source = _read_hf_tensors(path)
-    config = _gpt2_config(tensors, path, source, dropout, block_size, vocab)
-    state = _gpt2_state_dict(tensors, config, source)
     with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
-        model = GPT(config)
-    # A clear error for a missing, unexpected or misshapen tensor (load_state_dict's is a wall of text).
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    missing = sorted(k.removeprefix("transformer.") for k in expected.keys() - state.keys())
-    unexpected = sorted(k.removeprefix("transformer.") for k in state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source}: not GPT-2's tensors: missing {missing[:5] or 'none'}, "
-                         f"unexpected {unexpected[:5] or 'none'}")
-    for key, shape in expected.items():
-        if state[key].shape != shape:
-            raise ValueError(f"{source}: {key.removeprefix('transformer.')} has shape {tuple(state[key].shape)}, "
-                             f"expected {tuple(shape)} (after transposing Conv1D weights)")
+        model = GPT(_gpt2_config(tensors, path, source, dropout, block_size, vocab))
+    state = _gpt2_state_dict(tensors, model, source)
     state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign replaced both; tie them again
@@ -76,9 +63,8 @@ def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
 
 def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropout: float,
                  block_size: int | None, n_vocab: int | None) -> GPTConfig:
-    for name in ("wte.weight", "wpe.weight"):
-        if name not in tensors:
-            raise ValueError(f"{source}: no tensor {name}; is it a GPT-2 checkpoint?")
+    if missing := [name for name in ("wte.weight", "wpe.weight") if name not in tensors]:
+        raise ValueError(f"{source}: no tensor {missing[0]}; is it a GPT-2 checkpoint?")
     vocab, n_embd = tensors["wte.weight"].shape
     if n_vocab is not None and vocab != n_vocab:
         raise ValueError(f"gpt2:{path}: a vocabulary of {vocab} tokens, but the gpt2 encoding has {n_vocab}")
@@ -101,12 +87,12 @@ def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropo
     block_size = positions if block_size is None else block_size
     if block_size > positions:
         raise ValueError(f"--block_size {block_size} exceeds the {positions} positions of {source}")
-    return GPTConfig(vocab_size=vocab, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                     n_embd=n_embd, dropout=dropout)
+    return GPTConfig(vocab, block_size, n_layer, n_head, n_embd, dropout)
 
 
-def _gpt2_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, source: str) -> dict[str, torch.Tensor]:
-    """Hugging Face's names and layouts turned into this model's state dict (float32)."""
+def _gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPT, source: str) -> dict[str, torch.Tensor]:
+    """Hugging Face's names and layouts turned into `model`'s state dict (float32), with a clear error for a missing,
+    unexpected or misshapen tensor (load_state_dict's is a wall of text)."""
     state = {}
     for key, tensor in tensors.items():
         if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
@@ -117,6 +103,16 @@ def _gpt2_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, source
             continue
         tensor = tensor.float()
         state["transformer." + key] = tensor.t().contiguous() if key.endswith(_CONV1D) else tensor.contiguous()
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size].clone()
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:model.config.block_size].clone()
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(k.removeprefix("transformer.") for k in expected.keys() - state.keys())
+    unexpected = sorted(k.removeprefix("transformer.") for k in state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source}: not GPT-2's tensors: missing {missing[:5] or 'none'}, "
+                         f"unexpected {unexpected[:5] or 'none'}")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise ValueError(f"{source}: {key.removeprefix('transformer.')} has shape {tuple(state[key].shape)}, "
+                             f"expected {tuple(shape)} (after transposing Conv1D weights)")
     return state
 

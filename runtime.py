@@ -67,8 +67,7 @@ COMPILE_BACKEND = "SFTKEY_COMPILE_BACKEND"  # environment variable: tests use "e
 
 
 def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """`model`, or for --compile torch.compile'd with dynamic shapes: batch widths change from step to step (length
-    grouping), so one shape-generic graph. The projection (boolean mask, data-dependent shapes) stays outside."""
+    """`model`, or for --compile torch.compile'd with dynamic shapes: one graph for every width (length grouping)."""
     return torch.compile(model, dynamic=True, backend=os.environ.get(COMPILE_BACKEND, "inductor")) if enabled else model
 
 
@@ -141,10 +140,9 @@ STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 class StopSignal:
-    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found are put back after it), each ending
-    it with one line and exit 130. Outside `deferred()` a signal raises Interrupted at once (writes are
-    atomic, a stage is saved before it is evaluated: nothing is lost); inside (training steps) the step in
-    flight finishes, `StageCheckpoint.after_step` writes its checkpoint, then raises. Later ones only say so."""
+    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found are put back after it), each ending it in one
+    line, exit 130. Outside `deferred()` a signal raises Interrupted at once (writes are atomic: nothing is lost);
+    inside (training steps) the step in flight finishes and `StageCheckpoint.after_step` checkpoints it, then raises."""
 
     def __init__(self, after: str = "to continue, run the same command with --resume"):
         self.received, self.name, self.after = False, "", after  # the name of the first signal received
@@ -165,9 +163,8 @@ class StopSignal:
 
     @contextlib.contextmanager
     def deferred(self):
-        """A block a signal does not cut short. One received inside is honoured at the loop's next check
-        (StageCheckpoint.after_step) or, if it came after the last one, as the block ends: Interrupted
-        is raised there, unless an exception is already on its way out. Blocks may nest."""
+        """A block a signal does not cut short: one received inside raises Interrupted at the loop's next check
+        (after_step) or as the block ends, unless an exception is already on its way out. Blocks may nest."""
         already, self._depth = self.received, self._depth + 1
         try:
             yield self
@@ -245,16 +242,14 @@ def gpu_bf16_peak(name: str) -> float | None:
 
 
 def peak_flops(device: str, dtype: torch.dtype) -> float | None:
-    """The peak matmul FLOP/s for MFU: a known GPU's data-sheet bf16 peak, else None (no MFU is shown).
-    A CPU's peak would have to be timed, and on a shared machine such timings moved by 2x."""
+    """A known GPU's data-sheet bf16 peak FLOP/s for MFU, else None (timed CPU peaks moved by 2x on shared machines)."""
     if device.startswith("cuda") and dtype == torch.bfloat16:
         return gpu_bf16_peak(torch.cuda.get_device_name(device))
     return None
 
 
 def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, peak: float) -> float:
-    """Model FLOPs utilisation: matmul FLOP/s achieved (GPT.flops_per_token at the mean padded width
-    `seq_len`, the share `projected_fraction` of positions projected) over `peak`."""
+    """Model FLOPs utilisation: GPT.flops_per_token (mean padded width, share projected) x tokens/s over `peak`."""
     return model.flops_per_token(seq_len, projected_fraction) * tokens_per_s / peak
 
 
@@ -379,8 +374,7 @@ def parse_weights(text: str, flag: str) -> tuple[float, float, float]:
 
 
 def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Stage 1's and stage 2's per-role loss weights: --weights (or its short forms --key_only and
-    --key_weight, which may not be combined with it) and --stage2_weights."""
+    """Stage 1 and stage 2 loss weights: --weights (or its short forms --key_only, --key_weight), --stage2_weights."""
     if cfg.weights and (cfg.key_only or cfg.key_weight != 1):
         raise ValueError(f"--weights {cfg.weights} sets stage 1's loss; --key_only and --key_weight are short "
                          f"forms of it: give one or the other")
