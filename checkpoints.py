@@ -20,12 +20,10 @@ import math
 import os
 import pickle
 import re
-import socket
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 import torch
@@ -153,7 +151,7 @@ def write_json(path: str, obj) -> None:
 
 # Reading every input once
 
-@dataclass
+@dataclasses.dataclass
 class Inputs:
     """A run's input files, read once: bytes (by field), sha256 (by flag), the --init_from checkpoint and its
     origin (the stage it ended and the data-stream steps read: a stage run from it is named and reads on)."""
@@ -193,9 +191,8 @@ def restore_rng(ckpt: dict, rank: int = 0) -> None:
     """The RNG states rank `rank` had when `ckpt` was written (as CPU tensors; GPUs this machine lacks left out)."""
     state = ckpt["rng_ranks"][rank] if "rng_ranks" in ckpt else ckpt
     torch.set_rng_state(state["rng"].cpu())
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        for index, cuda in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda.cpu(), index)
+    for index, cuda in enumerate(state.get("cuda_rng", [])[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda.cpu(), index)
 
 
 def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dict | None = None) -> None:
@@ -255,9 +252,8 @@ def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None
     saved = GPTConfig(**ckpt["model_config"])
     if exact_vocab is not None and saved.vocab_size == exact_vocab:
         expected = dataclasses.replace(expected, vocab_size=exact_vocab)
-    flag = {"vocab_size": "--encoding"}  # the flag that sets each model-config field, to name it
-    diffs = [f"{flag.get(k, '--' + k)}: {k}={getattr(saved, k)} in the checkpoint but {getattr(expected, k)} here"
-             for k in vars(saved) if getattr(saved, k) != getattr(expected, k)]
+    diffs = [f"{'--encoding' if k == 'vocab_size' else '--' + k}: {k}={getattr(saved, k)} in the checkpoint but "
+             f"{getattr(expected, k)} here" for k in vars(saved) if getattr(saved, k) != getattr(expected, k)]
     trained = ckpt.get("train_config")
     trained_with = trained.get("encoding") if isinstance(trained, dict) else None
     if encoding is not None and trained_with is not None and trained_with != encoding:
@@ -298,9 +294,8 @@ AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passe
 
 
 class StageCheckpoint:
-    """One stage's checkpoint as the loop sees it: `saved` (when resuming) to start from, when to write,
-    `extra` in every write (what run() needs around this stage), every rank's RNG state (dropout resumes
-    exactly on each rank). With no `path` nothing is written (experiment.py's arms)."""
+    """One stage's checkpoint as the loop sees it: `saved` (when resuming) to start from, when to write, `extra` in
+    every write (what run() needs around this stage), every rank's RNG state. With no `path` nothing is written."""
 
     def __init__(self, path: str | None, cfg, stage: str, log: list[dict], saved: dict | None = None,
                  extra: dict | None = None, stop: StopSignal | None = None, dist: Dist | None = None):
@@ -400,9 +395,8 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
 # One run per folder
 
 class RunFolder:
-    """--out_dir, held by one run from `take(plan)` (the files it writes) to the end of the `with` block. A run file
-    outside the plan is another run's, refused even with --overwrite; planned ones refuse a fresh run unless
-    --overwrite, which deletes exactly them; --resume keeps them, each checkpoint first handed to `check`."""
+    """--out_dir, held by one run from `take(plan)` (the files it writes) to the `with` block's end. A run file outside
+    the plan is refused; planned ones need --overwrite (deletes them) or --resume (each checkpoint goes to `check`)."""
 
     def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True,
                  start: str = ""):  # start: the --init_from file, which --overwrite never deletes
@@ -441,9 +435,8 @@ class RunFolder:
                              f"{', …' * (len(strangers) > 3)}): another run's, or one with other flags. This run "
                              f"writes only {', '.join(os.path.relpath(p, out) for p in planned)}; choose another "
                              f"--out_dir, or move those files away")
-        start = self.start
-        if self.overwrite and start and any(os.path.isfile(start) and os.path.samefile(p, start) for p in found):
-            raise ValueError(f"--overwrite would delete {start}, the --init_from checkpoint this run starts from: "
+        if self.overwrite and os.path.isfile(self.start) and any(os.path.samefile(p, self.start) for p in found):
+            raise ValueError(f"--overwrite would delete {self.start}, the --init_from checkpoint this run starts from: "
                              f"copy it elsewhere first, or choose another --out_dir")
         folders = sorted({os.path.dirname(p) for p in planned if os.path.lexists(os.path.dirname(p))})
         problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)] + [
@@ -518,7 +511,7 @@ class FolderLock:
             print(f"note: took over the lock {self.path} left by pid {previous}, which no longer holds it",
                   file=sys.stderr, flush=True)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)  # as socket.gethostname()
         self.fd = fd
 
     def release(self) -> None:

@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -58,8 +57,7 @@ def set_up_device(device: str, seed: int) -> None:
     batch width: on an H200 (PyTorch 2.11 picks cuDNN there) a GPT-2-small step on a new width took 185 ms, not 40."""
     torch.manual_seed(seed)
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.enable_cudnn_sdp(False)  # flash attention then, the fastest in the same test
 
 
@@ -73,7 +71,7 @@ def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 
 # Data parallelism
 
-@dataclass
+@dataclasses.dataclass
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
     rank: int = 0
@@ -259,8 +257,7 @@ class Meter:
 
     def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None):
         self.model, self.cfg, self.dist, self.peak = model, cfg, dist, peak
-        self.iters, self.first_step = iters, first_step
-        self.start, self.paused_seconds = time.time(), 0.0
+        self.iters, self.first_step, self.start, self.paused_seconds = iters, first_step, time.time(), 0.0
         # non-padding input positions, positions the model ran (padding included), positions with a loss weight
         self.real, self.computed, self.projected = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
 
@@ -323,11 +320,9 @@ def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist
 
 
 def print_result(stage: str, r: dict, seconds: float) -> None:
-    if not r["n"]:
-        print(f"{stage}: not evaluated, no test set (give --eval_data) | trained in {clock(seconds)}", flush=True)
-        return
-    print(f"{stage}: Acc {number(r['acc'])} | Fmt {number(r['fmt'])} | Composite {number(r['composite'])} on "
-          f"{r['n']} test examples | trained in {clock(seconds)}", flush=True)
+    scores = (f"Acc {number(r['acc'])} | Fmt {number(r['fmt'])} | Composite {number(r['composite'])} on {r['n']} "
+              f"test examples" if r["n"] else "not evaluated, no test set (give --eval_data)")
+    print(f"{stage}: {scores} | trained in {clock(seconds)}", flush=True)
     for sample in r["samples"][:1]:
         print(f"  e.g. {sample['prompt']!r} -> {sample['response']!r} (reference {sample['reference']!r})")
 
@@ -345,11 +340,9 @@ def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
     """One flag per field of the `config_class` dataclass, its help text taken from the field's metadata."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(config_class):
-        flag, help_text = f"--{f.name}", f.metadata["help"] + " (default: %(default)r)"  # set_defaults shows
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
+        kind = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {"type": type(f.default)}
+        help_text = f.metadata["help"] + " (default: %(default)r)"  # %(default)r: what set_defaults made it, too
+        parser.add_argument(f"--{f.name}", default=f.default, help=help_text, **kind)
     return parser
 
 
