@@ -40,8 +40,7 @@ from model import GPT, GPTConfig
 from runtime import PRETRAINED, Dist, Interrupted, StopSignal
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
-# Run files (train.py's, experiment.py's), at the top or ckpt.pt 1-2 folders down; outside a plan: another run's.
-RUN_FILES = (RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
+RUN_FILES = (RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")  # train's, experiment's
 NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,99}")  # what we name: no separator, no "." or "..", short
 
 
@@ -394,21 +393,70 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
 
 # One run per folder
 
-class RunFolder:
+class FolderLock:
+    """fcntl.flock on out_dir/.sftkey.lock, released by the kernel however the holder ends (kill -9 too); the file names
+    the holder ("pid host") for a refused second run. No fcntl (Windows): no lock, and a note says so."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _holder(self, fd: int) -> str:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            print(f"note: no file locking on this system: nothing stops a second run in {self.out_dir}",
+                  file=sys.stderr, flush=True)
+            return
+        while True:
+            try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, never followed
+                make_folders(self.out_dir)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as err:  # a read-only file system, a path under a file, no permission
+                raise ValueError(f"--out_dir {self.out_dir}: the run could not write its files there: cannot create "
+                                 f"{err.filename or self.path} ({err.strerror or err}). Nothing was trained") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid, _, host = self._holder(fd).partition(" ")
+                os.close(fd)
+                who = f"pid {pid} on {host}" if pid else "a process that is just starting"
+                raise ValueError(f"--out_dir {self.out_dir} is in use by another run ({who}; lock {self.path}): "
+                                 f"wait for it to end, or choose another --out_dir") from None
+            # A holder releasing unlinks the file: if it did between our open and flock, start again on the new one.
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.stat(self.path, follow_symlinks=False), os.fstat(fd)):
+                    break
+            os.close(fd)
+        if previous := self._holder(fd):
+            print(f"note: took over the lock {self.path} left by pid {previous}, which no longer holds it",
+                  file=sys.stderr, flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)  # as socket.gethostname()
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # unlink before unlocking: see the inode check in acquire
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+
+class RunFolder(FolderLock):
     """--out_dir, held by one run from `take(plan)` (the files it writes) to the `with` block's end. A run file outside
     the plan is refused; planned ones need --overwrite (deletes them) or --resume (each checkpoint goes to `check`)."""
 
     def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True,
                  start: str = ""):  # start: the --init_from file, which --overwrite never deletes
-        self.out_dir, self.overwrite, self.resume, self.resumable = out_dir, overwrite, resume, resumable
-        self.start = start
-        self.lock = FolderLock(out_dir)
-
-    def __enter__(self) -> RunFolder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
+        super().__init__(out_dir)
+        self.overwrite, self.resume, self.resumable, self.start = overwrite, resume, resumable, start
 
     def take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None = None, dist: Dist | None = None):
         """Rank 0 locks and checks; every rank of a torchrun job then raises rank 0's refusal, if any."""
@@ -422,11 +470,12 @@ class RunFolder:
             raise ValueError(refusal)
 
     def _take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None) -> None:
-        self.lock.acquire()
+        self.acquire()
         out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]
-        top, folder = [os.path.join(out, name) for name in RUN_FILES], glob.escape(out)  # ckpt.pt: 1-2 folders down
+        # Run files (ours, or another run's): RUN_FILES at the top, ckpt.pt one or two folders down.
+        top, folder = [os.path.join(out, name) for name in RUN_FILES], glob.escape(out)
         deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
-        found = sorted(path for path in top + deeper if os.path.isfile(path))  # run files, ours or another run's
+        found = sorted(path for path in top + deeper if os.path.isfile(path))
         for path in (p for p in found if self.resume and check is not None and p.endswith(CKPT_NAME)):
             check(path)  # first: "written by another run" names the flag or file that differs
         strangers = [p for p in found if p not in planned]
@@ -470,53 +519,3 @@ def _probe(folder: str) -> str | None:  # why a file cannot be created in `folde
     except OSError as err:
         return f"cannot create files in {folder} ({err.strerror or err})"
     return None
-
-
-class FolderLock:
-    """fcntl.flock on out_dir/.sftkey.lock, released by the kernel however the holder ends (kill -9 too); the file names
-    the holder ("pid host") for a refused second run. No fcntl (Windows): no lock, and a note says so."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
-
-    def _holder(self, fd: int) -> str:
-        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
-
-    def acquire(self) -> None:
-        if fcntl is None:
-            print(f"note: no file locking on this system: nothing stops a second run in {self.out_dir}",
-                  file=sys.stderr, flush=True)
-            return
-        while True:
-            try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, never followed
-                make_folders(self.out_dir)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            except OSError as err:  # a read-only file system, a path under a file, no permission
-                raise ValueError(f"--out_dir {self.out_dir}: the run could not write its files there: cannot create "
-                                 f"{err.filename or self.path} ({err.strerror or err}). Nothing was trained") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pid, _, host = self._holder(fd).partition(" ")
-                os.close(fd)
-                who = f"pid {pid} on {host}" if pid else "a process that is just starting"
-                raise ValueError(f"--out_dir {self.out_dir} is in use by another run ({who}; lock {self.path}): "
-                                 f"wait for it to end, or choose another --out_dir") from None
-            # A holder releasing unlinks the file: if it did between our open and flock, start again on the new one.
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.samestat(os.stat(self.path, follow_symlinks=False), os.fstat(fd)):
-                    break
-            os.close(fd)
-        if previous := self._holder(fd):
-            print(f"note: took over the lock {self.path} left by pid {previous}, which no longer holds it",
-                  file=sys.stderr, flush=True)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)  # as socket.gethostname()
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):  # unlink before unlocking: see the inode check in acquire
-                os.unlink(self.path)
-            os.close(self.fd)
-            self.fd = None

@@ -95,11 +95,9 @@ def _gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPT, source: str) 
     unexpected or misshapen tensor (load_state_dict's is a wall of text)."""
     state = {}
     for key, tensor in tensors.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
-            continue
-        if key == "lm_head.weight":  # GPT-2 ties it to wte; a different tensor is another model
-            if not torch.equal(tensor, tensors["wte.weight"]):
-                raise ValueError(f"{source}: lm_head.weight differs from wte.weight; only tied GPT-2 is supported")
+        if key == "lm_head.weight" and not torch.equal(tensor, tensors["wte.weight"]):  # GPT-2 ties it to wte
+            raise ValueError(f"{source}: lm_head.weight differs from wte.weight; only tied GPT-2 is supported")
+        if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):  # tied; causal-mask buffers
             continue
         tensor = tensor.float()
         state["transformer." + key] = tensor.t().contiguous() if key.endswith(_CONV1D) else tensor.contiguous()

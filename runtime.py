@@ -169,8 +169,7 @@ class StopSignal:
         finally:
             self._depth -= 1
         if self.received and not already and not self._depth:
-            raise Interrupted(f"{self.name} received: the run ends here, with the training in progress checkpointed; "
-                              f"{self.after}")
+            raise Interrupted(f"{self.name} received: the run ends here, its training checkpointed; {self.after}")
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -274,12 +273,10 @@ class Meter:
         self.paused_seconds += time.time() - t0
 
     def validation_line(self, stage: str, step: int, val: dict[str, float]) -> dict:
-        """The validation row of `step` (for results.json), printed."""
         print(f"{stage} step {step:5d} | val loss: thinking {val['thinking']:.4f} | key {val['key']:.4f}", flush=True)
         return {"stage": stage, "step": step, **{f"val_{k}": v for k, v in val.items()}}
 
     def line(self, stage: str, step: int, lr: float, step_loss: torch.Tensor) -> dict:
-        """The log row of `step` (a dict for results.json), printed on rank 0."""
         dist, done = self.dist, step + 1
         loss = float(dist.all_reduce(step_loss.detach().clone())) / dist.world
         real, computed, projected = dist.all_reduce(torch.stack([self.real, self.computed, self.projected])).tolist()
@@ -439,7 +436,6 @@ def check_config(cfg):
         problems.append("--eval_only with --data needs --eval_data: there is no test set to evaluate on")
     if cfg.eval_only and cfg.resume:
         problems.append("--eval_only trains nothing, so there is nothing to --resume")
-    # --stage2_lr 0 stands for lr x min_lr_ratio; with --min_lr_ratio 0 every stage-2 step would be a no-op.
     if cfg.stage2_iters > 0 and not cfg.eval_only and cfg.stage2_lr == 0 and cfg.min_lr_ratio == 0:
         problems.append("stage 2 would train at learning rate 0: --stage2_lr 0 means --lr x --min_lr_ratio, and "
                         "--min_lr_ratio is 0; give --stage2_lr > 0, a --min_lr_ratio > 0, or --stage2_iters 0")
