@@ -45,7 +45,6 @@ NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,99}")  # what we name: no se
 
 
 # Writing whole or not at all, only where we name
-
 class WriteError(OSError):
     """A file could not be written (disk full, I/O error); the previous file, if any, is intact."""
 
@@ -149,7 +148,6 @@ def write_json(path: str, obj) -> None:
 
 
 # Reading every input once
-
 @dataclasses.dataclass
 class Inputs:
     """A run's input files, read once: bytes (by field), sha256 (by flag), the --init_from checkpoint and its
@@ -179,7 +177,6 @@ def read_inputs(cfg) -> Inputs:
 
 
 # Checkpoints
-
 def rng_state() -> dict:
     """This process's CPU and CUDA RNG states (CUDA's once in use: asking earlier would start a context)."""
     return {"rng": torch.get_rng_state(),
@@ -246,8 +243,7 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
 
 def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None = None,
                 exact_vocab: int | None = None) -> None:
-    """Refuse a checkpoint whose model shape (or --encoding) is not the one the flags ask for. A vocabulary
-    of `exact_vocab` (a tokenizer's own size: GPT-2's) passes as well as the rounded one."""
+    """Refuse a checkpoint whose shape (or --encoding) is not the flags'; `exact_vocab` (GPT-2's own) passes too."""
     saved = GPTConfig(**ckpt["model_config"])
     if exact_vocab is not None and saved.vocab_size == exact_vocab:
         expected = dataclasses.replace(expected, vocab_size=exact_vocab)
@@ -288,7 +284,6 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
 
 
 # The training loop's hook
-
 AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passed (milliseconds each here)
 
 
@@ -342,20 +337,17 @@ class StageCheckpoint:
 
 
 # Resuming: the same flags, the same input bytes, a complete checkpoint
-
 def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> list[str]:
-    """What differs between the run that wrote `ckpt` and the flags `cfg`, both values named: each field
-    runtime.FLAGS marks "same", then the input files' contents (`hashes`: this run's sha256 by flag)."""
+    """What differs, both values named, from the run that wrote `ckpt`: FLAGS' "same" fields, the inputs' `hashes`."""
     saved, here = ckpt.get("train_config"), dataclasses.asdict(cfg)
     if not isinstance(saved, dict):
         return ["the checkpoint records no flags (train_config)"]
     absent, diffs = object(), []
     show = lambda value, missing: missing if value is absent else "(empty)" if value == "" else str(value)  # noqa: E731
     for name in dict.fromkeys([*here, *saved]):  # a flag unknown here (from a later version) is compared too
-        before, now = saved.get(name, absent), here.get(name, absent)
-        if runtime.FLAGS.get(name, ("", "same"))[1] == "same" and before != now:
-            diffs.append(f"--{name}: {show(before, 'not recorded')} in the checkpoint, "
-                         f"{show(now, 'no such flag')} here")
+        was, now = saved.get(name, absent), here.get(name, absent)
+        if runtime.FLAGS.get(name, ("", "same"))[1] == "same" and was != now:
+            diffs.append(f"--{name}: {show(was, 'not recorded')} in the checkpoint, {show(now, 'no such flag')} here")
     recorded = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
     for flag, digest in (hashes or {}).items():
         if saved.get(flag[2:]) == here[flag[2:]] and recorded.get(flag) != digest:  # another path: named above
@@ -386,13 +378,11 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
         diffs.append(f"ranks: {ckpt.get('world', 1)} in the checkpoint, {world} here (they set the batch, "
                      f"--batch_size x --grad_accum x ranks)")
     if diffs:
-        raise ValueError(f"{path} was written by another run: {'; '.join(diffs)}. Resume with the flags and files "
-                         f"it was written with, start afresh with --overwrite (deletes that run's files), or choose "
-                         f"another --out_dir")
+        raise ValueError(f"{path} was written by another run: {'; '.join(diffs)}. Resume with its flags and files, "
+                         f"start afresh with --overwrite (deletes that run's files), or choose another --out_dir")
 
 
 # One run per folder
-
 class FolderLock:
     """fcntl.flock on out_dir/.sftkey.lock, released by the kernel however the holder ends (kill -9 too); the file names
     the holder ("pid host") for a refused second run. No fcntl (Windows): no lock, and a note says so."""

@@ -26,10 +26,8 @@ PRETRAINED = "gpt2:"  # --init_from gpt2:DIR loads a Hugging Face GPT-2 checkpoi
 
 
 # Device and dtype
-
 def native_bf16(device: str) -> bool:
-    """Whether `device` multiplies bf16 in hardware; emulated elsewhere, and slow: CUDA before Ampere (where
-    is_bf16_supported() is still true), CPUs without AVX-512 BF16 (0.3 GFLOP/s against 69 in float32 here)."""
+    """Whether `device` multiplies bf16 in hardware (CUDA from Ampere, CPUs with AVX-512 BF16): emulated, it is slow."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -70,7 +68,6 @@ def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 
 
 # Data parallelism
-
 @dataclasses.dataclass
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
@@ -128,10 +125,8 @@ class Dist:
 
 
 # Stop signals
-
 class Interrupted(BaseException):
-    """A stop signal ended the run (resume with --resume). A BaseException, as KeyboardInterrupt is: raised
-    from a signal handler anywhere, no `except Exception` meant for bad input may swallow it."""
+    """A stop signal ended the run: a BaseException, as KeyboardInterrupt, so no `except Exception` may swallow it."""
 
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))  # HUP: ssh
@@ -197,8 +192,7 @@ class StopSignal:
 
 
 def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float, weights: tuple[float, ...]) -> str:
-    """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left, the likely causes (a
-    loss weight float32 holds as inf among them: the flags refuse those, train() called from code may get one)."""
+    """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left, the likely causes."""
     weight = (f"a loss weight of {max(weights):g} (--weights, --stage2_weights or --key_weight), infinite in "
               f"float32" if max(weights) > torch.finfo(torch.float32).max else "")
     if step == 0:  # before the stage's first update: its learning rate cannot be the cause
@@ -251,8 +245,7 @@ def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, p
 
 
 class Meter:
-    """The log lines of one stage: loss, tokens/s, MFU and ETA, validation time left out. Token counts
-    stay on the device (reading them would wait for the GPU every step) until a line is logged."""
+    """One stage's log lines (loss, tokens/s, MFU, ETA); token counts stay on the device (no GPU wait) until logged."""
 
     def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None):
         self.model, self.cfg, self.dist, self.peak = model, cfg, dist, peak
@@ -325,14 +318,12 @@ def print_result(stage: str, r: dict, seconds: float) -> None:
 
 
 def results_table(results: dict[str, dict]) -> str:
-    lines = ["| arm | Acc | Fmt | Composite | n |", "| --- | --- | --- | --- | --- |"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {number(r['acc'])} | {number(r['fmt'])} | {number(r['composite'])} | {r['n']} |")
-    return "\n".join(lines)
+    rows = (f"| {name} | {number(r['acc'])} | {number(r['fmt'])} | {number(r['composite'])} | {r['n']} |"
+            for name, r in results.items())
+    return "\n".join(["| arm | Acc | Fmt | Composite | n |", "| --- | --- | --- | --- | --- |", *rows])
 
 
 # Flags
-
 def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
     """One flag per field of the `config_class` dataclass, its help text taken from the field's metadata."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,8 +365,7 @@ def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, f
 
 
 def command(work: Callable[[], object]) -> None:
-    """A command line around `work()`: bad input or flags end in one line and exit 2; a stop in one line too
-    (a signal: 130; a non-finite loss, a failed write such as a full disk: 1). Never a traceback."""
+    """`work()` as a command: bad input ends in one line, exit 2; a stop too (a signal: 130; else 1). No traceback."""
     try:
         work()
     except (FileNotFoundError, ValueError) as err:
