@@ -150,8 +150,7 @@ def write_json(path: str, obj) -> None:
 # Reading every input once
 @dataclasses.dataclass
 class Inputs:
-    """A run's input files, read once: bytes (by field), sha256 (by flag), the --init_from checkpoint and its
-    origin (the stage it ended and the data-stream steps read: a stage run from it is named and reads on)."""
+    """A run's input files, read once: bytes, sha256 by flag, the --init_from checkpoint, its origin (stage, step)."""
     raw: dict[str, bytes]
     sha256: dict[str, str]
     init: dict | None = None
@@ -310,8 +309,7 @@ class StageCheckpoint:
         return time.time() - self.start
 
     def save(self, step: int, model: GPT, optimizer) -> None:
-        """Write `step`'s checkpoint: all ranks call it (their RNG states are gathered), but for a second write
-        of the same step, which reuses them (rank 0 alone, after evaluating)."""
+        """Write `step`'s checkpoint: all ranks call it (to gather their RNG states), but for a second write of it."""
         if self.rng_ranks[0] != step:
             self.rng_ranks = (step, self.dist.gather(rng_state()))
         if self.path and self.dist.master:
@@ -321,8 +319,7 @@ class StageCheckpoint:
         self.last_write = time.time()
 
     def due(self, done: int, iters: int) -> bool:
-        """Every --ckpt_interval steps, or (0, the default) once AUTO_CKPT_SECONDS have passed since the last
-        write, so a kill -9 loses minutes, not a stage; never after the last step (the stage's end writes)."""
+        """Every --ckpt_interval steps or (0) AUTO_CKPT_SECONDS: a kill -9 loses minutes; not at the stage's end."""
         interval, waited = self.cfg.ckpt_interval, time.time() - self.last_write
         return done < iters and (done % interval == 0 if interval else waited >= AUTO_CKPT_SECONDS)
 
