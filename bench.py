@@ -204,6 +204,14 @@ def generation(model: GPT, prompts: list[list[int]], new_tokens: int, use_cache:
 # ---------------------------------------------------------------------------------------------
 # The run
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def mfu_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 def _table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
@@ -219,7 +227,7 @@ def run(args) -> dict:
     # timing it would take hours and say nothing about the method, so it is only timed when native.
     bf16_ok = R.native_bf16(device) or dtype == torch.bfloat16 or args.emulated_bf16
     started = time.time()
-    out: dict = {"device": device, "device_name": device_name(device), "dtype": R.dtype_name(dtype),
+    out: dict = {"device": device, "device_name": device_name(device), "dtype": dtype_name(dtype),
                  "threads": torch.get_num_threads()}
     tables = []
 
@@ -240,7 +248,7 @@ def run(args) -> dict:
              "stage 2": sftkey.token_weights(roles, sftkey.role_weights(key_only=True))}
     configs = {"full": ("stage 1", True, dtype), "sft": ("stage 1", False, dtype), "key": ("stage 2", False, dtype)}
     if bf16_ok:
-        configs["sft_" + R.dtype_name(other)] = ("stage 1", False, other)
+        configs["sft_" + dtype_name(other)] = ("stage 1", False, other)
     steps = {k: train_step(model, optimizer, batch, masks[m], full, device, d) for k, (m, full, d) in configs.items()}
     seconds = interleaved_seconds(steps, device, args.warmup, args.iters)
     real = int((roles != sftkey.PAD).sum())
@@ -248,7 +256,7 @@ def run(args) -> dict:
     for key, (mask, full, d) in configs.items():
         projected = (x.numel() if full else int((masks[mask] != 0).sum())) / real
         rate = real / seconds[key]
-        runs[key] = {"tokens_per_s": rate, "step_ms": 1000 * seconds[key], "dtype": R.dtype_name(d),
+        runs[key] = {"tokens_per_s": rate, "step_ms": 1000 * seconds[key], "dtype": dtype_name(d),
                      "memory_mb": step_memory(steps[key], device) / 2 ** 20, "projected_fraction": projected,
                      "flops_per_s": R.mfu(model, rate, x.size(1), projected, 1.0)}
     for key, r in runs.items():
@@ -258,17 +266,17 @@ def run(args) -> dict:
     labels = {"full": ("every position (plain)", "any"), "sft": ("supervised only", "stage 1 (SFT-Tag)"),
               "key": ("supervised only", "stage 2 (Key)")}
     tables.append((f"Training step: {args.n_layer} layers x {args.n_embd}, vocabulary {config.vocab_size}, "
-                   f"batch {x.size(0)} x {x.size(1)} tokens, {R.dtype_name(dtype)}, {device}",
+                   f"batch {x.size(0)} x {x.size(1)} tokens, {dtype_name(dtype)}, {device}",
                    _table(["projected onto the vocabulary", "mask", "share projected", "tokens/s", "step ms",
                            "step memory MB", "MFU", "speedup"],
                           [[*labels[k], f"{runs[k]['projected_fraction']:.0%}", f"{runs[k]['tokens_per_s']:,.0f}",
-                            f"{runs[k]['step_ms']:,.0f}", f"{runs[k]['memory_mb']:,.0f}", R.mfu_text(runs[k]['mfu']),
+                            f"{runs[k]['step_ms']:,.0f}", f"{runs[k]['memory_mb']:,.0f}", mfu_text(runs[k]['mfu']),
                             f"{runs[k]['tokens_per_s'] / base:.2f}x"] for k in labels])))
     out["train_step"] = runs
     out["sft_step_speedup"] = runs["sft"]["tokens_per_s"] / base
     out["key_step_speedup"] = runs["key"]["tokens_per_s"] / base
     out["mfu"] = runs["sft"]["mfu"]
-    out["peak_flops"] = {R.dtype_name(d): p for d, p in peaks.items()}
+    out["peak_flops"] = {dtype_name(d): p for d, p in peaks.items()}
 
     # 2. generation: prompts of about the median length, each method taking turns
     model.eval()
@@ -292,7 +300,7 @@ def run(args) -> dict:
         gen_rows += [[len(group), "re-run the whole prefix", f"{rates[0]:,.1f}", "1.00x"],
                      [len(group), "KV cache", f"{rates[1]:,.1f}", f"{rates[1] / rates[0]:.2f}x"]]
     tables.append((f"Greedy generation: {args.new_tokens} new tokens per prompt, prompts of "
-                   f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {R.dtype_name(dtype)}",
+                   f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {dtype_name(dtype)}",
                    _table(["prompts", "method", "tokens/s", "speedup"], gen_rows)))
     out["generation"] = gen
     out["kv_cache_speedup"] = gen["kv_cache_speedup_batched"]  # evaluation generates in batches
@@ -313,11 +321,11 @@ def run(args) -> dict:
 
     # 4. precision: the stage-1 (supervised-only) step at both dtypes
     if bf16_ok:
-        pair = {d: runs["sft" if d == dtype else "sft_" + R.dtype_name(other)]["tokens_per_s"] for d in dtypes}
+        pair = {d: runs["sft" if d == dtype else "sft_" + dtype_name(other)]["tokens_per_s"] for d in dtypes}
         small = default_model_rates(device, args)
         out["bf16_speedup"] = pair[torch.bfloat16] / pair[torch.float32]
         out["bf16_speedup_default_model"] = small["bfloat16"] / small["float32"]
-        out["precision"] = {"bench_model": {R.dtype_name(d): r for d, r in pair.items()}, "default_model": small}
+        out["precision"] = {"bench_model": {dtype_name(d): r for d, r in pair.items()}, "default_model": small}
         dflt = T.TrainConfig()
         tables.append(("Precision: stage-1 training step, float32 vs bfloat16 autocast",
                        _table(["model", "float32 tokens/s", "bfloat16 tokens/s", "bf16 speedup"],
@@ -354,7 +362,7 @@ def default_model_rates(device: str, args) -> dict[str, float]:
     model = GPT(ckpts.model_config(cfg, enc)).to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     w = sftkey.token_weights(batch[2], sftkey.role_weights())
-    steps = {R.dtype_name(d): train_step(model, optimizer, batch, w, False, device, d) for d in (torch.float32, torch.bfloat16)}
+    steps = {dtype_name(d): train_step(model, optimizer, batch, w, False, device, d) for d in (torch.float32, torch.bfloat16)}
     seconds = interleaved_seconds(steps, device, args.warmup, args.small_iters)
     return {key: int((batch[2] != sftkey.PAD).sum()) / s for key, s in seconds.items()}
 

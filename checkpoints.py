@@ -1,12 +1,9 @@
 """Files: what a run reads, what it writes, and the one folder it owns. Nothing here is SFTKey.
 
-Three rules carry it, each making a class of mistakes impossible rather than checking for them:
-- *Every input is read once* (`read_inputs`: regular files only, data.read_input) and hashed from
-  those bytes; checkpoints record the hashes and the --init_from origin, so a file edited after the
-  start reaches neither the run nor its resumption.
-- *We own only what we name*: every path written or deleted is `owned_path(out_dir, names...)`, names
-  built from flags matching one pattern, no symlink under out_dir followed; a run plans its files,
-  `RunFolder` refuses run files outside the plan, and --overwrite deletes exactly the planned ones.
+Three rules carry it (README, *Failure modes*), each making a class of mistakes impossible:
+- *Every input is read once* (`read_inputs`) and hashed from those bytes, the hashes kept in checkpoints.
+- *We own only what we name*: every path written or deleted is `owned_path(out_dir, names...)`, no symlink
+  followed; `RunFolder` refuses run files outside the run's plan, and --overwrite deletes exactly the planned ones.
 - *Whole or not at all*: `atomic_write` (a unique temporary, fsync'ed, renamed, folders fsync'ed).
 Also `StageCheckpoint`, the loop's one hook (resume, periodic writes, signals, every rank's RNG state).
 """
@@ -23,12 +20,10 @@ import math
 import os
 import pickle
 import re
-import socket
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 import torch
@@ -45,13 +40,11 @@ from model import GPT, GPTConfig
 from runtime import PRETRAINED, Dist, Interrupted, StopSignal
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
-# Run files (train.py's, experiment.py's), at the top or ckpt.pt 1-2 folders down; outside a plan: another run's.
-RUN_FILES = (RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
+RUN_FILES = (RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")  # train's, experiment's
 NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,99}")  # what we name: no separator, no "." or "..", short
 
 
 # Writing whole or not at all, only where we name
-
 class WriteError(OSError):
     """A file could not be written (disk full, I/O error); the previous file, if any, is intact."""
 
@@ -60,8 +53,7 @@ class WriteError(OSError):
 
 
 def owned_path(out_dir: str, *names: str) -> str:
-    """out_dir/NAME/...: refused unless each NAME matches NAME (a checkpoint's stage name can never
-    climb out with "../") and nothing below out_dir on the way is a symbolic link."""
+    """out_dir/NAME/..., refused unless each NAME matches NAME (no climbing out with "..") and no link is on the way."""
     path = out_dir
     for name in names:
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -136,9 +128,6 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     except (OSError, RuntimeError) as err:
         cause = (recording and recording.error) or err
         full = getattr(cause, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        with contextlib.suppress(OSError, AttributeError):  # torch's own error ("unexpected pos") says less
-            stat = os.statvfs(folder)
-            full = full or stat.f_bavail * stat.f_frsize < 1 << 20
         before = "the previous file there is intact" if os.path.exists(path) else "nothing was written there"
         raise WriteError(getattr(cause, "errno", None) or errno.EIO, f"could not write {path}: "
                          f"{'the disk is full' if full else 'the write failed'} ({type(cause).__name__}: "
@@ -159,11 +148,9 @@ def write_json(path: str, obj) -> None:
 
 
 # Reading every input once
-
-@dataclass
+@dataclasses.dataclass
 class Inputs:
-    """A run's input files, read once: bytes (by field), sha256 (by flag), the --init_from checkpoint and its
-    origin (the stage it ended and the data-stream steps read: a stage run from it is named and reads on)."""
+    """A run's input files, read once: bytes, sha256 by flag, the --init_from checkpoint, its origin (stage, step)."""
     raw: dict[str, bytes]
     sha256: dict[str, str]
     init: dict | None = None
@@ -189,7 +176,6 @@ def read_inputs(cfg) -> Inputs:
 
 
 # Checkpoints
-
 def rng_state() -> dict:
     """This process's CPU and CUDA RNG states (CUDA's once in use: asking earlier would start a context)."""
     return {"rng": torch.get_rng_state(),
@@ -197,18 +183,15 @@ def rng_state() -> dict:
 
 
 def restore_rng(ckpt: dict, rank: int = 0) -> None:
-    """The RNG states rank `rank` had when `ckpt` was written (read with map_location they may sit on
-    a GPU: the setters want CPU tensors); states of GPUs this machine lacks are left out."""
+    """The RNG states rank `rank` had when `ckpt` was written (as CPU tensors; GPUs this machine lacks left out)."""
     state = ckpt["rng_ranks"][rank] if "rng_ranks" in ckpt else ckpt
     torch.set_rng_state(state["rng"].cpu())
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        for index, cuda in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda.cpu(), index)
+    for index, cuda in enumerate(state.get("cuda_rng", [])[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda.cpu(), index)
 
 
 def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dict | None = None) -> None:
-    """Tensors and plain values only (loadable with weights_only=True), written atomically. `extra` adds
-    entries (the stage, its log, every rank's RNG state as `rng_ranks`, the inputs' hashes)."""
+    """Tensors and plain values only (loadable with weights_only=True), written atomically; `extra` adds entries."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
              "model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
              "step": step, "rng_ranks": [rng_state()], **(extra or {})}
@@ -217,11 +200,8 @@ def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dic
 
 def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding: str | None = None,
                     mmap: bool = False, raw: bytes | None = None) -> dict:
-    """A checkpoint (from `raw`, its bytes, when given), refused with one ValueError naming the file unless
-    it holds exactly this model's weights in float32 and its shape matches `expected` (and `encoding`).
-    torch.load with weights_only=True: loading never runs code."""
-    if raw is None and not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+    """A checkpoint (from `raw`, its bytes, if given), loaded with weights_only=True (never running code), refused in
+    one ValueError unless it holds exactly this model's float32 weights, shaped as `expected` (and `encoding`)."""
     try:
         with warnings.catch_warnings():  # a foreign pickle protocol draws a warning; the refusal says more
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -235,8 +215,7 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
     except Exception as err:  # a truncated or foreign file: the loader's own errors say little
         detail = str(err).splitlines()[0] if str(err) else "no details"
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {detail})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) or not isinstance(
-            ckpt.get("model"), dict):
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "model_config"))):
         raise ValueError(f"{path}: not an sftkey checkpoint (no 'model' and 'model_config' entries)")
     try:
         saved = GPTConfig(**ckpt["model_config"])
@@ -263,14 +242,12 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
 
 def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None = None,
                 exact_vocab: int | None = None) -> None:
-    """Refuse a checkpoint whose model shape (or --encoding) is not the one the flags ask for. A vocabulary
-    of `exact_vocab` (a tokenizer's own size: GPT-2's) passes as well as the rounded one."""
+    """Refuse a checkpoint whose shape (or --encoding) is not the flags'; `exact_vocab` (GPT-2's own) passes too."""
     saved = GPTConfig(**ckpt["model_config"])
     if exact_vocab is not None and saved.vocab_size == exact_vocab:
         expected = dataclasses.replace(expected, vocab_size=exact_vocab)
-    flag = {"vocab_size": "--encoding"}  # the flag that sets each model-config field, to name it
-    diffs = [f"{flag.get(k, '--' + k)}: {k}={getattr(saved, k)} in the checkpoint but {getattr(expected, k)} here"
-             for k in vars(saved) if getattr(saved, k) != getattr(expected, k)]
+    diffs = [f"{'--encoding' if k == 'vocab_size' else '--' + k}: {k}={getattr(saved, k)} in the checkpoint but "
+             f"{getattr(expected, k)} here" for k in vars(saved) if getattr(saved, k) != getattr(expected, k)]
     trained = ckpt.get("train_config")
     trained_with = trained.get("encoding") if isinstance(trained, dict) else None
     if encoding is not None and trained_with is not None and trained_with != encoding:
@@ -279,36 +256,24 @@ def check_shape(ckpt: dict, path: str, expected: GPTConfig, encoding: str | None
         raise ValueError(f"{path} does not match the flags: " + "; ".join(diffs))
 
 
-def load_checkpoint(path: str, expected: GPTConfig, device: str, encoding: str | None = None) -> tuple[GPT, dict]:
-    """The model a checkpoint holds, on `device`, and the checkpoint."""
-    ckpt = read_checkpoint(path, expected, device, encoding)
-    return _model_from(ckpt, device), ckpt
-
-
-def _model_from(ckpt: dict, device: str) -> GPT:
-    model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])  # float32 and these shapes: read_checkpoint checked
-    return model
-
-
 def model_config(cfg, enc) -> GPTConfig:
     """The shape the flags ask for, the vocabulary rounded up to a multiple of 64 (efficient matmuls)."""
-    return GPTConfig(64 * math.ceil(enc.n_vocab / 64), cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
-                     cfg.dropout)
+    return GPTConfig(64 * math.ceil(enc.n_vocab / 64), cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
 
 
 def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
-    """Random weights, the --init_from checkpoint's (from `inputs`, read once; else read here), or
-    GPT-2's (--init_from gpt2:DIR, which keeps GPT-2's shape and its 50,257-token vocabulary, as do
-    checkpoints trained from it). A model too large for memory is a flag error, not a traceback."""
+    """Random weights, the --init_from checkpoint's (from `inputs`), or GPT-2's (--init_from gpt2:DIR: its shape and
+    50,257-token vocabulary, kept by checkpoints trained from it). Too large for memory: a flag error."""
     try:
         if cfg.init_from.startswith(PRETRAINED):
-            return gpt2.load_gpt2(cfg.init_from, enc, cfg.block_size, cfg.dropout).to(device)
+            hf = gpt2.gpt2_from_hf(cfg.init_from.removeprefix(PRETRAINED), cfg.block_size, cfg.dropout, enc.n_vocab)
+            return hf.to(device)
         if cfg.init_from:
-            init = inputs.init if inputs is not None and inputs.init is not None else read_checkpoint(
-                cfg.init_from, None, "cpu")
+            init = (inputs and inputs.init) or read_checkpoint(cfg.init_from, None, "cpu")
             check_shape(init, cfg.init_from, model_config(cfg, enc), cfg.encoding, enc.n_vocab)
-            return _model_from(init, device)
+            model = GPT(GPTConfig(**init["model_config"])).to(device)
+            model.load_state_dict(init["model"])  # float32 and these shapes: read_checkpoint checked
+            return model
         return GPT(model_config(cfg, enc)).to(device)
     except (MemoryError, RuntimeError) as err:  # CUDA's OutOfMemoryError and the CPU allocator's are RuntimeErrors
         if isinstance(err, RuntimeError) and "alloc" not in str(err):
@@ -318,14 +283,12 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
 
 
 # The training loop's hook
-
 AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passed (milliseconds each here)
 
 
 class StageCheckpoint:
-    """One stage's checkpoint as the loop sees it: `saved` (when resuming) to start from, when to write,
-    `extra` in every write (what run() needs around this stage), every rank's RNG state (dropout resumes
-    exactly on each rank). With no `path` nothing is written (experiment.py's arms)."""
+    """One stage's checkpoint as the loop sees it: `saved` (when resuming) to start from, when to write, `extra` in
+    every write (what run() needs around this stage), every rank's RNG state. With no `path` nothing is written."""
 
     def __init__(self, path: str | None, cfg, stage: str, log: list[dict], saved: dict | None = None,
                  extra: dict | None = None, stop: StopSignal | None = None, dist: Dist | None = None):
@@ -346,8 +309,7 @@ class StageCheckpoint:
         return time.time() - self.start
 
     def save(self, step: int, model: GPT, optimizer) -> None:
-        """Write `step`'s checkpoint: all ranks call it (their RNG states are gathered), but for a second write
-        of the same step, which reuses them (rank 0 alone, after evaluating)."""
+        """Write `step`'s checkpoint: all ranks call it (to gather their RNG states), but for a second write of it."""
         if self.rng_ranks[0] != step:
             self.rng_ranks = (step, self.dist.gather(rng_state()))
         if self.path and self.dist.master:
@@ -357,10 +319,8 @@ class StageCheckpoint:
         self.last_write = time.time()
 
     def due(self, done: int, iters: int) -> bool:
-        """Every --ckpt_interval steps, or (0, the default) once AUTO_CKPT_SECONDS have passed since the last
-        write, so a kill -9 loses minutes, not a stage; never after the last step (the stage's end writes)."""
-        interval = self.cfg.ckpt_interval
-        waited = time.time() - self.last_write
+        """Every --ckpt_interval steps or (0) AUTO_CKPT_SECONDS: a kill -9 loses minutes; not at the stage's end."""
+        interval, waited = self.cfg.ckpt_interval, time.time() - self.last_write
         return done < iters and (done % interval == 0 if interval else waited >= AUTO_CKPT_SECONDS)
 
     def after_step(self, done: int, iters: int, model: GPT, optimizer) -> None:
@@ -374,20 +334,17 @@ class StageCheckpoint:
 
 
 # Resuming: the same flags, the same input bytes, a complete checkpoint
-
 def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> list[str]:
-    """What differs between the run that wrote `ckpt` and the flags `cfg`, both values named: each field
-    runtime.FLAGS marks "same", then the input files' contents (`hashes`: this run's sha256 by flag)."""
+    """What differs, both values named, from the run that wrote `ckpt`: FLAGS' "same" fields, the inputs' `hashes`."""
     saved, here = ckpt.get("train_config"), dataclasses.asdict(cfg)
     if not isinstance(saved, dict):
         return ["the checkpoint records no flags (train_config)"]
     absent, diffs = object(), []
     show = lambda value, missing: missing if value is absent else "(empty)" if value == "" else str(value)  # noqa: E731
     for name in dict.fromkeys([*here, *saved]):  # a flag unknown here (from a later version) is compared too
-        before, now = saved.get(name, absent), here.get(name, absent)
-        if runtime.FLAGS.get(name, ("", "same"))[1] == "same" and before != now:
-            diffs.append(f"--{name}: {show(before, 'not recorded')} in the checkpoint, "
-                         f"{show(now, 'no such flag')} here")
+        was, now = saved.get(name, absent), here.get(name, absent)
+        if runtime.FLAGS.get(name, ("", "same"))[1] == "same" and was != now:
+            diffs.append(f"--{name}: {show(was, 'not recorded')} in the checkpoint, {show(now, 'no such flag')} here")
     recorded = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
     for flag, digest in (hashes or {}).items():
         if saved.get(flag[2:]) == here[flag[2:]] and recorded.get(flag) != digest:  # another path: named above
@@ -418,37 +375,75 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
         diffs.append(f"ranks: {ckpt.get('world', 1)} in the checkpoint, {world} here (they set the batch, "
                      f"--batch_size x --grad_accum x ranks)")
     if diffs:
-        raise ValueError(f"{path} was written by another run: {'; '.join(diffs)}. Resume with the flags and files "
-                         f"it was written with, start afresh with --overwrite (deletes that run's files), or choose "
-                         f"another --out_dir")
+        raise ValueError(f"{path} was written by another run: {'; '.join(diffs)}. Resume with its flags and files, "
+                         f"start afresh with --overwrite (deletes that run's files), or choose another --out_dir")
 
 
 # One run per folder
+class FolderLock:
+    """fcntl.flock on out_dir/.sftkey.lock, released by the kernel however the holder ends (kill -9 too); the file names
+    the holder ("pid host") for a refused second run. No fcntl (Windows): no lock, and a note says so."""
 
-def found_files(out_dir: str) -> list[str]:
-    """The run files in out_dir: RUN_FILES at the top, ckpt.pt one or two folders down."""
-    top, folder = [os.path.join(out_dir, name) for name in RUN_FILES], glob.escape(out_dir)
-    deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
-    return sorted(path for path in top + deeper if os.path.isfile(path))
+    def __init__(self, out_dir: str):
+        self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
 
-
-class RunFolder:
-    """--out_dir, held by one run from `take(plan)` (after the input is checked) to the end of the `with`
-    block. The plan names the files the run writes (owned_paths); a run file outside it is another run's,
-    refused even with --overwrite; planned ones refuse a fresh run unless --overwrite, which deletes
-    exactly them; --resume keeps them, each checkpoint first handed to `check`."""
-
-    def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True,
-                 start: str = ""):  # start: the --init_from file, which --overwrite never deletes
-        self.out_dir, self.overwrite, self.resume, self.resumable = out_dir, overwrite, resume, resumable
-        self.start = start
-        self.lock = FolderLock(out_dir)
-
-    def __enter__(self) -> RunFolder:
+    def __enter__(self) -> FolderLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.lock.release()
+        self.release()
+
+    def _holder(self, fd: int) -> str:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            print(f"note: no file locking on this system: nothing stops a second run in {self.out_dir}",
+                  file=sys.stderr, flush=True)
+            return
+        while True:
+            try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, never followed
+                make_folders(self.out_dir)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as err:  # a read-only file system, a path under a file, no permission
+                raise ValueError(f"--out_dir {self.out_dir}: the run could not write its files there: cannot create "
+                                 f"{err.filename or self.path} ({err.strerror or err}). Nothing was trained") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid, _, host = self._holder(fd).partition(" ")
+                os.close(fd)
+                who = f"pid {pid} on {host}" if pid else "a process that is just starting"
+                raise ValueError(f"--out_dir {self.out_dir} is in use by another run ({who}; lock {self.path}): "
+                                 f"wait for it to end, or choose another --out_dir") from None
+            # A holder releasing unlinks the file: if it did between our open and flock, start again on the new one.
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.stat(self.path, follow_symlinks=False), os.fstat(fd)):
+                    break
+            os.close(fd)
+        if previous := self._holder(fd):
+            print(f"note: took over the lock {self.path} left by pid {previous}, which no longer holds it",
+                  file=sys.stderr, flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)  # as socket.gethostname()
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # unlink before unlocking: see the inode check in acquire
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+
+class RunFolder(FolderLock):
+    """--out_dir, held by one run from `take(plan)` (the files it writes) to the `with` block's end. A run file outside
+    the plan is refused; planned ones need --overwrite (deletes them) or --resume (each checkpoint goes to `check`)."""
+
+    def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True,
+                 start: str = ""):  # start: the --init_from file, which --overwrite never deletes
+        super().__init__(out_dir)
+        self.overwrite, self.resume, self.resumable, self.start = overwrite, resume, resumable, start
 
     def take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None = None, dist: Dist | None = None):
         """Rank 0 locks and checks; every rank of a torchrun job then raises rank 0's refusal, if any."""
@@ -462,9 +457,12 @@ class RunFolder:
             raise ValueError(refusal)
 
     def _take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None) -> None:
-        self.lock.acquire()
+        self.acquire()
         out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]
-        found = found_files(out)
+        # Run files (ours, or another run's): RUN_FILES at the top, ckpt.pt one or two folders down.
+        top, folder = [os.path.join(out, name) for name in RUN_FILES], glob.escape(out)
+        deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
+        found = sorted(path for path in top + deeper if os.path.isfile(path))
         for path in (p for p in found if self.resume and check is not None and p.endswith(CKPT_NAME)):
             check(path)  # first: "written by another run" names the flag or file that differs
         strangers = [p for p in found if p not in planned]
@@ -473,9 +471,8 @@ class RunFolder:
                              f"{', …' * (len(strangers) > 3)}): another run's, or one with other flags. This run "
                              f"writes only {', '.join(os.path.relpath(p, out) for p in planned)}; choose another "
                              f"--out_dir, or move those files away")
-        start = self.start
-        if self.overwrite and start and any(os.path.isfile(start) and os.path.samefile(p, start) for p in found):
-            raise ValueError(f"--overwrite would delete {start}, the --init_from checkpoint this run starts from: "
+        if self.overwrite and os.path.isfile(self.start) and any(os.path.samefile(p, self.start) for p in found):
+            raise ValueError(f"--overwrite would delete {self.start}, the --init_from checkpoint this run starts from: "
                              f"copy it elsewhere first, or choose another --out_dir")
         folders = sorted({os.path.dirname(p) for p in planned if os.path.lexists(os.path.dirname(p))})
         problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)] + [
@@ -509,63 +506,3 @@ def _probe(folder: str) -> str | None:  # why a file cannot be created in `folde
     except OSError as err:
         return f"cannot create files in {folder} ({err.strerror or err})"
     return None
-
-
-class FolderLock:
-    """fcntl.flock on out_dir/.sftkey.lock for the run's life, released by the kernel however the holder
-    ends (kill -9 too); the file names the holder ("pid host") for a refused second run. No fcntl
-    (Windows): no lock, and a note says so."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
-
-    def _holder(self, fd: int) -> str:
-        os.lseek(fd, 0, os.SEEK_SET)
-        return os.read(fd, 200).decode("utf-8", "replace").strip()
-
-    def acquire(self) -> None:
-        if fcntl is None:
-            print(f"note: no file locking on this system: nothing stops a second run in {self.out_dir}",
-                  file=sys.stderr, flush=True)
-            return
-        try:
-            make_folders(self.out_dir)
-        except OSError as err:  # a read-only file system, a path under a file, no permission
-            raise ValueError(f"--out_dir {self.out_dir}: the run could not write its files there: cannot create "
-                             f"{self.out_dir} ({err.strerror or err}). Nothing was trained") from None
-        while True:
-            try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, never followed
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            except OSError as err:
-                raise ValueError(f"--out_dir {self.out_dir}: cannot create the lock {self.path} ({err.strerror}); "
-                                 f"nothing was trained") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pid, _, host = self._holder(fd).partition(" ")
-                os.close(fd)
-                who = f"pid {pid} on {host}" if pid else "a process that is just starting"
-                raise ValueError(f"--out_dir {self.out_dir} is in use by another run ({who}; lock {self.path}): "
-                                 f"wait for it to end, or choose another --out_dir") from None
-            # A holder releasing unlinks the file: if that happened between our open and flock, the lock
-            # we hold is on a file nobody else sees. Start again on the current one.
-            with contextlib.suppress(FileNotFoundError):
-                current, mine = os.stat(self.path, follow_symlinks=False), os.fstat(fd)
-                if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
-                    break
-            os.close(fd)
-        if previous := self._holder(fd):
-            print(f"note: took over the lock {self.path} left by pid {previous}, which no longer holds it",
-                  file=sys.stderr, flush=True)
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):  # unlink before unlocking: see the inode check in acquire
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = None

@@ -500,7 +500,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     seeds = [cfg.seed + k for k in range(n_seeds)]
     recorder = Recorder(cfg, run_names, seeds, n_boot, inputs.origin[0])
     print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "
-          f"{cfg.stage2_iters} | device {device} | {runtime.dtype_name(dtype)}", flush=True)
+          f"{cfg.stage2_iters} | device {device} | {str(dtype).removeprefix('torch.')}", flush=True)
     for name in run_names:
         print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}, "
                                           f"{s['iters']} steps, peak lr {s['lr']:g})" for s in recorder.stages[name]))

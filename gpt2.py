@@ -1,62 +1,35 @@
 """GPT-2's weights from a Hugging Face checkpoint folder (--init_from gpt2:DIR), in model.py's names.
 
-Not the method and not plumbing: a reader of SFTKey can skip it. Hugging Face's `transformers` is
-not needed: the tensors are read (safetensors, or a pytorch_model.bin with weights_only=True),
-renamed, and GPT-2's Conv1D weights transposed into nn.Linear's layout.
+Not the method and not plumbing: a reader of SFTKey can skip it. Hugging Face's `transformers` is not needed: the
+tensors are read (safetensors, or a pytorch_model.bin with weights_only=True), renamed, and GPT-2's Conv1D weights
+transposed into nn.Linear's layout.
 """
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
 from model import GPT, GPTConfig
-from runtime import PRETRAINED
-
-
-def load_gpt2(init_from: str, enc, block_size: int, dropout: float) -> GPT:
-    """GPT-2 for --init_from gpt2:DIR: its shape from the checkpoint (--n_layer, --n_head and --n_embd
-    do not apply), the position table cropped to --block_size, the tokenizer GPT-2's own."""
-    if enc.name != "gpt2":
-        raise ValueError(f"--init_from {init_from} needs --encoding gpt2 (GPT-2's own tokenizer), "
-                         f"got --encoding {enc.name}")
-    model = gpt2_from_hf(init_from[len(PRETRAINED):], block_size=block_size, dropout=dropout)
-    if model.config.vocab_size != enc.n_vocab:
-        raise ValueError(f"--init_from {init_from}: a vocabulary of {model.config.vocab_size} tokens, but the "
-                         f"gpt2 encoding has {enc.n_vocab}")
-    return model
-
-
-def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0) -> GPT:
-    """GPT-2 from a local Hugging Face checkpoint folder, in float32 on the CPU.
-
-    Reads `model.safetensors` (when the optional `safetensors` package imports) or
-    `pytorch_model.bin` (torch.load with weights_only=True), any of the four GPT-2 sizes: the
-    shape comes from the tensors (layers from the h.N blocks, width and vocabulary from wte,
-    positions from wpe) and n_head from config.json, or GPT-2's own table when it is absent.
-    `block_size` crops the position table (it cannot exceed the checkpoint's). Hugging Face's
-    `transformers` is not needed.
-    """
-    tensors, source = _read_hf_tensors(path)
-    config = _gpt2_config(tensors, path, source, dropout)
-    if block_size is not None:
-        if block_size > config.block_size:
-            raise ValueError(f"--block_size {block_size} exceeds the {config.block_size} positions of {source}")
-        config.block_size = block_size
-    state = _gpt2_state_dict(tensors, config, source)
-    with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
-        model = GPT(config)
-    _check_names_and_shapes(state, model, source)
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both; tie them again
-    return model
-
 
 _GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head of GPT-2 small, medium, large, xl
 # Hugging Face stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0, vocab: int | None = None) -> GPT:
+    """GPT-2 (any of the four sizes) from a local Hugging Face checkpoint folder, in float32 on the CPU, its shape from
+    the tensors; `block_size` crops the position table; `vocab` (the tokenizer's size) must be the checkpoint's."""
+    tensors, source = _read_hf_tensors(path)
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
+        model = GPT(_gpt2_config(tensors, path, source, dropout, block_size, vocab))
+    state = _gpt2_state_dict(tensors, model, source)
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both; tie them again
+    return model
 
 
 def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -88,19 +61,17 @@ def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
     return {k.removeprefix("transformer."): t for k, t in tensors.items()}, source
 
 
-def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropout: float) -> GPTConfig:
-    for name in ("wte.weight", "wpe.weight"):
-        if name not in tensors:
-            raise ValueError(f"{source}: no tensor {name}; is it a GPT-2 checkpoint?")
+def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropout: float,
+                 block_size: int | None, n_vocab: int | None) -> GPTConfig:
+    if missing := [name for name in ("wte.weight", "wpe.weight") if name not in tensors]:
+        raise ValueError(f"{source}: no tensor {missing[0]}; is it a GPT-2 checkpoint?")
     vocab, n_embd = tensors["wte.weight"].shape
+    if n_vocab is not None and vocab != n_vocab:
+        raise ValueError(f"gpt2:{path}: a vocabulary of {vocab} tokens, but the gpt2 encoding has {n_vocab}")
     n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
-    hf = {}
     config_file = os.path.join(path, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            hf = json.load(f)
-    # Variants whose arithmetic differs from GPT-2's would load without error and compute
-    # something else: refuse them by name.
+    hf = json.loads(Path(config_file).read_text(encoding="utf-8")) if os.path.isfile(config_file) else {}
+    # Variants whose arithmetic differs from GPT-2's would load and compute something else: refuse them by name.
     unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
                    "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
     for key, allowed in unsupported.items():
@@ -112,28 +83,25 @@ def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropo
                          f"(width {n_embd} is none of GPT-2's sizes {sorted(_GPT2_HEADS)})")
     if n_embd % n_head:
         raise ValueError(f"gpt2:{path}: width {n_embd} is not a multiple of n_head {n_head}")
-    return GPTConfig(vocab_size=vocab, block_size=tensors["wpe.weight"].shape[0], n_layer=n_layer,
-                     n_head=n_head, n_embd=n_embd, dropout=dropout)
+    positions = tensors["wpe.weight"].shape[0]
+    block_size = positions if block_size is None else block_size
+    if block_size > positions:
+        raise ValueError(f"--block_size {block_size} exceeds the {positions} positions of {source}")
+    return GPTConfig(vocab, block_size, n_layer, n_head, n_embd, dropout)
 
 
-def _gpt2_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig, source: str) -> dict[str, torch.Tensor]:
-    """Hugging Face's names and layouts turned into this model's state dict (float32)."""
+def _gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPT, source: str) -> dict[str, torch.Tensor]:
+    """Hugging Face's names and layouts turned into `model`'s state dict (float32), with a clear error for a missing,
+    unexpected or misshapen tensor (load_state_dict's is a wall of text)."""
     state = {}
     for key, tensor in tensors.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
-            continue
-        if key == "lm_head.weight":  # GPT-2 ties it to wte; a different tensor is another model
-            if not torch.equal(tensor, tensors["wte.weight"]):
-                raise ValueError(f"{source}: lm_head.weight differs from wte.weight; only tied GPT-2 is supported")
+        if key == "lm_head.weight" and not torch.equal(tensor, tensors["wte.weight"]):  # GPT-2 ties it to wte
+            raise ValueError(f"{source}: lm_head.weight differs from wte.weight; only tied GPT-2 is supported")
+        if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):  # tied; causal-mask buffers
             continue
         tensor = tensor.float()
         state["transformer." + key] = tensor.t().contiguous() if key.endswith(_CONV1D) else tensor.contiguous()
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size].clone()
-    return state
-
-
-def _check_names_and_shapes(state: dict[str, torch.Tensor], model: GPT, source: str) -> None:
-    """A clear error for a missing, unexpected or misshapen tensor (load_state_dict's is a wall of text)."""
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:model.config.block_size].clone()
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
     missing = sorted(k.removeprefix("transformer.") for k in expected.keys() - state.keys())
     unexpected = sorted(k.removeprefix("transformer.") for k in state.keys() - expected.keys())
@@ -144,3 +112,5 @@ def _check_names_and_shapes(state: dict[str, torch.Tensor], model: GPT, source: 
         if state[key].shape != shape:
             raise ValueError(f"{source}: {key.removeprefix('transformer.')} has shape {tuple(state[key].shape)}, "
                              f"expected {tuple(shape)} (after transposing Conv1D weights)")
+    return state
+

@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -27,10 +26,8 @@ PRETRAINED = "gpt2:"  # --init_from gpt2:DIR loads a Hugging Face GPT-2 checkpoi
 
 
 # Device and dtype
-
 def native_bf16(device: str) -> bool:
-    """Whether `device` multiplies bf16 in hardware; emulated elsewhere, and slow: CUDA before Ampere (where
-    is_bf16_supported() is still true), CPUs without AVX-512 BF16 (0.3 GFLOP/s against 69 in float32 here)."""
+    """Whether `device` multiplies bf16 in hardware (CUDA from Ampere, CPUs with AVX-512 BF16): emulated, it is slow."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -54,12 +51,10 @@ def autocast(device: str, dtype: torch.dtype):
 
 
 def set_up_device(device: str, seed: int) -> None:
-    """Seed the RNG; on CUDA use TF32 for float32 matmuls, and keep attention off cuDNN, which builds a plan per new
-    batch width: on an H200 (PyTorch 2.11 picks cuDNN there) a GPT-2-small step on a new width took 185 ms, not 40."""
+    """Seed the RNG; on CUDA, TF32 matmuls and no cuDNN attention (a plan per new width: on an H200, 185 ms, not 40)."""
     torch.manual_seed(seed)
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.enable_cudnn_sdp(False)  # flash attention then, the fastest in the same test
 
 
@@ -67,17 +62,12 @@ COMPILE_BACKEND = "SFTKEY_COMPILE_BACKEND"  # environment variable: tests use "e
 
 
 def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """`model`, or for --compile torch.compile'd with dynamic shapes: batch widths change from step to step
-    (length grouping), and dynamic=True compiles one shape-generic graph at once instead of a first one
-    for the first width. The projection (its boolean mask gives data-dependent shapes) stays outside."""
-    if not enabled:
-        return model
-    return torch.compile(model, dynamic=True, backend=os.environ.get(COMPILE_BACKEND, "inductor"))
+    """`model`, or for --compile torch.compile'd with dynamic shapes: one graph for every width (length grouping)."""
+    return torch.compile(model, dynamic=True, backend=os.environ.get(COMPILE_BACKEND, "inductor")) if enabled else model
 
 
 # Data parallelism
-
-@dataclass
+@dataclasses.dataclass
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
     rank: int = 0
@@ -96,11 +86,10 @@ class Dist:
         cuda = cfg.device != "cpu" and torch.cuda.is_available()
         torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
         local_rank = int(os.environ["LOCAL_RANK"])
-        dist = cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
-                   f"cuda:{local_rank}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(local_rank)
-        return dist
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
+                   f"cuda:{local_rank}" if cuda else "cpu")
 
     def wrap(self, model: torch.nn.Module, device: str) -> torch.nn.Module:
         """The module to call in training: DDP around `model` when there are several ranks."""
@@ -118,10 +107,8 @@ class Dist:
 
     def any(self, *flags: bool) -> list[bool]:
         """Each flag, true when it is true on any rank: every rank then decides alike."""
-        if self.world == 1:
-            return list(flags)
-        return [bool(v) for v in self.all_reduce(torch.tensor([float(f) for f in flags], device=self.device),
-                                                 "max").tolist()]
+        reduced = self.all_reduce(torch.tensor([float(f) for f in flags], device=self.device), "max")
+        return [bool(v) for v in reduced.tolist()]
 
     def gather(self, value) -> list:
         """`value` of every rank, in rank order (a collective: every rank calls it)."""
@@ -137,20 +124,17 @@ class Dist:
 
 
 # Stop signals
-
 class Interrupted(BaseException):
-    """A stop signal ended the run (resume with --resume). A BaseException, as KeyboardInterrupt is: raised
-    from a signal handler anywhere, no `except Exception` meant for bad input may swallow it."""
+    """A stop signal ended the run: a BaseException, as KeyboardInterrupt, so no `except Exception` may swallow it."""
 
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))  # HUP: ssh
 
 
 class StopSignal:
-    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found are put back after it), each ending
-    it with one line and exit 130. Outside `deferred()` a signal raises Interrupted at once (writes are
-    atomic, a stage is saved before it is evaluated: nothing is lost); inside (training steps) the step in
-    flight finishes, `StageCheckpoint.after_step` writes its checkpoint, then raises. Later ones only say so."""
+    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found are put back after it), each ending it in one
+    line, exit 130. Outside `deferred()` a signal raises Interrupted at once (writes are atomic: nothing is lost);
+    inside (training steps) the step in flight finishes and `StageCheckpoint.after_step` checkpoints it, then raises."""
 
     def __init__(self, after: str = "to continue, run the same command with --resume"):
         self.received, self.name, self.after = False, "", after  # the name of the first signal received
@@ -171,17 +155,15 @@ class StopSignal:
 
     @contextlib.contextmanager
     def deferred(self):
-        """A block a signal does not cut short. One received inside is honoured at the loop's next check
-        (StageCheckpoint.after_step) or, if it came after the last one, as the block ends: Interrupted
-        is raised there, unless an exception is already on its way out. Blocks may nest."""
+        """A block a signal does not cut short: one received inside raises Interrupted at the loop's next check
+        (after_step) or as the block ends, unless an exception is already on its way out. Blocks may nest."""
         already, self._depth = self.received, self._depth + 1
         try:
             yield self
         finally:
             self._depth -= 1
         if self.received and not already and not self._depth:
-            raise Interrupted(f"{self.name} received: the run ends here, with the training in progress checkpointed; "
-                              f"{self.after}")
+            raise Interrupted(f"{self.name} received: the run ends here, its training checkpointed; {self.after}")
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -208,14 +190,11 @@ class StopSignal:
         self._previous.clear()
 
 
-def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float,
-                       weights: tuple[float, ...]) -> str:
-    """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left, the likely
-    causes. Step 0 precedes the stage's first update, so its learning rate cannot be the cause there; a
-    loss weight float32 holds as inf can (the flags refuse those; train() called from code may get one)."""
+def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float, weights: tuple[float, ...]) -> str:
+    """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left, the likely causes."""
     weight = (f"a loss weight of {max(weights):g} (--weights, --stage2_weights or --key_weight), infinite in "
               f"float32" if max(weights) > torch.finfo(torch.float32).max else "")
-    if step == 0:
+    if step == 0:  # before the stage's first update: its learning rate cannot be the cause
         causes = ("No update had been made in this stage, so its learning rate is not the cause; look at "
                   + (weight or "the data and the weights the stage started from"))
     else:
@@ -233,54 +212,43 @@ def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float,
 
 # Throughput and MFU
 
-# Dense bf16 tensor-core peaks (FLOP/s, FP32 accumulation as autocast uses) from NVIDIA's data sheets. A
-# name matches when it holds the model token and exactly the variant tokens: "NVIDIA H100 80GB HBM3" is
-# the SXM part, "NVIDIA H100 PCIe" is not; "NVIDIA L40" and "RTX 3090 Ti" match nothing (no MFU).
-_GPU_VARIANTS = frozenset({"pcie", "nvl", "ti", "laptop", "mobile", "super", "d"})
-_GPU_BF16_PEAKS: tuple[tuple[str, frozenset[str], float], ...] = (  # GH200's GPU is an H100/H200 SXM
-    ("b200", frozenset(), 2250e12), ("h200", frozenset(), 989e12), ("h200", frozenset({"nvl"}), 835e12),
-    ("gh200", frozenset(), 989e12), ("h100", frozenset(), 989e12), ("h100", frozenset({"pcie"}), 756e12),
-    ("h100", frozenset({"nvl"}), 835e12), ("a100", frozenset(), 312e12), ("a100", frozenset({"pcie"}), 312e12),
-    ("l40s", frozenset(), 362e12), ("l4", frozenset(), 121e12), ("4090", frozenset(), 165.2e12),
-    ("3090", frozenset(), 71e12))
+# Dense bf16 tensor-core peaks (FLOP/s, FP32 accumulation as autocast uses) from NVIDIA's data sheets, keyed by
+# "model [variant]". A name matches when it holds the model token and exactly the variant tokens: "NVIDIA H100
+# 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" is not; "NVIDIA L40" and "RTX 3090 Ti" match nothing (no MFU).
+_GPU_VARIANTS = {"pcie", "nvl", "ti", "laptop", "mobile", "super", "d"}
+_GPU_BF16_PEAKS = {"b200": 2250e12, "h200": 989e12, "h200 nvl": 835e12, "gh200": 989e12,  # GH200: an H100/H200 SXM
+                   "h100": 989e12, "h100 pcie": 756e12, "h100 nvl": 835e12, "a100": 312e12, "a100 pcie": 312e12,
+                   "l40s": 362e12, "l4": 121e12, "4090": 165.2e12, "3090": 71e12}
 
 
 def gpu_bf16_peak(name: str) -> float | None:
     """The data-sheet dense bf16 peak of a GPU from its torch.cuda.get_device_name, or None if unknown."""
     tokens = set(re.findall(r"[a-z0-9]+", name.lower()))
-    variants = tokens & _GPU_VARIANTS
-    for model, variant, peak in _GPU_BF16_PEAKS:
-        if model in tokens and variants == variant:
+    for key, peak in _GPU_BF16_PEAKS.items():
+        model, *variant = key.split()
+        if model in tokens and tokens & _GPU_VARIANTS == set(variant):
             return peak
     return None
 
 
 def peak_flops(device: str, dtype: torch.dtype) -> float | None:
-    """The peak matmul FLOP/s for MFU: a known GPU's data-sheet bf16 peak, else None (no MFU is shown).
-    A CPU's peak would have to be timed, and on a shared machine such timings moved by 2x."""
+    """A known GPU's data-sheet bf16 peak FLOP/s for MFU, else None (timed CPU peaks moved by 2x on shared machines)."""
     if device.startswith("cuda") and dtype == torch.bfloat16:
         return gpu_bf16_peak(torch.cuda.get_device_name(device))
     return None
 
 
 def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, peak: float) -> float:
-    """Model FLOPs utilisation: matmul FLOP/s achieved (GPT.flops_per_token at the mean padded width
-    `seq_len`, the share `projected_fraction` of positions projected) over `peak`."""
+    """Model FLOPs utilisation: GPT.flops_per_token (mean padded width, share projected) x tokens/s over `peak`."""
     return model.flops_per_token(seq_len, projected_fraction) * tokens_per_s / peak
 
 
-def mfu_text(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
-
-
 class Meter:
-    """The log lines of one stage: loss, tokens/s, MFU and ETA, validation time left out. Token counts
-    stay on the device (reading them would wait for the GPU every step) until a line is logged."""
+    """One stage's log lines (loss, tokens/s, MFU, ETA); token counts stay on the device (no GPU wait) until logged."""
 
     def __init__(self, model, cfg, dist: Dist, device: str, iters: int, first_step: int, peak: float | None):
         self.model, self.cfg, self.dist, self.peak = model, cfg, dist, peak
-        self.iters, self.first_step = iters, first_step
-        self.start, self.paused_seconds = time.time(), 0.0
+        self.iters, self.first_step, self.start, self.paused_seconds = iters, first_step, time.time(), 0.0
         # non-padding input positions, positions the model ran (padding included), positions with a loss weight
         self.real, self.computed, self.projected = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
 
@@ -304,27 +272,21 @@ class Meter:
         return {"stage": stage, "step": step, **{f"val_{k}": v for k, v in val.items()}}
 
     def line(self, stage: str, step: int, lr: float, step_loss: torch.Tensor) -> dict:
-        """The log row of `step` (a dict for results.json), printed on rank 0."""
         dist, done = self.dist, step + 1
         loss = float(dist.all_reduce(step_loss.detach().clone())) / dist.world
         real, computed, projected = dist.all_reduce(torch.stack([self.real, self.computed, self.projected])).tolist()
         elapsed = time.time() - self.start
         busy = elapsed - self.paused_seconds
-        rate = real / busy
-        eta = busy / (done - self.first_step) * (self.iters - done)
+        rate, eta = real / busy, busy / (done - self.first_step) * (self.iters - done)
         row = {"stage": stage, "step": step, "lr": lr, "loss": loss, "tokens_per_s": rate}
         if self.peak:  # FLOPs per computed position at the mean padded width, times positions per second
             width = computed / ((done - self.first_step) * self.cfg.grad_accum * dist.world * self.cfg.batch_size)
             row["mfu"] = mfu(self.model, computed / busy, width, projected / computed, self.peak * dist.world)
         if dist.master:
             print(f"{stage} step {step:5d}/{self.iters} | lr {lr:.2e} | loss {loss:.4f} | {rate:,.0f} tok/s"
-                  + (f" | MFU {mfu_text(row['mfu'])}" if self.peak else "")
+                  + (f" | MFU {row['mfu']:.1%}" if self.peak else "")
                   + f" | {clock(elapsed)} elapsed | ETA {clock(eta)}", flush=True)
         return row
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def clock(seconds: float) -> str:
@@ -342,7 +304,7 @@ def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist
     print(f"test: {n_test} examples" if n_test else "test: none (--data without --eval_data, or --n_test 0): every "
           "stage is trained and checkpointed, none is evaluated")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-          f"{model.config.n_embd} wide | device {device} x{dist.world} | {dtype_name(dtype)}")
+          f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).removeprefix('torch.')}")
     for k, stage in enumerate(stages, 1):
         p, t, a = (f"{w:g}" for w in stage.weights)
         print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a} | {stage.iters} steps | "
@@ -350,33 +312,27 @@ def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist
 
 
 def print_result(stage: str, r: dict, seconds: float) -> None:
-    if not r["n"]:
-        print(f"{stage}: not evaluated, no test set (give --eval_data) | trained in {clock(seconds)}", flush=True)
-        return
-    print(f"{stage}: Acc {number(r['acc'])} | Fmt {number(r['fmt'])} | Composite {number(r['composite'])} on "
-          f"{r['n']} test examples | trained in {clock(seconds)}", flush=True)
+    scores = (f"Acc {number(r['acc'])} | Fmt {number(r['fmt'])} | Composite {number(r['composite'])} on {r['n']} "
+              f"test examples" if r["n"] else "not evaluated, no test set (give --eval_data)")
+    print(f"{stage}: {scores} | trained in {clock(seconds)}", flush=True)
     for sample in r["responses"][:1]:
         print(f"  e.g. {sample['prompt']!r} -> {sample['response']!r} (reference {sample['reference']!r})")
 
 
 def results_table(results: dict[str, dict]) -> str:
-    lines = ["| arm | Acc | Fmt | Composite | n |", "| --- | --- | --- | --- | --- |"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {number(r['acc'])} | {number(r['fmt'])} | {number(r['composite'])} | {r['n']} |")
-    return "\n".join(lines)
+    rows = (f"| {name} | {number(r['acc'])} | {number(r['fmt'])} | {number(r['composite'])} | {r['n']} |"
+            for name, r in results.items())
+    return "\n".join(["| arm | Acc | Fmt | Composite | n |", "| --- | --- | --- | --- | --- |", *rows])
 
 
 # Flags
-
 def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
     """One flag per field of the `config_class` dataclass, its help text taken from the field's metadata."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(config_class):
-        flag, help_text = f"--{f.name}", f.metadata["help"] + " (default: %(default)r)"  # set_defaults shows
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
+        kind = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {"type": type(f.default)}
+        help_text = f.metadata["help"] + " (default: %(default)r)"  # %(default)r: what set_defaults made it, too
+        parser.add_argument(f"--{f.name}", default=f.default, help=help_text, **kind)
     return parser
 
 
@@ -401,8 +357,7 @@ def parse_weights(text: str, flag: str) -> tuple[float, float, float]:
 
 
 def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Stage 1's and stage 2's per-role loss weights: --weights (or its short forms --key_only and
-    --key_weight, which may not be combined with it) and --stage2_weights."""
+    """Stage 1 and stage 2 loss weights: --weights (or its short forms --key_only, --key_weight), --stage2_weights."""
     if cfg.weights and (cfg.key_only or cfg.key_weight != 1):
         raise ValueError(f"--weights {cfg.weights} sets stage 1's loss; --key_only and --key_weight are short "
                          f"forms of it: give one or the other")
@@ -412,17 +367,15 @@ def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, f
 
 
 def command(work: Callable[[], object]) -> None:
-    """A command line around `work()`: bad input or flags end in one line and exit 2; a stop in one line too
-    (a signal: 130; a non-finite loss, a failed write such as a full disk: 1). Never a traceback."""
+    """`work()` as a command: bad input ends in one line, exit 2; a stop too (a signal: 130; else 1). No traceback."""
     try:
         work()
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt, FloatingPointError, OSError) as err:  # OSError: a WriteError too
-        stop = isinstance(err, (Interrupted, KeyboardInterrupt))
         print(f"stopped: {err or 'interrupted'}", file=sys.stderr)
-        sys.exit(130 if stop else 1)
+        sys.exit(130 if isinstance(err, (Interrupted, KeyboardInterrupt)) else 1)
     except RuntimeError as err:  # in a torchrun job, a collective failing because another rank stopped first
         if os.environ.get("RANK", "0") == "0":
             raise
@@ -435,30 +388,20 @@ def command(work: Callable[[], object]) -> None:
 # (check_config's rule from RULES, or "" for its own rule or none; --resume: "same" value needed, or "free":
 # where files go, how often something is printed or written, where the arithmetic runs; experiment.py: "all"
 # arms get it as given, the arms derive theirs from it ("arm": E1, E2, λ), set their own ("set"), or why not.)
-FLAGS: dict[str, tuple[str, str, str]] = {
-    "out_dir": ("", "free", "all"), "data": ("", "same", "all"), "format": ("", "same", "all"),
-    "eval_data": ("", "same", "all"), "strip_calculator": ("", "same", "all"), "skip_bad_lines": ("", "same", "all"),
-    "untagged": ("", "same", "set"), "encoding": ("", "same", "all"), "task": ("", "same", "all"),
-    "n_train": ("int>=0", "same", "all"),
-    "n_val": ("int>=0", "same", "all"), "n_test": ("int>=0", "same", "all"), "data_seed": ("int>=0", "same", "all"),
-    "init_from": ("", "same", "all"), "weights": ("", "same", "set"), "key_only": ("", "same", "set"),
-    "key_weight": ("", "same", "arm"), "max_iters": ("int>=0", "same", "arm"),
-    "stage2_iters": ("int>=0", "same", "arm"),
-    "stage2_weights": ("", "same", "set"), "stage2_lr": (">=0", "same", "all"), "lr": (">0", "same", "all"),
-    "block_size": ("int>=1", "same", "all"), "n_layer": ("int>=1", "same", "all"), "n_head": ("int>=1", "same", "all"),
-    "n_embd": ("int>=1", "same", "all"), "dropout": ("[0,1)", "same", "all"), "batch_size": ("int>=1", "same", "all"),
-    "grad_accum": ("int>=1", "same", "all"), "warmup_iters": ("int>=0", "same", "all"),
-    "min_lr_ratio": ("[0,1]", "same", "all"),
-    "weight_decay": (">=0", "same", "all"), "grad_clip": (">=0", "same", "all"), "seed": ("int>=0", "same", "all"),
-    "resume": ("", "free", "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)"),
-    "overwrite": ("", "free", "all"),
-    "ckpt_interval": ("int>=0", "free", "arms write no checkpoints on the way (--save_ckpt keeps their final weights)"),
-    "eval_only": ("", "same", "it trains every arm (evaluate one checkpoint with train.py --eval_only)"),
-    "eval_limit": ("int>=0", "same", "all"), "eval_interval": ("int>=1", "free", "all"),
-    "eval_batch_size": ("int>=1", "free", "all"), "val_acc_n": ("int>=0", "free", "all"),
-    "log_interval": ("int>=1", "free", "all"),
-    "device": ("", "free", "all"), "dtype": ("", "same", "all"), "compile": ("", "free", "all"),
-}
+FLAGS: dict[str, tuple[str, str, str]] = {name: classes for names, classes in [
+    ("data format eval_data strip_calculator skip_bad_lines encoding task init_from dtype", ("", "same", "all")),
+    ("n_train n_val n_test data_seed warmup_iters seed eval_limit", ("int>=0", "same", "all")),
+    ("block_size n_layer n_head n_embd batch_size grad_accum", ("int>=1", "same", "all")),
+    ("stage2_lr weight_decay grad_clip", (">=0", "same", "all")),
+    ("lr", (">0", "same", "all")), ("dropout", ("[0,1)", "same", "all")), ("min_lr_ratio", ("[0,1]", "same", "all")),
+    ("untagged weights key_only stage2_weights", ("", "same", "set")),
+    ("key_weight", ("", "same", "arm")), ("max_iters stage2_iters", ("int>=0", "same", "arm")),
+    ("out_dir overwrite device compile", ("", "free", "all")),
+    ("eval_interval eval_batch_size log_interval", ("int>=1", "free", "all")), ("val_acc_n", ("int>=0", "free", "all")),
+    ("resume", ("", "free", "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)")),
+    ("ckpt_interval", ("int>=0", "free", "arms write no checkpoints on the way (--save_ckpt keeps the final weights)")),
+    ("eval_only", ("", "same", "it trains every arm (evaluate one checkpoint with train.py --eval_only)")),
+] for name in names.split()}
 _LIMIT = 2 ** 63  # a whole number beyond this overflows torch's and numpy's seeds and sizes
 RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "int>=1": (lambda v: 1 <= v < _LIMIT, "must be a whole number >= 1"),
@@ -470,8 +413,7 @@ RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 
 
 def check_config(cfg):
-    """Refuse flag values that would fail later (or silently do something else), before anything runs;
-    return `cfg`. One ValueError lists every problem."""
+    """Refuse flags that would fail later (or silently do something else), all in one ValueError; return `cfg`."""
     problems = [f"--{name} {getattr(cfg, name)}: {RULES[rule][1]}" for name, (rule, _, _) in FLAGS.items()
                 if rule and not RULES[rule][0](getattr(cfg, name))]
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
@@ -489,7 +431,6 @@ def check_config(cfg):
         problems.append("--eval_only with --data needs --eval_data: there is no test set to evaluate on")
     if cfg.eval_only and cfg.resume:
         problems.append("--eval_only trains nothing, so there is nothing to --resume")
-    # --stage2_lr 0 stands for lr x min_lr_ratio; with --min_lr_ratio 0 every stage-2 step would be a no-op.
     if cfg.stage2_iters > 0 and not cfg.eval_only and cfg.stage2_lr == 0 and cfg.min_lr_ratio == 0:
         problems.append("stage 2 would train at learning rate 0: --stage2_lr 0 means --lr x --min_lr_ratio, and "
                         "--min_lr_ratio is 0; give --stage2_lr > 0, a --min_lr_ratio > 0, or --stage2_iters 0")
@@ -501,12 +442,10 @@ def check_config(cfg):
         problems.append(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
     if cfg.device != "auto":
         try:
-            device = torch.device(cfg.device)
+            if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
         except RuntimeError:
-            device = None
             problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
-        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
     if cfg.init_from.startswith(PRETRAINED):
         if not os.path.isdir(cfg.init_from[len(PRETRAINED):]):
             problems.append(f"--init_from {cfg.init_from}: no such directory")

@@ -12,6 +12,5 @@ def _stop(signum, frame) -> None:
     os._exit(130)
 
 
-for _name in ("SIGINT", "SIGTERM", "SIGHUP"):
-    if hasattr(signal, _name):  # SIGHUP is absent on Windows
-        signal.signal(getattr(signal, _name), _stop)
+for _sig in (getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)):  # no HUP: Windows
+    signal.signal(_sig, _stop)

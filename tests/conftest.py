@@ -58,6 +58,17 @@ def run_train(model, data, cfg, iters, peak_lr=1e-2, weights=(0.0, 1.0, 1.0), st
                        steps_before=steps_before)
 
 
+def load_checkpoint(path: str, expected, device: str, encoding: str | None = None):
+    """The model a checkpoint holds (read by checkpoints.read_checkpoint, with its checks), on `device`, and the
+    checkpoint."""
+    import checkpoints
+    from model import GPT, GPTConfig
+    ckpt = checkpoints.read_checkpoint(path, expected, device, encoding)
+    model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
 class Frozen(torch.optim.Optimizer):
     """Stands in for AdamW in train.train: changes nothing (AdamW is not under test where it is used)."""
 

@@ -20,6 +20,7 @@ import torch
 import checkpoints
 import data as D
 import train
+from conftest import load_checkpoint
 from model import GPT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +65,7 @@ def test_malicious_checkpoint_is_refused(tmp_path, how):
     write_malicious(path, marker, how)
     _, mconf = tiny_config()
     with pytest.raises(ValueError, match="refused to load.*could run code"):
-        checkpoints.load_checkpoint(str(path), mconf, "cpu")
+        load_checkpoint(str(path), mconf, "cpu")
     assert not marker.exists()
 
 
@@ -93,7 +94,7 @@ def checkpoint(tmp_path) -> tuple[Path, GPT]:
 def test_matching_checkpoint_loads(checkpoint):
     path, model = checkpoint
     _, mconf = tiny_config()
-    loaded, ckpt = checkpoints.load_checkpoint(str(path), mconf, "cpu", encoding=D.SYNTHETIC_ENCODING)
+    loaded, ckpt = load_checkpoint(str(path), mconf, "cpu", encoding=D.SYNTHETIC_ENCODING)
     assert ckpt["step"] == 0
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
@@ -154,7 +155,7 @@ def test_unusable_checkpoints(checkpoint, tmp_path, contents, problem):
     else:
         torch.save(contents, bad)
     with pytest.raises(ValueError, match=problem):
-        checkpoints.load_checkpoint(str(bad), model.config, "cpu")
+        load_checkpoint(str(bad), model.config, "cpu")
 
 
 def test_every_torch_load_is_weights_only():

@@ -26,6 +26,7 @@ import checkpoints  # noqa: E402
 import data as D  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
+from conftest import load_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
@@ -153,7 +154,7 @@ def test_checkpoint_moves_between_cuda_and_cpu(tmp_path, written, read):
     torch.zeros(1, device="cuda")  # CUDA in use in this process, so its RNG state is saved
     model, _ = _saved_model(written, path)
     expected_cuda_rng = torch.cuda.get_rng_state()
-    loaded, ckpt = checkpoints.load_checkpoint(path, model.config, read)
+    loaded, ckpt = load_checkpoint(path, model.config, read)
     assert all(p.device.type == read for p in loaded.parameters())
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a.cpu(), b.cpu()), name

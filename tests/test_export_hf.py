@@ -151,7 +151,7 @@ def test_existing_files_are_never_replaced_without_overwrite(gpt2_ckpt, tmp_path
 
 
 def test_bad_paths_are_one_line_errors(tmp_path, capsys):
-    for args, message in [([str(tmp_path / "absent.pt"), str(tmp_path / "hf")], "no such checkpoint"),
+    for args, message in [([str(tmp_path / "absent.pt"), str(tmp_path / "hf")], "No such file or directory"),
                           ([__file__, str(tmp_path / "hf")], "test_export_hf.py: ")]:
         code, stdout, err = run_export(args, capsys)
         assert code == 2 and stdout == "" and err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -132,7 +132,7 @@ def test_a_response_stops_at_the_block_limit(loaded):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ckpt", "{tmp}/absent.pt", "Q: 1"], "absent.pt: no such checkpoint"),
+    (["--ckpt", "{tmp}/absent.pt", "Q: 1"], "absent.pt: not a readable PyTorch checkpoint (FileNotFoundError"),
     (["--ckpt", "{tmp}/cut.pt", "Q: 1"], "cut.pt: not a readable PyTorch checkpoint"),
     (["--ckpt", "{tmp}/junk.pt", "Q: 1"], "junk.pt: "),
     (["--ckpt", "{ckpt}", "Q: 1", ""], "prompt 2 is empty"),
