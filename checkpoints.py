@@ -40,7 +40,8 @@ from model import GPT, GPTConfig
 from runtime import PRETRAINED, Dist, Interrupted, StopSignal
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
-RUN_FILES = (RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")  # train's, experiment's
+LOG_NAME, PLOT_NAME = "log.jsonl", "loss.png"
+RUN_FILES = (RESULTS_NAME, LOG_NAME, PLOT_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
 NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,99}")  # what we name: no separator, no "." or "..", short
 
 
@@ -286,6 +287,33 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
 AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passed (milliseconds each here)
 
 
+class LiveLog(list):
+    """A run's log rows (a list, as results.json and the checkpoints keep them), each also appended to out_dir's
+    log.jsonl the moment it comes (`tail -f` follows a run; a crash loses no row); `note` writes to the file only,
+    `draw` makes loss.png from the rows (plots.run_plot). With no `out_dir` (other ranks) it is a plain list."""
+
+    def __init__(self, out_dir: str | None = None):
+        super().__init__()
+        self.path, self.plot = (owned_path(out_dir, LOG_NAME), owned_path(out_dir, PLOT_NAME)) if out_dir else (None,) * 2
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.note(row)
+
+    def note(self, row: dict) -> None:
+        if self.path:  # O_NOFOLLOW: like every path we write, never through a symbolic link
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, (json.dumps(row) + "\n").encode())
+            finally:
+                os.close(fd)
+
+    def draw(self) -> None:
+        if self.plot:
+            import plots  # here, not above: plots imports this module
+            plots.run_plot(self, self.plot)
+
+
 class StageCheckpoint:
     """One stage's checkpoint as the loop sees it: `saved` (when resuming) to start from, when to write, `extra` in
     every write (what run() needs around this stage), every rank's RNG state. With no `path` nothing is written."""
@@ -303,6 +331,8 @@ class StageCheckpoint:
             return 0
         optimizer.load_state_dict(self.saved["optimizer"])
         restore_rng(self.saved, self.dist.rank)
+        if self.dist.master:
+            print(f"{self.stage}: resumed at step {self.saved['step']} from {self.path}", flush=True)
         return self.saved["step"]
 
     def elapsed(self) -> float:  # seconds of training in this stage, interrupted runs included
@@ -316,6 +346,8 @@ class StageCheckpoint:
             save_checkpoint(self.path, model, optimizer, self.cfg, step, {
                 "stage": self.stage, "log": self.log, "world": self.dist.world, **self.extra,
                 "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]})
+            if isinstance(self.log, LiveLog):
+                self.log.draw()
         self.last_write = time.time()
 
     def due(self, done: int, iters: int) -> bool:

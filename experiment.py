@@ -442,7 +442,7 @@ def build_parser():
 
 def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     """(train.py's config, the experiment's own settings: names, n_seeds, n_boot, save_ckpt)."""
-    args = vars(build_parser().parse_args(argv))
+    args = runtime.parse_flags(build_parser(), argv)
     names = [n.strip() for n in args.pop("arms").split(",") if n.strip()]
     try:
         lrs = [float(v) for v in args.pop("stage2_lrs").split(",") if v.strip()]

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import json
 import math
 import os
 import re
@@ -333,7 +334,25 @@ def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
         kind = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {"type": type(f.default)}
         help_text = f.metadata["help"] + " (default: %(default)r)"  # %(default)r: what set_defaults made it, too
         parser.add_argument(f"--{f.name}", default=f.default, help=help_text, **kind)
+    parser.add_argument("--config", default="", help="a JSON object of flag values (the \"config\" block of a run's "
+                        "results.json repeats that run); flags on the command line override it")
     return parser
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The flags' values (without --config): the defaults, then the --config file's values, then the command line."""
+    path = parser.parse_known_args(argv)[0].config
+    if path:
+        values, defaults = json.loads(D.read_input(path, "--config")), vars(parser.parse_args([]))
+        if not isinstance(values, dict):
+            raise ValueError(f"--config {path}: expected a JSON object of flag values")
+        for key, value in values.items():
+            kind = type(defaults.get(key, values))  # float flags take whole numbers too
+            if key not in defaults or key == "config" or not (type(value) is kind or kind is float and type(value) is int):
+                raise ValueError(f"--config {path}: " + (f"{key!r} is not a flag" if key not in defaults or key ==
+                                 "config" else f"{key!r} must be a JSON {kind.__name__}, got {value!r}"))
+        parser.set_defaults(**values)
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"}
 
 
 # A weight is 0 or within these bounds: the loss divides by a float32 sum of weights (only their ratios
@@ -397,7 +416,8 @@ FLAGS: dict[str, tuple[str, str, str]] = {name: classes for names, classes in [
     ("untagged weights key_only stage2_weights", ("", "same", "set")),
     ("key_weight", ("", "same", "arm")), ("max_iters stage2_iters", ("int>=0", "same", "arm")),
     ("out_dir overwrite device compile", ("", "free", "all")),
-    ("eval_interval eval_batch_size log_interval", ("int>=1", "free", "all")), ("val_acc_n", ("int>=0", "free", "all")),
+    ("eval_interval eval_batch_size log_interval", ("int>=1", "free", "all")),
+    ("val_acc_n show_roles", ("int>=0", "free", "all")),
     ("resume", ("", "free", "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)")),
     ("ckpt_interval", ("int>=0", "free", "arms write no checkpoints on the way (--save_ckpt keeps the final weights)")),
     ("eval_only", ("", "same", "it trains every arm (evaluate one checkpoint with train.py --eval_only)")),

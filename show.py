@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def show(argv: list[str] | None = None) -> str:
     """What the command line prints: the set's summary (data.format_summary), then `show_examples`."""
     import train
-    args = vars(build_parser().parse_args(argv))
+    args = runtime.parse_flags(build_parser(), argv)
     n, split, color = args.pop("n"), args.pop("split"), args.pop("color")
     if n < 0:
         raise ValueError(f"--n {n}: must be a whole number >= 0")

@@ -86,6 +86,7 @@ class TrainConfig:
     eval_batch_size: int = _flag(64, "prompts generated together at evaluation (no effect in float32; in bfloat16 the "
                                      "rounding follows batch shapes, so a few greedy answers may change)")
     log_interval: int = _flag(50, "steps between log lines")
+    show_roles: int = _flag(0, "first print this many training examples token by token with their roles (show.py)")
     # hardware
     device: str = _flag("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     dtype: str = _flag("auto", "auto (bfloat16 autocast on CUDA from Ampere on, and on CPUs with AVX-512 BF16 when "
@@ -248,9 +249,13 @@ def run(cfg: TrainConfig) -> dict:
         if dist.master:
             runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test),
                                 model, device, dist, dtype, stages)
-        folder.take([(ckpts.RESULTS_NAME,)] + [(s.name, ckpts.CKPT_NAME) for s in stages],  # input checked: lock
+            if cfg.show_roles:  # the role viewer, imported only when asked for
+                print(__import__("show").show_examples(train_set, enc, cfg.show_roles, {
+                    s.name: s.weights for s in stages}, tagged=not cfg.untagged), flush=True)
+        folder.take([(name,) for name in (ckpts.RESULTS_NAME, ckpts.LOG_NAME, ckpts.PLOT_NAME)]  # input checked: lock
+                    + [(s.name, ckpts.CKPT_NAME) for s in stages],
                     lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist)
-        results, log, seconds = {}, [], {}
+        results, seconds, log = {}, {}, ckpts.LiveLog(cfg.out_dir if dist.master else None)  # out_dir/log.jsonl
         if cfg.eval_only:
             results["init"] = evaluate(model, enc, test, cfg, device, dtype)
         for k, stage in enumerate(stages):
@@ -271,7 +276,9 @@ def run(cfg: TrainConfig) -> dict:
                 seconds[stage.name] = ckpt.elapsed()
                 ckpt.save(stage.iters, model, optimizer)  # the stage's weights, before evaluating
             if dist.master:
+                print(f"{stage.name}: evaluating on {len(test)} test prompts (greedy) ...", flush=True)
                 results[stage.name] = evaluate(model, enc, test, cfg, device, dtype)
+                log.note({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
                 ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
         summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages],
@@ -289,7 +296,7 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    return TrainConfig(**vars(build_parser().parse_args(argv)))
+    return TrainConfig(**runtime.parse_flags(build_parser(), argv))
 
 
 def main(argv: list[str] | None = None) -> None:
