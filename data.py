@@ -89,10 +89,9 @@ def get_encoding(name: str, raw: bytes | None = None) -> tiktoken.Encoding:
 
 
 def read_tiktoken_file(path: str, raw: bytes | None = None) -> dict[bytes, int]:
-    """The merges of a `.tiktoken` file (one "base64-token rank" pair a line; `raw`: its bytes, if read), read here,
-    not by tiktoken.load, which caches a file under its path's name and would serve an edited file's old contents.
-    Every byte needs a rank (or some text cannot be encoded); ranks are 0 to n-1 as in gpt2 and cl100k_base (a gap
-    leaves ids with no bytes, a huge rank a huge embedding)."""
+    """The merges of a `.tiktoken` file ("base64-token rank" lines; `raw`: its bytes), read here, not by tiktoken.load,
+    which caches a file under its path's name (an edited file's old contents). Every byte needs a rank (or some
+    text cannot be encoded); ranks are 0 to n-1 (a gap leaves ids with no bytes, a huge rank a huge embedding)."""
     raw = read_input(path, "--encoding") if raw is None else raw
     lines = [(number, line) for number, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
     ranks, rank_line = {}, {}  # rank_line: where each rank first appeared
@@ -132,11 +131,10 @@ class Example:
 
 
 def synthetic_task(n: int, seed: int | list, exclude: frozenset = frozenset(), distinct: bool = True) -> list[Example]:
-    """Multi-step arithmetic with a worked solution, generated deterministically from `seed`: "Q: 17+8-5+9" is
-    solved as "17+8=25 25-5=20 20+9=29", answer "29", from a start below 20 by one to five (uniformly) additions or
-    subtractions of a digit, never below zero. Easy steps in varying number make a small model's accuracy grow
-    gradually and the reasoning long next to the answer. A problem in `exclude` or (with `distinct`) a repeat is
-    redrawn with as many steps, so step counts keep their law exactly (the 306 one-step problems can run out)."""
+    """Multi-step arithmetic with a worked solution, seeded: "Q: 17+8-5+9" is solved as "17+8=25 25-5=20 20+9=29",
+    answer "29": a start below 20, then one to five (uniformly) additions or subtractions of a digit, never below
+    zero (why: docs/data_formats.md). A problem in `exclude` or (with `distinct`) a repeat is redrawn with as many
+    steps, so step counts keep their law exactly (the 306 one-step problems can run out)."""
     rng = np.random.default_rng(seed)
     seen, examples = set(exclude), []
     while len(examples) < n:
@@ -163,15 +161,10 @@ def _problem(rng: np.random.Generator, n_steps: int = 0) -> Example:
 
 def read_examples(path: str, fmt: str, strip_calculator: bool = False, skip_bad_lines: bool = False,
                   skipped: list[str] | None = None, raw: bytes | None = None) -> list[Example]:
-    """Read a JSONL file in one of FORMATS (or its bytes, `raw`); any bad line raises DataError naming file and line.
-
-    gsm8k: {"question", "answer"}, the answer ending in a line "#### final". tagged: {"prompt", "thinking",
-    "answer"}. completion: {"prompt", "completion"}, the completion being <Thinking>…</Thinking><Answer>…</Answer>, or
-    TRL's conversational prompt/completion (lists of messages); messages: {"messages": [user, assistant]} (`_turns`).
-    Lines are split on "\\n" only (JSON strings may hold U+2028, a line end to str.splitlines); a trailing "\\r"
-    and a leading byte-order mark are dropped; each line is decoded alone, so bad UTF-8 is reported by line.
-    With `skip_bad_lines` a bad line is skipped, its "file:line: problem" appended to `skipped` (when given).
-    """
+    """Read a JSONL file in one of FORMATS (or its bytes, `raw`; the formats: docs/data_formats.md); any bad line
+    raises DataError naming file and line, or with `skip_bad_lines` is skipped, its "file:line: problem" appended
+    to `skipped`. Lines are split on "\\n" only (JSON strings may hold U+2028, a line end to str.splitlines); a
+    trailing "\\r" and a byte-order mark are dropped; each line is decoded alone, so bad UTF-8 is reported by line."""
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
     raw = (read_input(path, "data file") if raw is None else raw).removeprefix(b"\xef\xbb\xbf")  # a byte-order mark
@@ -209,9 +202,9 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
         raise ValueError("invalid JSON (nested too deeply)") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if fmt == "messages" or (fmt == "completion" and isinstance(record.get("prompt"), list)):
-        record, fmt = _turns(record.get("messages") if fmt == "messages" else record["prompt"] + record.get(
-            "completion", [])), "completion"
+    if fmt == "messages" or (fmt == "completion" and isinstance(record.get("prompt"), list)):  # chat turns
+        turns = record.get("messages") if fmt == "messages" else record["prompt"] + record.get("completion", [])
+        record, fmt = _turns(turns), "completion"
     fields = {"gsm8k": ("question", "answer"), "tagged": ("prompt", "thinking", "answer"),
               "completion": ("prompt", "completion")}[fmt]
     for name in fields:
@@ -240,8 +233,8 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
 
 
 def _turns(messages) -> dict:
-    """Chat turns as {"prompt", "completion"}: one user message, one assistant message (the tagged response); a
-    leading system message is folded into the prompt, before the user's, separated by a blank line."""
+    """One user turn and one assistant turn (the tagged response) as {"prompt", "completion"}; a leading system
+    message starts the prompt, a blank line before the user's."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                  for m in messages):
         raise ValueError('the messages must be a list of {"role": ..., "content": "<a string>"}')
@@ -442,11 +435,10 @@ def load_data(cfg, enc: tiktoken.Encoding, raw: dict[str, bytes] | None = None,
 
 def synthetic_split(n_train: int, n_test: int, data_seed: int, task: str = "arithmetic"
                     ) -> tuple[list[Example], list[Example]]:
-    """(training, test) problems of the synthetic task, both drawn from its law (`synthetic_task`). The test set,
-    n_test distinct problems seeded by (data_seed, 1), depends on --data_seed and --n_test alone (the first k the same
-    for any n_test >= k). Training problems, seeded by (data_seed, 0), are never test ones and may repeat (rejecting
-    repeats among 20,000 would use up short problems), as may the validation ones `split` carves from them: their
-    losses diagnose training, the test set is what is scored."""
+    """(training, test) problems of the synthetic task. The test set, n_test distinct problems seeded by (data_seed,
+    1), depends on --data_seed and --n_test alone (the first k the same for any n_test >= k). Training problems,
+    seeded by (data_seed, 0), are never test ones and may repeat (rejecting repeats among 20,000 would use up short
+    problems), as may the validation ones `split` carves from them: only the test set is scored."""
     test = synthetic_task(n_test, [data_seed, 1])
     examples = synthetic_task(n_train, [data_seed, 0], frozenset(ex.prompt for ex in test), distinct=False)
     if task == "parity":  # the same problems; the answer is a step of its own that the reasoning never writes

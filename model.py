@@ -1,11 +1,9 @@
 """The network: a GPT-2-style decoder-only transformer and greedy generation with a KV cache.
 
-Pre-LayerNorm blocks, learned positions, causal attention through
-`scaled_dot_product_attention`, input and output embeddings tied. Parameter names follow GPT-2
-(transformer.wte, transformer.h.0.attn.c_attn, ...) so that GPT-2's weights load by name
-(`gpt2.gpt2_from_hf` reads a Hugging Face checkpoint folder).
-`forward` returns the final hidden states, not logits: the loss (sftkey.py) projects only the
-positions that carry a loss onto the vocabulary.
+Pre-LayerNorm blocks, learned positions, causal attention through `scaled_dot_product_attention`, input and
+output embeddings tied. Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so that
+GPT-2's weights load by name (`gpt2.gpt2_from_hf` reads a Hugging Face checkpoint folder). `forward` returns the
+final hidden states, not logits: the loss (sftkey.py) projects only the positions that carry a loss.
 """
 from __future__ import annotations
 
@@ -135,11 +133,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """Hidden states (B, T, n_embd) after the final LayerNorm.
-
-        Training calls it with `idx` alone: positions 0..T-1 and a plain causal mask. Generation
-        passes each row's positions, a boolean attention mask (B, 1, T, S) and the cache.
-        """
+        """Hidden states (B, T, n_embd) after the final LayerNorm. Training passes `idx` alone (positions 0..T-1, a
+        plain causal mask); generation each row's positions, a boolean attention mask (B, 1, T, S) and the cache."""
         T = idx.size(1)
         if pos is None:
             if T > self.config.block_size:
@@ -164,17 +159,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_token: int,
                  use_cache: bool = True, allowed: torch.Tensor | None = None) -> list[list[int]]:
-        """Greedy continuation of a batch of prompts of any lengths, until `stop_token` or the limit.
+        """Greedy continuation of a batch of prompts of any lengths, until `stop_token` (included) or the limit.
 
-        Prompts are left-padded; each row's positions start at 0 at its first real token and an
-        attention mask hides the padding, so a row's tokens do not depend on the rest of the batch.
-        Each row's own limit: `max_new_tokens`, and block_size + 1 tokens in all with its prompt (the
-        last is predicted from position block_size - 1, never fed back: the longest example training
-        keeps). `use_cache=False` re-runs the whole prefix at every step (the slow reference the tests
-        and bench.py compare against). `allowed`, a bool mask over the vocabulary (`data.generable_ids`),
-        limits the choice to ids the tokenizer can decode: not the embedding's padding rows (the table is
-        a multiple of 64), not gaps in its ids. Rows include the stop token when produced.
-        """
+        Prompts are left-padded; each row's positions start at 0 at its first real token and an attention mask
+        hides the padding, so a row's tokens do not depend on the rest of the batch. Each row's own limit:
+        `max_new_tokens`, and block_size + 1 tokens in all with its prompt (the last is predicted from position
+        block_size - 1, never fed back: the longest example training keeps). `use_cache=False` re-runs the whole
+        prefix at every step (the slow reference of the tests and bench.py). `allowed`, a bool mask over the
+        vocabulary (`data.generable_ids`), limits the choice to ids the tokenizer can decode: not the embedding's
+        padding rows (the table is a multiple of 64), not gaps in its ids."""
         device, B, block = self.transformer.wte.weight.device, len(prompts), self.config.block_size
         width = max(len(p) for p in prompts)
         if width > block:

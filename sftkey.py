@@ -130,14 +130,11 @@ def _check_spans(text: str, spans: list[tuple[int, int, int]]) -> None:
         raise ValueError(f"spans must be contiguous PROMPT, THINK, KEY ranges covering the text, got {spans}")
 
 
-# ---------------------------------------------------------------------------------------------
-# The loss: one weight per role. Stage 1 and stage 2 differ only in these three numbers.
+# --- The loss: one weight per role. Stage 1 and stage 2 differ only in these three numbers. ---
 
 def role_weights(key_only: bool = False, key_weight: float = 1.0) -> tuple[float, float, float]:
-    """Loss weight of (prompt, thinking, key) tokens. Stage 1: (0, 1, 1); stage 2: (0, 0, 1).
-
-    `key_weight` > 1 gives the single-stage control that up-weights the answer instead.
-    """
+    """Loss weight of (prompt, thinking, key) tokens. Stage 1: (0, 1, 1); stage 2: (0, 0, 1). `key_weight` > 1
+    gives the single-stage control that up-weights the answer instead."""
     return (0.0, 0.0 if key_only else 1.0, key_weight)
 
 
@@ -161,8 +158,7 @@ def stage_name(before: str, weights: tuple[float, float, float], tagged: bool) -
 
 def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
     """Per-token loss weights for a tensor of roles (PAD positions get 0)."""
-    table = torch.tensor([*weights, 0.0], device=roles.device)
-    return table[roles]
+    return torch.tensor([*weights, 0.0], device=roles.device)[roles]
 
 
 def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
@@ -180,8 +176,7 @@ def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
     return (losses * weights[keep]).sum()
 
 
-# ---------------------------------------------------------------------------------------------
-# Scoring a generated response (the text the model wrote after the prompt, without end-of-text).
+# --- Scoring a generated response (the text the model wrote after the prompt, without end-of-text). ---
 
 _TAGGED = re.compile(r"<Thinking>(.*)</Thinking><Answer>(.*)</Answer>", re.S)
 _REFUSED = TAGS + ("<|endoftext|>",)  # what data.py refuses inside a thinking or an answer

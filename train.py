@@ -11,10 +11,9 @@ if __name__ == "__main__":
     import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
 
 import argparse
-import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -94,8 +93,7 @@ class TrainConfig:
     compile: bool = _flag(False, "torch.compile the model for training (one shape-generic graph); CPU: no gain")
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
+# --- The loop -------------------------------------------------------------------------------
 
 def stage2_peak_lr(cfg: TrainConfig) -> float:
     return cfg.stage2_lr or cfg.lr * cfg.min_lr_ratio
@@ -115,10 +113,9 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
           device: str, dtype: torch.dtype, log: list[dict], steps_before: int = 0,
           ckpt: ckpts.StageCheckpoint | None = None, dist: Dist | None = None,
           peak: float | None = None) -> torch.optim.Optimizer:
-    """Train `iters` optimizer steps with per-role loss `weights`; both stages run through here. A step's loss is
-    sum(weight x token loss) / sum(weight) over all its micro-batches and ranks: every supervised token counts the
-    same however the batch is cut. `steps_before`: steps earlier stages took on this data (the stream reads on).
-    `ckpt` resumes the stage and writes its checkpoints, `dist` is a torchrun job, `peak` FLOP/s adds MFU."""
+    """Train `iters` optimizer steps with per-role loss `weights` (both stages). A step's loss is sum(weight x token
+    loss) / sum(weight) over all its micro-batches and ranks. `steps_before`: steps earlier stages took on this
+    data (the stream reads on); `ckpt` resumes and checkpoints the stage; `dist`: a torchrun job; `peak`: FLOP/s."""
     dist = dist or Dist()
     optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     first_step = ckpt.restore(optimizer) if ckpt else 0
@@ -187,8 +184,7 @@ def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, devic
     return {"thinking": mean[sftkey.THINK], "key": mean[sftkey.KEY]}
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
+# --- Evaluation -----------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, device: str,
@@ -213,12 +209,10 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
     acc = float(np.mean(correct)) if examples else None  # no test set (--data without --eval_data)
     fmt = float(np.mean(formatted)) if tagged and examples else None
     return {"acc": acc, "fmt": fmt, "composite": sftkey.composite(acc, fmt) if fmt is not None else None,
-            "n": len(examples), "correct": correct, "formatted": formatted if tagged else None,
-            "responses": responses}
+            "n": len(examples), "correct": correct, "formatted": formatted if tagged else None, "responses": responses}
 
 
-# ---------------------------------------------------------------------------------------------
-# The two stages, and the command line
+# --- The two stages, and the command line ---------------------------------------------------
 
 def plan_stages(cfg: TrainConfig, before: str = "") -> list[sftkey.Stage]:
     """Stage 1 (--weights), then stage 2 (--stage2_weights, from stage 1's weights) if --stage2_iters > 0.
@@ -232,9 +226,8 @@ def plan_stages(cfg: TrainConfig, before: str = "") -> list[sftkey.Stage]:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """The stages of plan_stages, each trained, checkpointed and evaluated (or --eval_only --init_from). Each
-    stage's checkpoint (out_dir/STAGE/ckpt.pt) holds, once the stage is evaluated, its results too, so --resume
-    skips finished stages and continues an unfinished one where it stopped."""
+    """The stages of plan_stages, each trained, checkpointed and evaluated (or --eval_only --init_from). An evaluated
+    stage's checkpoint (out_dir/STAGE/ckpt.pt) holds its results: --resume skips it, continues an unfinished one."""
     with StopSignal() as stop, ckpts.RunFolder(cfg.out_dir, cfg.overwrite, cfg.resume, start=cfg.init_from) as folder:
         dist = Dist.from_environment(cfg)
         device, dtype = runtime.resolve_device(cfg, dist)
@@ -244,8 +237,7 @@ def run(cfg: TrainConfig) -> dict:
         step = 1 if cfg.eval_only else cfg.batch_size * cfg.grad_accum * dist.world  # examples one step draws
         train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, step)
         model = ckpts.build_model(cfg, enc, device, inputs)
-        before, stream_start = inputs.origin  # a stage run from a checkpoint reads on where it stopped
-        stages = [] if cfg.eval_only else plan_stages(cfg, before)
+        stages = [] if cfg.eval_only else plan_stages(cfg, inputs.origin[0])  # origin: (stage, step) of --init_from
         if dist.master:
             runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test),
                                 model, device, dist, dtype, stages)
@@ -267,7 +259,7 @@ def run(cfg: TrainConfig) -> dict:
                 if stage.name in results:  # finished and evaluated before the interruption: the next one goes on
                     ckpts.restore_rng(saved, dist.rank)  # from the RNG state this one ended with
                     continue
-            steps_before = stream_start + sum(s.iters for s in stages[:k])  # stage 2 reads on after stage 1
+            steps_before = inputs.origin[1] + sum(s.iters for s in stages[:k])  # the data stream reads on
             extra = {"results": results, "seconds": seconds, "stream_start": steps_before, "file_hashes": inputs.sha256}
             ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, extra, stop, dist)  # extra: in every write
             with stop.deferred():  # a signal here stops after the step in flight and its checkpoint
@@ -281,7 +273,7 @@ def run(cfg: TrainConfig) -> dict:
                 log.note({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
                 ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
-        summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages],
+        summary = {"config": asdict(cfg), "stages": [asdict(s) for s in stages],
                    "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds,
                    "log": log}
         if dist.master:
