@@ -344,7 +344,7 @@ class StageCheckpoint:
             self.rng_ranks = (step, self.dist.gather(rng_state()))
         if self.path and self.dist.master:
             save_checkpoint(self.path, model, optimizer, self.cfg, step, {
-                "stage": self.stage, "log": self.log, "world": self.dist.world, **self.extra,
+                "stage": self.stage, "log": list(self.log), "world": self.dist.world, **self.extra,
                 "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]})
             if isinstance(self.log, LiveLog):
                 self.log.draw()
