@@ -1,12 +1,8 @@
-"""Files: what a run reads, what it writes, and the one folder it owns. Nothing here is SFTKey.
-
-Three rules carry it (README, *Failure modes*), each making a class of mistakes impossible:
-- *Every input is read once* (`read_inputs`) and hashed from those bytes, the hashes kept in checkpoints.
-- *We own only what we name*: every path written or deleted is `owned_path(out_dir, names...)`, no symlink
-  followed; `RunFolder` refuses run files outside the run's plan, and --overwrite deletes exactly the planned ones.
-- *Whole or not at all*: `atomic_write` (a unique temporary, fsync'ed, renamed, folders fsync'ed).
-Also `StageCheckpoint`, the loop's one hook (resume, periodic writes, signals, every rank's RNG state).
-"""
+"""Files: what a run reads, what it writes, and the one folder it owns. Nothing here is SFTKey. Three rules
+(docs/failure_modes.md): *every input is read once* (`read_inputs`) and hashed from those bytes; *we own only what
+we name*: every path written or deleted is `owned_path(out_dir, names...)`, no symlink followed, and `RunFolder`
+refuses run files outside the run's plan; *whole or not at all*: `atomic_write` (a temporary, fsync'ed, renamed).
+Also `StageCheckpoint`, the loop's one hook (resume, periodic writes, signals, every rank's RNG state)."""
 from __future__ import annotations
 
 import contextlib
@@ -288,13 +284,12 @@ AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passe
 
 
 class LiveLog(list):
-    """A run's log rows (a list, as results.json and the checkpoints keep them), each also appended to out_dir's
-    log.jsonl the moment it comes (`tail -f` follows a run; a crash loses no row); `note` writes to the file only,
-    `draw` makes loss.png from the rows (plots.run_plot). With no `out_dir` (other ranks) it is a plain list."""
+    """A run's log rows, each also appended to out_dir/log.jsonl as it comes (`tail -f` follows a run, a crash loses
+    no row); `note` writes to the file only. With no `out_dir` (other ranks) a plain list."""
 
     def __init__(self, out_dir: str | None = None):
         super().__init__()
-        self.path, self.plot = (owned_path(out_dir, LOG_NAME), owned_path(out_dir, PLOT_NAME)) if out_dir else (None,) * 2
+        self.path, self.plot = [owned_path(out_dir, n) for n in (LOG_NAME, PLOT_NAME)] if out_dir else (None, None)
 
     def append(self, row: dict) -> None:
         super().append(row)
@@ -302,16 +297,8 @@ class LiveLog(list):
 
     def note(self, row: dict) -> None:
         if self.path:  # O_NOFOLLOW: like every path we write, never through a symbolic link
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            try:
-                os.write(fd, (json.dumps(row) + "\n").encode())
-            finally:
-                os.close(fd)
-
-    def draw(self) -> None:
-        if self.plot:
-            import plots  # here, not above: plots imports this module
-            plots.run_plot(self, self.plot)
+            with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "ab") as f:
+                f.write((json.dumps(row) + "\n").encode())
 
 
 class StageCheckpoint:
@@ -346,8 +333,9 @@ class StageCheckpoint:
             save_checkpoint(self.path, model, optimizer, self.cfg, step, {
                 "stage": self.stage, "log": list(self.log), "world": self.dist.world, **self.extra,
                 "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]})
-            if isinstance(self.log, LiveLog):
-                self.log.draw()
+            if isinstance(self.log, LiveLog) and self.log.plot:  # loss.png, drawn from the rows so far
+                import plots  # here, not above: plots imports this module
+                plots.run_plot(self.log, self.log.plot)
         self.last_write = time.time()
 
     def due(self, done: int, iters: int) -> bool:

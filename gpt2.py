@@ -1,9 +1,6 @@
-"""GPT-2's weights from a Hugging Face checkpoint folder (--init_from gpt2:DIR), in model.py's names.
-
-Not the method and not plumbing: a reader of SFTKey can skip it. Hugging Face's `transformers` is not needed: the
-tensors are read (safetensors, or a pytorch_model.bin with weights_only=True), renamed, and GPT-2's Conv1D weights
-transposed into nn.Linear's layout.
-"""
+"""GPT-2's weights from a Hugging Face checkpoint folder (--init_from gpt2:DIR), in model.py's names; a reader of
+SFTKey can skip it. No `transformers` needed: the tensors are read (safetensors, or a pytorch_model.bin with
+weights_only=True), renamed, and GPT-2's Conv1D weights transposed into nn.Linear's layout."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,6 @@
-"""Run-time plumbing for train.py; nothing here is SFTKey. The loop meets it through one-line hooks: `Dist`
-(this process's place in a torchrun job), `StopSignal` (a stop signal ends the run after the step in
-flight), `Meter` (tokens/s, MFU, ETA), and the flags: `FLAGS` classifies each, `check_config` refuses bad ones.
-"""
+"""Run-time plumbing for train.py; nothing here is SFTKey. The loop meets it through one-line hooks: `Dist` (this
+process's place in a torchrun job), `StopSignal` (a stop signal ends the run after the step in flight), `Meter`
+(tokens/s, MFU, ETA), and the flags: `FLAGS` classifies each, `check_config` refuses bad ones."""
 from __future__ import annotations
 
 import argparse
@@ -347,10 +346,10 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict
         if not isinstance(values, dict):
             raise ValueError(f"--config {path}: expected a JSON object of flag values")
         for key, value in values.items():
-            kind = type(defaults.get(key, values))  # float flags take whole numbers too
-            if key not in defaults or key == "config" or not (type(value) is kind or kind is float and type(value) is int):
-                raise ValueError(f"--config {path}: " + (f"{key!r} is not a flag" if key not in defaults or key ==
-                                 "config" else f"{key!r} must be a JSON {kind.__name__}, got {value!r}"))
+            if key not in defaults or key == "config":
+                raise ValueError(f"--config {path}: {key!r} is not a flag")
+            if not (type(value) is (kind := type(defaults[key])) or kind is float and type(value) is int):  # 3 for 3.0
+                raise ValueError(f"--config {path}: {key!r} must be a JSON {kind.__name__}, got {value!r}")
         parser.set_defaults(**values)
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"}
 
@@ -438,7 +437,7 @@ def check_config(cfg):
                 if rule and not RULES[rule][0](getattr(cfg, name))]
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}")
-    for name, known in (("format", D.FORMATS), ("task", D.TASKS)):
+    for name, known in (("format", D.FORMATS), ("task", D.TASKS), ("dtype", ("auto", "float32", "bfloat16"))):
         if getattr(cfg, name) not in known:
             problems.append(f"--{name} {getattr(cfg, name)}: unknown; use one of {', '.join(known)}")
     if cfg.data and cfg.task != D.TASKS[0]:
@@ -458,14 +457,11 @@ def check_config(cfg):
         loss_weights(cfg)
     except ValueError as err:
         problems.append(str(err))
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        problems.append(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
-    if cfg.device != "auto":
-        try:
-            if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-                problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
-        except RuntimeError:
-            problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
+    try:
+        if cfg.device != "auto" and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+            problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
+    except RuntimeError:
+        problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
     if cfg.init_from.startswith(PRETRAINED):
         if not os.path.isdir(cfg.init_from[len(PRETRAINED):]):
             problems.append(f"--init_from {cfg.init_from}: no such directory")
