@@ -203,7 +203,7 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     if fmt == "messages" or (fmt == "completion" and isinstance(record.get("prompt"), list)):  # chat turns
-        turns = record.get("messages") if fmt == "messages" else record["prompt"] + record.get("completion", [])
+        turns = record.get("messages") if fmt == "messages" else [*record["prompt"], *(record.get("completion") or [])]
         record, fmt = _turns(turns), "completion"
     fields = {"gsm8k": ("question", "answer"), "tagged": ("prompt", "thinking", "answer"),
               "completion": ("prompt", "completion")}[fmt]
@@ -237,7 +237,8 @@ def _turns(messages) -> dict:
     message starts the prompt, a blank line before the user's."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                  for m in messages):
-        raise ValueError('the messages must be a list of {"role": ..., "content": "<a string>"}')
+        raise ValueError('the messages ("messages", or a chat "prompt" and "completion") must be a list of '
+                         '{"role": ..., "content": "<a string>"}')
     roles = [m.get("role") for m in messages]
     if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
         raise ValueError(f"the messages must be one user turn then one assistant turn (a system message may lead); "

@@ -342,7 +342,11 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict
     """The flags' values (without --config): the defaults, then the --config file's values, then the command line."""
     path = parser.parse_known_args(argv)[0].config
     if path:
-        values, defaults = json.loads(D.read_input(path, "--config")), vars(parser.parse_args([]))
+        raw, defaults = D.read_input(path, "--config"), vars(parser.parse_args([]))
+        try:
+            values = json.loads(raw)
+        except ValueError as err:  # invalid JSON or UTF-8
+            raise ValueError(f"--config {path}: not valid JSON ({err})") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {path}: expected a JSON object of flag values")
         for key, value in values.items():

@@ -1,0 +1,346 @@
+"""A run's live log (out_dir/log.jsonl), its loss.png, and what they must not break: checkpoints loadable with
+weights_only=True, --resume, --overwrite, no writing through a symbolic link; --show_roles before training.
+
+One finished run and one interrupted run are made once for the module (about 5 s each on one CPU thread)."""
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import data as D
+import plots
+import train
+
+TINY = ["--n_train", "200", "--n_test", "4", "--n_val", "20", "--max_iters", "6", "--stage2_iters", "3",
+        "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--batch_size", "8", "--block_size", "64",
+        "--device", "cpu", "--dtype", "float32", "--eval_interval", "3", "--log_interval", "2",
+        "--val_acc_n", "2", "--warmup_iters", "1", "--ckpt_interval", "2"]
+STAGES = ("sft_tag", "sftkey_tag")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class Killed(RuntimeError):
+    """Stands for a kill -9: the run stops where it is, nothing more is written."""
+
+
+def flags(out_dir, *extra: str) -> list[str]:
+    return [*TINY, "--out_dir", str(out_dir), *extra]
+
+
+def rows_of(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text.endswith("\n"), "every row is a whole line"
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert all(isinstance(r, dict) for r in rows)
+    return rows
+
+
+def main(args: list[str], capsys) -> tuple[int, str, str]:
+    """train.main's exit code (0 when it returns), stdout and stderr."""
+    try:
+        train.main(args)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def no_training(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(train, "train", refuse)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> dict:
+    """A finished two-stage run with --show_roles 1 (stdout kept), and what log.jsonl held at every after_step."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    snapshots = []
+    original = checkpoints.StageCheckpoint.after_step
+
+    def after_step(self, done, iters, model, optimizer):  # mid-training: what is on disk already?
+        path = out / checkpoints.LOG_NAME
+        snapshots.append({"stage": self.stage, "done": done, "in_memory": [dict(r) for r in self.log],
+                          "on_disk": rows_of(path) if path.exists() else None})
+        return original(self, done, iters, model, optimizer)
+
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(checkpoints.StageCheckpoint, "after_step", after_step)
+        summary = train.run(train.parse_args(flags(out, "--show_roles", "1")))
+    return {"out": out, "summary": summary, "snapshots": snapshots, "stdout": stdout.getvalue(),
+            "results": json.loads((out / checkpoints.RESULTS_NAME).read_text())}
+
+
+# ---------------------------------------------------------------------------------------------
+# log.jsonl: one JSON object a line, the rows of results.json's log, a results row after each stage
+
+def test_log_jsonl_holds_results_log_rows_in_order_and_a_results_row_after_each_stage(finished):
+    rows = rows_of(finished["out"] / "log.jsonl")
+    results = finished["results"]
+    assert results["log"], "the run logged rows"
+    expected = []
+    for stage in STAGES:
+        expected += [r for r in results["log"] if r["stage"] == stage]
+        r = results["results"][stage]
+        expected.append({"stage": stage, "results": {"acc": r["acc"], "fmt": r["fmt"], "n": r["n"]}})
+    assert rows == expected
+    # the log itself is ordered by stage, then step
+    assert [r for r in rows if "results" not in r] == results["log"]
+    # both kinds of rows are there: training lines (loss, lr) and validation lines (val_thinking, val_key)
+    for stage in STAGES:
+        assert any("loss" in r and "lr" in r for r in rows if r["stage"] == stage), stage
+        assert any("val_thinking" in r and "val_key" in r for r in rows if r["stage"] == stage), stage
+    assert [r["results"]["n"] for r in rows if "results" in r] == [4, 4]
+
+
+def test_log_rows_are_on_disk_as_they_are_logged(finished):
+    snapshots = finished["snapshots"]
+    assert [(s["stage"], s["done"]) for s in snapshots] == [("sft_tag", d) for d in range(1, 7)] + \
+        [("sftkey_tag", d) for d in range(1, 4)]
+    first_rows = {}
+    for snap in snapshots:
+        assert snap["on_disk"] is not None, f"no log.jsonl yet at {snap['stage']} step {snap['done']}"
+        # exactly the rows logged so far: a crash at this point would lose none
+        assert [r for r in snap["on_disk"] if "results" not in r] == snap["in_memory"], snap["done"]
+        finished_stages = [r["stage"] for r in snap["on_disk"] if "results" in r]
+        assert finished_stages == ([] if snap["stage"] == "sft_tag" else ["sft_tag"])
+        first_rows.setdefault(snap["stage"], len(snap["on_disk"]))
+    # the file grows during the stage, not only at its end
+    first = snapshots[0]["on_disk"]
+    assert first and first[0]["stage"] == "sft_tag" and first[0]["step"] == 0  # step 0's rows, before step 1
+    assert len(snapshots[-1]["on_disk"]) > len(snapshots[len(snapshots) // 2]["on_disk"]) > len(first)
+
+
+def test_live_log_appends_each_row_and_notes_write_to_the_file_only(tmp_path):
+    log = checkpoints.LiveLog(str(tmp_path))
+    log.append({"stage": "a", "step": 0, "loss": 1.5})
+    assert rows_of(tmp_path / "log.jsonl") == [{"stage": "a", "step": 0, "loss": 1.5}]
+    log.note({"stage": "a", "results": {"acc": 0.5, "fmt": 1.0, "n": 2}})
+    log.append({"stage": "b", "step": 0, "loss": 0.5})
+    assert list(log) == [{"stage": "a", "step": 0, "loss": 1.5}, {"stage": "b", "step": 0, "loss": 0.5}]
+    assert [r["stage"] for r in rows_of(tmp_path / "log.jsonl")] == ["a", "a", "b"]
+    # without an out_dir (other ranks of a torchrun job) a plain list that writes nothing
+    other = checkpoints.LiveLog(None)
+    other.append({"stage": "a", "step": 0})
+    assert other == [{"stage": "a", "step": 0}] and other.path is None
+
+
+def test_live_log_never_writes_through_a_link_planted_after_it_was_made(tmp_path):
+    out, target = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    target.write_text("precious\n")
+    log = checkpoints.LiveLog(str(out))
+    (out / "log.jsonl").symlink_to(target)
+    with pytest.raises(OSError):
+        log.append({"stage": "a", "step": 0})
+    assert target.read_text() == "precious\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints stay loadable with weights_only=True (regression: a LiveLog in them was refused)
+
+def test_stage_checkpoints_load_with_weights_only_and_hold_the_log_as_a_plain_list(finished):
+    log = finished["results"]["log"]
+    for stage in STAGES:
+        ckpt = torch.load(finished["out"] / stage / "ckpt.pt", map_location="cpu", weights_only=True)
+        assert type(ckpt["log"]) is list, stage
+        assert all(type(r) is dict for r in ckpt["log"])
+        # a stage's final checkpoint holds the log up to its end
+        upto = max(i for i, r in enumerate(log) if r["stage"] == stage) + 1
+        assert ckpt["log"] == log[:upto], stage
+        assert stage in ckpt["results"]
+        checkpoints.read_checkpoint(str(finished["out"] / stage / "ckpt.pt"), None, "cpu")  # the project's reader
+
+
+def test_resume_of_a_finished_run_skips_both_stages_and_adds_no_log_rows(finished, tmp_path, capsys, monkeypatch):
+    out = shutil.copytree(finished["out"], tmp_path / "copy")
+    before = (out / "log.jsonl").read_bytes()
+    no_training(monkeypatch)
+    code, stdout, err = main(flags(out, "--resume"), capsys)
+    assert code == 0, err
+    assert "resumed at step" not in stdout
+    again = json.loads((out / "results.json").read_text())
+    for stage in STAGES:
+        assert again["results"][stage]["acc"] == finished["results"]["results"][stage]["acc"]
+        assert again["results"][stage]["correct"] == finished["results"]["results"][stage]["correct"]
+    assert again["log"] == finished["results"]["log"]
+    assert (out / "log.jsonl").read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """The same flags as `finished`, killed while fetching stage 1's batch 5: the last checkpoint is at step 4."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    original = D.Batches.get
+
+    def get(self, i, device, **split):
+        if i == 5:
+            raise Killed(f"killed while fetching batch {i}")
+        return original(self, i, device, **split)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(D.Batches, "get", get)
+        with pytest.raises(Killed):
+            train.run(train.parse_args(flags(out)))
+    return out
+
+
+def test_an_interrupted_run_kept_every_row_and_its_checkpoint_loads_with_weights_only(interrupted):
+    ckpt = torch.load(interrupted / "sft_tag" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 4 and type(ckpt["log"]) is list
+    rows = rows_of(interrupted / "log.jsonl")
+    assert rows[:len(ckpt["log"])] == ckpt["log"]
+    # step 4's training row came after the last checkpoint: the checkpoint lacks it, log.jsonl has it
+    assert not any(r["step"] == 4 for r in ckpt["log"])
+    assert [r["step"] for r in rows if "loss" in r] == [0, 2, 4]
+    assert not (interrupted / "results.json").exists()
+
+
+def test_resume_of_an_interrupted_run_says_where_and_ends_as_the_uninterrupted_run(interrupted, finished, tmp_path,
+                                                                                      capsys):
+    out = shutil.copytree(interrupted, tmp_path / "copy")
+    code, stdout, err = main(flags(out, "--resume"), capsys)
+    assert code == 0, err
+    assert f"sft_tag: resumed at step 4 from {out / 'sft_tag' / 'ckpt.pt'}" in stdout
+    assert "sftkey_tag: resumed" not in stdout  # stage 2 had not begun
+    summary = json.loads((out / "results.json").read_text())
+    key = lambda r: (r["stage"], r["step"], r.get("loss"), r.get("val_thinking"), r.get("val_key"))  # noqa: E731
+    assert [key(r) for r in summary["log"]] == [key(r) for r in finished["results"]["log"]]
+    for stage in STAGES:
+        assert summary["results"][stage]["correct"] == finished["results"]["results"][stage]["correct"]
+    # log.jsonl: every row of the resumed run's log, in order (the killed run's rows after its last
+    # checkpoint are there as well: they were logged before the kill)
+    rows = [r for r in rows_of(out / "log.jsonl") if "results" not in r]
+    it = iter(rows)
+    assert all(any(r == s for s in it) for r in summary["log"]), "results.json's log is not a subsequence"
+    # beyond them at most the killed run's step-4 row (logged after its last checkpoint, then redone on resuming)
+    assert len(rows) - len(summary["log"]) in (0, 1)
+    assert 1 <= sum(r["step"] == 4 and "loss" in r for r in rows if r["stage"] == "sft_tag") <= 2
+    for stage in STAGES:
+        ckpt = torch.load(out / stage / "ckpt.pt", map_location="cpu", weights_only=True)
+        assert type(ckpt["log"]) is list and stage in ckpt["results"]
+
+
+def test_restore_prints_the_step_it_resumes_at(tmp_path, capsys):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    saved = {"step": 7, "optimizer": optimizer.state_dict(), **checkpoints.rng_state()}
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ckpt = checkpoints.StageCheckpoint(str(tmp_path / "s" / "ckpt.pt"), train.TrainConfig(), "sft_tag", [], saved)
+    assert ckpt.restore(fresh) == 7
+    assert capsys.readouterr().out == f"sft_tag: resumed at step 7 from {tmp_path / 's' / 'ckpt.pt'}\n"
+    assert fresh.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    # nothing saved: step 0, and nothing printed
+    assert checkpoints.StageCheckpoint(None, train.TrainConfig(), "sft_tag", []).restore(fresh) == 0
+    assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# loss.png
+
+def test_loss_png_is_drawn_with_matplotlib_and_a_run_without_it_succeeds_without_one(finished, tmp_path, capsys,
+                                                                                      monkeypatch):
+    plot = finished["out"] / "loss.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.read_bytes().startswith(PNG)
+    else:
+        assert not plot.exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert plots.pyplot() is None
+    out = tmp_path / "bare"
+    code, _, err = main(flags(out, "--max_iters", "3", "--stage2_iters", "1"), capsys)
+    assert code == 0, err
+    assert (out / "log.jsonl").exists() and (out / "results.json").exists()
+    assert not (out / "loss.png").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".loss.png")], "a temporary was left"
+
+
+def test_run_plot_draws_a_png_of_the_rows_or_nothing(tmp_path, monkeypatch):
+    rows = [{"stage": "a", "step": 0, "loss": 2.0}, {"stage": "a", "step": 0, "val_thinking": 2.1, "val_key": 2.2,
+                                                     "val_acc": 0.0},
+            {"stage": "a", "results": {"acc": 0.0, "fmt": 1.0, "n": 3}}, {"stage": "b", "step": 0, "loss": 1.0}]
+    assert plots.run_plot([{"stage": "a", "results": {}}], str(tmp_path / "none.png")) is None  # no step rows
+    assert not (tmp_path / "none.png").exists()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plots.run_plot(rows, str(tmp_path / "loss.png")) == str(tmp_path / "loss.png")
+        assert (tmp_path / "loss.png").read_bytes().startswith(PNG)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plots.run_plot(rows, str(tmp_path / "other.png")) is None
+    assert not (tmp_path / "other.png").exists()
+
+
+def test_global_steps_put_each_stage_after_the_last_step_of_the_one_before():
+    rows = [{"stage": "a", "step": 0}, {"stage": "a", "step": 0}, {"stage": "a", "step": 2},
+            {"stage": "a", "step": 5}, {"stage": "a", "step": 5},
+            {"stage": "b", "step": 0}, {"stage": "b", "step": 2}, {"stage": "b", "step": 2},
+            {"stage": "c", "step": 0}, {"stage": "c", "step": 1}]
+    assert plots.global_steps(rows) == [0, 0, 2, 5, 5, 6, 8, 8, 9, 10]
+    assert plots.global_steps([]) == []
+    # the finished run's rows: stage 2's steps follow stage 1's (6 steps: 0..5)
+    two = [{"stage": s, "step": k} for s, n in (("sft_tag", 6), ("sftkey_tag", 3)) for k in range(n)]
+    assert plots.global_steps(two) == list(range(9))
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite, and symbolic links
+
+def test_overwrite_deletes_the_earlier_log_so_the_new_log_holds_only_this_runs_rows(finished, tmp_path, capsys):
+    out = shutil.copytree(finished["out"], tmp_path / "copy")
+    code, _, err = main(flags(out, "--overwrite", "--max_iters", "4", "--stage2_iters", "2"), capsys)
+    assert code == 0, err
+    assert "--overwrite: deleted" in err and str(out / "log.jsonl") in err
+    rows = rows_of(out / "log.jsonl")
+    summary = json.loads((out / "results.json").read_text())
+    assert [r for r in rows if "results" not in r] == summary["log"]
+    assert [r["stage"] for r in rows if "results" in r] == list(STAGES)  # one results row per stage, not two
+    # none of the earlier 6-step run's rows
+    assert max(r["step"] for r in rows if r["stage"] == "sft_tag" and "step" in r) == 3
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "loss.png").read_bytes() != (finished["out"] / "loss.png").read_bytes()
+
+
+@pytest.mark.parametrize("extra", [(), ("--overwrite",), ("--resume",)], ids=["plain", "overwrite", "resume"])
+@pytest.mark.parametrize("dangling", [False, True], ids=["to_a_file", "dangling"])
+def test_a_symlinked_log_jsonl_is_refused_and_its_target_untouched(tmp_path, capsys, monkeypatch, extra, dangling):
+    out, target = tmp_path / "out", tmp_path / "elsewhere" / "precious.jsonl"
+    out.mkdir()
+    target.parent.mkdir()
+    if not dangling:
+        target.write_text('{"precious": true}\n')
+    (out / "log.jsonl").symlink_to(target)
+    no_training(monkeypatch)
+    code, _, err = main(flags(out, *extra), capsys)
+    assert code == 2, err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert "log.jsonl" in err and "symbolic link" in err, err
+    assert (out / "log.jsonl").is_symlink()  # not deleted (--overwrite) either
+    if dangling:
+        assert not target.exists(), "a file was created through the link"
+    else:
+        assert target.read_text() == '{"precious": true}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --show_roles
+
+def test_show_roles_prints_the_viewer_and_each_stages_loss_before_training(finished):
+    out = finished["stdout"]
+    start = out.index("sft_tag step     0/")  # the first training line
+    before = out[:start]
+    for marker in ("[P:", "[T:", "[K:", "--- example 1 of ", "loss sft_tag ", "loss sftkey_tag "):
+        assert marker in before, marker
+    assert "--- example 2 of " not in out  # --show_roles 1: one example
+    assert before.index("loss sft_tag ") < before.index("loss sftkey_tag ")
+    assert "[K:<|endoftext|>]" in before  # end-of-text is a key token
+
