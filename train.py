@@ -11,9 +11,10 @@ if __name__ == "__main__":
     import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
 
 import argparse
+import dataclasses
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -273,7 +274,7 @@ def run(cfg: TrainConfig) -> dict:
                 log.note({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
                 ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
-        summary = {"config": asdict(cfg), "stages": [asdict(s) for s in stages],
+        summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages],
                    "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds,
                    "log": log}
         if dist.master:
