@@ -121,7 +121,9 @@ class StageProbe:
             if probe.device.startswith("cuda"):
                 probe.torch.cuda.reset_peak_memory_stats()
             probe._marks, probe._stage, start = [], stage, time.time()
+            probe._training = True  # evaluate calls inside training are validation answers, not test evaluations
             optimizer = probe._train(*args, **kwargs)
+            probe._training = False
             probe._sync()
             row = {"steps": iters, "seconds": time.time() - start}
             if probe.device.startswith("cuda"):
@@ -138,6 +140,8 @@ class StageProbe:
             return out
 
         def evaluate(model, enc, examples, *args, **kwargs):
+            if getattr(probe, "_training", False):
+                return probe._evaluate(model, enc, examples, *args, **kwargs)
             probe._sync()
             start = time.time()
             result = probe._evaluate(model, enc, examples, *args, **kwargs)

@@ -105,7 +105,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
     # issue 18, item 11: the message names the checkpoint that is there, and the likely causes
     assert f"The last checkpoint, {tmp_path / 'sft_tag' / 'ckpt.pt'} at step 8, is intact." in str(stop.value)
-    assert "a learning rate too high (this stage's peak is 0.001" in str(stop.value)
+    assert "a learning rate too high (this stage's peak is 0.002" in str(stop.value)
 
 
 def test_non_finite_loss_before_any_checkpoint_says_so_and_does_not_blame_the_lr(tmp_path, monkeypatch):

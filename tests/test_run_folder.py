@@ -129,7 +129,7 @@ def one_line_error(code: int, err: str, *fragments: str) -> None:
 # Item 1: --resume compares every flag that decides the result, and the input files' contents
 
 FLAG_CHANGES = [
-    (["--lr", "1e-2"], "--lr: 0.001 in the checkpoint, 0.01 here"),
+    (["--lr", "1e-2"], "--lr: 0.002 in the checkpoint, 0.01 here"),
     (["--batch_size", "4"], "--batch_size: 8 in the checkpoint, 4 here"),
     (["--seed", "7"], "--seed: 1337 in the checkpoint, 7 here"),
     (["--max_iters", "6"], "--max_iters: 12 in the checkpoint, 6 here"),  # below the saved step 8
@@ -210,7 +210,7 @@ def test_resume_mismatches_names_every_field(tmp_path):
     saved["train_config"]["future_flag"] = 3
     del saved["train_config"]["lr"]
     assert checkpoints.resume_mismatches(saved, cfg) == [
-        "--lr: not recorded in the checkpoint, 0.001 here", "--future_flag: 3 in the checkpoint, no such flag here"]
+        "--lr: not recorded in the checkpoint, 0.002 here", "--future_flag: 3 in the checkpoint, no such flag here"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,12 +244,12 @@ def test_resume_refuses_a_finished_stage_of_another_run(made, tmp_path, capsys, 
     """Run B, interrupted in stage 1, in a folder holding run A's finished stage 2: --resume must not
     skip B's stage 2 and report A's results as B's."""
     out = tmp_path / "out"
-    interrupted_run(out, made["data"], "--lr", "2e-3")
+    interrupted_run(out, made["data"], "--lr", "3e-3")
     shutil.copytree(made["finished"] / "sftkey_tag", out / "sftkey_tag")
     no_training(monkeypatch)
-    code, err = main(flags(out, made["data"], "--lr", "2e-3", "--resume"), capsys)
+    code, err = main(flags(out, made["data"], "--lr", "3e-3", "--resume"), capsys)
     one_line_error(code, err, f"{out / 'sftkey_tag' / 'ckpt.pt'} was written by another run",
-                   "--lr: 0.001 in the checkpoint, 0.002 here")
+                   "--lr: 0.002 in the checkpoint, 0.003 here")
 
 
 # ---------------------------------------------------------------------------------------------
