@@ -77,3 +77,14 @@ class Frozen(torch.optim.Optimizer):
 
     def step(self, closure=None):
         pass
+
+
+def run_cli(main, args: list[str], capsys) -> tuple[int, str, str]:
+    """A command's exit code (0 when `main(args)` returns), stdout and stderr."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -9,6 +9,7 @@ import pytest
 
 import data as D
 import train
+from conftest import run_cli
 
 
 def user(text: str) -> dict:
@@ -171,13 +172,7 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8"
 
 
 def run_main(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        train.main(args)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(train.main, args, capsys)
 
 
 def test_a_run_on_a_messages_file_trains_and_evaluates_both_stages(tmp_path, capsys):

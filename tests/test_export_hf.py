@@ -18,7 +18,7 @@ import export_hf
 import gpt2
 import sample
 import train
-from conftest import needs_tiktoken_cache
+from conftest import needs_tiktoken_cache, run_cli
 from test_pretrained import hf_tensors, reference_logits, write_checkpoint
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "40", "--n_train", "40", "--n_val", "4",
@@ -35,13 +35,7 @@ def gpt2_ckpt(tmp_path_factory) -> str:
 
 
 def run_export(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        export_hf.main(args)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(export_hf.main, args, capsys)
 
 
 def check_round_trip(ckpt_path: str, folder: str) -> None:

@@ -17,6 +17,7 @@ import checkpoints
 import data as D
 import plots
 import train
+from conftest import run_cli
 
 TINY = ["--n_train", "200", "--n_test", "4", "--n_val", "20", "--max_iters", "6", "--stage2_iters", "3",
         "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--batch_size", "8", "--block_size", "64",
@@ -43,14 +44,7 @@ def rows_of(path: Path) -> list[dict]:
 
 
 def main(args: list[str], capsys) -> tuple[int, str, str]:
-    """train.main's exit code (0 when it returns), stdout and stderr."""
-    try:
-        train.main(args)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(train.main, args, capsys)
 
 
 def no_training(monkeypatch) -> None:
