@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import glob
 import hashlib
 import io
@@ -24,13 +25,7 @@ from typing import BinaryIO, Callable
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows: FolderLock says it cannot lock
-    fcntl = None
-
 import data as D
-import gpt2
 import runtime
 from model import GPT, GPTConfig
 from runtime import PRETRAINED, Dist, Interrupted, StopSignal
@@ -263,6 +258,7 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
     50,257-token vocabulary, kept by checkpoints trained from it). Too large for memory: a flag error."""
     try:
         if cfg.init_from.startswith(PRETRAINED):
+            import gpt2  # here, not above: an optional feature, which imports this module
             hf = gpt2.gpt2_from_hf(cfg.init_from.removeprefix(PRETRAINED), cfg.block_size, cfg.dropout, enc.n_vocab)
             return hf.to(device)
         if cfg.init_from:
@@ -402,7 +398,7 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
 # One run per folder
 class FolderLock:
     """fcntl.flock on out_dir/.sftkey.lock, released by the kernel however the holder ends (kill -9 too); the file names
-    the holder ("pid host") for a refused second run. No fcntl (Windows): no lock, and a note says so."""
+    the holder ("pid host") for a refused second run."""
 
     def __init__(self, out_dir: str):
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
@@ -417,14 +413,10 @@ class FolderLock:
         return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
 
     def acquire(self) -> None:
-        if fcntl is None:
-            print(f"note: no file locking on this system: nothing stops a second run in {self.out_dir}",
-                  file=sys.stderr, flush=True)
-            return
         while True:
             try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, never followed
                 make_folders(self.out_dir)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as err:  # a read-only file system, a path under a file, no permission
                 raise ValueError(f"--out_dir {self.out_dir}: the run could not write its files there: cannot create "
                                  f"{err.filename or self.path} ({err.strerror or err}). Nothing was trained") from None

@@ -1,21 +1,46 @@
-"""GPT-2's weights from a Hugging Face checkpoint folder (--init_from gpt2:DIR), in model.py's names; a reader of
-SFTKey can skip it. No `transformers` needed: the tensors are read (safetensors, or a pytorch_model.bin with
-weights_only=True), renamed, and GPT-2's Conv1D weights transposed into nn.Linear's layout."""
+"""GPT-2 in Hugging Face's layout, both ways; a reader of SFTKey can skip it. No `transformers` needed.
+
+Reading, `--init_from gpt2:DIR` (`gpt2_from_hf`): the tensors of a Hugging Face GPT-2 folder (safetensors, or a
+pytorch_model.bin with weights_only=True), renamed to model.py's names, GPT-2's Conv1D weights transposed into
+nn.Linear's layout. Writing, a checkpoint of a model trained with `--encoding gpt2`:
+
+    python gpt2.py out/gpt2_gsm8k/sftkey_tag/ckpt.pt exported/sftkey_gpt2
+
+writes DIR/config.json (a GPT2LMHeadModel's configuration), DIR/pytorch_model.bin (the weights under
+Hugging Face's names, torch.save'd) and, when the optional `safetensors` package imports, DIR/model.safetensors.
+`transformers.GPT2LMHeadModel.from_pretrained(DIR)` then reads it, as does `--init_from gpt2:DIR`. The export is
+the import's inverse: block weights transposed into Conv1D's (in, out), the output matrix tied to the token
+embedding, whose table keeps GPT-2's 50,257 rows (a model trained from random weights has 50,304, the
+vocabulary rounded up to a multiple of 64; the 47 extra rows are no token's and are dropped, which leaves the
+logits of every real token as they were and takes out of the softmax only what those rows held, which training
+pushes towards 0). n_positions is the model's block_size. No tokenizer files are written: the tokenizer is
+GPT-2's own (e.g. `transformers.AutoTokenizer.from_pretrained("gpt2")`).
+
+Files already in DIR are never overwritten without --overwrite; each is written whole or not at all
+(checkpoints.atomic_write). After writing, the folder is read back with gpt2_from_hf and every weight compared
+with the checkpoint's, bit for bit. Bad input ends in one line and exit code 2.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
 
 import torch
 
+import checkpoints as ckpts
+import runtime
 from model import GPT, GPTConfig
 
+GPT2_VOCAB, EOT = 50257, 50256  # GPT-2's tokens, the last of them <|endoftext|>
+CONFIG, BIN, SAFETENSORS = "config.json", "pytorch_model.bin", "model.safetensors"  # a folder's files
 _GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head of GPT-2 small, medium, large, xl
 # Hugging Face stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+# Reading
 def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0, vocab: int | None = None) -> GPT:
     """GPT-2 (any of the four sizes) from a local Hugging Face checkpoint folder, in float32 on the CPU, its shape from
     the tensors; `block_size` crops the position table; `vocab` (the tokenizer's size) must be the checkpoint's."""
@@ -33,7 +58,7 @@ def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """The checkpoint's tensors, keys without the optional "transformer." prefix, and the file read."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"gpt2:{path}: no such directory")
-    st_file, bin_file = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    st_file, bin_file = os.path.join(path, SAFETENSORS), os.path.join(path, BIN)
     try:
         from safetensors.torch import load_file
     except ImportError:
@@ -66,7 +91,7 @@ def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropo
     if n_vocab is not None and vocab != n_vocab:
         raise ValueError(f"gpt2:{path}: a vocabulary of {vocab} tokens, but the gpt2 encoding has {n_vocab}")
     n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
-    config_file = os.path.join(path, "config.json")
+    config_file = os.path.join(path, CONFIG)
     hf = json.loads(Path(config_file).read_text(encoding="utf-8")) if os.path.isfile(config_file) else {}
     # Variants whose arithmetic differs from GPT-2's would load and compute something else: refuse them by name.
     unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
@@ -97,7 +122,7 @@ def _gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPT, source: str) 
         if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):  # tied; causal-mask buffers
             continue
         tensor = tensor.float()
-        state["transformer." + key] = tensor.t().contiguous() if key.endswith(_CONV1D) else tensor.contiguous()
+        state["transformer." + key] = tensor.t().contiguous() if key.endswith(CONV1D) else tensor.contiguous()
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:model.config.block_size].clone()
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
     missing = sorted(k.removeprefix("transformer.") for k in expected.keys() - state.keys())
@@ -111,3 +136,140 @@ def _gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPT, source: str) 
                              f"expected {tuple(shape)} (after transposing Conv1D weights)")
     return state
 
+
+# Writing
+# Files a Hugging Face loader reads instead of, or besides, ours: a stale one would shadow the export.
+SHADOWING = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# GPT-2's tanh-approximated GELU, both: GPT-2's own name (the formula computed step by step), which every GPT-2
+# loader knows, then torch's own function, model.py's F.gelu(approximate="tanh"), which some loaders do not know.
+# With transformers 5.25 the second gave our logits bit for bit, the first within 4e-6 (on logits up to 7).
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This project's state dict under Hugging Face's GPT2LMHeadModel names: Conv1D weights transposed, the
+    embedding cut to GPT-2's 50,257 rows, no lm_head.weight (tied to transformer.wte.weight on loading)."""
+    if not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
+        raise ValueError("lm_head.weight differs from transformer.wte.weight: not a tied GPT-2")
+    out = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue
+        if name.endswith(CONV1D):
+            tensor = tensor.t()
+        elif name == "transformer.wte.weight":
+            tensor = tensor[:GPT2_VOCAB]
+        out[name] = tensor.detach().to("cpu", torch.float32).contiguous().clone()  # own storage: safetensors
+    return out
+
+
+def hf_config(config: GPTConfig, activation: str = ACTIVATIONS[0]) -> dict:
+    """config.json of a GPT2LMHeadModel of this shape. model.py's arithmetic is GPT-2's: tanh GELU, LayerNorm
+    eps 1e-5, attention scaled by 1/sqrt(head width) and not by layer, biases, tied embeddings."""
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": GPT2_VOCAB,
+            "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None, "activation_function": activation,
+            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+            "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True, "use_cache": True,
+            "torch_dtype": "float32"}
+
+
+def checked_checkpoint(path: str) -> tuple[dict, GPTConfig]:
+    """The checkpoint (the project's checks: checkpoints.read_checkpoint) and its model's shape, refused in
+    one ValueError unless it is a GPT-2-vocabulary model a Hugging Face GPT-2 folder can hold."""
+    ckpt = ckpts.read_checkpoint(path, None, "cpu")
+    config = GPTConfig(**ckpt["model_config"])
+    trained = ckpt.get("train_config") if isinstance(ckpt.get("train_config"), dict) else {}
+    encoding = trained.get("encoding")
+    if encoding != "gpt2":
+        raise ValueError(f"{path}: trained with encoding {encoding or '(not recorded)'}, not gpt2: a Hugging Face "
+                         f"GPT-2 folder means GPT-2's tokenizer, so only --encoding gpt2 models are exported")
+    if config.vocab_size not in (GPT2_VOCAB, 64 * -(-GPT2_VOCAB // 64)):
+        raise ValueError(f"{path}: a vocabulary of {config.vocab_size} rows, not GPT-2's {GPT2_VOCAB} (or "
+                         f"{64 * -(-GPT2_VOCAB // 64)}, rounded up)")
+    if not config.bias:
+        raise ValueError(f"{path}: a model without biases; GPT-2 has them")
+    return ckpt, config
+
+
+def export(ckpt: dict, config: GPTConfig, out_dir: str, overwrite: bool = False,
+           activation: str = ACTIVATIONS[0]) -> tuple[list[str], list[str]]:
+    """Write the Hugging Face folder of a checked checkpoint (`checked_checkpoint`); return the paths written
+    and those removed (an earlier export's files this one does not replace). Refuses to replace files unless
+    `overwrite`."""
+    state, hf = hf_state_dict(ckpt["model"]), hf_config(config, activation)
+    try:
+        from safetensors.torch import save as safetensors_bytes
+    except ImportError:
+        safetensors_bytes = None
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: exists and is not a folder")
+    ours = [os.path.join(out_dir, name) for name in (CONFIG, BIN, SAFETENSORS, *SHADOWING)]
+    found = [path for path in ours if os.path.lexists(path)]
+    if found and not overwrite:
+        raise ValueError(f"{out_dir} already holds {', '.join(os.path.basename(p) for p in found)}: give --overwrite "
+                         f"to replace them, or choose another folder")
+    files = {BIN: lambda f: torch.save(state, f)}
+    if safetensors_bytes is not None:
+        data = safetensors_bytes(state, metadata={"format": "pt"})  # "pt": what transformers looks for
+        files[SAFETENSORS] = lambda f: f.write(data)
+    written = []
+    for name, write in files.items():
+        ckpts.atomic_write(os.path.join(out_dir, name), write)
+        written.append(os.path.join(out_dir, name))
+    ckpts.write_json(os.path.join(out_dir, CONFIG), hf)  # last, so that a new folder with a config.json is whole
+    written.append(os.path.join(out_dir, CONFIG))
+    stale = [path for path in found if path not in written]  # they would shadow this export: remove them
+    for path in stale:
+        os.unlink(path)
+    return written, stale
+
+
+def verify(out_dir: str, ckpt: dict, config: GPTConfig) -> None:
+    """Read the folder back (gpt2_from_hf) and compare every weight with the checkpoint's, bit for bit."""
+    loaded = gpt2_from_hf(out_dir)
+    if loaded.config != GPTConfig(GPT2_VOCAB, config.block_size, config.n_layer, config.n_head, config.n_embd):
+        raise ValueError(f"{out_dir}: read back with another shape ({loaded.config}); the export is wrong")
+    state = loaded.state_dict()
+    for name, tensor in ckpt["model"].items():
+        expected = tensor[:GPT2_VOCAB] if name in ("transformer.wte.weight", "lm_head.weight") else tensor
+        if not torch.equal(state[name], expected.cpu()):
+            raise ValueError(f"{out_dir}: {name} read back differs from the checkpoint's; the export is wrong")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", help="a checkpoint train.py wrote, of a model trained with --encoding gpt2")
+    parser.add_argument("dir", help="the folder to write (created if needed)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace config.json, pytorch_model.bin and model.safetensors already in DIR (and "
+                             "remove sharded-checkpoint indexes there, which loaders would read instead)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default=ACTIVATIONS[0],
+                        help="activation_function in config.json, both GPT-2's tanh GELU: gelu_new, GPT-2's own "
+                             "name, which every GPT-2 loader knows, computes the formula step by step (logits within "
+                             "about 1e-6 of ours); gelu_pytorch_tanh calls torch's, as model.py does (transformers "
+                             "then gives our logits bit for bit), but older loaders do not know it "
+                             "(default: %(default)r)")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    ckpt, config = checked_checkpoint(args.ckpt)
+    written, removed = export(ckpt, config, args.dir, args.overwrite, args.activation)
+    verify(args.dir, ckpt, config)
+    print(f"wrote {', '.join(written)}" + (f"; removed {', '.join(removed)}" if removed else "")
+          + ("" if any(p.endswith(SAFETENSORS) for p in written) else
+             " (no model.safetensors: pip install safetensors to write one too)"))
+    print(f"read back with gpt2.gpt2_from_hf: every weight equal to the checkpoint's (wte: its first {GPT2_VOCAB} "
+          f"rows of {config.vocab_size}); n_positions {config.block_size}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    runtime.command(lambda: run(argv))  # bad input: one line, exit 2; a failed write: one line, exit 1
+
+
+if __name__ == "__main__":
+    main()

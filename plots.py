@@ -1,10 +1,20 @@
-"""Pictures of a run: `loss.png` for train.py's log, and the helpers experiment.py draws its plots with.
+"""Pictures of runs: `loss.png`, which train.py redraws at every checkpoint, and the helpers experiment.py draws
+its figures with. As a script it draws train.py logs now, one run's while it trains or several runs' on one figure:
 
-matplotlib is optional: without it nothing is drawn and nothing fails (`pyplot` returns None).
+    python plots.py out/log.jsonl                              # writes loss_now.png
+    python plots.py runs/a/log.jsonl runs/b/log.jsonl -o a_vs_b.png
+
+matplotlib is optional: without it no run draws anything and none fails (`pyplot` returns None).
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+
 import checkpoints as ckpts
+import data as D
+import runtime
 
 
 def pyplot():
@@ -37,34 +47,84 @@ def global_steps(rows: list[dict]) -> list[int]:
     return out
 
 
-def run_plot(rows: list[dict], path: str) -> str | None:
-    """loss.png of a train.py run: training loss and validation loss per role (log scale), and validation Acc
-    when measured, on one step axis across the stages, each stage's start marked. None without matplotlib."""
+def run_plot(runs: list[dict] | dict[str, list[dict]], path: str) -> str | None:
+    """loss.png of train.py runs (one run's rows, or rows by run label): training loss and validation loss per role
+    (log scale), and validation Acc when measured, on one step axis across the stages, each stage's start marked.
+    One colour per run when there are several. None without matplotlib or rows to draw."""
     plt = pyplot()
-    rows = [r for r in rows if "step" in r and "stage" in r]
-    if plt is None or not rows:
+    runs = {label: [r for r in rows if "step" in r and "stage" in r]
+            for label, rows in (runs if isinstance(runs, dict) else {"": runs}).items()}
+    if plt is None or not any(runs.values()):
         return None
-    steps = global_steps(rows)
-    has_acc = any(r.get("val_acc") is not None for r in rows)
+    has_acc = any(r.get("val_acc") is not None for rows in runs.values() for r in rows)
     fig, axes = plt.subplots(1, 1 + has_acc, figsize=(6 + 4 * has_acc, 4), squeeze=False)
-    loss_ax = axes[0][0]
-    for key, label in (("loss", "training loss"), ("val_thinking", "validation: thinking"),
-                       ("val_key", "validation: key")):
-        points = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
+    loss_ax, starts = axes[0][0], {}
+    for k, (label, rows) in enumerate(runs.items()):
+        steps, colour = global_steps(rows), {"color": f"C{k}"} if len(runs) > 1 else {}
+        for key, name, style in (("loss", "training loss", "-"), ("val_thinking", "validation: thinking", "--"),
+                                 ("val_key", "validation: key", ":")):
+            points = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
+            if points:
+                loss_ax.plot(*zip(*points), linestyle=style, marker="." if key != "loss" else None,
+                             label=f"{label}: {name}" if label else name, **colour)
+        points = [(s, r["val_acc"]) for s, r in zip(steps, rows) if r.get("val_acc") is not None]
         if points:
-            loss_ax.plot(*zip(*points), marker="." if key != "loss" else None, label=label)
+            axes[0][1].plot(*zip(*points), marker=".", label=label or None, **(colour or {"color": "C3"}))
+        for s, r in zip(steps, rows):
+            starts.setdefault(r["stage"], s)
     loss_ax.set(yscale="log", xlabel="step (all stages)", ylabel="loss (nats/token)", title="loss")
     if has_acc:
-        points = [(s, r["val_acc"]) for s, r in zip(steps, rows) if r.get("val_acc") is not None]
-        axes[0][1].plot(*zip(*points), marker=".", color="C3")
         axes[0][1].set(ylim=(0, 1), xlabel="step (all stages)", ylabel="fraction of validation prompts",
                        title="greedy validation Acc")
-    starts = {}
-    for s, r in zip(steps, rows):
-        starts.setdefault(r["stage"], s)
+        if len(runs) > 1:
+            axes[0][1].legend(fontsize=8)
     for ax in axes[0]:
-        for stage, start in list(starts.items())[1:]:
-            ax.axvline(start, color="grey", linestyle=":", linewidth=1)
-            ax.annotate(stage, (start, 1), xycoords=("data", "axes fraction"), ha="left", va="top", fontsize=8)
-    loss_ax.legend()
+        for stage, start in starts.items():
+            if start > 0:  # the first stage starts the axis
+                ax.axvline(start, color="grey", linestyle=":", linewidth=1)
+                ax.annotate(stage, (start, 1), xycoords=("data", "axes fraction"), ha="left", va="top", fontsize=8)
+    loss_ax.legend(fontsize=8 if len(runs) > 1 else None)
     return save(fig, path)
+
+
+def read_log(path: str) -> list[dict]:
+    """The rows of a train.py log.jsonl; text after the last newline is a row still being written, left out."""
+    try:
+        lines = D.read_input(path, "log").decode("utf-8").split("\n")[:-1]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"log {path}: not UTF-8 text ({err})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(row := json.loads(line))
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: not a row of a train.py log (one JSON object a line)")
+        if "arm" in row:
+            raise ValueError(f"{path}:{number}: a row of an experiment's log; its figures are drawn by "
+                             f"python experiment.py --plot_only --out_dir {os.path.dirname(path) or '.'}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", nargs="+", help="train.py logs (OUT_DIR/log.jsonl), of finished runs or of runs still "
+                        "training; several are drawn on one figure, each labelled by its folder")
+    parser.add_argument("-o", "--out", default="loss_now.png", help="the PNG to write, replaced if it exists "
+                        "(default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    def draw() -> None:
+        if pyplot() is None:
+            raise ValueError("drawing needs matplotlib: pip install matplotlib")
+        labels = [os.path.dirname(p) or p for p in args.logs] if len(args.logs) > 1 else [""]
+        runs = dict(zip(labels if len(set(labels)) == len(labels) else args.logs, map(read_log, args.logs)))
+        if run_plot(runs, args.out) is None:
+            raise ValueError(f"nothing to draw yet: {', '.join(args.logs)} hold no training rows")
+        print(f"wrote {args.out}")
+    runtime.command(draw)  # bad input: one line, exit 2
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""export_hf.py: a gpt2-encoding checkpoint as a Hugging Face GPT-2 folder, and back.
+"""`python gpt2.py CKPT DIR`: a gpt2-encoding checkpoint exported as a Hugging Face GPT-2 folder, and back.
 
 The round trip is exact: gpt2.gpt2_from_hf on the exported folder gives the checkpoint's weights bit
 for bit (the embedding cut to GPT-2's 50,257 rows) and the same logits on every real token. Since a
@@ -14,7 +14,6 @@ import os
 import pytest
 import torch
 
-import export_hf
 import gpt2
 import sample
 import train
@@ -35,7 +34,7 @@ def gpt2_ckpt(tmp_path_factory) -> str:
 
 
 def run_export(args: list[str], capsys) -> tuple[int, str, str]:
-    return run_cli(export_hf.main, args, capsys)
+    return run_cli(gpt2.main, args, capsys)
 
 
 def check_round_trip(ckpt_path: str, folder: str) -> None:

@@ -285,6 +285,60 @@ def test_global_steps_put_each_stage_after_the_last_step_of_the_one_before():
     assert plots.global_steps(two) == list(range(9))
 
 
+def test_read_log_gives_a_runs_rows_and_leaves_out_a_row_still_being_written(finished, tmp_path):
+    log = (finished["out"] / "log.jsonl").read_bytes()
+    assert plots.read_log(str(finished["out"] / "log.jsonl")) == rows_of(finished["out"] / "log.jsonl")
+    cut = log.index(b"\n", len(log) // 2) + 10  # a run appending a row as the file is read
+    (tmp_path / "partial.jsonl").write_bytes(log[:cut])
+    assert plots.read_log(str(tmp_path / "partial.jsonl")) == [json.loads(x) for x in log[:cut].split(b"\n")[:-1]]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"stage": "a", "step": 0}\n[1, 2]\n', "bad.jsonl:2: not a row of a train.py log"),
+    ('{"stage": "a"}\nnot json\n{"stage": "a"}\n', "bad.jsonl:2: not a row of a train.py log"),
+    ('{"arm": "sft_tag", "seed": 0, "stage": "sft_tag", "step": 0}\n', "bad.jsonl:1: a row of an experiment's log"),
+])
+def test_plots_cli_names_the_file_and_line_of_a_bad_log_and_writes_nothing(tmp_path, capsys, text, problem):
+    (tmp_path / "bad.jsonl").write_text(text)
+    code, out, err = run_cli(plots.main, [str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and out == "" and err.startswith("error: ") and problem in err and err.count("\n") == 1
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plots_cli_refuses_what_it_cannot_draw_in_one_line(finished, tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty.jsonl").write_text('{"stage": "a", "results": {}}\n')
+    for args, problem in [([str(tmp_path / "absent.jsonl")], "log " + str(tmp_path / "absent.jsonl") + ": no such"),
+                          ([str(tmp_path)], "not a regular file"),
+                          ([str(tmp_path / "empty.jsonl")], "nothing to draw yet")]:
+        if "nothing" in problem and importlib.util.find_spec("matplotlib") is None:
+            continue  # without matplotlib the next case says so first
+        code, _, err = run_cli(plots.main, [*args, "-o", str(tmp_path / "p.png")], capsys)
+        assert code == 2 and problem in err and err.count("\n") == 1, err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = run_cli(plots.main, [str(finished["out"] / "log.jsonl"), "-o", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and "drawing needs matplotlib" in err
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional (not in CI)")
+def test_plots_cli_draws_one_run_now_and_several_runs_on_one_figure(finished, tmp_path, capsys, monkeypatch):
+    log = str(finished["out"] / "log.jsonl")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(plots.main, [log], capsys)
+    assert code == 0 and out == "wrote loss_now.png\n" and (tmp_path / "loss_now.png").read_bytes().startswith(PNG)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(log, other / "log.jsonl")
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(path, fig) and path)
+    code, out, _ = run_cli(plots.main, [log, str(other / "log.jsonl"), "-o", "both.png"], capsys)
+    assert code == 0 and out == "wrote both.png\n"
+    lines = drawn["both.png"].axes[0].get_lines()
+    labels = [line.get_label() for line in lines]
+    assert f"{other}: training loss" in labels and f"{finished['out']}: validation: key" in labels
+    assert {line.get_color() for line in lines if line.get_label().startswith(str(other))} == {"C1"}
+
+
 # ---------------------------------------------------------------------------------------------
 # --overwrite, and symbolic links
 
