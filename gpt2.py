@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--activation", choices=ACTIVATIONS, default=ACTIVATIONS[0],
                         help="activation_function in config.json, both GPT-2's tanh GELU: gelu_new, GPT-2's own "
                              "name, which every GPT-2 loader knows, computes the formula step by step (logits within "
-                             "about 1e-6 of ours); gelu_pytorch_tanh calls torch's, as model.py does (transformers "
+                             "about 4e-6 of ours); gelu_pytorch_tanh calls torch's, as model.py does (transformers "
                              "then gives our logits bit for bit), but older loaders do not know it "
                              "(default: %(default)r)")
     return parser

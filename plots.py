@@ -47,6 +47,9 @@ def global_steps(rows: list[dict]) -> list[int]:
     return out
 
 
+PLOTTED = ("loss", "val_thinking", "val_key", "val_acc")  # the numbers drawn from a row
+
+
 def run_plot(runs: list[dict] | dict[str, list[dict]], path: str) -> str | None:
     """loss.png of train.py runs (one run's rows, or rows by run label): training loss and validation loss per role
     (log scale), and validation Acc when measured, on one step axis across the stages, each stage's start marked.
@@ -70,8 +73,11 @@ def run_plot(runs: list[dict] | dict[str, list[dict]], path: str) -> str | None:
         points = [(s, r["val_acc"]) for s, r in zip(steps, rows) if r.get("val_acc") is not None]
         if points:
             axes[0][1].plot(*zip(*points), marker=".", label=label or None, **(colour or {"color": "C3"}))
+        first = {}
         for s, r in zip(steps, rows):
-            starts.setdefault(r["stage"], s)
+            first.setdefault(r["stage"], s)
+        for start in first.items():  # a start several runs share is grey
+            starts[start] = "grey" if start in starts else colour.get("color", "grey")
     loss_ax.set(yscale="log", xlabel="step (all stages)", ylabel="loss (nats/token)", title="loss")
     if has_acc:
         axes[0][1].set(ylim=(0, 1), xlabel="step (all stages)", ylabel="fraction of validation prompts",
@@ -79,9 +85,9 @@ def run_plot(runs: list[dict] | dict[str, list[dict]], path: str) -> str | None:
         if len(runs) > 1:
             axes[0][1].legend(fontsize=8)
     for ax in axes[0]:
-        for stage, start in starts.items():
+        for (stage, start), colour in starts.items():
             if start > 0:  # the first stage starts the axis
-                ax.axvline(start, color="grey", linestyle=":", linewidth=1)
+                ax.axvline(start, color=colour, linestyle=":", linewidth=1)
                 ax.annotate(stage, (start, 1), xycoords=("data", "axes fraction"), ha="left", va="top", fontsize=8)
     loss_ax.legend(fontsize=8 if len(runs) > 1 else None)
     return save(fig, path)
@@ -99,8 +105,10 @@ def read_log(path: str) -> list[dict]:
             rows.append(row := json.loads(line))
         except ValueError:
             row = None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: not a row of a train.py log (one JSON object a line)")
+        if not (isinstance(row, dict) and isinstance(row.get("stage", ""), str) and type(row.get("step", 0)) is int
+                and all(isinstance(row.get(k), (int, float, type(None))) for k in PLOTTED)):
+            raise ValueError(f"{path}:{number}: not a row of a train.py log (one JSON object a line: a stage name, "
+                             f"a whole step, numbers)")
         if "arm" in row:
             raise ValueError(f"{path}:{number}: a row of an experiment's log; its figures are drawn by "
                              f"python experiment.py --plot_only --out_dir {os.path.dirname(path) or '.'}")
@@ -116,13 +124,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def draw() -> None:
+        logs, out = args.logs, args.out
+        runs = {log: read_log(log) for log in logs}  # input errors first, with or without matplotlib
+        if len(runs) < len(logs):
+            raise ValueError("a log is given twice")
+        if not out.endswith(".png") or os.path.lexists(out) and not os.path.isfile(out) \
+                or any(os.path.samefile(out, log) for log in logs if os.path.exists(out)) \
+                or not os.path.isdir(os.path.dirname(out) or "."):
+            raise ValueError(f"-o {out}: give a .png file in an existing folder (replaced if it is one)")
         if pyplot() is None:
             raise ValueError("drawing needs matplotlib: pip install matplotlib")
-        labels = [os.path.dirname(p) or p for p in args.logs] if len(args.logs) > 1 else [""]
-        runs = dict(zip(labels if len(set(labels)) == len(labels) else args.logs, map(read_log, args.logs)))
-        if run_plot(runs, args.out) is None:
-            raise ValueError(f"nothing to draw yet: {', '.join(args.logs)} hold no training rows")
-        print(f"wrote {args.out}")
+        labels = [os.path.dirname(log) or log for log in logs] if len(logs) > 1 else [""]
+        if run_plot(dict(zip(labels if len(set(labels)) == len(labels) else logs, runs.values())), out) is None:
+            raise ValueError(f"nothing to draw yet: no training rows in {', '.join(logs)}")
+        print(f"wrote {out}")
     runtime.command(draw)  # bad input: one line, exit 2
 
 

@@ -297,6 +297,8 @@ def test_read_log_gives_a_runs_rows_and_leaves_out_a_row_still_being_written(fin
     ('{"stage": "a", "step": 0}\n[1, 2]\n', "bad.jsonl:2: not a row of a train.py log"),
     ('{"stage": "a"}\nnot json\n{"stage": "a"}\n', "bad.jsonl:2: not a row of a train.py log"),
     ('{"arm": "sft_tag", "seed": 0, "stage": "sft_tag", "step": 0}\n', "bad.jsonl:1: a row of an experiment's log"),
+    ('{"stage": "a", "step": "x"}\n', "bad.jsonl:1: not a row of a train.py log"),
+    ('{"stage": "a", "step": 0, "loss": "low"}\n', "bad.jsonl:1: not a row of a train.py log"),
 ])
 def test_plots_cli_names_the_file_and_line_of_a_bad_log_and_writes_nothing(tmp_path, capsys, text, problem):
     (tmp_path / "bad.jsonl").write_text(text)
@@ -314,8 +316,18 @@ def test_plots_cli_refuses_what_it_cannot_draw_in_one_line(finished, tmp_path, c
             continue  # without matplotlib the next case says so first
         code, _, err = run_cli(plots.main, [*args, "-o", str(tmp_path / "p.png")], capsys)
         assert code == 2 and problem in err and err.count("\n") == 1, err
+    log = str(finished["out"] / "log.jsonl")
+    before = Path(log).read_bytes()
+    (tmp_path / "folder.png").mkdir()
+    for args, problem in [([log, log], "a log is given twice"), ([log, "-o", log], "give a .png file"),
+                          ([log, "-o", str(tmp_path / "p.jpg")], "give a .png file"),
+                          ([log, "-o", str(tmp_path / "folder.png")], "give a .png file"),
+                          ([log, "-o", str(tmp_path / "absent" / "p.png")], "in an existing folder")]:
+        code, _, err = run_cli(plots.main, args, capsys)
+        assert code == 2 and problem in err and err.count("\n") == 1, err
+    assert Path(log).read_bytes() == before and not (tmp_path / "absent").exists()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    code, _, err = run_cli(plots.main, [str(finished["out"] / "log.jsonl"), "-o", str(tmp_path / "p.png")], capsys)
+    code, _, err = run_cli(plots.main, [log, "-o", str(tmp_path / "p.png")], capsys)
     assert code == 2 and "drawing needs matplotlib" in err
     assert not (tmp_path / "p.png").exists()
 
@@ -337,6 +349,15 @@ def test_plots_cli_draws_one_run_now_and_several_runs_on_one_figure(finished, tm
     labels = [line.get_label() for line in lines]
     assert f"{other}: training loss" in labels and f"{finished['out']}: validation: key" in labels
     assert {line.get_color() for line in lines if line.get_label().startswith(str(other))} == {"C1"}
+    # each run's stage 2 is marked where it starts; a start both runs share once, in grey
+    marks = [line for line in lines if line.get_linestyle() == ":" and line.get_label().startswith("_")]
+    assert [(m.get_xdata()[0], m.get_color()) for m in marks] == [(6, "grey")]
+    short = [r for r in plots.read_log(log) if r["stage"] == "sftkey_tag" or r.get("step", 0) < 3]  # stage 1: 0-2
+    (other / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
+    code, _, _ = run_cli(plots.main, [log, str(other / "log.jsonl"), "-o", "both2.png"], capsys)
+    marks = [line for line in drawn["both2.png"].axes[0].get_lines() if line.get_linestyle() == ":"
+             and line.get_label().startswith("_")]
+    assert code == 0 and sorted((m.get_xdata()[0], m.get_color()) for m in marks) == [(3, "C1"), (6, "C0")]
 
 
 # ---------------------------------------------------------------------------------------------
