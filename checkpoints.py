@@ -281,7 +281,8 @@ AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passe
 
 class LiveLog(list):
     """A run's log rows, each also appended to out_dir/log.jsonl as it comes (`tail -f` follows a run, a crash loses
-    no row); `note` writes to the file only. With no `out_dir` (other ranks) a plain list."""
+    no row); `note` writes to the file only, `result` too and redraws loss.png. With no `out_dir` (other ranks) a
+    plain list."""
 
     def __init__(self, out_dir: str | None = None):
         super().__init__()
@@ -295,6 +296,13 @@ class LiveLog(list):
         if self.path:  # O_NOFOLLOW: like every path we write, never through a symbolic link
             with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "ab") as f:
                 f.write((json.dumps(row) + "\n").encode())
+
+    def result(self, row: dict) -> None:
+        """Note a stage's results row, then redraw loss.png (`python plots.py out_dir/log.jsonl` draws it any time)."""
+        self.note(row)
+        if self.plot:
+            import plots  # here, not above: plots imports this module
+            plots.run_plot(self, self.plot)
 
 
 class StageCheckpoint:
@@ -329,9 +337,6 @@ class StageCheckpoint:
             save_checkpoint(self.path, model, optimizer, self.cfg, step, {
                 "stage": self.stage, "log": list(self.log), "world": self.dist.world, **self.extra,
                 "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]})
-            if isinstance(self.log, LiveLog) and self.log.plot:  # loss.png, drawn from the rows so far
-                import plots  # here, not above: plots imports this module
-                plots.run_plot(self.log, self.log.plot)
         self.last_write = time.time()
 
     def due(self, done: int, iters: int) -> bool:

@@ -271,7 +271,7 @@ def run(cfg: TrainConfig) -> dict:
             if dist.master:
                 print(f"{stage.name}: evaluating on {len(test)} test prompts (greedy) ...", flush=True)
                 results[stage.name] = evaluate(model, enc, test, cfg, device, dtype)
-                log.note({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
+                log.result({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
                 ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
         summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages],

@@ -63,7 +63,7 @@ def finished(tmp_path_factory) -> dict:
     def after_step(self, done, iters, model, optimizer):  # mid-training: what is on disk already?
         path = out / checkpoints.LOG_NAME
         snapshots.append({"stage": self.stage, "done": done, "in_memory": [dict(r) for r in self.log],
-                          "on_disk": rows_of(path) if path.exists() else None})
+                          "on_disk": rows_of(path) if path.exists() else None, "plot": (out / "loss.png").exists()})
         return original(self, done, iters, model, optimizer)
 
     stdout = io.StringIO()
@@ -257,6 +257,12 @@ def test_loss_png_is_drawn_with_matplotlib_and_a_run_without_it_succeeds_without
     assert (out / "log.jsonl").exists() and (out / "results.json").exists()
     assert not (out / "loss.png").exists()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".loss.png")], "a temporary was left"
+
+
+def test_loss_png_is_drawn_as_each_stage_ends_not_at_every_checkpoint(finished):
+    drawing = importlib.util.find_spec("matplotlib") is not None
+    assert {(s["stage"], s["plot"]) for s in finished["snapshots"]} == {("sft_tag", False), ("sftkey_tag", drawing)}
+    assert len(finished["snapshots"]) > 4  # checkpoints were written in both stages (--ckpt_interval 2)
 
 
 def test_run_plot_draws_a_png_of_the_rows_or_nothing(tmp_path, monkeypatch):
