@@ -1,4 +1,4 @@
-"""Pictures of runs: `loss.png`, which train.py redraws at every checkpoint, and the helpers experiment.py draws
+"""Pictures of runs: `loss.png`, which train.py redraws as each stage ends, and the helpers experiment.py draws
 its figures with. As a script it draws train.py logs now, one run's while it trains or several runs' on one figure:
 
     python plots.py out/log.jsonl                              # writes loss_now.png
