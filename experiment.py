@@ -1,6 +1,6 @@
 """The experiment: the paper's four arms, the controls it lacked, several seeds, paired statistics.
 
-    python experiment.py                       # six arms, 3 seeds (about 40 minutes on 2 CPU cores)
+    python experiment.py                       # six arms, 3 seeds (about 30 minutes on 2 CPU cores)
     python experiment.py --arms sft_tag,sftkey_tag,sftsft_tag --seeds 2 --e1 200 --e2 40
     python experiment.py --arms sft_tag,sftkey_tag,sftsft_tag --stage2_lrs 1e-5,3e-5,1e-4,3e-4 --val_acc_n 200
     python experiment.py --arms weighted,sft_tag_e1e2   # the up-weighting control against its schedule alone
@@ -422,8 +422,8 @@ def build_parser():
     parser = train.build_parser(__doc__)
     parser.add_argument("--arms", default=",".join(ARM_NAMES[:-1]),
                         help=f"comma-separated arms to run, of {','.join(ARM_NAMES)} (default: all but sft_tag_e1e2, "
-                             "to keep the default run near 40 minutes); stages that arms share (sft_tag's, which "
-                             "sftkey_tag and sftsft_tag continue) are trained once")
+                             "to keep the default run near 30 minutes on 2 CPU cores); stages that arms share "
+                             "(sft_tag's, which sftkey_tag and sftsft_tag continue) are trained once")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds: --seed, --seed+1, ... (default: 3)")
     parser.add_argument("--e1", dest="max_iters", type=int, help="E1: steps of the first stage (= --max_iters)")
     parser.add_argument("--e2", dest="stage2_iters", type=int, help="E2: steps of stage 2 (= --stage2_iters)")

@@ -215,7 +215,7 @@ def test_interrupt_and_resume_on_cuda_with_dropout(tmp_path, monkeypatch):
 
 
 def test_one_process_torchrun_with_nccl(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29541",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone",
                "train.py", *TINY, "--device", "cuda", "--dtype", "bfloat16", "--out_dir", str(tmp_path / "ddp")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})

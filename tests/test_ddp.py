@@ -24,7 +24,7 @@ def _run(command: list[str], out_dir) -> dict:
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     single = _run([sys.executable, "train.py", "--grad_accum", "2"], tmp_path / "single")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]  # a free port
     ddp = _run(torchrun + ["train.py", "--grad_accum", "1"], tmp_path / "ddp")
     assert single.keys() == ddp.keys()
     for name in single:
