@@ -28,11 +28,11 @@ import torch
 import data as D
 import runtime
 from model import GPT, GPTConfig
-from runtime import PRETRAINED, Dist, Interrupted, StopSignal
+from runtime import Dist, Interrupted, StopSignal
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
-LOG_NAME, PLOT_NAME = "log.jsonl", "loss.png"
-RUN_FILES = (RESULTS_NAME, LOG_NAME, PLOT_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
+LOG_NAME = "log.jsonl"
+RUN_FILES = (RESULTS_NAME, LOG_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
 NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,99}")  # what we name: no separator, no "." or "..", short
 
 
@@ -153,7 +153,7 @@ def read_inputs(cfg) -> Inputs:
     """Every input file the flags name, read (regular files only) and hashed; --init_from parsed once."""
     tiktoken_file = cfg.encoding.endswith(".tiktoken") or os.path.sep in cfg.encoding
     files = {"data": cfg.data, "eval_data": cfg.eval_data, "encoding": cfg.encoding if tiktoken_file else "",
-             "init_from": "" if cfg.init_from.startswith(PRETRAINED) else cfg.init_from}
+             "init_from": cfg.init_from}
     raw = {name: D.read_input(path, f"--{name}") for name, path in files.items() if path}
     inputs = Inputs(raw, {f"--{name}": hashlib.sha256(data).hexdigest() for name, data in raw.items()})
     if "init_from" in raw:
@@ -254,13 +254,9 @@ def model_config(cfg, enc) -> GPTConfig:
 
 
 def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
-    """Random weights, the --init_from checkpoint's (from `inputs`), or GPT-2's (--init_from gpt2:DIR: its shape and
-    50,257-token vocabulary, kept by checkpoints trained from it). Too large for memory: a flag error."""
+    """Random weights, or the --init_from checkpoint's (from `inputs`; GPT-2's: `python gpt2.py import`, whose
+    50,257-token vocabulary checkpoints trained from it keep). Too large for memory: a flag error."""
     try:
-        if cfg.init_from.startswith(PRETRAINED):
-            import gpt2  # here, not above: an optional feature, which imports this module
-            hf = gpt2.gpt2_from_hf(cfg.init_from.removeprefix(PRETRAINED), cfg.block_size, cfg.dropout, enc.n_vocab)
-            return hf.to(device)
         if cfg.init_from:
             init = (inputs and inputs.init) or read_checkpoint(cfg.init_from, None, "cpu")
             check_shape(init, cfg.init_from, model_config(cfg, enc), cfg.encoding, enc.n_vocab)
@@ -281,12 +277,12 @@ AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passe
 
 class LiveLog(list):
     """A run's log rows, each also appended to out_dir/log.jsonl as it comes (`tail -f` follows a run, a crash loses
-    no row); `note` writes to the file only, `result` too and redraws loss.png. With no `out_dir` (other ranks) a
-    plain list."""
+    no row; `python plots.py` draws it); `note` writes to the file only. With no `out_dir` (other ranks) a plain
+    list."""
 
     def __init__(self, out_dir: str | None = None):
         super().__init__()
-        self.path, self.plot = [owned_path(out_dir, n) for n in (LOG_NAME, PLOT_NAME)] if out_dir else (None, None)
+        self.path = owned_path(out_dir, LOG_NAME) if out_dir else None
 
     def append(self, row: dict) -> None:
         super().append(row)
@@ -296,13 +292,6 @@ class LiveLog(list):
         if self.path:  # O_NOFOLLOW: like every path we write, never through a symbolic link
             with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "ab") as f:
                 f.write((json.dumps(row) + "\n").encode())
-
-    def result(self, row: dict) -> None:
-        """Note a stage's results row, then redraw loss.png (`python plots.py out_dir/log.jsonl` draws it any time)."""
-        self.note(row)
-        if self.plot:
-            import plots  # here, not above: plots imports this module
-            plots.run_plot(self, self.plot)
 
 
 class StageCheckpoint:

@@ -227,7 +227,7 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
         done = max((j for j in range(1, len(stages) + 1) if (tagged, stages[:j]) in kept), default=0)
         if done:  # an earlier arm trained this arm's first `done` stages
             state = kept[tagged, stages[:done]]
-            model = GPT(state.config).to(device)  # the shape the first stage had (--init_from gpt2:DIR may set it)
+            model = GPT(state.config).to(device)  # the shape the first stage had
             model.load_state_dict(state.weights)
             ckpts.restore_rng(state.rng)
             seconds, rows = list(state.seconds), list(state.rows)

@@ -1,28 +1,28 @@
-"""GPT-2 in Hugging Face's layout, both ways; a reader of SFTKey can skip it. No `transformers` needed.
+"""GPT-2 in Hugging Face's layout, both ways, as a checkpoint file; a reader of SFTKey can skip it. No
+`transformers` needed. GPT-2's weights come in as an ordinary checkpoint for --init_from:
 
-Reading, `--init_from gpt2:DIR` (`gpt2_from_hf`): the tensors of a Hugging Face GPT-2 folder (safetensors, or a
-pytorch_model.bin with weights_only=True), renamed to model.py's names, GPT-2's Conv1D weights transposed into
-nn.Linear's layout. Writing, a checkpoint of a model trained with `--encoding gpt2`:
+    python gpt2.py import checkpoints/gpt2 checkpoints/gpt2.pt --block_size 512
+    python gpt2.py export out/gpt2_gsm8k/sftkey_tag/ckpt.pt exported/sftkey_gpt2
 
-    python gpt2.py out/gpt2_gsm8k/sftkey_tag/ckpt.pt exported/sftkey_gpt2
+`import` reads a Hugging Face GPT-2 folder of any of the four sizes (model.safetensors, or pytorch_model.bin with
+weights_only=True), renames its tensors to model.py's, transposes GPT-2's Conv1D weights into nn.Linear's layout,
+crops the position table to --block_size, and writes a checkpoint that --init_from reads like any other (with
+--encoding gpt2 and the shape flags the command prints). `export` writes DIR/config.json (a GPT2LMHeadModel's),
+DIR/pytorch_model.bin and, when the optional `safetensors` package imports, DIR/model.safetensors, which
+`transformers.GPT2LMHeadModel.from_pretrained(DIR)` reads, as does `import`. It is the import's inverse: block
+weights transposed into Conv1D's (in, out), the output matrix tied to the token embedding, whose table keeps
+GPT-2's 50,257 rows (a model trained from random weights has 50,304, the vocabulary rounded up to a multiple of
+64; the 47 extra rows are no token's and are dropped, which leaves the logits of every real token as they were and
+takes out of the softmax only what those rows held, which training pushes towards 0). n_positions is the model's
+block_size. No tokenizer files are written: the tokenizer is GPT-2's own.
 
-writes DIR/config.json (a GPT2LMHeadModel's configuration), DIR/pytorch_model.bin (the weights under
-Hugging Face's names, torch.save'd) and, when the optional `safetensors` package imports, DIR/model.safetensors.
-`transformers.GPT2LMHeadModel.from_pretrained(DIR)` then reads it, as does `--init_from gpt2:DIR`. The export is
-the import's inverse: block weights transposed into Conv1D's (in, out), the output matrix tied to the token
-embedding, whose table keeps GPT-2's 50,257 rows (a model trained from random weights has 50,304, the
-vocabulary rounded up to a multiple of 64; the 47 extra rows are no token's and are dropped, which leaves the
-logits of every real token as they were and takes out of the softmax only what those rows held, which training
-pushes towards 0). n_positions is the model's block_size. No tokenizer files are written: the tokenizer is
-GPT-2's own (e.g. `transformers.AutoTokenizer.from_pretrained("gpt2")`).
-
-Files already in DIR are never overwritten without --overwrite; each is written whole or not at all
-(checkpoints.atomic_write). After writing, the folder is read back with gpt2_from_hf and every weight compared
-with the checkpoint's, bit for bit. Bad input ends in one line and exit code 2.
+Files are never replaced without --overwrite, and each is written whole or not at all (checkpoints.atomic_write).
+An export is read back and every weight compared with the checkpoint's, bit for bit. Bad input: one line, exit 2.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -40,7 +40,7 @@ _GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # n_embd -> n_head of GPT
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-# Reading
+# Reading (import)
 def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0, vocab: int | None = None) -> GPT:
     """GPT-2 (any of the four sizes) from a local Hugging Face checkpoint folder, in float32 on the CPU, its shape from
     the tensors; `block_size` crops the position table; `vocab` (the tokenizer's size) must be the checkpoint's."""
@@ -57,7 +57,7 @@ def gpt2_from_hf(path: str, block_size: int | None = None, dropout: float = 0.0,
 def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """The checkpoint's tensors, keys without the optional "transformer." prefix, and the file read."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"gpt2:{path}: no such directory")
+        raise FileNotFoundError(f"{path}: no such directory")
     st_file, bin_file = os.path.join(path, SAFETENSORS), os.path.join(path, BIN)
     try:
         from safetensors.torch import load_file
@@ -71,7 +71,7 @@ def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
         raise FileNotFoundError(f"{st_file}: reading it needs the safetensors package (pip install safetensors), "
                                 f"or put a pytorch_model.bin beside it")
     else:
-        raise FileNotFoundError(f"gpt2:{path}: holds neither model.safetensors nor pytorch_model.bin "
+        raise FileNotFoundError(f"{path}: holds neither model.safetensors nor pytorch_model.bin "
                                 f"(sharded checkpoints are not supported)")
     try:
         tensors = read(source)
@@ -89,7 +89,7 @@ def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropo
         raise ValueError(f"{source}: no tensor {missing[0]}; is it a GPT-2 checkpoint?")
     vocab, n_embd = tensors["wte.weight"].shape
     if n_vocab is not None and vocab != n_vocab:
-        raise ValueError(f"gpt2:{path}: a vocabulary of {vocab} tokens, but the gpt2 encoding has {n_vocab}")
+        raise ValueError(f"{path}: a vocabulary of {vocab} tokens, but the gpt2 encoding has {n_vocab}")
     n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
     config_file = os.path.join(path, CONFIG)
     hf = json.loads(Path(config_file).read_text(encoding="utf-8")) if os.path.isfile(config_file) else {}
@@ -101,10 +101,10 @@ def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropo
             raise ValueError(f"{config_file}: {key}={hf[key]!r} is not supported (GPT-2 has {allowed[0]!r})")
     n_head = hf.get("n_head", _GPT2_HEADS.get(n_embd))
     if n_head is None:
-        raise ValueError(f"gpt2:{path}: n_head is not in the tensors' shapes and there is no config.json giving it "
+        raise ValueError(f"{path}: n_head is not in the tensors' shapes and there is no config.json giving it "
                          f"(width {n_embd} is none of GPT-2's sizes {sorted(_GPT2_HEADS)})")
     if n_embd % n_head:
-        raise ValueError(f"gpt2:{path}: width {n_embd} is not a multiple of n_head {n_head}")
+        raise ValueError(f"{path}: width {n_embd} is not a multiple of n_head {n_head}")
     positions = tensors["wpe.weight"].shape[0]
     block_size = positions if block_size is None else block_size
     if block_size > positions:
@@ -137,7 +137,19 @@ def _gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPT, source: str) 
     return state
 
 
-# Writing
+def import_hf(folder: str, path: str, block_size: int | None = None, dropout: float = 0.0,
+              overwrite: bool = False) -> GPT:
+    """Write the GPT-2 of a Hugging Face `folder` as a checkpoint at `path` that --init_from reads (step 0)."""
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"{path} exists: give --overwrite to replace it, or choose another file")
+    model = gpt2_from_hf(folder, block_size, dropout, GPT2_VOCAB)
+    state = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+             "train_config": {"encoding": "gpt2"}, "step": 0}  # the encoding: --init_from checks it
+    ckpts.atomic_write(path, lambda f: torch.save(state, f))
+    return model
+
+
+# Writing (export)
 # Files a Hugging Face loader reads instead of, or besides, ours: a stale one would shadow the export.
 SHADOWING = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # GPT-2's tanh-approximated GELU, both: GPT-2's own name (the formula computed step by step), which every GPT-2
@@ -239,24 +251,39 @@ def verify(out_dir: str, ckpt: dict, config: GPTConfig) -> None:
             raise ValueError(f"{out_dir}: {name} read back differs from the checkpoint's; the export is wrong")
 
 
+# The command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt", help="a checkpoint train.py wrote, of a model trained with --encoding gpt2")
-    parser.add_argument("dir", help="the folder to write (created if needed)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace config.json, pytorch_model.bin and model.safetensors already in DIR (and "
-                             "remove sharded-checkpoint indexes there, which loaders would read instead)")
-    parser.add_argument("--activation", choices=ACTIVATIONS, default=ACTIVATIONS[0],
-                        help="activation_function in config.json, both GPT-2's tanh GELU: gelu_new, GPT-2's own "
-                             "name, which every GPT-2 loader knows, computes the formula step by step (logits within "
-                             "about 4e-6 of ours); gelu_pytorch_tanh calls torch's, as model.py does (transformers "
-                             "then gives our logits bit for bit), but older loaders do not know it "
-                             "(default: %(default)r)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    reading = commands.add_parser("import", help="a Hugging Face GPT-2 folder -> a checkpoint for --init_from")
+    reading.add_argument("dir", help="the Hugging Face folder (config.json and model.safetensors or pytorch_model.bin)")
+    reading.add_argument("ckpt", help="the checkpoint file to write")
+    reading.add_argument("--block_size", type=int, default=None, help="positions to keep, the --block_size to train "
+                         "with (default: all of the checkpoint's, 1024 for GPT-2)")
+    reading.add_argument("--dropout", type=float, default=0.0, help="the --dropout to train with (default: 0.0)")
+    writing = commands.add_parser("export", help="a checkpoint of an --encoding gpt2 model -> a Hugging Face folder")
+    writing.add_argument("ckpt", help="a checkpoint train.py wrote, of a model trained with --encoding gpt2")
+    writing.add_argument("dir", help="the folder to write (created if needed)")
+    writing.add_argument("--activation", choices=ACTIVATIONS, default=ACTIVATIONS[0],
+                         help="activation_function in config.json, both GPT-2's tanh GELU: gelu_new, GPT-2's own "
+                              "name, which every GPT-2 loader knows, computes the formula step by step (logits "
+                              "within about 4e-6 of ours); gelu_pytorch_tanh calls torch's, as model.py does "
+                              "(transformers then gives our logits bit for bit), but older loaders do not know it "
+                              "(default: %(default)r)")
+    for command in (reading, writing):
+        command.add_argument("--overwrite", action="store_true", help="replace the files already there (an export "
+                             "also removes sharded-checkpoint indexes in DIR, which loaders would read instead)")
     return parser
 
 
 def run(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "import":
+        c = import_hf(args.dir, args.ckpt, args.block_size, args.dropout, args.overwrite).config
+        print(f"wrote {args.ckpt}: GPT-2 with {c.n_layer} layers, {c.n_embd} wide, {c.block_size} positions. Train "
+              f"from it with --init_from {args.ckpt} --encoding gpt2 --n_layer {c.n_layer} --n_head {c.n_head} "
+              f"--n_embd {c.n_embd} --block_size {c.block_size}" + (f" --dropout {c.dropout}" if c.dropout else ""))
+        return
     ckpt, config = checked_checkpoint(args.ckpt)
     written, removed = export(ckpt, config, args.dir, args.overwrite, args.activation)
     verify(args.dir, ckpt, config)

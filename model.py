@@ -2,7 +2,7 @@
 
 Pre-LayerNorm blocks, learned positions, causal attention through `scaled_dot_product_attention`, input and
 output embeddings tied. Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so that
-GPT-2's weights load by name (`gpt2.gpt2_from_hf` reads a Hugging Face checkpoint folder). `forward` returns the
+GPT-2's weights load by name (`python gpt2.py import` converts a Hugging Face folder). `forward` returns the
 final hidden states, not logits: the loss (sftkey.py) projects only the positions that carry a loss.
 """
 from __future__ import annotations

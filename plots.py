@@ -1,10 +1,8 @@
-"""Pictures of runs: `loss.png`, which train.py redraws as each stage ends, and the helpers experiment.py draws
-its figures with. As a script it draws train.py logs now, one run's while it trains or several runs' on one figure:
+"""Pictures of runs, drawn from their logs: `python plots.py` for train.py's `log.jsonl` (while a run trains, or
+after), and the helpers experiment.py draws its figures with. matplotlib is optional: only drawing needs it.
 
-    python plots.py out/log.jsonl                              # writes loss_now.png
+    python plots.py out/log.jsonl                              # writes out/loss.png
     python plots.py runs/a/log.jsonl runs/b/log.jsonl -o a_vs_b.png
-
-matplotlib is optional: without it no run draws anything and none fails (`pyplot` returns None).
 """
 from __future__ import annotations
 
@@ -119,12 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", help="train.py logs (OUT_DIR/log.jsonl), of finished runs or of runs still "
                         "training; several are drawn on one figure, each labelled by its folder")
-    parser.add_argument("-o", "--out", default="loss_now.png", help="the PNG to write, replaced if it exists "
-                        "(default: %(default)s)")
+    parser.add_argument("-o", "--out", default="", help="the PNG to write, replaced if it exists (default: loss.png "
+                        "beside the first log)")
     args = parser.parse_args(argv)
 
     def draw() -> None:
-        logs, out = args.logs, args.out
+        logs, out = args.logs, args.out or os.path.join(os.path.dirname(args.logs[0]), "loss.png")
         runs = {log: read_log(log) for log in logs}  # input errors first, with or without matplotlib
         if len(runs) < len(logs):
             raise ValueError("a log is given twice")

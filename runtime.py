@@ -22,9 +22,6 @@ import torch
 import data as D
 import sftkey
 
-PRETRAINED = "gpt2:"  # --init_from gpt2:DIR loads a Hugging Face GPT-2 checkpoint folder
-
-
 # Device and dtype
 def native_bf16(device: str) -> bool:
     """Whether `device` multiplies bf16 in hardware (CUDA from Ampere, CPUs with AVX-512 BF16): emulated, it is slow."""
@@ -466,11 +463,6 @@ def check_config(cfg):
             problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
     except RuntimeError:
         problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
-    if cfg.init_from.startswith(PRETRAINED):
-        if not os.path.isdir(cfg.init_from[len(PRETRAINED):]):
-            problems.append(f"--init_from {cfg.init_from}: no such directory")
-        if cfg.encoding != "gpt2":
-            problems.append(f"--init_from {cfg.init_from} needs --encoding gpt2, got {cfg.encoding}")
     if os.path.lexists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         problems.append(f"--out_dir {cfg.out_dir}: exists and is not a folder")
     if problems:

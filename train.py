@@ -48,8 +48,8 @@ class TrainConfig:
     n_test: int = _flag(500, "synthetic task: number of test problems")
     data_seed: int = _flag(0, "synthetic task: seed of its problems, apart from --seed (all seeds share the test)")
     # the method
-    init_from: str = _flag("", "checkpoint to start from (e.g. out/sft_tag/ckpt.pt), or gpt2:DIR for a Hugging Face "
-                               "GPT-2 folder (its shape then comes from the checkpoint); empty = random weights")
+    init_from: str = _flag("", "checkpoint to start from (e.g. out/sft_tag/ckpt.pt, or GPT-2's from `python gpt2.py "
+                               "import`, with the shape flags it prints); empty = random weights")
     weights: str = _flag("", "loss weights P,T,K of prompt, thinking and answer tokens in stage 1 (default 0,1,1); the "
                              "loss is sum(weight x token loss) / sum(weight), so only their ratios matter")
     key_only: bool = _flag(False, "short for --weights 0,0,1: the loss on the answer only (Key-Tag from scratch)")
@@ -245,7 +245,7 @@ def run(cfg: TrainConfig) -> dict:
             if cfg.show_roles:  # the role viewer, imported only when asked for
                 print(__import__("show").show_examples(train_set, enc, cfg.show_roles, {
                     s.name: s.weights for s in stages}, tagged=not cfg.untagged), flush=True)
-        folder.take([(name,) for name in (ckpts.RESULTS_NAME, ckpts.LOG_NAME, ckpts.PLOT_NAME)]  # input checked: lock
+        folder.take([(name,) for name in (ckpts.RESULTS_NAME, ckpts.LOG_NAME)]  # input checked: lock
                     + [(s.name, ckpts.CKPT_NAME) for s in stages],
                     lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist)
         results, seconds, log = {}, {}, ckpts.LiveLog(cfg.out_dir if dist.master else None)  # out_dir/log.jsonl
@@ -271,7 +271,7 @@ def run(cfg: TrainConfig) -> dict:
             if dist.master:
                 print(f"{stage.name}: evaluating on {len(test)} test prompts (greedy) ...", flush=True)
                 results[stage.name] = evaluate(model, enc, test, cfg, device, dtype)
-                log.result({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
+                log.note({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
                 ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
         summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages],

@@ -1,4 +1,4 @@
-"""`python gpt2.py CKPT DIR`: a gpt2-encoding checkpoint exported as a Hugging Face GPT-2 folder, and back.
+"""`python gpt2.py export CKPT DIR`: a gpt2-encoding checkpoint exported as a Hugging Face GPT-2 folder, and back.
 
 The round trip is exact: gpt2.gpt2_from_hf on the exported folder gives the checkpoint's weights bit
 for bit (the embedding cut to GPT-2's 50,257 rows) and the same logits on every real token. Since a
@@ -34,7 +34,7 @@ def gpt2_ckpt(tmp_path_factory) -> str:
 
 
 def run_export(args: list[str], capsys) -> tuple[int, str, str]:
-    return run_cli(gpt2.main, args, capsys)
+    return run_cli(gpt2.main, ["export", *args], capsys)
 
 
 def check_round_trip(ckpt_path: str, folder: str) -> None:
@@ -97,9 +97,10 @@ def test_export_round_trips_exactly_and_is_gpt2_layout(gpt2_ckpt, tmp_path, caps
 def test_a_model_trained_from_gpt2_weights_exports_its_50257_rows(tmp_path, capsys):
     source = write_checkpoint(tmp_path / "gpt2", hf_tensors(n_layer=1, n_embd=16, vocab=50257, n_positions=64),
                               n_head=2)
-    out = tmp_path / "run"
-    train.main([*TINY, "--encoding", "gpt2", "--init_from", f"gpt2:{source}", "--block_size", "32", "--lr", "1e-3",
-                "--out_dir", str(out)])
+    out, start = tmp_path / "run", str(tmp_path / "gpt2.pt")
+    gpt2.main(["import", source, start, "--block_size", "32"])
+    train.main([*TINY, "--encoding", "gpt2", "--init_from", start, "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
+                "--block_size", "32", "--lr", "1e-3", "--out_dir", str(out)])
     capsys.readouterr()
     ckpt = str(out / "sft_tag" / "ckpt.pt")
     code, _, err = run_export([ckpt, str(tmp_path / "hf"), "--activation", "gelu_pytorch_tanh"], capsys)

@@ -1,4 +1,5 @@
-"""gpt2.gpt2_from_hf and --init_from gpt2:DIR, on small random checkpoints in Hugging Face's layout.
+"""gpt2.gpt2_from_hf, `python gpt2.py import` and --init_from its checkpoint, on small random checkpoints in
+Hugging Face's layout.
 
 The checkpoints are built here tensor by tensor with GPT-2's names and shapes (Conv1D weights
 stored as (in, out), the attention-mask buffers, with or without the "transformer." prefix), so
@@ -14,6 +15,7 @@ import torch
 
 import gpt2
 import train
+from conftest import run_cli
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -177,38 +179,51 @@ TAGGED = [{"prompt": f"What is {a} plus {b}?", "thinking": f"{a} + {b} = {a + b}
           for a, b in [(2, 3), (10, 7), (4, 4), (21, 9), (6, 13), (8, 1), (30, 12), (5, 5), (17, 3), (11, 11)]]
 
 
-def test_cli_init_from_gpt2_trains_both_stages_and_keeps_the_checkpoint_shape(tmp_path, capsys, gpt2_encoding):
+def test_gpt2_import_then_init_from_trains_both_stages_and_keeps_the_checkpoint_shape(tmp_path, capsys,
+                                                                                      gpt2_encoding):
     vocab = gpt2_encoding.n_vocab  # 50257: a real GPT-2 vocabulary, never rounded up
     folder = write_checkpoint(tmp_path / "gpt2", hf_tensors(n_layer=1, n_embd=16, vocab=vocab, n_positions=64),
                               n_head=2)
+    start = str(tmp_path / "gpt2.pt")
+    code, out, err = run_cli(gpt2.main, ["import", folder, start, "--block_size", "32"], capsys)
+    shape = ["--encoding", "gpt2", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "32"]
+    assert code == 0 and f"--init_from {start} {' '.join(shape)}" in out, err
+    imported = torch.load(start, weights_only=True)
+    assert imported["model_config"]["vocab_size"] == vocab and imported["step"] == 0
+    cropped = gpt2.gpt2_from_hf(folder, 32).transformer.wpe.weight
+    assert torch.equal(imported["model"]["transformer.wpe.weight"], cropped)
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in TAGGED) + "\n")
-    # The shape flags below disagree with the checkpoint on purpose: they must not apply.
-    common = ["--data", str(data), "--format", "tagged", "--eval_data", str(data), "--encoding", "gpt2",
-              "--block_size", "32", "--n_layer", "3", "--n_embd", "64", "--batch_size", "4", "--n_val", "1",
+    common = ["--data", str(data), "--format", "tagged", "--eval_data", str(data), "--batch_size", "4", "--n_val", "1",
               "--eval_limit", "1", "--log_interval", "1", "--eval_interval", "100", "--device", "cpu",
               "--dtype", "float32"]
-    out = tmp_path / "out"
-    train.main(common + ["--init_from", f"gpt2:{folder}", "--max_iters", "2", "--stage2_iters", "1",
-                         "--out_dir", str(out)])
-    results = json.loads((out / "results.json").read_text())
+    out_dir = tmp_path / "out"
+    train.main(common + shape + ["--init_from", start, "--max_iters", "2", "--stage2_iters", "1",
+                                 "--out_dir", str(out_dir)])
+    results = json.loads((out_dir / "results.json").read_text())
     assert set(results["results"]) == {"sft_tag", "sftkey_tag"}
-    ckpt = torch.load(out / "sft_tag" / "ckpt.pt", weights_only=True)
+    ckpt = torch.load(out_dir / "sft_tag" / "ckpt.pt", weights_only=True)
     assert {k: ckpt["model_config"][k] for k in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head")} == \
         {"vocab_size": vocab, "block_size": 32, "n_layer": 1, "n_embd": 16, "n_head": 2}
 
     # Stage 2 by hand from that checkpoint: its 50257-token vocabulary is accepted as it is.
-    train.main(common + ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--init_from",
-                         str(out / "sft_tag" / "ckpt.pt"), "--key_only", "--max_iters", "1", "--stage2_iters", "0",
-                         "--out_dir", str(tmp_path / "by_hand")])
+    train.main(common + shape + ["--init_from", str(out_dir / "sft_tag" / "ckpt.pt"), "--key_only",
+                                 "--max_iters", "1", "--stage2_iters", "0", "--out_dir", str(tmp_path / "by_hand")])
     assert "sftkey_tag" in json.loads((tmp_path / "by_hand" / "results.json").read_text())["results"]
 
-    for flags, message in [(["--encoding", "sftkey-chars"], "needs --encoding gpt2"),
-                           (["--block_size", "65"], "block_size 65 exceeds the 64 positions"),
-                           (["--init_from", f"gpt2:{tmp_path / 'nowhere'}"], "no such directory")]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            train.main(common + ["--init_from", f"gpt2:{folder}", "--max_iters", "1", "--stage2_iters", "0",
-                                 "--out_dir", str(tmp_path / "bad")] + flags)
-        assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
+    # Flags that disagree with the imported checkpoint are refused by name, before anything is written.
+    for flags, message in [(["--encoding", "cl100k_base"], "--encoding: gpt2 in the checkpoint but cl100k_base"),
+                           (["--n_layer", "3"], "--n_layer: n_layer=1 in the checkpoint but 3 here"),
+                           (["--block_size", "64"], "--block_size: block_size=32 in the checkpoint but 64 here")]:
+        code, _, err = run_cli(train.main, common + shape + flags + ["--init_from", start, "--max_iters", "1",
+                                                                    "--out_dir", str(tmp_path / "bad")], capsys)
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "bad").exists()
+    # The importer's own refusals: one line, exit 2, no file written.
+    for args, message in [([folder, str(tmp_path / "long.pt"), "--block_size", "65"], "block_size 65 exceeds the 64"),
+                          ([str(tmp_path / "nowhere"), str(tmp_path / "none.pt")], "no such directory"),
+                          ([folder, start], "exists: give --overwrite")]:
+        code, out, err = run_cli(gpt2.main, ["import", *args], capsys)
+        assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "long.pt").exists() and not (tmp_path / "none.pt").exists()
+    assert run_cli(gpt2.main, ["import", folder, start, "--overwrite"], capsys)[0] == 0
