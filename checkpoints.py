@@ -31,8 +31,8 @@ from model import GPT, GPTConfig
 from runtime import Dist, Interrupted, StopSignal
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
-LOG_NAME = "log.jsonl"
-RUN_FILES = (RESULTS_NAME, LOG_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
+LOG_NAME, PLOT_NAME = "log.jsonl", "loss.png"  # PLOT_NAME: plots.py draws it, --overwrite deletes it
+RUN_FILES = (RESULTS_NAME, LOG_NAME, PLOT_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
 NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,99}")  # what we name: no separator, no "." or "..", short
 
 

@@ -142,6 +142,8 @@ def import_hf(folder: str, path: str, block_size: int | None = None, dropout: fl
     """Write the GPT-2 of a Hugging Face `folder` as a checkpoint at `path` that --init_from reads (step 0)."""
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{path} exists: give --overwrite to replace it, or choose another file")
+    if block_size is not None and block_size < 1 or not 0 <= dropout < 1:
+        raise ValueError(f"--block_size {block_size} must be >= 1 and --dropout {dropout} in [0, 1)")
     model = gpt2_from_hf(folder, block_size, dropout, GPT2_VOCAB)
     state = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
              "train_config": {"encoding": "gpt2"}, "step": 0}  # the encoding: --init_from checks it
@@ -256,14 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     reading = commands.add_parser("import", help="a Hugging Face GPT-2 folder -> a checkpoint for --init_from")
-    reading.add_argument("dir", help="the Hugging Face folder (config.json and model.safetensors or pytorch_model.bin)")
+    reading.add_argument("hf_dir", help="the Hugging Face folder (config.json, model.safetensors or pytorch_model.bin)")
     reading.add_argument("ckpt", help="the checkpoint file to write")
     reading.add_argument("--block_size", type=int, default=None, help="positions to keep, the --block_size to train "
                          "with (default: all of the checkpoint's, 1024 for GPT-2)")
     reading.add_argument("--dropout", type=float, default=0.0, help="the --dropout to train with (default: 0.0)")
     writing = commands.add_parser("export", help="a checkpoint of an --encoding gpt2 model -> a Hugging Face folder")
     writing.add_argument("ckpt", help="a checkpoint train.py wrote, of a model trained with --encoding gpt2")
-    writing.add_argument("dir", help="the folder to write (created if needed)")
+    writing.add_argument("hf_dir", help="the folder to write (created if needed)")
     writing.add_argument("--activation", choices=ACTIVATIONS, default=ACTIVATIONS[0],
                          help="activation_function in config.json, both GPT-2's tanh GELU: gelu_new, GPT-2's own "
                               "name, which every GPT-2 loader knows, computes the formula step by step (logits "
@@ -271,22 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
                               "(transformers then gives our logits bit for bit), but older loaders do not know it "
                               "(default: %(default)r)")
     for command in (reading, writing):
-        command.add_argument("--overwrite", action="store_true", help="replace the files already there (an export "
-                             "also removes sharded-checkpoint indexes in DIR, which loaders would read instead)")
+        command.add_argument("--overwrite", action="store_true", help="replace the file (import) or files (export) "
+                             "already there; an export also removes sharded-checkpoint indexes in HF_DIR, which "
+                             "loaders would read instead")
     return parser
 
 
 def run(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "import":
-        c = import_hf(args.dir, args.ckpt, args.block_size, args.dropout, args.overwrite).config
+        c = import_hf(args.hf_dir, args.ckpt, args.block_size, args.dropout, args.overwrite).config
         print(f"wrote {args.ckpt}: GPT-2 with {c.n_layer} layers, {c.n_embd} wide, {c.block_size} positions. Train "
               f"from it with --init_from {args.ckpt} --encoding gpt2 --n_layer {c.n_layer} --n_head {c.n_head} "
               f"--n_embd {c.n_embd} --block_size {c.block_size}" + (f" --dropout {c.dropout}" if c.dropout else ""))
         return
     ckpt, config = checked_checkpoint(args.ckpt)
-    written, removed = export(ckpt, config, args.dir, args.overwrite, args.activation)
-    verify(args.dir, ckpt, config)
+    written, removed = export(ckpt, config, args.hf_dir, args.overwrite, args.activation)
+    verify(args.hf_dir, ckpt, config)
     print(f"wrote {', '.join(written)}" + (f"; removed {', '.join(removed)}" if removed else "")
           + ("" if any(p.endswith(SAFETENSORS) for p in written) else
              " (no model.safetensors: pip install safetensors to write one too)"))

@@ -117,12 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", help="train.py logs (OUT_DIR/log.jsonl), of finished runs or of runs still "
                         "training; several are drawn on one figure, each labelled by its folder")
-    parser.add_argument("-o", "--out", default="", help="the PNG to write, replaced if it exists (default: loss.png "
-                        "beside the first log)")
+    parser.add_argument("-o", "--out", default="", help="the PNG to write, replaced if it exists (default, for "
+                        "one log: loss.png beside it)")
     args = parser.parse_args(argv)
 
     def draw() -> None:
         logs, out = args.logs, args.out or os.path.join(os.path.dirname(args.logs[0]), "loss.png")
+        if len(logs) > 1 and not args.out:
+            raise ValueError("several logs are drawn on one figure: name it with -o")
         runs = {log: read_log(log) for log in logs}  # input errors first, with or without matplotlib
         if len(runs) < len(logs):
             raise ValueError("a log is given twice")

@@ -236,8 +236,8 @@ def run(cfg: TrainConfig) -> dict:
         inputs = ckpts.read_inputs(cfg)  # every input file read once and hashed: later edits cannot matter
         enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
         step = 1 if cfg.eval_only else cfg.batch_size * cfg.grad_accum * dist.world  # examples one step draws
+        model = ckpts.build_model(cfg, enc, device, inputs)  # first: an --init_from of another shape is named
         train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, step)
-        model = ckpts.build_model(cfg, enc, device, inputs)
         stages = [] if cfg.eval_only else plan_stages(cfg, inputs.origin[0])  # origin: (stage, step) of --init_from
         if dist.master:
             runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test),
@@ -245,7 +245,7 @@ def run(cfg: TrainConfig) -> dict:
             if cfg.show_roles:  # the role viewer, imported only when asked for
                 print(__import__("show").show_examples(train_set, enc, cfg.show_roles, {
                     s.name: s.weights for s in stages}, tagged=not cfg.untagged), flush=True)
-        folder.take([(name,) for name in (ckpts.RESULTS_NAME, ckpts.LOG_NAME)]  # input checked: lock
+        folder.take([(name,) for name in (ckpts.RESULTS_NAME, ckpts.LOG_NAME, ckpts.PLOT_NAME)]  # input checked: lock
                     + [(s.name, ckpts.CKPT_NAME) for s in stages],
                     lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist)
         results, seconds, log = {}, {}, ckpts.LiveLog(cfg.out_dir if dist.master else None)  # out_dir/log.jsonl

@@ -213,6 +213,8 @@ def test_gpt2_import_then_init_from_trains_both_stages_and_keeps_the_checkpoint_
 
     # Flags that disagree with the imported checkpoint are refused by name, before anything is written.
     for flags, message in [(["--encoding", "cl100k_base"], "--encoding: gpt2 in the checkpoint but cl100k_base"),
+                           # named before the data: with this encoding the examples are too long for block 32
+                           (["--encoding", "sftkey-chars"], "--encoding: gpt2 in the checkpoint but sftkey-chars"),
                            (["--n_layer", "3"], "--n_layer: n_layer=1 in the checkpoint but 3 here"),
                            (["--block_size", "64"], "--block_size: block_size=32 in the checkpoint but 64 here")]:
         code, _, err = run_cli(train.main, common + shape + flags + ["--init_from", start, "--max_iters", "1",
@@ -222,7 +224,9 @@ def test_gpt2_import_then_init_from_trains_both_stages_and_keeps_the_checkpoint_
     # The importer's own refusals: one line, exit 2, no file written.
     for args, message in [([folder, str(tmp_path / "long.pt"), "--block_size", "65"], "block_size 65 exceeds the 64"),
                           ([str(tmp_path / "nowhere"), str(tmp_path / "none.pt")], "no such directory"),
-                          ([folder, start], "exists: give --overwrite")]:
+                          ([folder, start], "exists: give --overwrite"),
+                          ([folder, str(tmp_path / "long.pt"), "--block_size", "0"], "--block_size 0 must be >= 1"),
+                          ([folder, str(tmp_path / "long.pt"), "--dropout", "1"], "--dropout 1.0 in [0, 1)")]:
         code, out, err = run_cli(gpt2.main, ["import", *args], capsys)
         assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "long.pt").exists() and not (tmp_path / "none.pt").exists()

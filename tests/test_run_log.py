@@ -1,4 +1,4 @@
-"""A run's live log (out_dir/log.jsonl), its loss.png, and what they must not break: checkpoints loadable with
+"""A run's live log (out_dir/log.jsonl), plots.py drawing it, and what they must not break: checkpoints loadable with
 weights_only=True, --resume, --overwrite, no writing through a symbolic link; --show_roles before training.
 
 One finished run and one interrupted run are made once for the module (about 5 s each on one CPU thread)."""
@@ -240,7 +240,7 @@ def test_restore_prints_the_step_it_resumes_at(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# loss.png
+# Drawing: plots.py
 
 def test_a_run_draws_nothing_itself_and_needs_no_matplotlib(finished, tmp_path, capsys, monkeypatch):
     assert not list(finished["out"].glob("*.png"))  # plots.py draws from log.jsonl
@@ -314,7 +314,8 @@ def test_plots_cli_refuses_what_it_cannot_draw_in_one_line(finished, tmp_path, c
     log = str(finished["out"] / "log.jsonl")
     before = Path(log).read_bytes()
     (tmp_path / "folder.png").mkdir()
-    for args, problem in [([log, log], "a log is given twice"), ([log, "-o", log], "give a .png file"),
+    for args, problem in [([log, log, "-o", str(tmp_path / "p.png")], "a log is given twice"),
+                          ([log, log], "several logs are drawn on one figure: name it with -o"), ([log, "-o", log], "give a .png file"),
                           ([log, "-o", str(tmp_path / "p.jpg")], "give a .png file"),
                           ([log, "-o", str(tmp_path / "folder.png")], "give a .png file"),
                           ([log, "-o", str(tmp_path / "absent" / "p.png")], "in an existing folder")]:
@@ -365,6 +366,7 @@ def test_plots_cli_draws_one_run_now_and_several_runs_on_one_figure(finished, tm
 
 def test_overwrite_deletes_the_earlier_log_so_the_new_log_holds_only_this_runs_rows(finished, tmp_path, capsys):
     out = shutil.copytree(finished["out"], tmp_path / "copy")
+    (out / "loss.png").write_bytes(PNG)  # as `python plots.py` draws it: the earlier run's picture goes too
     code, _, err = main(flags(out, "--overwrite", "--max_iters", "4", "--stage2_iters", "2"), capsys)
     assert code == 0, err
     assert "--overwrite: deleted" in err and str(out / "log.jsonl") in err
@@ -374,6 +376,7 @@ def test_overwrite_deletes_the_earlier_log_so_the_new_log_holds_only_this_runs_r
     assert [r["stage"] for r in rows if "results" in r] == list(STAGES)  # one results row per stage, not two
     # none of the earlier 6-step run's rows
     assert max(r["step"] for r in rows if r["stage"] == "sft_tag" and "step" in r) == 3
+    assert not (out / "loss.png").exists() and str(out / "loss.png") in err
 
 
 @pytest.mark.parametrize("extra", [(), ("--overwrite",), ("--resume",)], ids=["plain", "overwrite", "resume"])
