@@ -322,10 +322,11 @@ class StageCheckpoint:
         """Write `step`'s checkpoint: all ranks call it (to gather their RNG states), but for a second write of it."""
         if self.rng_ranks[0] != step:
             self.rng_ranks = (step, self.dist.gather(rng_state()))
-        if self.path and self.dist.master:
-            save_checkpoint(self.path, model, optimizer, self.cfg, step, {
-                "stage": self.stage, "log": list(self.log), "world": self.dist.world, **self.extra,
-                "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]})
+        if self.path and self.dist.master:  # a signal inside torch.save's writer would be "unexpected pos": held
+            with self.stop.deferred() if self.stop else contextlib.nullcontext():
+                save_checkpoint(self.path, model, optimizer, self.cfg, step, {
+                    "stage": self.stage, "log": list(self.log), "world": self.dist.world, **self.extra,
+                    "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]})
         self.last_write = time.time()
 
     def due(self, done: int, iters: int) -> bool:
@@ -491,17 +492,18 @@ class RunFolder(FolderLock):
             for entry in (e for e in os.listdir(folder) if e.startswith(ours) and e.endswith(TMP_SUFFIX)):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, entry))
-        if self.resume:
-            if not any(p.endswith(CKPT_NAME) for p in found):
-                print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr, flush=True)
-        elif found and not self.overwrite:
+        if self.resume and any(p.endswith(CKPT_NAME) for p in found):
+            return  # each checkpoint went to `check`; log.jsonl goes on (rows after the last checkpoint come twice)
+        if found and not (self.overwrite or self.resume):
             raise ValueError(f"--out_dir {out} holds the files of an earlier run ({', '.join(found)}): "
                              + ("continue it with --resume (and the same flags), " if self.resumable else "")
                              + "delete them with --overwrite, or choose another --out_dir")
-        elif found:
-            for path in found:
-                os.unlink(path)
-            print(f"--overwrite: deleted {', '.join(found)}", file=sys.stderr, flush=True)
+        for path in found:  # --resume with no checkpoint: a run killed before its first (its log is not this run's)
+            os.unlink(path)
+        deleted = f"deleted {', '.join(found)}" * bool(found)
+        if self.resume or found:
+            print(f"--resume: no checkpoint in {out}: starting from step 0{f' ({deleted})' * bool(found)}"
+                  if self.resume else f"--overwrite: {deleted}", file=sys.stderr, flush=True)
 
 
 def _probe(folder: str) -> str | None:  # why a file cannot be created in `folder` (None: it can), by making one

@@ -214,8 +214,9 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
             raise ValueError(f"field '{name}' must be a string, got {type(record[name]).__name__}")
     if fmt == "gsm8k":
         thinking, sep, answer = ("\n" + record["answer"]).rpartition("\n####")
-        if not sep or not thinking.strip():  # "#### 5" alone has the line, not the reasoning
-            raise ValueError(f"the gsm8k answer has no {'reasoning before its ' * bool(sep)}final line '#### <answer>'")
+        if not sep or not thinking.strip() or "\n" in answer.strip():  # reasoning, then a last line "#### 5"
+            why = "text after its" if sep and thinking.strip() else "no reasoning before its" if sep else "no"
+            raise ValueError(f"the gsm8k answer has {why} final line '#### <answer>'")
         prompt, thinking = record["question"], _CALCULATOR.sub("", thinking) if strip_calculator else thinking
     elif fmt == "tagged":
         prompt, thinking, answer = record["prompt"], record["thinking"], record["answer"]
@@ -408,6 +409,8 @@ def load_data(cfg, enc: tiktoken.Encoding, raw: dict[str, bytes] | None = None,
                           bad_lines, raw.get(k)) if getattr(cfg, k) else [] for k in ("data", "eval_data"))
     else:  # see synthetic_split
         examples, test = synthetic_split(cfg.n_train, cfg.n_test, cfg.data_seed, cfg.task)
+    if cfg.untagged and (bad := [ex for ex in examples + test if "\n" in ex.answer or "####" in ex.answer]):
+        raise DataError(f"{bad[0].source}: --untagged answers are one line without '####' (sftkey.extract_answer)")
     train_examples, val_examples = split(examples, cfg.n_val, cfg.seed)
     if not val_examples:
         raise DataError(f"{cfg.data or 'synthetic task'}: {len(examples)} examples leave no validation set, which "

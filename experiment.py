@@ -500,6 +500,8 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     device, dtype = runtime.resolve_device(cfg)
     inputs = ckpts.read_inputs(cfg)  # every input file read once, for every arm and seed
     enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
+    if inputs.init:  # an --init_from of another shape or encoding is named before anything is printed or written
+        ckpts.check_shape(inputs.init, cfg.init_from, ckpts.model_config(cfg, enc), cfg.encoding, enc.n_vocab)
     seeds = [cfg.seed + k for k in range(n_seeds)]
     recorder = Recorder(cfg, run_names, seeds, n_boot, inputs.origin[0])
     print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "

@@ -6,10 +6,12 @@
 Each prompt is fed as training and evaluation feed it (`sftkey.prompt_head`: trailing whitespace dropped,
 then a newline), in the tokenizer recorded in the checkpoint. The checkpoint is loaded with the project's
 checks (`checkpoints.read_checkpoint`: weights_only, this model's float32 tensors). Decoding is greedy by
-default, exactly `model.GPT.generate` as evaluation runs it; --temperature > 0 samples instead (optionally
-from the --top_k most likely tokens), reproducibly from --seed. Either way only ids the tokenizer can
-decode are ever chosen (`data.generable_ids`), and a response ends at end-of-text or when the prompt and
-response fill block_size + 1 tokens. Bad input ends in one line starting with "error:" and exit code 2.
+default, `model.GPT.generate` as evaluation runs it, in the dtype the checkpoint's run computed in (its
+--dtype, resolved on this device; in bfloat16 the prompts generated beside one can change a few answers,
+as in evaluation, which batches by length); --temperature > 0 samples instead (optionally from the
+--top_k most likely tokens), reproducibly from --seed. Either way only ids the tokenizer can decode are
+ever chosen (`data.generable_ids`), and a response ends at end-of-text or when the prompt and response
+fill block_size + 1 tokens. Bad input ends in one line starting with "error:" and exit code 2.
 """
 from __future__ import annotations
 
@@ -37,9 +39,11 @@ class Reply:
     answer: str | None  # sftkey.extract_answer's, None when it gives none
 
 
-def load(path: str, device: str, encoding: str = "") -> tuple[GPT, tiktoken.Encoding, bool]:
+def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tuple[GPT, tiktoken.Encoding, bool,
+                                                                              torch.dtype]:
     """The checkpoint's model (in eval mode on `device`), its tokenizer (`encoding`, else the one its run
-    recorded) and whether it was trained on the tagged layout."""
+    recorded), whether it was trained on the tagged layout, and the dtype to compute in (`dtype`; "auto": the
+    run's --dtype, resolved on `device` as train.py resolves it)."""
     ckpt = ckpts.read_checkpoint(path, None, device)
     trained = ckpt.get("train_config") if isinstance(ckpt.get("train_config"), dict) else {}
     name = encoding or trained.get("encoding")
@@ -52,7 +56,9 @@ def load(path: str, device: str, encoding: str = "") -> tuple[GPT, tiktoken.Enco
                          f"({enc.n_vocab} tokens) did not make")
     model = GPT(config).to(device)
     model.load_state_dict(ckpt["model"])  # float32 and these shapes: read_checkpoint checked
-    return model.eval(), enc, not trained.get("untagged", False)
+    run_dtype = trained.get("dtype") if trained.get("dtype") in ("float32", "bfloat16") else "auto"
+    flags = argparse.Namespace(device=device, n_embd=config.n_embd, dtype=run_dtype if dtype == "auto" else dtype)
+    return model.eval(), enc, not trained.get("untagged", False), runtime.resolve_device(flags)[1]
 
 
 def prompt_ids(enc: tiktoken.Encoding, prompts: list[str], block_size: int) -> list[list[int]]:
@@ -97,19 +103,21 @@ def sample(model: GPT, prompt: list[int], max_new_tokens: int, stop_token: int, 
 
 def respond(model: GPT, enc: tiktoken.Encoding, prompts: list[str], tagged: bool = True,
             max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-            batch_size: int = 16) -> list[Reply]:
+            batch_size: int = 16, dtype: torch.dtype = torch.float32) -> list[Reply]:
     """Each prompt's reply: greedy (`GPT.generate`, `batch_size` prompts at a time) at temperature 0,
-    else sampled (one seeded generator for the whole call). max_new_tokens 0: up to the block's limit."""
+    else sampled (one seeded generator for the whole call), under `dtype` autocast. max_new_tokens 0: up to the
+    block's limit."""
     device = model.transformer.wte.weight.device
     ids = prompt_ids(enc, prompts, model.config.block_size)
     limit = max_new_tokens or model.config.block_size + 1
     allowed = D.generable_ids(enc, model.config.vocab_size).to(device)
-    if temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        outs = [sample(model, p, limit, enc.eot_token, allowed, temperature, top_k, generator) for p in ids]
-    else:
-        outs = [out for start in range(0, len(ids), batch_size)
-                for out in model.generate(ids[start:start + batch_size], limit, enc.eot_token, allowed=allowed)]
+    with runtime.autocast(str(device), dtype):
+        if temperature > 0:
+            generator = torch.Generator(device=device).manual_seed(seed)
+            outs = [sample(model, p, limit, enc.eot_token, allowed, temperature, top_k, generator) for p in ids]
+        else:
+            outs = [out for start in range(0, len(ids), batch_size)
+                    for out in model.generate(ids[start:start + batch_size], limit, enc.eot_token, allowed=allowed)]
     replies = []
     for prompt, out in zip(prompts, outs):
         ended = bool(out) and out[-1] == enc.eot_token
@@ -158,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="greedy: prompts generated together (default: %(default)r)")
     parser.add_argument("--encoding", default="",
                         help="the tokenizer; empty = the one the checkpoint's run recorded (default: %(default)r)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="compute dtype; auto = the checkpoint's run's --dtype on this device, as evaluation "
+                             "ran (default: %(default)r)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ... "
                                                           "(default: %(default)r)")
     return parser
@@ -191,9 +202,9 @@ def run(argv: list[str] | None = None) -> None:
     if kind == "cuda" and index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     prompts = args.prompts + (read_prompts(args.file) if args.file else [])
-    model, enc, tagged = load(args.ckpt, device, args.encoding)
+    model, enc, tagged, dtype = load(args.ckpt, device, args.encoding, args.dtype)
     replies = respond(model, enc, prompts, tagged, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                      args.batch_size)
+                      args.batch_size, dtype)
     print("\n\n".join(describe(reply) for reply in replies))
 
 

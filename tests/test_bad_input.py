@@ -83,6 +83,8 @@ DATA_CASES = [
      "invalid JSON (Invalid control character U+0000 at column 16)"),  # was "... at at column 16"
     ("the '#### 5' line alone", jsonl(GOOD_GSM8K, {"question": "x", "answer": "#### 5"}), [], 2,
      "the gsm8k answer has no reasoning before its final line '#### <answer>'"),
+    ("text after the '#### 5' line", jsonl(GOOD_GSM8K, {"question": "x", "answer": "1+1=2\n#### 2\nSo two."}), [], 2,
+     "the gsm8k answer has text after its final line '#### <answer>'"),  # found in review: it joined the answer
     ("CR-only line ends", (GOOD_GSM8K + "\r") * 20, [], 1, "the file uses CR-only line ends"),
     ("a zero-width space for an answer", jsonl(GOOD_GSM8K, {"question": "x", "answer": "a\n#### \u200b"}), [], 2,
      "empty answer (only invisible characters)"),
@@ -129,6 +131,11 @@ FLAG_CASES = [
     ("--data is a folder", lambda tmp: ["--data", str(tmp)], "not a regular file (a folder); give a file"),
     ("--eval_data without --data", lambda tmp: ["--eval_data", str(tmp / "x.jsonl")], "needs --data"),
     ("--eval_only with --data alone", lambda tmp: ["--eval_only", "--data", str(tmp / "x.jsonl")], "needs --eval_data"),
+    ("--eval_only of nothing", lambda tmp: ["--eval_only"], "--eval_only evaluates --init_from: give the checkpoint"),
+    ("stage-2 lr without stage 2", lambda tmp: ["--stage2_iters", "0", "--stage2_lr", "1e-4"],
+     "--stage2_iters 0 leaves out"),
+    ("stage-2 weights without stage 2", lambda tmp: ["--stage2_iters", "0", "--stage2_weights", "0,1,1"],
+     "--stage2_lr and --stage2_weights set up stage 2, which --stage2_iters 0 leaves out"),
     ("stage 2 at lr 0", lambda tmp: ["--stage2_iters", "2", "--min_lr_ratio", "0"], "--stage2_lr 0 means --lr x --min_lr_ratio"),
     ("heads do not divide the width", lambda tmp: ["--n_embd", "10", "--n_head", "3"], "not a multiple of --n_head"),
     ("zero batch size", lambda tmp: ["--batch_size", "0"], "--batch_size 0: must be a whole number >= 1"),

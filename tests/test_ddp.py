@@ -29,6 +29,10 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     assert single.keys() == ddp.keys()
     for name in single:
         assert torch.allclose(single[name], ddp[name], atol=1e-5, rtol=1e-4), name
+    # Each rank draws its own dropout masks (its own seed; DDP copies rank 0's weights): found in review, every rank
+    # had the same RNG state, so with --dropout the ranks repeated each other's noise.
+    ranks = torch.load(tmp_path / "ddp" / "sftkey_tag" / "ckpt.pt", weights_only=True)["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"], ranks[1]["rng"])
     # The comparison can fail: one process on half the global batch ends elsewhere.
     half = _run([sys.executable, "train.py", "--grad_accum", "1"], tmp_path / "half")
     assert max(float((half[n] - single[n]).abs().max()) for n in single) > 1e-3

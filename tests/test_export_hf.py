@@ -39,7 +39,7 @@ def run_export(args: list[str], capsys) -> tuple[int, str, str]:
 
 def check_round_trip(ckpt_path: str, folder: str) -> None:
     ckpt = torch.load(ckpt_path, weights_only=True)
-    ours, _, _ = sample.load(ckpt_path, "cpu")
+    ours, _, _, _ = sample.load(ckpt_path, "cpu")
     back = gpt2.gpt2_from_hf(folder).eval()
     assert back.config.vocab_size == 50257 and back.config.block_size == ours.config.block_size
     state = back.state_dict()
@@ -77,7 +77,7 @@ def test_export_round_trips_exactly_and_is_gpt2_layout(gpt2_ckpt, tmp_path, caps
     assert saved["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)  # Conv1D: (in, out)
     assert saved["transformer.h.1.mlp.c_proj.weight"].shape == (64, 16)
     # Hugging Face's arithmetic on those tensors (x @ W + b), in float64, independent of model.py and gpt2.py.
-    model, _, _ = sample.load(gpt2_ckpt, "cpu")
+    model, _, _, _ = sample.load(gpt2_ckpt, "cpu")
     ids = torch.randint(0, 50257, (40,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model.lm_head(model(ids[None]))[0, :, :50257].double()

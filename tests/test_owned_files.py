@@ -179,6 +179,18 @@ def test_overwrite_never_deletes_the_init_from_checkpoint_it_would_replace(tmp_p
     assert digests(out) == before
 
 
+def test_an_experiment_names_an_init_from_of_another_shape_before_it_prints_or_writes(tmp_path, capsys):
+    args = [*TINY_EXPERIMENT, "--out_dir", str(tmp_path / "exp"), "--save_ckpt", "--arms", "sft_tag"]
+    assert experiment_main(args, capsys)[0] == 0
+    start = tmp_path / "exp" / "seed1337" / "sft_tag" / "ckpt.pt"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main([*args[:-2], "--n_layer", "2", "--init_from", str(start), "--out_dir", str(tmp_path / "again")])
+    code, (out, err) = exit_info.value.code, capsys.readouterr()
+    assert code == 2 and "--n_layer: n_layer=1 in the checkpoint but 2 here" in err and err.count("\n") == 1, err
+    assert out == "" and not (tmp_path / "again").exists()
+
+
 def test_every_rank_of_a_job_ends_with_rank_0s_refusal(tmp_path):
     """Rank 0 checks the folder; the other ranks raise its refusal too, instead of training on alone."""
     class Rank1(runtime.Dist):

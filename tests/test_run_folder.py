@@ -526,6 +526,22 @@ def test_resume_without_a_checkpoint_says_so(made, tmp_path, capsys):
     assert torch.load(out / "sft_tag" / "ckpt.pt", weights_only=True)["step"] == 2
 
 
+def test_resume_without_a_checkpoint_starts_a_fresh_log(made, tmp_path, capsys):
+    """A run killed before its first checkpoint leaves log.jsonl (and maybe loss.png) alone: --resume starts from
+    step 0, with any flags, so those rows would pass for this run's. They are deleted, and the log is this run's."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    stale = [{"stage": "sft_tag", "step": s, "lr": 2e-3, "loss": 0.3, "tokens_per_s": 1.0} for s in range(800)]
+    (out / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
+    (out / "loss.png").write_bytes(b"not this run's")
+    code, err = main(flags(out, made["data"], "--resume", "--max_iters", "2", "--stage2_iters", "0"), capsys)
+    assert code == 0, err
+    assert f"starting from step 0 (deleted {out / 'log.jsonl'}, {out / 'loss.png'})" in err
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = json.loads((out / "results.json").read_text())["log"]
+    assert [r for r in rows if "results" not in r] == logged and not (out / "loss.png").exists()
+
+
 @pytest.mark.parametrize("seconds, written", [(300.0, False), (0.0, True)])
 def test_default_interval_writes_by_wall_time(made, tmp_path, monkeypatch, seconds, written):
     """--ckpt_interval 0: a checkpoint once AUTO_CKPT_SECONDS have passed since the last (0 here: every

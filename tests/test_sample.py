@@ -7,6 +7,8 @@ sftkey's. Bad input ends in one line and exit code 2, with nothing on stdout.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -35,14 +37,14 @@ def loaded(ckpt):
 
 
 def test_load_gives_the_trained_weights_and_tokenizer(ckpt, loaded):
-    model, enc, tagged = loaded
+    model, enc, tagged, dtype = loaded
     saved = torch.load(ckpt, weights_only=True)
     assert enc.name == D.SYNTHETIC_ENCODING and tagged and not model.training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items())
 
 
 def test_greedy_is_generate_for_each_prompt_alone(loaded):
-    model, enc, _ = loaded
+    model, enc, _, _ = loaded
     allowed = D.generable_ids(enc, model.config.vocab_size)
     replies = sample.respond(model, enc, PROMPTS, batch_size=2)  # batches of two, left-padded: same tokens
     for prompt, reply in zip(PROMPTS, replies):
@@ -57,7 +59,7 @@ def test_greedy_is_generate_for_each_prompt_alone(loaded):
 
 
 def test_cli_prints_response_format_and_answer(ckpt, loaded, capsys, tmp_path):
-    model, enc, _ = loaded
+    model, enc, _, _ = loaded
     reply = sample.respond(model, enc, ["Q: 7+5-3"])[0]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Q: 2+2\r\n\n  \nQ: 12+1-4+3+8\n")  # blank lines skipped, CRLF read as a line end
@@ -72,6 +74,26 @@ def test_cli_prints_response_format_and_answer(ckpt, loaded, capsys, tmp_path):
     assert blocks[0].endswith("answer:   " + ("none found" if reply.answer is None else repr(reply.answer)))
 
 
+def test_greedy_replies_are_the_evaluations_in_the_runs_dtype(tmp_path, capsys):
+    """Found in review: sample.py decoded in float32 while evaluation ran in the run's bfloat16 (the default on a
+    GPU), so its answers were not the ones results.json scored. A bf16 run evaluated one prompt at a time: the
+    same prompts one at a time through sample.py give its responses exactly; --dtype float32 overrides."""
+    out = tmp_path / "bf16"
+    train.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "48", "--n_train", "300",
+                "--n_val", "10", "--n_test", "12", "--max_iters", "30", "--stage2_iters", "0", "--batch_size", "16",
+                "--lr", "1e-2", "--warmup_iters", "0", "--log_interval", "1000", "--eval_interval", "1000",
+                "--val_acc_n", "0", "--eval_batch_size", "1", "--device", "cpu", "--dtype", "bfloat16",
+                "--out_dir", str(out)])
+    scored = json.loads((out / "results.json").read_text())["results"]["sft_tag"]["responses"]
+    model, enc, tagged, dtype = sample.load(str(out / "sft_tag" / "ckpt.pt"), "cpu")
+    assert dtype == torch.bfloat16 and sample.load(str(out / "sft_tag" / "ckpt.pt"), "cpu", dtype="float32")[3] \
+        == torch.float32
+    replies = sample.respond(model, enc, [r["prompt"] for r in scored], tagged, batch_size=1, dtype=dtype)
+    assert [r.response for r in replies] == [r["response"] for r in scored]
+    in_float32 = sample.respond(model, enc, [r["prompt"] for r in scored], tagged, batch_size=1)
+    assert [r.response for r in in_float32] != [r["response"] for r in scored]  # the dtype is what decides
+
+
 def test_describe_says_when_the_response_was_cut():
     text = sample.describe(sample.Reply("Q", [1, 2], "<Thinking>ab", False, False, None))
     assert text == ("prompt:   Q\nresponse: <Thinking>ab\n(no end-of-text: stopped after 2 tokens)\n"
@@ -80,7 +102,7 @@ def test_describe_says_when_the_response_was_cut():
 
 
 def test_sampling_is_reproducible_by_seed(loaded):
-    model, enc, _ = loaded
+    model, enc, _, _ = loaded
     first = sample.respond(model, enc, PROMPTS, temperature=2.0, seed=3)
     again = sample.respond(model, enc, PROMPTS, temperature=2.0, seed=3)
     other = sample.respond(model, enc, PROMPTS, temperature=2.0, seed=4)
@@ -91,14 +113,14 @@ def test_sampling_is_reproducible_by_seed(loaded):
 
 
 def test_top_k_1_is_greedy(loaded):
-    model, enc, _ = loaded
+    model, enc, _, _ = loaded
     greedy = sample.respond(model, enc, PROMPTS)
     top1 = sample.respond(model, enc, PROMPTS, temperature=0.7, top_k=1, seed=11)
     assert [r.ids for r in top1] == [r.ids for r in greedy]
 
 
 def test_sampling_never_leaves_the_allowed_ids(loaded):
-    model, enc, _ = loaded
+    model, enc, _, _ = loaded
     # The padding rows of the table (ids the tokenizer cannot decode) are rigged to win every draw.
     rigged = GPT(model.config)
     rigged.load_state_dict(model.state_dict())
@@ -123,7 +145,7 @@ def test_sampling_never_leaves_the_allowed_ids(loaded):
 
 
 def test_a_response_stops_at_the_block_limit(loaded):
-    model, enc, _ = loaded
+    model, enc, _, _ = loaded
     prompt = "Q: " + "1+" * 20 + "1"  # 45 tokens with its newline: room for 4 more (block_size 48, + 1)
     assert len(enc.encode_ordinary(sftkey.prompt_head(prompt))) == 45
     for temperature in (0.0, 1.5):

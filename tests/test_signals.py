@@ -59,6 +59,20 @@ elif where.startswith("evaluate:"):  # MARK as the n-th evaluation starts
             mark()
         return evaluate(*args)
     train.evaluate = evaluate_marked
+elif where.startswith("save:"):  # MARK inside the n-th checkpoint's first write, which waits for the signal
+    import checkpoints as ckpts
+    nth, save, write, saves = int(where[5:]), ckpts.save_checkpoint, ckpts._Recording.write, []
+    def save_counted(*args, **kwargs):
+        saves.append(1)
+        return save(*args, **kwargs)
+    def write_marked(self, data):
+        if len(saves) == nth and not self.f.tell():
+            mark()
+            stop = signal.getsignal(signal.SIGINT).__self__
+            while not stop.received:
+                time.sleep(0.01)
+        return write(self, data)
+    ckpts.save_checkpoint, ckpts._Recording.write = save_counted, write_marked
 elif where == "load":  # MARK as the data loading starts, which then takes a while
     load = D.load_data
     def load_marked(*args):
@@ -151,6 +165,18 @@ def test_sigterm_during_the_final_evaluation_exits_130_not_0(tmp_path):
     assert_stopped(code, err, "SIGTERM received outside a training step")
     assert "sft_tag: Acc" not in stdout and not (out / "results.json").exists()
     assert torch.load(out / "sft_tag" / "ckpt.pt", weights_only=True)["step"] == 12  # its weights, kept
+
+
+def test_sigterm_inside_a_checkpoint_write_waits_for_it_and_exits_130(tmp_path):
+    """Found in review: a signal inside torch.save's writer (here, the write after stage 1's evaluation) came out of
+    its C++ as "unexpected pos", reported as a failed disk write (exit 1, no --resume advice). The write now
+    finishes first: exit 130, and the checkpoint holds the evaluation, so --resume only writes the results."""
+    out = tmp_path / "out"
+    code, _, err = run_child("save:2", [*TINY, "--stage2_iters", "0", "--out_dir", str(out)], signal.SIGTERM)
+    assert_stopped(code, err, "SIGTERM received", "--resume")
+    assert "sft_tag" in torch.load(out / "sft_tag" / "ckpt.pt", weights_only=True)["results"]
+    code, stdout, err = run_child("none", [*TINY, "--stage2_iters", "0", "--out_dir", str(out), "--resume"])
+    assert code == 0 and "evaluating" not in stdout and (out / "results.json").exists(), err
 
 
 def test_sigint_while_the_data_loads_is_one_line_and_exit_130(tmp_path):

@@ -5,6 +5,8 @@ tagged template, or scores its answers by the tagged rule, compares the method w
 Every training and validation example is checked against the untagged template, and evaluation
 against the untagged scoring rule: the line after the last `####`, no Fmt and no composite.
 """
+import json
+
 import pytest
 import torch
 
@@ -33,6 +35,22 @@ def test_load_data_builds_training_and_validation_sets_in_the_run_layout(tagged)
             assert (sftkey.ANSWER_OPEN in text) == tagged and ("\n#### " in text) == (not tagged)
             n_key = len(ENC.encode_ordinary(text[spans[2][0]:])) + 1  # the key and end-of-text
             assert roles[-n_key:].tolist() == [sftkey.KEY] * n_key and roles[-n_key - 1] != sftkey.KEY, name
+
+
+@pytest.mark.parametrize("answer", ["2\n3", "3 #### 1"])
+@pytest.mark.parametrize("split", ["data", "eval_data"])
+def test_an_answer_the_untagged_rule_could_never_score_is_refused_naming_its_line(tmp_path, answer, split):
+    """Found in review: such an answer (legal in the tagged formats) could never score under --untagged, not even
+    copied exactly: the rule reads one line after the last `####`. Tagged, the same files are fine."""
+    good = '{"prompt": "Q: 1+1", "thinking": "1+1=2", "answer": "2"}\n'
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("data", "eval_data")}
+    for name, path in files.items():
+        bad = '{"prompt": "Q: 2+3", "thinking": "2+3=5", "answer": %s}\n' % json.dumps(answer)
+        path.write_text(good * 30 + (bad if name == split else ""))
+    flags = ["--data", str(files["data"]), "--eval_data", str(files["eval_data"]), "--format", "tagged", "--n_val", "2"]
+    D.load_data(train.parse_args(flags), ENC)
+    with pytest.raises(D.DataError, match=f"^{files[split]}:31: --untagged answers are one line without '####'"):
+        D.load_data(train.parse_args(flags + ["--untagged"]), ENC)
 
 
 # ---------------------------------------------------------------------------------------------
