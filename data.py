@@ -13,6 +13,7 @@ import re
 import stat
 import sys
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def read_examples(path: str, fmt: str, strip_calculator: bool = False, skip_bad_
 
 def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Example:
     try:
-        record = json.loads(line)
+        record = json.loads(line, object_pairs_hook=_fields)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and re.search(r"\r\s*\Z", line[:err.pos]):  # `{..}\r{..}`: a CR between records
             raise ValueError("two records on one line, split by a CR alone: the file uses CR-only line ends; "
@@ -203,7 +204,9 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     if fmt == "messages" or (fmt == "completion" and isinstance(record.get("prompt"), list)):  # chat turns
-        turns = record.get("messages") if fmt == "messages" else [*record["prompt"], *(record.get("completion") or [])]
+        if fmt == "completion" and not (isinstance(record.get("completion"), list) and len(record["completion"]) == 1):
+            raise ValueError('a chat "prompt" needs a "completion" of one message: the assistant\'s tagged response')
+        turns = record.get("messages") if fmt == "messages" else [*record["prompt"], *record["completion"]]
         record, fmt = _turns(turns), "completion"
     fields = {"gsm8k": ("question", "answer"), "tagged": ("prompt", "thinking", "answer"),
               "completion": ("prompt", "completion")}[fmt]
@@ -231,6 +234,13 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
     example = Example(prompt, thinking.strip(), answer.strip(), source)
     _check_example(example)
     return example
+
+
+def _fields(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object; a key given twice is an error (json.loads would keep the last one, silently)."""
+    if twice := [key for key, n in Counter(key for key, _ in pairs).items() if n > 1]:
+        raise ValueError(f"the key {twice[0]!r} appears twice in one object")
+    return dict(pairs)
 
 
 def _turns(messages) -> dict:
@@ -328,18 +338,6 @@ def prompt_tokens_differ(enc: tiktoken.Encoding, text: str, spans: list[tuple[in
     ids = enc.encode_ordinary(text) if ids is None else ids
     prompt_ids = enc.encode_ordinary(text[:spans[0][1]])
     return ids[:len(prompt_ids)] != prompt_ids
-
-
-def format_summary(summary: dict) -> str:
-    s, skipped = summary, summary.get("skipped_bad_lines", 0)
-    return (f"{s['name']}: {s['examples']} examples ({s['dropped_too_long']} dropped as too long); tokens per "
-            f"example: prompt {s['prompt_tokens_mean']:.1f} (max {s['prompt_tokens_max']}), thinking "
-            f"{s['thinking_tokens_mean']:.1f} (max {s['thinking_tokens_max']}), key {s['key_tokens_mean']:.1f} "
-            f"(max {s['key_tokens_max']}); key fraction of response {s['key_fraction']:.1%}; straddling tokens "
-            f"{s['straddling_tokens']}; prompt-prefix mismatches {s['prompt_prefix_mismatches']}"
-            + (f" (the first: {s['first_prompt_prefix_mismatch']})" if s.get("first_prompt_prefix_mismatch") else "")
-            + (f"\n  skipped {skipped} bad lines (--skip_bad_lines): " + "; ".join(s["bad_lines"][:3])
-               + (f"; {skipped - 3} more" if skipped > 3 else "") if skipped else ""))
 
 
 def collate(ids: list[np.ndarray], roles: list[np.ndarray], device: str) -> tuple[torch.Tensor, ...]:

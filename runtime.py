@@ -296,9 +296,9 @@ def number(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist: Dist, dtype: torch.dtype,
+def print_setup(data_summaries: list[dict], n_test: int, model, device: str, dist: Dist, dtype: torch.dtype,
                 stages: list = ()) -> None:
-    print("\n".join(data_summaries))
+    print("\n".join(map(format_summary, data_summaries)))
     print(f"test: {n_test} examples" if n_test else "test: none (--data without --eval_data, or --n_test 0): every "
           "stage is trained and checkpointed, none is evaluated")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
@@ -307,6 +307,19 @@ def print_setup(data_summaries: list[str], n_test: int, model, device: str, dist
         p, t, a = (f"{w:g}" for w in stage.weights)
         print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a} | {stage.iters} steps | "
               f"peak lr {stage.lr:g}")
+
+
+def format_summary(summary: dict) -> str:
+    """One line of a tokenized set's summary (data.tokenize's), and the bad lines --skip_bad_lines skipped."""
+    s, skipped = summary, summary.get("skipped_bad_lines", 0)
+    return (f"{s['name']}: {s['examples']} examples ({s['dropped_too_long']} dropped as too long); tokens per "
+            f"example: prompt {s['prompt_tokens_mean']:.1f} (max {s['prompt_tokens_max']}), thinking "
+            f"{s['thinking_tokens_mean']:.1f} (max {s['thinking_tokens_max']}), key {s['key_tokens_mean']:.1f} "
+            f"(max {s['key_tokens_max']}); key fraction of response {s['key_fraction']:.1%}; straddling tokens "
+            f"{s['straddling_tokens']}; prompt-prefix mismatches {s['prompt_prefix_mismatches']}"
+            + (f" (the first: {s['first_prompt_prefix_mismatch']})" if s.get("first_prompt_prefix_mismatch") else "")
+            + (f"\n  skipped {skipped} bad lines (--skip_bad_lines): " + "; ".join(s["bad_lines"][:3])
+               + (f"; {skipped - 3} more" if skipped > 3 else "") if skipped else ""))
 
 
 def print_result(stage: str, r: dict, seconds: float) -> None:

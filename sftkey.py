@@ -185,9 +185,9 @@ _REFUSED = TAGS + ("<|endoftext|>",)  # what data.py refuses inside a thinking o
 def format_ok(response: str, ended: bool) -> bool:
     """Fmt: exactly `<Thinking>…</Thinking><Answer>…</Answer>`, then end-of-text, nothing else.
 
-    Strict where the training data is: the answer is not empty or only whitespace, and neither
-    part holds a tag or the text `<|endoftext|>` (data.py refuses such examples). The reasoning
-    may be empty, as it may in the data.
+    Strict where the training data is: neither part holds a tag or the text `<|endoftext|>`, and
+    the answer is not empty or only whitespace (data.py also refuses an answer of only invisible
+    characters, such as U+200B; Fmt does not check that). The reasoning may be empty, as in the data.
     """
     match = _TAGGED.fullmatch(response)
     if not (ended and match):

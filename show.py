@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def show(argv: list[str] | None = None) -> str:
-    """What the command line prints: the set's summary (data.format_summary), then `show_examples`."""
+    """What the command line prints: the set's summary (runtime.format_summary), then `show_examples`."""
     import train
     args = runtime.parse_flags(build_parser(), argv)
     n, split, color = args.pop("n"), args.pop("split"), args.pop("color")
@@ -167,7 +167,7 @@ def show(argv: list[str] | None = None) -> str:
     shown = train_set if split == "train" else val_set
     stages = {stage.name: stage.weights for stage in train.plan_stages(cfg)}
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
-    return D.format_summary(shown.summary) + "\n" + show_examples(shown, enc, n, stages, use_color, not cfg.untagged)
+    return runtime.format_summary(shown.summary) + "\n" + show_examples(shown, enc, n, stages, use_color, not cfg.untagged)
 
 
 def main(argv: list[str] | None = None) -> None:

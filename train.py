@@ -240,8 +240,7 @@ def run(cfg: TrainConfig) -> dict:
         train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, step)
         stages = [] if cfg.eval_only else plan_stages(cfg, inputs.origin[0])  # origin: (stage, step) of --init_from
         if dist.master:
-            runtime.print_setup([D.format_summary(s) for s in (train_set.summary, val_set.summary)], len(test),
-                                model, device, dist, dtype, stages)
+            runtime.print_setup([train_set.summary, val_set.summary], len(test), model, device, dist, dtype, stages)
             if cfg.show_roles:  # the role viewer, imported only when asked for
                 print(__import__("show").show_examples(train_set, enc, cfg.show_roles, {
                     s.name: s.weights for s in stages}, tagged=not cfg.untagged), flush=True)

@@ -85,6 +85,10 @@ DATA_CASES = [
      "the gsm8k answer has no reasoning before its final line '#### <answer>'"),
     ("text after the '#### 5' line", jsonl(GOOD_GSM8K, {"question": "x", "answer": "1+1=2\n#### 2\nSo two."}), [], 2,
      "the gsm8k answer has text after its final line '#### <answer>'"),  # found in review: it joined the answer
+    ("a repeated key", b'{"question": "x", "answer": "1+1=2\\n#### 2", "answer": "1+1=2\\n#### 4"}\n', [], 1,
+     "the key 'answer' appears twice in one object"),  # found in review: the last one was read, silently
+    ("a repeated key in a message", '{"messages": [{"role": "user", "role": "assistant", "content": "a"}]}\n',
+     ["--format", "messages"], 1, "the key 'role' appears twice in one object"),
     ("CR-only line ends", (GOOD_GSM8K + "\r") * 20, [], 1, "the file uses CR-only line ends"),
     ("a zero-width space for an answer", jsonl(GOOD_GSM8K, {"question": "x", "answer": "a\n#### \u200b"}), [], 2,
      "empty answer (only invisible characters)"),

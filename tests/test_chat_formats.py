@@ -128,14 +128,22 @@ def test_a_bad_messages_line_is_an_error_naming_file_and_line(tmp_path, name):
     assert "--skip_bad_lines" in message and "\n" not in message
 
 
+ONE_REPLY = 'a chat "prompt" needs a "completion" of one message: the assistant\'s tagged response'
+
+
 @pytest.mark.parametrize("record, problem", [
     ({"prompt": [user("a"), assistant(tagged("1", "1"))], "completion": [assistant(tagged("1", "1"))]},
      "got the roles ['user', 'assistant', 'assistant']"),  # an assistant turn inside the prompt
-    ({"prompt": [user("a")], "completion": []}, "got the roles ['user']"),  # no assistant turn
-    ({"prompt": [user("a")]}, "got the roles ['user']"),
+    ({"prompt": [user("a")], "completion": []}, ONE_REPLY),  # no assistant turn
+    ({"prompt": [user("a")]}, ONE_REPLY),
     ({"prompt": [user("a")], "completion": [user("b")]}, "got the roles ['user', 'user']"),
     ({"prompt": [{"role": "user", "content": 3}], "completion": [assistant(tagged("1", "1"))]}, "<a string>"),
-], ids=["assistant_in_prompt", "empty_completion", "no_completion", "user_completion", "content_a_number"])
+    # found in review: the turns in the wrong fields were read as one good example
+    ({"prompt": [user("a"), assistant(tagged("1", "1"))]}, ONE_REPLY),
+    ({"prompt": [user("a"), assistant(tagged("1", "1"))], "completion": None}, ONE_REPLY),
+    ({"prompt": [], "completion": [user("a"), assistant(tagged("1", "1"))]}, ONE_REPLY),
+], ids=["assistant_in_prompt", "empty_completion", "no_completion", "user_completion", "content_a_number",
+        "both_turns_in_prompt", "both_turns_in_prompt_null_completion", "both_turns_in_completion"])
 def test_a_bad_conversational_completion_line_names_file_and_line(tmp_path, record, problem):
     path = write_lines(tmp_path / "c.jsonl", [{"prompt": "p", "completion": tagged("1", "1")}, record])
     with pytest.raises(D.DataError) as info:

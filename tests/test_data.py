@@ -17,6 +17,7 @@ import tiktoken
 import torch
 
 import data as D
+import runtime
 import sftkey
 import train
 from model import GPTConfig
@@ -323,7 +324,7 @@ def test_a_prompt_mismatch_that_remains_is_named_by_file_and_line(tmp_path, caps
     test_file.write_text("\n".join(line(2, b) for b in (1, 2, 5, 5)) + "\n")
     s = D.tokenize(D.read_examples(str(train_file), "tagged"), enc, 64).summary
     assert (s["prompt_prefix_mismatches"], s["first_prompt_prefix_mismatch"]) == (2, f"{train_file}:4")
-    assert f"prompt-prefix mismatches 2 (the first: {train_file}:4)" in D.format_summary(s)
+    assert f"prompt-prefix mismatches 2 (the first: {train_file}:4)" in runtime.format_summary(s)
     cfg = train.TrainConfig(data=str(train_file), eval_data=str(test_file), format="tagged", n_val=1, block_size=64)
     D.load_data(cfg, enc)
     err = capsys.readouterr().err
