@@ -182,12 +182,15 @@ def restore_rng(ckpt: dict, rank: int = 0) -> None:
         torch.cuda.set_rng_state(cuda.cpu(), index)
 
 
-def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dict | None = None) -> None:
-    """Tensors and plain values only (loadable with weights_only=True), written atomically; `extra` adds entries."""
+def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dict | None = None,
+                    stop: StopSignal | None = None) -> None:
+    """Tensors and plain values only (loadable with weights_only=True), written atomically; `extra` adds entries.
+    A signal of the run's `stop` waits for the write: inside torch.save's writer it would be "unexpected pos"."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
              "model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
              "step": step, "rng_ranks": [rng_state()], **(extra or {})}
-    atomic_write(path, lambda f: torch.save(state, f))
+    with stop.deferred() if stop else contextlib.nullcontext():
+        atomic_write(path, lambda f: torch.save(state, f))
 
 
 def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding: str | None = None,
@@ -322,11 +325,10 @@ class StageCheckpoint:
         """Write `step`'s checkpoint: all ranks call it (to gather their RNG states), but for a second write of it."""
         if self.rng_ranks[0] != step:
             self.rng_ranks = (step, self.dist.gather(rng_state()))
-        if self.path and self.dist.master:  # a signal inside torch.save's writer would be "unexpected pos": held
-            with self.stop.deferred() if self.stop else contextlib.nullcontext():
-                save_checkpoint(self.path, model, optimizer, self.cfg, step, {
-                    "stage": self.stage, "log": list(self.log), "world": self.dist.world, **self.extra,
-                    "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]})
+        if self.path and self.dist.master:
+            save_checkpoint(self.path, model, optimizer, self.cfg, step, {
+                "stage": self.stage, "log": list(self.log), "world": self.dist.world, **self.extra,
+                "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]}, self.stop)
         self.last_write = time.time()
 
     def due(self, done: int, iters: int) -> bool:
@@ -494,11 +496,14 @@ class RunFolder(FolderLock):
                     os.unlink(os.path.join(folder, entry))
         if self.resume and any(p.endswith(CKPT_NAME) for p in found):
             return  # each checkpoint went to `check`; log.jsonl goes on (rows after the last checkpoint come twice)
-        if found and not (self.overwrite or self.resume):
-            raise ValueError(f"--out_dir {out} holds the files of an earlier run ({', '.join(found)}): "
-                             + ("continue it with --resume (and the same flags), " if self.resumable else "")
+        # --resume with no checkpoint: a run killed before its first left its log (not this run's); results.json is
+        # written last, so one here is a finished run's (an --eval_only one's): kept, as from a fresh run.
+        killed = [p for p in found if self.resume and os.path.basename(p) in (LOG_NAME, PLOT_NAME)]
+        if (finished := [p for p in found if p not in killed]) and not self.overwrite:
+            raise ValueError(f"--out_dir {out} holds the files of an earlier run ({', '.join(finished)}): "
+                             + "continue it with --resume (and the same flags), " * (self.resumable and not self.resume)
                              + "delete them with --overwrite, or choose another --out_dir")
-        for path in found:  # --resume with no checkpoint: a run killed before its first (its log is not this run's)
+        for path in found:
             os.unlink(path)
         deleted = f"deleted {', '.join(found)}" * bool(found)
         if self.resume or found:

@@ -408,7 +408,8 @@ def load_data(cfg, enc: tiktoken.Encoding, raw: dict[str, bytes] | None = None,
     else:  # see synthetic_split
         examples, test = synthetic_split(cfg.n_train, cfg.n_test, cfg.data_seed, cfg.task)
     if cfg.untagged and (bad := [ex for ex in examples + test if "\n" in ex.answer or "####" in ex.answer]):
-        raise DataError(f"{bad[0].source}: --untagged answers are one line without '####' (sftkey.extract_answer)")
+        raise DataError(f"{bad[0].source}: the untagged layout (--untagged; experiment.py's sft arm) scores the one "
+                        f"line after the last '####', and this answer has a line break or '####'")
     train_examples, val_examples = split(examples, cfg.n_val, cfg.seed)
     if not val_examples:
         raise DataError(f"{cfg.data or 'synthetic task'}: {len(examples)} examples leave no validation set, which "

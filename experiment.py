@@ -205,13 +205,15 @@ class Trained:
 
 
 def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: torch.dtype, on_result,
-             save_ckpt: bool = False, inputs: ckpts.Inputs | None = None) -> None:
+             save_ckpt: bool = False, inputs: ckpts.Inputs | None = None,
+             stop: runtime.StopSignal | None = None) -> None:
     """Every arm in `names` at the seed cfg.seed, each trained through its stages as train.py would.
 
     Stages that arms share from the start are trained once: sftkey_tag and sftsft_tag both begin
     with sft_tag's stage, so the state after it is kept in memory and both continue from it (with the
     data stream read on where it stopped). `on_result(arm, result, log_rows)` follows each arm.
-    `inputs`: the input files, read once (ckpts.read_inputs; read here when not given).
+    `inputs`: the input files, read once (ckpts.read_inputs; read here when not given); `stop`: the experiment's
+    StopSignal, which a --save_ckpt write finishes before it stops.
     """
     inputs = inputs or ckpts.read_inputs(cfg)
     before, start = inputs.origin
@@ -248,7 +250,7 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
         if save_ckpt:
             path = ckpts.owned_path(cfg.out_dir, f"seed{cfg.seed}", name, ckpts.CKPT_NAME)
             ckpts.save_checkpoint(path, model, optimizer, arm_cfg, stages[-1].iters, {
-                "stage": stages[-1].name, "stream_start": start + sum(s.iters for s in stages[:-1])})
+                "stage": stages[-1].name, "stream_start": start + sum(s.iters for s in stages[:-1])}, stop)
         t1 = time.time()
         result = train.evaluate(model=model, enc=enc, examples=test, cfg=arm_cfg, device=device, dtype=dtype)
         val_rows = [row for row in rows if row.get("val_acc") is not None]  # --val_acc_n prompts, at each interval
@@ -514,11 +516,11 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
                                                     if save_ckpt]
     finished = "the arms finished so far are in --out_dir (results.json says \"complete\": false)"
     folder = ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resume=False, resumable=False, start=cfg.init_from)
-    with runtime.StopSignal(finished), folder:
+    with runtime.StopSignal(finished) as stop, folder:
         folder.take(plan)  # one run per folder: a second one, or another run's files, refused
         for seed in seeds:
             run_seed(dataclasses.replace(cfg, seed=seed), run_names, enc, device, dtype, recorder.add, save_ckpt,
-                     inputs)
+                     inputs, stop)
         summary = recorder.write(complete=True)
     print("\n" + markdown(summary))
     images = plot(summary, recorder.rows, cfg.out_dir)

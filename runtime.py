@@ -399,8 +399,10 @@ def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, f
     return first, parse_weights(cfg.stage2_weights, "--stage2_weights")
 
 
-def command(work: Callable[[], object]) -> None:
-    """`work()` as a command: bad input ends in one line, exit 2; a stop too (a signal: 130; else 1). No traceback."""
+def command(work: Callable[[], object], torchrun_worker: bool = False) -> None:
+    """`work()` as a command: bad input ends in one line, exit 2; a stop too (a signal: 130; else 1). No traceback.
+    A `torchrun_worker` that finished ends at once, without the interpreter's teardown, in which gloo's threads
+    can abort (2 of 40 two-rank CPU runs, after every file was written: torchrun then said 1)."""
     try:
         work()
     except (FileNotFoundError, ValueError) as err:
@@ -415,8 +417,8 @@ def command(work: Callable[[], object]) -> None:
         print(f"stopped: rank {os.environ['RANK']}: another rank stopped first ({str(err).splitlines()[0][:200]})",
               file=sys.stderr)
         sys.exit(1)
-    if "RANK" in os.environ:  # a torchrun worker that finished: no interpreter teardown, in which gloo's threads
-        sys.stdout.flush()  # can abort (2 of 40 two-rank CPU runs, after every file was written: torchrun said 1)
+    if torchrun_worker:
+        sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
 

@@ -292,7 +292,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    runtime.command(lambda: run(runtime.check_config(parse_args(argv))))  # errors and stops: one line each
+    # Errors and stops: one line each. RANK: torchrun's (Dist.from_environment started a process group).
+    runtime.command(lambda: run(runtime.check_config(parse_args(argv))), torchrun_worker="RANK" in os.environ)
 
 
 if __name__ == "__main__":

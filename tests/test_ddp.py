@@ -36,3 +36,13 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     # The comparison can fail: one process on half the global batch ends elsewhere.
     half = _run([sys.executable, "train.py", "--grad_accum", "1"], tmp_path / "half")
     assert max(float((half[n] - single[n]).abs().max()) for n in single) > 1e-3
+
+
+def test_only_train_py_under_torchrun_skips_the_interpreters_teardown():
+    """A torchrun worker of train.py ends with os._exit once its files are written (gloo's threads could abort the
+    teardown, and torchrun then said 1). Found in review: the first version did so for any command with RANK in the
+    environment, so show.main or a test calling it ended the calling process, exit 0, the rest unrun."""
+    code = "import runtime; runtime.command(lambda: print('worked', flush=True)); print('AFTER')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "RANK": "0"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["worked", "AFTER"], done.stderr[-2000:]

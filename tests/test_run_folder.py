@@ -541,6 +541,17 @@ def test_resume_without_a_checkpoint_starts_a_fresh_log(made, tmp_path, capsys):
     logged = json.loads((out / "results.json").read_text())["log"]
     assert [r for r in rows if "results" not in r] == logged and not (out / "loss.png").exists()
 
+    # results.json is written last: with no checkpoint it is a finished run's (an --eval_only one's), kept as from
+    # a fresh run (found in review: the first version of this fix deleted it).
+    finished = tmp_path / "evaluated"
+    finished.mkdir()
+    (finished / "results.json").write_text('{"results": {"init": {}}}')
+    (finished / "log.jsonl").write_text("")
+    code, err = main(flags(finished, made["data"], "--resume", "--max_iters", "2", "--stage2_iters", "0"), capsys)
+    one_line_error(code, err, f"holds the files of an earlier run ({finished / 'results.json'}): delete them with "
+                              f"--overwrite")
+    assert (finished / "results.json").read_text() == '{"results": {"init": {}}}' and (finished / "log.jsonl").exists()
+
 
 @pytest.mark.parametrize("seconds, written", [(300.0, False), (0.0, True)])
 def test_default_interval_writes_by_wall_time(made, tmp_path, monkeypatch, seconds, written):

@@ -61,7 +61,7 @@ elif where.startswith("evaluate:"):  # MARK as the n-th evaluation starts
     train.evaluate = evaluate_marked
 elif where.startswith("save:"):  # MARK inside the n-th checkpoint's first write, which waits for the signal
     import checkpoints as ckpts
-    nth, save, write, saves = int(where[5:]), ckpts.save_checkpoint, ckpts._Recording.write, []
+    nth, save, write, saves = int(where[5:].split("@")[0]), ckpts.save_checkpoint, ckpts._Recording.write, []
     def save_counted(*args, **kwargs):
         saves.append(1)
         return save(*args, **kwargs)
@@ -80,7 +80,7 @@ elif where == "load":  # MARK as the data loading starts, which then takes a whi
         time.sleep(5)
         return load(*args)
     D.load_data = load_marked
-train.main(argv)
+(__import__("experiment").main if where.endswith("@experiment") else train.main)(argv)
 """
 
 
@@ -177,6 +177,18 @@ def test_sigterm_inside_a_checkpoint_write_waits_for_it_and_exits_130(tmp_path):
     assert "sft_tag" in torch.load(out / "sft_tag" / "ckpt.pt", weights_only=True)["results"]
     code, stdout, err = run_child("none", [*TINY, "--stage2_iters", "0", "--out_dir", str(out), "--resume"])
     assert code == 0 and "evaluating" not in stdout and (out / "results.json").exists(), err
+
+
+def test_an_experiment_stopped_inside_a_save_ckpt_write_finishes_it_and_exits_130(tmp_path):
+    """The same for experiment.py --save_ckpt: the arm's checkpoint is written whole, then the run stops."""
+    out = tmp_path / "exp"
+    flags = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--n_train", "300",
+             "--n_val", "20", "--n_test", "4", "--warmup_iters", "1", "--dtype", "float32", "--device", "cpu",
+             "--seeds", "1", "--e1", "3", "--e2", "2", "--arms", "sft_tag,sftkey_tag", "--n_boot", "10",
+             "--save_ckpt", "--out_dir", str(out)]
+    code, _, err = run_child("save:1@experiment", flags, signal.SIGINT)
+    assert_stopped(code, err, "SIGINT received", "the arms finished so far are in --out_dir")
+    assert torch.load(out / "seed1337" / "sft_tag" / "ckpt.pt", weights_only=True)["step"] == 3
 
 
 def test_sigint_while_the_data_loads_is_one_line_and_exit_130(tmp_path):

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import data as D
+import experiment
 import sftkey
 import train
+from conftest import run_cli
 from model import GPTConfig
 
 ENC = D.char_encoding()
@@ -49,8 +51,22 @@ def test_an_answer_the_untagged_rule_could_never_score_is_refused_naming_its_lin
         path.write_text(good * 30 + (bad if name == split else ""))
     flags = ["--data", str(files["data"]), "--eval_data", str(files["eval_data"]), "--format", "tagged", "--n_val", "2"]
     D.load_data(train.parse_args(flags), ENC)
-    with pytest.raises(D.DataError, match=f"^{files[split]}:31: --untagged answers are one line without '####'"):
+    with pytest.raises(D.DataError, match=f"^{files[split]}:31: the untagged layout \\(--untagged; experiment.py's sft "
+                                          f"arm\\) scores the one line after the last '####', and this answer has"):
         D.load_data(train.parse_args(flags + ["--untagged"]), ENC)
+
+
+def test_an_experiment_with_such_an_answer_names_its_sft_arm_before_training(tmp_path, capsys):
+    """experiment.py's default arms include the untagged `sft`: the refusal names it, before any arm trains."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "Q: 1+1", "thinking": "1+1=2", "answer": "2"}\n' * 40
+                    + '{"prompt": "Q: 2+3", "thinking": "2+3=5", "answer": "5\\nfive"}\n')
+    args = ["--data", str(data), "--eval_data", str(data), "--format", "tagged", "--n_val", "4", "--e1", "1", "--e2",
+            "1", "--seeds", "1", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--out_dir",
+            str(tmp_path / "exp")]
+    code, out, err = run_cli(experiment.main, args, capsys)
+    assert code == 2 and f"{data}:41: the untagged layout (--untagged; experiment.py's sft arm)" in err, err
+    assert "seed 1337 |" not in out and " step " not in out and not (tmp_path / "exp").exists()  # nothing trained
 
 
 # ---------------------------------------------------------------------------------------------
