@@ -505,10 +505,11 @@ class RunFolder(FolderLock):
                              + "delete them with --overwrite, or choose another --out_dir")
         for path in found:
             os.unlink(path)
-        deleted = f"deleted {', '.join(found)}" * bool(found)
-        if self.resume or found:
-            print(f"--resume: no checkpoint in {out}: starting from step 0{f' ({deleted})' * bool(found)}"
-                  if self.resume else f"--overwrite: {deleted}", file=sys.stderr, flush=True)
+        if self.resume:
+            print(f"--resume: no checkpoint in {out}: starting from step 0"
+                  + (f" (deleted {', '.join(found)})" if found else ""), file=sys.stderr, flush=True)
+        elif found:
+            print(f"--overwrite: deleted {', '.join(found)}", file=sys.stderr, flush=True)
 
 
 def _probe(folder: str) -> str | None:  # why a file cannot be created in `folder` (None: it can), by making one
