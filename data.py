@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import sys
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,8 +29,6 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                    r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _KINDS = {"p": "a FIFO", "c": "a character device", "b": "a block device", "d": "a folder", "s": "a socket"}
-# Characters that render blank yet no Unicode property says so: Hangul fillers, blank Braille, U+180E (old space).
-_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
 
 
 class DataError(ValueError):
@@ -266,7 +263,7 @@ def _check_example(example: Example) -> None:
             raise ValueError(f"the {name} contains the tag {found[0]}, which only the template may write")
         if surrogate := re.search("[\ud800-\udfff]", value):  # a lone surrogate such as \ud800, legal in JSON
             raise ValueError(f"the {name} holds {surrogate.group()!r}, which is not a Unicode character")
-    if all(c.isspace() or unicodedata.category(c)[0] in "CMZ" or c in _BLANK for c in example.answer):
+    if sftkey.invisible(example.answer):
         raise ValueError("empty answer" + (" (only invisible characters)" if example.answer else ""))
 
 

@@ -13,7 +13,9 @@ train.py.
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -100,10 +102,8 @@ def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
     decoding each token of each text again was most of the time of tokenizing GSM8K."""
     lengths = np.zeros(enc.n_vocab, dtype=np.int64)
     for i in range(enc.n_vocab):
-        try:
+        with contextlib.suppress(KeyError):  # a gap in the ids (cl100k_base has some): length 0
             lengths[i] = len(enc.decode_single_token_bytes(i))
-        except KeyError:  # a gap in the ids (cl100k_base has some)
-            pass
     return lengths
 
 
@@ -182,18 +182,22 @@ _TAGGED = re.compile(r"<Thinking>(.*)</Thinking><Answer>(.*)</Answer>", re.S)
 _REFUSED = TAGS + ("<|endoftext|>",)  # what data.py refuses inside a thinking or an answer
 
 
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")  # blank, yet no Unicode property says so
+
+
+def invisible(text: str) -> bool:
+    """Whether `text` shows nothing: whitespace, control, format and combining characters, Hangul fillers, ..."""
+    return all(c.isspace() or unicodedata.category(c)[0] in "CMZ" or c in _BLANK for c in text)
+
+
 def format_ok(response: str, ended: bool) -> bool:
     """Fmt: exactly `<Thinking>…</Thinking><Answer>…</Answer>`, then end-of-text, nothing else.
 
-    Strict where the training data is: neither part holds a tag or the text `<|endoftext|>`, and
-    the answer is not empty or only whitespace (data.py also refuses an answer of only invisible
-    characters, such as U+200B; Fmt does not check that). The reasoning may be empty, as in the data.
+    Strict where the training data is (data.py): neither part holds a tag or the text `<|endoftext|>`,
+    and the answer is not `invisible` (empty, only spaces, U+200B, ...). The reasoning may be empty.
     """
-    match = _TAGGED.fullmatch(response)
-    if not (ended and match):
-        return False
-    thinking, answer = match.groups()
-    return bool(answer.strip()) and not any(t in g for g in (thinking, answer) for t in _REFUSED)
+    match = _TAGGED.fullmatch(response) if ended else None  # groups: the thinking, the answer
+    return bool(match) and not invisible(match[2]) and not any(t in part for part in match.groups() for t in _REFUSED)
 
 
 def extract_answer(response: str, tagged: bool = True) -> str | None:

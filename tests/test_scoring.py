@@ -60,6 +60,21 @@ def test_format_ok(response, ended, ok):
     assert sftkey.format_ok(response, ended) is ok
 
 
+@pytest.mark.parametrize("answer", ["7", "\u0663", "e\u0301", "\u3164x", "\u2801", "\u00bd",  # visible: kept
+                                    "\u200b", "\u3164", "\u2800", "\u034f\ufe0f", "\u0301", " \u00a0", "\u2060\ufeff"])
+def test_fmt_takes_exactly_the_answers_a_training_file_may_hold(answer):
+    """One rule (sftkey.invisible) for both: an answer of zero-width spaces, Hangul fillers or a lone combining
+    mark is refused in the data, so a response giving one is not the trained format either."""
+    try:
+        D._parse(json.dumps({"prompt": "Q", "thinking": "t", "answer": answer}), "tagged", False)
+        in_the_data = True
+    except ValueError as err:
+        assert "empty answer" in str(err)
+        in_the_data = False
+    assert in_the_data is (answer in ("7", "\u0663", "e\u0301", "\u3164x", "\u2801", "\u00bd"))
+    assert sftkey.format_ok(f"<Thinking>t</Thinking><Answer>{answer}</Answer>", ended=True) is in_the_data
+
+
 def test_fmt_is_true_only_for_the_exact_rendered_layout():
     """Every training response as render writes it passes; one stray character at any of the places
     the layout leaves no room for fails, and so does a response that did not end with end-of-text."""
