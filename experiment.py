@@ -11,7 +11,8 @@ control, `--stage2_weights 0,1,1`) both continue from sft_tag's stage with a fre
 stage-2 schedule and the data stream read on, so the only difference between them is the loss on
 the reasoning tokens. Stages that arms share are trained once per seed and kept in memory. Each seed
 changes the initial weights, the data order and the validation split; the test problems stay the
-same (--data_seed or --eval_data fixes them).
+same (--data_seed or --eval_data fixes them). On the synthetic tasks every response is also scored for
+its reasoning, right only when it is the problem's worked solution (`reasoning_scores`).
 
 Outputs in --out_dir, rewritten (atomically) after every arm: results.md, results.json, loss_log.jsonl,
 and, when matplotlib is installed, val_loss.png and accuracy.png (--plot_only redraws them later).
@@ -47,6 +48,7 @@ COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sftsft_tag"), ("sftkey
                ("weighted", "sft_tag_e1e2"))
 SWEPT = ("sftkey_tag", "sftsft_tag")  # the arms --stage2_lrs trains at every setting (from the same stage 1)
 METRICS = ("acc", "fmt", "composite")
+REASONING = ("reasoning", "acc_reasoning_right", "acc_reasoning_wrong")  # the synthetic tasks only
 ABOUT = {"sft": "untagged SFT, E1", "sft_tag": "tagged SFT, E1", "key_tag": "key only from the initial weights, E1",
          "sftkey_tag": "sft_tag, then E2 key only (the method)",
          "sftsft_tag": "sft_tag, then E2 more tagged SFT (compute-matched control)",
@@ -138,19 +140,44 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
 
 
 def item_scores(result: dict, metric: str) -> np.ndarray | None:
-    """Per-item Acc (0/1) or Composite (0.7 x correct + 0.3 x formatted); None where undefined."""
+    """Per-item Acc (0/1), Composite (0.7 x correct + 0.3 x formatted) or right reasoning (0/1); None where
+    undefined."""
     correct = np.asarray(result["correct"], dtype=np.float64)
     if metric == "acc":
         return correct
+    if metric == "reasoning":
+        return np.asarray(result["reasoning_right"], dtype=np.float64) if "reasoning_right" in result else None
     if result["formatted"] is None:
         return None
     return sftkey.composite(correct, np.asarray(result["formatted"], dtype=np.float64))
 
 
+def written_reasoning(response: str, tagged: bool) -> str | None:
+    """The reasoning a response wrote: between `<Thinking>` at its start and the first `</Thinking>` (tagged), or
+    everything before its last line "#### answer" (untagged); None when it has no such part."""
+    if tagged:
+        before, closed, _ = response.partition(sftkey.THINK_CLOSE)
+        return before[len(sftkey.THINK_OPEN):].strip() if closed and before.startswith(sftkey.THINK_OPEN) else None
+    before, closed, _ = response.rpartition(sftkey.UNTAGGED_KEY_PREFIX.rstrip())
+    return before.strip() if closed else None
+
+
+def reasoning_scores(result: dict, test: list[D.Example], tagged: bool) -> dict:
+    """Whether each response wrote the worked solution of its problem as its reasoning, character for character
+    (a synthetic problem has one: the chain it was trained on), the share that did, and Acc among the responses
+    that did and that did not: does an arm answer worse because it reasons worse, or despite reasoning right?"""
+    right = np.array([written_reasoning(r["response"], tagged) == ex.thinking
+                      for r, ex in zip(result["responses"], test, strict=True)], dtype=bool)
+    correct = np.asarray(result["correct"], dtype=bool)
+    return {"reasoning_right": right.tolist(), "reasoning": float(right.mean()),
+            "acc_reasoning_right": float(correct[right].mean()) if right.any() else None,
+            "acc_reasoning_wrong": float(correct[~right].mean()) if not right.all() else None}
+
+
 def aggregate(runs: list[dict]) -> dict:
     """Mean and sample standard deviation over seeds (std None with one seed; metrics None where undefined)."""
     out = {}
-    for key in (*METRICS, "val_acc", "train_seconds", "last_stage_seconds"):
+    for key in (*METRICS, *REASONING, "val_acc", "train_seconds", "last_stage_seconds"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = {"mean": float(np.mean(values)) if values else None,
                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
@@ -177,7 +204,7 @@ def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str,
         if a not in results or b not in results or len(results[a]) != len(results[b]):
             continue
         entry = {}
-        for metric in ("acc", "composite"):
+        for metric in ("acc", "composite", "reasoning"):
             sa = [item_scores(r, metric) for r in results[a]]
             sb = [item_scores(r, metric) for r in results[b]]
             if any(s is None for s in sa + sb):
@@ -257,6 +284,8 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
         result.update(seed=cfg.seed, steps=sum(s.iters for s in stages), train_seconds=sum(seconds),
                       last_stage_seconds=seconds[-1], eval_seconds=time.time() - t1,
                       val_acc=val_rows[-1]["val_acc"] if val_rows else None)
+        if not cfg.data:  # a synthetic problem's worked solution is the one right reasoning; real data has many
+            result.update(reasoning_scores(result, test, tagged))
         on_result(name, result, [{"arm": name, "seed": cfg.seed, **row} for row in rows])
 
 
@@ -274,8 +303,8 @@ class Recorder:
         self.rows += rows
         r, num = result, runtime.number
         print(f"seed {r['seed']} | {name}: Acc {num(r['acc'])} | Fmt {num(r['fmt'])} | Composite "
-              f"{num(r['composite'])} on {r['n']} test problems | trained {r['steps']} steps in "
-              f"{r['train_seconds']:.0f} s", flush=True)
+              f"{num(r['composite'])}" + (f" | reasoning right {num(r['reasoning'])}" if "reasoning" in r else "")
+              + f" on {r['n']} test problems | trained {r['steps']} steps in {r['train_seconds']:.0f} s", flush=True)
         self.write(complete=False)
 
     def summary(self, complete: bool) -> dict:
@@ -336,16 +365,25 @@ def markdown(summary: dict) -> str:
     lines += ["", f"Mean ± sample standard deviation over {len(seeds)} seed(s); Fmt is undefined for the untagged "
                   "arm. val Acc: greedy, on --val_acc_n validation prompts after the last step. Times are "
                   "wall-clock seconds of training (mean over seeds), without evaluation."]
+    reasoned = {n: a for n, a in summary["aggregates"].items() if a.get("reasoning", {}).get("mean") is not None}
+    if reasoned:
+        lines += ["", "| arm | reasoning right | Acc, reasoning right | Acc, reasoning wrong |", "| --- " * 4 + "|"]
+        lines += [f"| {n} | " + " | ".join(_mean_std(a[k]) for k in REASONING) + " |" for n, a in reasoned.items()]
+        lines += ["", "Reasoning right: the share of test responses whose reasoning is their problem's worked "
+                      "solution, character for character (a synthetic problem has one right chain, the one trained "
+                      "on); then Acc among those responses and among the others. Mean ± sample std over seeds."]
     if summary.get("picked"):
         lines += ["", "Picked by validation Acc (never the test set): " + ", ".join(
             f"{arm} -> {name}" for arm, name in summary["picked"].items())]
     if summary["comparisons"]:
-        lines += ["", "| comparison | ΔAcc [95% CI] | ΔComposite [95% CI] | ΔAcc per seed | ΔAcc [problems only] |",
-                  "| --- | --- | --- | --- | --- |"]
+        reasoning = any("reasoning" in c for c in summary["comparisons"].values())  # the synthetic tasks
+        lines += ["", "| comparison | ΔAcc [95% CI] | ΔComposite [95% CI] | " + "ΔReasoning right [95% CI] | "
+                  * reasoning + "ΔAcc per seed | ΔAcc [problems only] |", "| --- " * (5 + reasoning) + "|"]
         for name, c in summary["comparisons"].items():
             per_seed = ", ".join(f"{d:+.3f}" for d in c["acc"]["per_seed"])
-            lines.append(f"| {name} | {_diff(c.get('acc'))} | {_diff(c.get('composite'))} | {per_seed} | "
-                         f"{_diff(c.get('acc'), 'ci_items')} |")
+            lines.append(f"| {name} | {_diff(c.get('acc'))} | {_diff(c.get('composite'))} | "
+                         + f"{_diff(c.get('reasoning'))} | " * reasoning
+                         + f"{per_seed} | {_diff(c.get('acc'), 'ci_items')} |")
         lines += ["", "Differences are means over seeds and test problems. The 95% CI is a t-interval over the "
                       "per-seed differences: it covers seed-to-seed variation and the test problems. The last "
                       f"column resamples test problems only ({summary['n_boot']} paired bootstrap resamples), "

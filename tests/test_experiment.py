@@ -178,12 +178,13 @@ def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monk
             assert len(r["correct"]) == len(r["formatted"]) == r["n"] == 6
             assert r["acc"] == pytest.approx(np.mean(r["correct"]))
             assert r["last_stage_seconds"] > 0 and r["train_seconds"] >= r["last_stage_seconds"]
-        for metric in ("acc", "fmt", "composite"):
+            assert len(r["reasoning_right"]) == 6 and r["reasoning"] == pytest.approx(np.mean(r["reasoning_right"]))
+        for metric in ("acc", "fmt", "composite", "reasoning"):
             stat = summary["aggregates"][arm][metric]
             assert stat["mean"] == pytest.approx(np.mean([r[metric] for r in runs]))
             assert stat["std"] == pytest.approx(np.std([r[metric] for r in runs], ddof=1))
     comparison = summary["comparisons"]["sftkey_tag - sft_tag"]
-    for metric in ("acc", "composite"):
+    for metric in ("acc", "composite", "reasoning"):
         c = comparison[metric]
         per_seed = [x[metric] - y[metric] for x, y in zip(summary["results"]["sftkey_tag"],
                                                            summary["results"]["sft_tag"])]
@@ -192,6 +193,7 @@ def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monk
 
     markdown = (tmp_path / "results.md").read_text()
     assert "| sft_tag |" in markdown and "| sftkey_tag |" in markdown and "sftkey_tag - sft_tag" in markdown
+    assert "| arm | reasoning right |" in markdown and "ΔReasoning right" in markdown  # the synthetic task
     rows = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
     expected = {(arm, seed) for arm in ("sft_tag", "sftkey_tag") for seed in summary["seeds"]}
     assert {(r["arm"], r["seed"]) for r in rows} == expected
@@ -202,6 +204,17 @@ def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monk
     if importlib.util.find_spec("matplotlib"):
         E.main(["--plot_only", "--out_dir", str(tmp_path)])
         assert {p.name for p in tmp_path.glob("*.png")} == {"val_loss.png", "accuracy.png"}
+
+
+def test_only_the_synthetic_tasks_are_scored_for_reasoning(seed_cfg, fake_loop, tmp_path):
+    """A synthetic problem has one right reasoning, its worked solution; a real one (--data) has many."""
+    (arm, synthetic, _), = run_arms(seed_cfg, ["sft_tag"])
+    assert len(synthetic["reasoning_right"]) == synthetic["n"] == seed_cfg.n_test
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q{i}", "thinking": "t", "answer": str(i)}) + "\n" for i in range(60)))
+    real = dataclasses.replace(seed_cfg, data=str(path), eval_data=str(path), format="tagged")
+    (arm, result, _), = run_arms(real, ["sft_tag"])
+    assert result["n"] == 60 and not {"reasoning", "reasoning_right"} & result.keys()
 
 
 def test_an_earlier_experiment_in_the_folder_is_refused_not_overwritten(tmp_path, capsys):
@@ -259,8 +272,10 @@ def fake_loop(monkeypatch):
     def fake_evaluate(model, enc, examples, cfg, device, dtype):
         evals.append({"untagged": cfg.untagged, "examples": examples})
         tagged = not cfg.untagged
-        return {"acc": 0.5, "fmt": 1.0 if tagged else None, "composite": 0.65 if tagged else None, "n": 2,
-                "correct": [True, False], "formatted": [True, True] if tagged else None, "responses": []}
+        n = len(examples)  # one score and one response per problem, as train.evaluate gives
+        return {"acc": 0.5, "fmt": 1.0 if tagged else None, "composite": 0.65 if tagged else None, "n": n,
+                "correct": [i % 2 == 0 for i in range(n)], "formatted": [True] * n if tagged else None,
+                "responses": [{"response": ""}] * n}
 
     monkeypatch.setattr(train, "train", fake_train)
     monkeypatch.setattr(train, "evaluate", fake_evaluate)

@@ -261,6 +261,56 @@ def test_compare_with_an_untagged_arm_gives_acc_only(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reasoning: is a synthetic problem's worked solution what the response wrote?
+
+@pytest.mark.parametrize("response, tagged, reasoning", [
+    ("<Thinking>1+2=3 3+4=7</Thinking><Answer>7</Answer>", True, "1+2=3 3+4=7"),
+    ("<Thinking> 1+2=3 </Thinking><Answer>3</Answer>", True, "1+2=3"),  # spaces around it: as the data strips them
+    ("<Thinking>1+2=3</Thinking><Answer>3</Answer></Thinking>", True, "1+2=3"),  # the first </Thinking> closes it
+    ("<Thinking>1+2=3 3+4=7 7+1=8 8+1", True, None),  # never closed (cut at the length limit)
+    ("1+2=3</Thinking><Answer>3</Answer>", True, None),  # not opened
+    ("x<Thinking>1+2=3</Thinking><Answer>3</Answer>", True, None),  # not at the start
+    ("1+2=3 3+4=7\n#### 7", False, "1+2=3 3+4=7"),
+    ("1+2=3\n#### 3\n#### 3", False, "1+2=3\n#### 3"),  # before the last answer line, as Acc reads the last
+    ("1+2=3 #### 3", False, None),  # no line of its own
+    ("<Thinking>1+2=3</Thinking><Answer>3</Answer>", False, None),
+])
+def test_written_reasoning_of_either_layout(response, tagged, reasoning):
+    assert E.written_reasoning(response, tagged) == reasoning
+
+
+def test_reasoning_scores_split_acc_by_whether_the_reasoning_is_right():
+    """Four problems: right reasoning and answer; right reasoning, wrong answer (it failed to copy its result);
+    wrong reasoning, right answer (by luck); neither. Then a seed whose every reasoning is right."""
+    test = [D.Example("Q: 1+2", "1+2=3", "3"), D.Example("Q: 2+2", "2+2=4", "4"), D.Example("Q: 3+2", "3+2=5", "5"),
+            D.Example("Q: 4+2", "4+2=6", "6")]
+    written = ["1+2=3", "2+2=4", "3+2=6 6-1=5", "4+2=7"]
+    answers = ["3", "5", "5", "7"]
+    responses = [{"response": f"<Thinking>{w}</Thinking><Answer>{a}</Answer>"} for w, a in zip(written, answers)]
+    result = {"responses": responses, "correct": [True, False, True, False]}
+    assert E.reasoning_scores(result, test, tagged=True) == {
+        "reasoning_right": [True, True, False, False], "reasoning": 0.5, "acc_reasoning_right": 0.5,
+        "acc_reasoning_wrong": 0.5}
+    untagged = {"responses": [{"response": f"{ex.thinking}\n#### {ex.answer}"} for ex in test], "correct": [True] * 4}
+    assert E.reasoning_scores(untagged, test, tagged=False) == {
+        "reasoning_right": [True] * 4, "reasoning": 1.0, "acc_reasoning_right": 1.0, "acc_reasoning_wrong": None}
+    assert E.reasoning_scores(untagged, test, tagged=True)["reasoning"] == 0.0  # read by the other layout's rule
+    with pytest.raises(ValueError):  # responses and problems out of step: never scored against the wrong problem
+        E.reasoning_scores(result, test[:3], tagged=True)
+
+
+def test_item_scores_of_reasoning_and_its_comparison():
+    a = [{**_result(seed, [1, 1], [1, 1]), "reasoning_right": [True, False]} for seed in SEEDS]
+    b = [{**_result(seed, [1, 1], [1, 1]), "reasoning_right": [True, True]} for seed in SEEDS]
+    assert E.item_scores(a[0], "reasoning").tolist() == [1.0, 0.0]
+    assert E.item_scores(_result(0, [1], [1]), "reasoning") is None  # real data: not scored
+    c = E.compare({"sftkey_tag": a, "sft_tag": b}, n_boot=10, seed=0)["sftkey_tag - sft_tag"]["reasoning"]
+    assert c["mean"] == pytest.approx(-0.5) and c["per_seed"] == pytest.approx([-0.5] * 3)
+    assert "reasoning" not in E.compare({"sftkey_tag": [_result(1, [1], [1])], "sft_tag": [_result(1, [0], [1])]},
+                                        n_boot=10, seed=0)["sftkey_tag - sft_tag"]
+
+
+# ---------------------------------------------------------------------------------------------
 # markdown and Recorder
 
 def _summary_by_hand(complete):
@@ -305,6 +355,23 @@ def test_markdown_shows_each_arm_and_comparison_with_sign_and_interval():
             in lines)
     assert "123 paired bootstrap resamples" in text
     assert "(incomplete run)" in E.markdown(_summary_by_hand(complete=False)).splitlines()[0]
+    assert "reasoning right" not in text and "ΔReasoning" not in text  # real data: no reasoning to score
+
+
+def test_markdown_adds_the_reasoning_table_and_column_on_a_synthetic_task():
+    summary = _summary_by_hand(complete=True)
+    for name, (share, right, wrong) in {"sft_tag": (0.5, 0.9, 0.1), "sftkey_tag": (0.25, 0.8, None)}.items():
+        summary["aggregates"][name].update(reasoning={"mean": share, "std": 0.01},
+                                           acc_reasoning_right={"mean": right, "std": None},
+                                           acc_reasoning_wrong={"mean": wrong, "std": None})
+    summary["comparisons"]["sftkey_tag - sft_tag"]["reasoning"] = {"mean": -0.25, "ci": [-0.3, -0.2]}
+    lines = E.markdown(summary).splitlines()
+    assert "| arm | reasoning right | Acc, reasoning right | Acc, reasoning wrong |" in lines
+    assert "| sft_tag | 0.500 ± 0.010 | 0.900 | 0.100 |" in lines and "| sftkey_tag | 0.250 ± 0.010 | 0.800 | - |" in lines
+    assert not any(line.startswith("| sft |") and line.count("|") == 5 for line in lines)  # sft: none recorded
+    assert ("| sftkey_tag - sft_tag | +0.206 [-0.041, +0.288] | -0.071 [-0.150, +0.011] | -0.250 [-0.300, -0.200] | "
+            "+0.251, +0.161 | +0.206 [+0.100, +0.300] |" in lines)
+    assert "| sftkey_tag - sftsft_tag | -0.033 [-0.094, +0.018] | - | - | -0.033 |" in " ".join(lines)
 
 
 def test_recorder_writes_every_file_after_each_arm_with_the_right_numbers(tmp_path):
@@ -415,8 +482,10 @@ def fakes(monkeypatch):
     def fake_evaluate(model, enc, examples, cfg, device, dtype):
         evals.append({"weights": _fingerprint(model), "n": len(examples)})
         tagged = not cfg.untagged
-        return {"acc": 0.5, "fmt": 1.0 if tagged else None, "composite": 0.65 if tagged else None, "n": 2,
-                "correct": [True, False], "formatted": [True, True] if tagged else None, "responses": []}
+        n = len(examples)  # one score and one response per problem, as train.evaluate gives
+        return {"acc": 0.5, "fmt": 1.0 if tagged else None, "composite": 0.65 if tagged else None, "n": n,
+                "correct": [i % 2 == 0 for i in range(n)], "formatted": [True] * n if tagged else None,
+                "responses": [{"response": ""}] * n}
 
     monkeypatch.setattr(train, "train", fake_train)
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
@@ -507,8 +576,9 @@ def test_experiment_runs_consecutive_seeds_with_different_inits(cfg, enc, fakes,
 
 
 def test_real_loop_second_stage_reads_the_batches_after_the_first(cfg, enc, monkeypatch):
-    monkeypatch.setattr(train, "evaluate", lambda *args, **kw: {"acc": 0.0, "fmt": 0.0, "composite": 0.0, "n": 1,
-                                                         "correct": [False], "formatted": [False], "responses": []})
+    monkeypatch.setattr(train, "evaluate", lambda model, enc, examples, *args, **kw: {
+        "acc": 0.0, "fmt": 0.0, "composite": 0.0, "n": len(examples), "correct": [False] * len(examples),
+        "formatted": [False] * len(examples), "responses": [{"response": ""}] * len(examples)})
     read, original = [], D.Batches.get
 
     def recording(self, i, device, **split):

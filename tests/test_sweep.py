@@ -69,8 +69,9 @@ def fakes(monkeypatch):
 
     def fake_evaluate(model, enc, examples, cfg, device, dtype):
         evals.append({"weights": _fingerprint(model), "n": len(examples)})
-        return {"acc": 0.5, "fmt": 1.0, "composite": 0.65, "n": 2, "correct": [True, False],
-                "formatted": [True, True], "samples": []}
+        n = len(examples)  # one score and one response per problem, as train.evaluate gives
+        return {"acc": 0.5, "fmt": 1.0, "composite": 0.65, "n": n, "correct": [i % 2 == 0 for i in range(n)],
+                "formatted": [True] * n, "responses": [{"response": ""}] * n}
 
     monkeypatch.setattr(train, "train", fake_train)
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
