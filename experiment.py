@@ -193,7 +193,7 @@ def pick(results: dict[str, list[dict]], arm: str) -> str | None:
 
 
 def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str, dict]:
-    """The COMPARISONS whose two arms were both run, on Acc and Composite; in a sweep, each swept arm at each
+    """The COMPARISONS whose two arms were both run, on Acc, Composite and (synthetic tasks) reasoning; in a sweep, each swept arm at each
     setting, and the setting `pick` chose for each swept arm against the other's (best against best)."""
     picked = {arm: name for arm in SWEPT if (name := pick(results, arm))}
     lrs = sorted({float(n.partition(".lr")[2]) for n in results if ".lr" in n})
@@ -371,7 +371,8 @@ def markdown(summary: dict) -> str:
         lines += [f"| {n} | " + " | ".join(_mean_std(a[k]) for k in REASONING) + " |" for n, a in reasoned.items()]
         lines += ["", "Reasoning right: the share of test responses whose reasoning is their problem's worked "
                       "solution, character for character (a synthetic problem has one right chain, the one trained "
-                      "on); then Acc among those responses and among the others. Mean ± sample std over seeds."]
+                      "on); then Acc among those responses and among the others (mean over the seeds that have "
+                      "some). Mean ± sample std over seeds."]
     if summary.get("picked"):
         lines += ["", "Picked by validation Acc (never the test set): " + ", ".join(
             f"{arm} -> {name}" for arm, name in summary["picked"].items())]
