@@ -193,8 +193,9 @@ def pick(results: dict[str, list[dict]], arm: str) -> str | None:
 
 
 def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str, dict]:
-    """The COMPARISONS whose two arms were both run, on Acc, Composite and (synthetic tasks) reasoning; in a sweep, each swept arm at each
-    setting, and the setting `pick` chose for each swept arm against the other's (best against best)."""
+    """The COMPARISONS whose two arms were both run, on Acc, Composite and (synthetic tasks) reasoning; in a sweep,
+    each swept arm at each setting, and the setting `pick` chose for each swept arm against the other's (best against
+    best)."""
     picked = {arm: name for arm in SWEPT if (name := pick(results, arm))}
     lrs = sorted({float(n.partition(".lr")[2]) for n in results if ".lr" in n})
     pairs = [(picked.get(a, a), picked.get(b, b)) for a, b in COMPARISONS]  # a swept arm at its picked setting
