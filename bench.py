@@ -1,6 +1,6 @@
 """Speed measurements, side by side in one run on the current machine: `python bench.py`.
 
-Measures, and prints as Markdown tables (the README's Performance section is this output):
+Measures, and prints as Markdown tables (docs/performance.md is this output):
   1. the training step at GPT-2's vocabulary on GSM8K-shaped batches, projecting every position onto
      the vocabulary (the plain way, written below) vs only the supervised ones (sftkey.py), with a
      stage-1 (SFT-Tag) and a stage-2 (Key) mask: tokens/s, step memory, MFU;
@@ -362,7 +362,8 @@ def default_model_rates(device: str, args) -> dict[str, float]:
     model = GPT(ckpts.model_config(cfg, enc)).to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     w = sftkey.token_weights(batch[2], sftkey.role_weights())
-    steps = {dtype_name(d): train_step(model, optimizer, batch, w, False, device, d) for d in (torch.float32, torch.bfloat16)}
+    steps = {dtype_name(d): train_step(model, optimizer, batch, w, False, device, d)
+             for d in (torch.float32, torch.bfloat16)}
     seconds = interleaved_seconds(steps, device, args.warmup, args.small_iters)
     return {key: int((batch[2] != sftkey.PAD).sum()) / s for key, s in seconds.items()}
 

@@ -14,8 +14,8 @@ changes the initial weights, the data order and the validation split; the test p
 same (--data_seed or --eval_data fixes them). On the synthetic tasks every response is also scored for
 its reasoning, right only when it is the problem's worked solution (`reasoning_scores`).
 
-Outputs in --out_dir, rewritten (atomically) after every arm: results.md, results.json, loss_log.jsonl,
-and, when matplotlib is installed, val_loss.png and accuracy.png (--plot_only redraws them later).
+Outputs in --out_dir, rewritten (atomically) after every arm: results.md, results.json, loss_log.jsonl;
+at the end, when matplotlib is installed, val_loss.png and accuracy.png (--plot_only redraws them later).
 Every flag of train.py applies to every arm, except those that set the loss and the layout (the arms
 set them), --resume, --eval_only and --ckpt_interval: those are refused. --e1, --e2 and --lam are
 other names for --max_iters, --stage2_iters and --key_weight.
