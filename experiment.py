@@ -378,14 +378,15 @@ def markdown(summary: dict) -> str:
         lines += ["", "Picked by validation Acc (never the test set): " + ", ".join(
             f"{arm} -> {name}" for arm, name in summary["picked"].items())]
     if summary["comparisons"]:
-        reasoning = any("reasoning" in c for c in summary["comparisons"].values())  # the synthetic tasks
-        lines += ["", "| comparison | ΔAcc [95% CI] | ΔComposite [95% CI] | " + "ΔReasoning right [95% CI] | "
-                  * reasoning + "ΔAcc per seed | ΔAcc [problems only] |", "| --- " * (5 + reasoning) + "|"]
+        metrics = {"acc": "ΔAcc", "composite": "ΔComposite", "reasoning": "ΔReasoning right"}
+        if not any("reasoning" in c for c in summary["comparisons"].values()):  # real data: not scored
+            del metrics["reasoning"]
+        header = ["comparison", *(f"{m} [95% CI]" for m in metrics.values()), "ΔAcc per seed", "ΔAcc [problems only]"]
+        lines += ["", "| " + " | ".join(header) + " |", "| --- " * len(header) + "|"]
         for name, c in summary["comparisons"].items():
             per_seed = ", ".join(f"{d:+.3f}" for d in c["acc"]["per_seed"])
-            lines.append(f"| {name} | {_diff(c.get('acc'))} | {_diff(c.get('composite'))} | "
-                         + f"{_diff(c.get('reasoning'))} | " * reasoning
-                         + f"{per_seed} | {_diff(c.get('acc'), 'ci_items')} |")
+            cells = [name, *(_diff(c.get(m)) for m in metrics), per_seed, _diff(c.get("acc"), "ci_items")]
+            lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Differences are means over seeds and test problems. The 95% CI is a t-interval over the "
                       "per-seed differences: it covers seed-to-seed variation and the test problems. The last "
                       f"column resamples test problems only ({summary['n_boot']} paired bootstrap resamples), "
