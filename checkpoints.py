@@ -26,9 +26,8 @@ from typing import BinaryIO, Callable
 import torch
 
 import data as D
-import runtime
 from model import GPT, GPTConfig
-from runtime import Dist, Interrupted, StopSignal
+from runtime import FLAGS, Dist, Interrupted, StopSignal
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
 LOG_NAME, PLOT_NAME = "log.jsonl", "loss.png"  # PLOT_NAME: plots.py draws it, --overwrite deletes it
@@ -197,16 +196,18 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
                     mmap: bool = False, raw: bytes | None = None) -> dict:
     """A checkpoint (from `raw`, its bytes, if given), loaded with weights_only=True (never running code), refused in
     one ValueError unless it holds exactly this model's float32 weights, shaped as `expected` (and `encoding`)."""
+    if raw is None and not os.path.isfile(path):  # a FIFO would block torch.load, /dev/zero never end
+        D.read_input(path, "checkpoint")  # raises its reason: no such file, not a regular file, ...
     try:
         with warnings.catch_warnings():  # a foreign pickle protocol draws a warning; the refusal says more
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             ckpt = torch.load(path if raw is None else io.BytesIO(raw), map_location=device, weights_only=True,
                               mmap=mmap)
     except pickle.UnpicklingError as err:  # weights_only met something other than tensors and plain values
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise ValueError(f"{path}: refused to load: it holds a pickled Python object{what} that is not a tensor or "
-                         f"a plain value, and unpickling it could run code") from None
+        found = re.search(r"GLOBAL (\S+)|WeightsUnpickler error:\s*(.+)", str(err))
+        what = f"a pickled Python object ({found[1]})" if found and found[1] else found[2] if found else "the unknown"
+        raise ValueError(f"{path}: refused to load: the safe loader met {what}, not tensors and plain values; not "
+                         f"a checkpoint this project writes, and unpickling it could run code") from None
     except Exception as err:  # a truncated or foreign file: the loader's own errors say little
         detail = str(err).splitlines()[0] if str(err) else "no details"
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {detail})") from None
@@ -356,7 +357,7 @@ def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> 
     show = lambda value, missing: missing if value is absent else "(empty)" if value == "" else str(value)  # noqa: E731
     for name in dict.fromkeys([*here, *saved]):  # a flag unknown here (from a later version) is compared too
         was, now = saved.get(name, absent), here.get(name, absent)
-        if runtime.FLAGS.get(name, ("", "same"))[1] == "same" and was != now:
+        if FLAGS.get(name, ("", "same"))[1] == "same" and was != now:
             diffs.append(f"--{name}: {show(was, 'not recorded')} in the checkpoint, {show(now, 'no such flag')} here")
     recorded = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
     for flag, digest in (hashes or {}).items():
@@ -393,18 +394,12 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
 
 
 # One run per folder
-class FolderLock:
+class FolderLock(contextlib.AbstractContextManager):
     """fcntl.flock on out_dir/.sftkey.lock, released by the kernel however the holder ends (kill -9 too); the file names
     the holder ("pid host") for a refused second run."""
 
     def __init__(self, out_dir: str):
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
-
-    def __enter__(self) -> FolderLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
     def _holder(self, fd: int) -> str:
         return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
@@ -437,12 +432,14 @@ class FolderLock:
         os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)  # as socket.gethostname()
         self.fd = fd
 
-    def release(self) -> None:
+    def release(self, *exc) -> None:
         if self.fd is not None:
             with contextlib.suppress(OSError):  # unlink before unlocking: see the inode check in acquire
                 os.unlink(self.path)
             os.close(self.fd)
             self.fd = None
+
+    __exit__ = release
 
 
 class RunFolder(FolderLock):
@@ -484,8 +481,15 @@ class RunFolder(FolderLock):
             raise ValueError(f"--overwrite would delete {self.start}, the --init_from checkpoint this run starts from: "
                              f"copy it elsewhere first, or choose another --out_dir")
         folders = sorted({os.path.dirname(p) for p in planned if os.path.lexists(os.path.dirname(p))})
-        problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)] + [
-            why for why in (_probe(f) if os.path.isdir(f) else f"{f} is a file, not a folder" for f in folders) if why]
+        problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)]
+        for folder in folders:  # can a file be created there? make one
+            try:
+                fd, probe = tempfile.mkstemp(dir=folder, prefix=".sftkey-probe.", suffix=TMP_SUFFIX)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as err:
+                problems.append(f"{folder} is a file, not a folder" if not os.path.isdir(folder)
+                                else f"cannot create files in {folder} ({err.strerror or err})")
         if problems:
             raise ValueError(f"--out_dir {out}: the run could not write its files there: {'; '.join(problems)}. "
                              f"Nothing was trained; fix this or choose another --out_dir")
@@ -510,13 +514,3 @@ class RunFolder(FolderLock):
                   + (f" (deleted {', '.join(found)})" if found else ""), file=sys.stderr, flush=True)
         elif found:
             print(f"--overwrite: deleted {', '.join(found)}", file=sys.stderr, flush=True)
-
-
-def _probe(folder: str) -> str | None:  # why a file cannot be created in `folder` (None: it can), by making one
-    try:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".sftkey-probe.", suffix=TMP_SUFFIX)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as err:
-        return f"cannot create files in {folder} ({err.strerror or err})"
-    return None

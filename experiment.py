@@ -46,6 +46,7 @@ from model import GPT, GPTConfig
 ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sftsft_tag", "weighted", "sft_tag_e1e2")
 COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sftsft_tag"), ("sftkey_tag", "weighted"),
                ("weighted", "sft_tag_e1e2"))
+FILES = (ckpts.RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")  # --overwrite: these only
 SWEPT = ("sftkey_tag", "sftsft_tag")  # the arms --stage2_lrs trains at every setting (from the same stage 1)
 METRICS = ("acc", "fmt", "composite")
 REASONING = ("reasoning", "acc_reasoning_right", "acc_reasoning_wrong")  # the synthetic tasks only
@@ -490,8 +491,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     """(train.py's config, the experiment's own settings: names, n_seeds, n_boot, save_ckpt)."""
     args = runtime.parse_flags(build_parser(), argv)
     names = [n.strip() for n in args.pop("arms").split(",") if n.strip()]
-    try:
-        lrs = [float(v) for v in args.pop("stage2_lrs").split(",") if v.strip()]
+    try:  # "1e-5," or "," is refused too, not read as no sweep
+        lrs = [float(v) for v in text.split(",")] if (text := args.pop("stage2_lrs")).strip() else []
     except ValueError:
         raise ValueError("--stage2_lrs: give numbers separated by commas, e.g. 1e-5,3e-5,1e-4") from None
     if lrs and (args["stage2_lr"] or not all(0 < v < math.inf for v in lrs) or len(set(lrs)) < len(lrs)):
@@ -515,6 +516,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
         raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARM_NAMES)}")
     if min(own["n_seeds"], own["n_boot"], cfg.max_iters, cfg.stage2_iters) < 1:
         raise ValueError("--seeds, --n_boot, --e1 and --e2 must all be at least 1")
+    if own["n_seeds"] > 1000 or own["n_boot"] > 10 ** 7:  # more would never finish, or not fit in memory
+        raise ValueError(f"--seeds {own['n_seeds']} and --n_boot {own['n_boot']}: at most 1000 and 10000000")
     if not names:
         raise ValueError("--arms: no arm given")
     own["names"] = [n for n in ARM_NAMES if n in names for n in ([variant(n, v) for v in lrs] if lrs and n in SWEPT
@@ -524,10 +527,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
 
 def replot(out_dir: str) -> list[str]:
     """The plots of a finished run, from the files it wrote (regular files only, as every input)."""
-    summary = json.loads(D.read_input(ckpts.owned_path(out_dir, "results.json"), "--plot_only"))
+    summary = D.read_input(ckpts.owned_path(out_dir, "results.json"), "--plot_only")
     log = D.read_input(ckpts.owned_path(out_dir, "loss_log.jsonl"), "--plot_only")
-    rows = [json.loads(line) for line in log.splitlines()]
-    return plot(summary, rows, out_dir)
+    try:
+        return plot(json.loads(summary), [json.loads(line) for line in log.splitlines()], out_dir)
+    except (ValueError, LookupError, TypeError, AttributeError) as err:  # edited or foreign files: say which
+        raise ValueError(f"--plot_only {out_dir}: results.json and loss_log.jsonl there are not an experiment's "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n_boot: int = 10_000,
@@ -553,8 +559,8 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
         print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}, "
                                           f"{s['iters']} steps, peak lr {s['lr']:g})" for s in recorder.stages[name]))
     D.load_data(arm_config(cfg, run_names[0]), enc, inputs.raw, cfg.batch_size * cfg.grad_accum)  # bad input: here
-    plan = [(name,) for name in ckpts.RUN_FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds for n in run_names
-                                                    if save_ckpt]
+    plan = [(name,) for name in FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds for n in run_names
+                                          if save_ckpt]
     finished = "the arms finished so far are in --out_dir (results.json says \"complete\": false)"
     folder = ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resume=False, resumable=False, start=cfg.init_from)
     with runtime.StopSignal(finished) as stop, folder:

@@ -25,11 +25,11 @@ import argparse
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import torch
 
 import checkpoints as ckpts
+import data as D
 import runtime
 from model import GPT, GPTConfig
 
@@ -92,7 +92,13 @@ def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropo
         raise ValueError(f"{path}: a vocabulary of {vocab} tokens, but the gpt2 encoding has {n_vocab}")
     n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
     config_file = os.path.join(path, CONFIG)
-    hf = json.loads(Path(config_file).read_text(encoding="utf-8")) if os.path.isfile(config_file) else {}
+    raw = D.read_input(config_file, "config") if os.path.lexists(config_file) else b"{}"
+    try:
+        hf = json.loads(raw)
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file}: not a JSON object of settings")
     # Variants whose arithmetic differs from GPT-2's would load and compute something else: refuse them by name.
     unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
                    "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
@@ -103,6 +109,8 @@ def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropo
     if n_head is None:
         raise ValueError(f"{path}: n_head is not in the tensors' shapes and there is no config.json giving it "
                          f"(width {n_embd} is none of GPT-2's sizes {sorted(_GPT2_HEADS)})")
+    if type(n_head) is not int or n_head < 1:  # 2.0 or true would make a checkpoint no command accepts
+        raise ValueError(f"{config_file}: n_head {n_head!r} is not a whole number >= 1")
     if n_embd % n_head:
         raise ValueError(f"{path}: width {n_embd} is not a multiple of n_head {n_head}")
     positions = tensors["wpe.weight"].shape[0]
@@ -281,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if not args.hf_dir or not os.path.basename(args.ckpt):  # "" would mean the current folder, or no file name
+        raise ValueError(f"give a folder for the Hugging Face files and a file for the checkpoint (got "
+                         f"{args.hf_dir!r} and {args.ckpt!r})")
     if args.command == "import":
         c = import_hf(args.hf_dir, args.ckpt, args.block_size, args.dropout, args.overwrite).config
         print(f"wrote {args.ckpt}: GPT-2 with {c.n_layer} layers, {c.n_embd} wide, {c.block_size} positions. Train "

@@ -91,6 +91,11 @@ def run_plot(runs: list[dict] | dict[str, list[dict]], path: str) -> str | None:
     return save(fig, path)
 
 
+def _number(value, *kinds: type) -> bool:
+    """A JSON number matplotlib can draw: a float, or an int below 2**63 (a larger one overflows its floats)."""
+    return type(value) in (kinds or (int, float)) and (type(value) is float or abs(value) < 2 ** 63)
+
+
 def read_log(path: str) -> list[dict]:
     """The rows of a train.py log.jsonl; text after the last newline is a row still being written, left out."""
     try:
@@ -103,8 +108,8 @@ def read_log(path: str) -> list[dict]:
             rows.append(row := json.loads(line))
         except ValueError:
             row = None
-        if not (isinstance(row, dict) and isinstance(row.get("stage", ""), str) and type(row.get("step", 0)) is int
-                and all(isinstance(row.get(k), (int, float, type(None))) for k in PLOTTED)):
+        if not (isinstance(row, dict) and isinstance(row.get("stage", ""), str) and _number(row.get("step", 0), int)
+                and row.get("step", 0) >= 0 and all(row.get(k) is None or _number(row[k]) for k in PLOTTED)):
             raise ValueError(f"{path}:{number}: not a row of a train.py log (one JSON object a line: a stage name, "
                              f"a whole step, numbers)")
         if "arm" in row:
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(logs) > 1 and not args.out:
             raise ValueError("several logs are drawn on one figure: name it with -o")
         runs = {log: read_log(log) for log in logs}  # input errors first, with or without matplotlib
-        if len(runs) < len(logs):
+        if len({os.path.realpath(log) for log in logs}) < len(logs):  # by any path
             raise ValueError("a log is given twice")
         if not out.endswith(".png") or os.path.lexists(out) and not os.path.isfile(out) \
                 or any(os.path.samefile(out, log) for log in logs if os.path.exists(out)) \

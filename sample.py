@@ -4,7 +4,8 @@
     python sample.py --ckpt out/sftkey_tag/ckpt.pt --file prompts.txt --temperature 0.8 --top_k 20
 
 Each prompt is fed as training and evaluation feed it (`sftkey.prompt_head`: trailing whitespace dropped,
-then a newline), in the tokenizer recorded in the checkpoint. The checkpoint is loaded with the project's
+then a newline), in the tokenizer recorded in the checkpoint (a tokenizer file must hold the bytes its run
+hashed: another file at that path is refused). The checkpoint is loaded with the project's
 checks (`checkpoints.read_checkpoint`: weights_only, this model's float32 tensors). Decoding is greedy by
 default, `model.GPT.generate` as evaluation runs it, in the dtype the checkpoint's run computed in (its
 --dtype, resolved on this device; in bfloat16 the prompts generated beside one can change a few answers,
@@ -16,7 +17,9 @@ fill block_size + 1 tokens. Bad input ends in one line starting with "error:" an
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 
 import tiktoken
@@ -44,32 +47,46 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
     """The checkpoint's model (in eval mode on `device`), its tokenizer (`encoding`, else the one its run
     recorded), whether it was trained on the tagged layout, and the dtype to compute in (`dtype`; "auto": the
     run's --dtype, resolved on `device` as train.py resolves it)."""
-    ckpt = ckpts.read_checkpoint(path, None, device)
+    ckpt = ckpts.read_checkpoint(path, None, "cpu")
     trained = ckpt.get("train_config") if isinstance(ckpt.get("train_config"), dict) else {}
     name = encoding or trained.get("encoding")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{path}: records no tokenizer (train_config.encoding); give --encoding")
-    enc = D.get_encoding(name)
+    raw = None
+    if name.endswith(".tiktoken") or os.path.sep in name:  # a tokenizer file: the bytes the run trained with
+        raw, hashes = D.read_input(name, "--encoding"), ckpt.get("file_hashes")
+        recorded = hashes.get("--encoding") if isinstance(hashes, dict) else None
+        if isinstance(recorded, str) and hashlib.sha256(raw).hexdigest() != recorded:
+            raise ValueError(f"--encoding {name}: not the tokenizer file {path} was trained with (sha256 "
+                             f"{hashlib.sha256(raw).hexdigest()[:12]}…, the run's {recorded[:12]}…)")
+    enc = D.get_encoding(name, raw)
     config = GPTConfig(**ckpt["model_config"])
     if config.vocab_size not in (enc.n_vocab, 64 * math.ceil(enc.n_vocab / 64)):
         raise ValueError(f"{path}: a vocabulary of {config.vocab_size} rows, which encoding {enc.name} "
                          f"({enc.n_vocab} tokens) did not make")
-    model = GPT(config).to(device)
+    model = GPT(config)
     model.load_state_dict(ckpt["model"])  # float32 and these shapes: read_checkpoint checked
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as err:  # no such device here (an MPS-less Mac's "mps", "cuda:7", ...)
+        raise ValueError(f"--device {device}: cannot run there ({str(err).splitlines()[0]})") from None
     run_dtype = trained.get("dtype") if trained.get("dtype") in ("float32", "bfloat16") else "auto"
     flags = argparse.Namespace(device=device, n_embd=config.n_embd, dtype=run_dtype if dtype == "auto" else dtype)
     return model.eval(), enc, not trained.get("untagged", False), runtime.resolve_device(flags)[1]
 
 
-def prompt_ids(enc: tiktoken.Encoding, prompts: list[str], block_size: int) -> list[list[int]]:
-    """The tokens of each prompt as training fed them, or a ValueError for an empty or an overlong one."""
+def prompt_ids(enc: tiktoken.Encoding, prompts: list[str], block_size: int,
+               labels: list[str] | None = None) -> list[list[int]]:
+    """The tokens of each prompt as training fed them, or a ValueError for an empty or an overlong one, naming it
+    by its label ("prompt 2", "prompts.txt:7"; by default its place among the arguments)."""
     out = []
     for number, prompt in enumerate(prompts, 1):
+        label = labels[number - 1] if labels else f"prompt {number}"
         if not prompt.strip():
-            raise ValueError(f"prompt {number} is empty")
+            raise ValueError(f"{label} is empty")
         ids = enc.encode_ordinary(sftkey.prompt_head(prompt))
         if len(ids) >= block_size:
-            raise ValueError(f"prompt {number} ({prompt[:40]!r}{'…' * (len(prompt) > 40)}) is {len(ids)} tokens "
+            raise ValueError(f"{label} ({prompt[:40]!r}{'…' * (len(prompt) > 40)}) is {len(ids)} tokens "
                              f"with its newline: it fills the model's block_size of {block_size}, leaving no room "
                              f"for a response")
         out.append(ids)
@@ -88,8 +105,8 @@ def sample(model: GPT, prompt: list[int], max_new_tokens: int, stop_token: int, 
     seq, out = list(prompt), []
     while len(out) < budget:
         hidden = model(torch.tensor([seq], device=device))[0, -1]  # at most block_size tokens: see budget
-        logits = (model.lm_head.weight @ hidden).float() / temperature
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = (model.lm_head.weight @ hidden).double().masked_fill(~allowed, float("-inf"))  # double: T >= 5e-324
+        logits = (logits - logits.max()) / temperature  # the best at 0: a tiny T sends only the others to -inf
         if top_k:
             kth = torch.topk(logits, min(top_k, int(allowed.sum()))).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -103,12 +120,12 @@ def sample(model: GPT, prompt: list[int], max_new_tokens: int, stop_token: int, 
 
 def respond(model: GPT, enc: tiktoken.Encoding, prompts: list[str], tagged: bool = True,
             max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-            batch_size: int = 16, dtype: torch.dtype = torch.float32) -> list[Reply]:
+            batch_size: int = 16, dtype: torch.dtype = torch.float32, labels: list[str] | None = None) -> list[Reply]:
     """Each prompt's reply: greedy (`GPT.generate`, `batch_size` prompts at a time) at temperature 0,
     else sampled (one seeded generator for the whole call), under `dtype` autocast. max_new_tokens 0: up to the
-    block's limit."""
+    block's limit. `labels` name the prompts in errors."""
     device = model.transformer.wte.weight.device
-    ids = prompt_ids(enc, prompts, model.config.block_size)
+    ids = prompt_ids(enc, prompts, model.config.block_size, labels)
     limit = max_new_tokens or model.config.block_size + 1
     allowed = D.generable_ids(enc, model.config.vocab_size).to(device)
     with runtime.autocast(str(device), dtype):
@@ -134,15 +151,15 @@ def describe(reply: Reply) -> str:
     return f"prompt:   {reply.prompt}\nresponse: {reply.response}{ending}\nformat:   {fmt}\nanswer:   {answer}"
 
 
-def read_prompts(path: str) -> list[str]:
-    """One prompt a line (blank lines skipped); a line's trailing "\\r" dropped."""
+def read_prompts(path: str) -> dict[str, str]:
+    """One prompt a line (blank lines skipped), by "path:line"; a line's trailing "\\r" dropped."""
     raw = D.read_input(path, "--file")
     try:
         lines = raw.decode("utf-8").split("\n")
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
         raise ValueError(f"--file {path}:{line}: not valid UTF-8") from None
-    prompts = [line.removesuffix("\r") for line in lines if line.strip()]
+    prompts = {f"{path}:{number}": line.removesuffix("\r") for number, line in enumerate(lines, 1) if line.strip()}
     if not prompts:
         raise ValueError(f"--file {path}: holds no prompt (one a line)")
     return prompts
@@ -201,10 +218,11 @@ def run(argv: list[str] | None = None) -> None:
         raise ValueError(f"--device {device}: not a device to run on; use auto, cpu, cuda or cuda:N")
     if kind == "cuda" and index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    prompts = args.prompts + (read_prompts(args.file) if args.file else [])
+    prompts = {f"prompt {number}": prompt for number, prompt in enumerate(args.prompts, 1)}
+    prompts.update(read_prompts(args.file) if args.file else {})
     model, enc, tagged, dtype = load(args.ckpt, device, args.encoding, args.dtype)
-    replies = respond(model, enc, prompts, tagged, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                      args.batch_size, dtype)
+    replies = respond(model, enc, list(prompts.values()), tagged, args.max_new_tokens, args.temperature, args.top_k,
+                      args.seed, args.batch_size, dtype, list(prompts))
     print("\n\n".join(describe(reply) for reply in replies))
 
 

@@ -22,6 +22,7 @@ import unicodedata
 
 import tiktoken
 
+import checkpoints as ckpts
 import data as D
 import runtime
 import sftkey
@@ -162,10 +163,11 @@ def show(argv: list[str] | None = None) -> str:
     if n < 0:
         raise ValueError(f"--n {n}: must be a whole number >= 0")
     cfg = runtime.check_config(train.TrainConfig(**args))
-    enc = D.get_encoding(cfg.encoding)
-    train_set, val_set, _ = D.load_data(cfg, enc)
+    inputs = ckpts.read_inputs(cfg)  # as train.py reads them: --init_from's stage names the stages after it
+    enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
+    train_set, val_set, _ = D.load_data(cfg, enc, inputs.raw)
     shown = train_set if split == "train" else val_set
-    stages = {stage.name: stage.weights for stage in train.plan_stages(cfg)}
+    stages = {stage.name: stage.weights for stage in train.plan_stages(cfg, inputs.origin[0])}
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     return runtime.format_summary(shown.summary) + "\n" + show_examples(shown, enc, n, stages, use_color, not cfg.untagged)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import os
 import pickle
 import subprocess
 import sys
@@ -139,23 +140,28 @@ def test_mismatched_flags_are_named(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("contents, problem", [
     (b"", "not a readable PyTorch checkpoint"),
     (b"PK\x03\x04 truncated zip", "not a readable PyTorch checkpoint"),
+    (b"notes, not a checkpoint\n", "refused to load: the safe loader met Unsupported operand"),  # no "Python object"
+    ("fifo", "checkpoint .*bad.pt: not a regular file \\(a FIFO\\)"),  # torch.load would wait for a writer
     ([1, 2, 3], "not an sftkey checkpoint"),
     ({"model": {}, "model_config": {"n_layer": 1, "colour": "red"}}, "does not describe this project's GPT"),
     ("missing weights", "are not this model's float32 tensors"),
-], ids=["empty", "truncated", "a list", "unknown config field", "missing weights"])
+], ids=["empty", "truncated", "text", "a FIFO", "a list", "unknown config field", "missing weights"])
 def test_unusable_checkpoints(checkpoint, tmp_path, contents, problem):
     path, model = checkpoint
     bad = tmp_path / "bad.pt"
     if isinstance(contents, bytes):
         bad.write_bytes(contents)
+    elif contents == "fifo":
+        os.mkfifo(bad)
     elif contents == "missing weights":
         state = torch.load(path, weights_only=True)
         state["model"].pop("transformer.wte.weight")
         torch.save(state, bad)
     else:
         torch.save(contents, bad)
-    with pytest.raises(ValueError, match=problem):
+    with pytest.raises(ValueError, match=problem) as refusal:
         load_checkpoint(str(bad), model.config, "cpu")
+    assert "Python object" not in str(refusal.value)  # said only of a file that holds one (the tests above)
 
 
 def test_every_torch_load_is_weights_only():

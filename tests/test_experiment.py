@@ -77,6 +77,10 @@ def test_command_line_aliases_and_refusals():
         E.parse_args(["--arms", "sft_tag,sftkey"])
     with pytest.raises(ValueError, match="at least 1"):
         E.parse_args(["--seeds", "0"])
+    for flags in (["--seeds", "1000000000000"], ["--n_boot", "1000000000000"]):  # found in review: a MemoryError
+        with pytest.raises(ValueError, match=f"{flags[0]} .*: at most 1000 and 10000000"):
+            E.parse_args(flags)
+    assert E.parse_args(["--seeds", "1000", "--n_boot", "10000000"])[1]["n_seeds"] == 1000
 
 
 @pytest.mark.parametrize("flags, problem", [(["--min_lr_ratio", "0"], "--stage2_lr 0 means --lr x --min_lr_ratio"),

@@ -144,8 +144,14 @@ def test_existing_files_are_never_replaced_without_overwrite(gpt2_ckpt, tmp_path
     assert code == 2 and "already holds config.json, pytorch_model.bin" in err
 
 
-def test_bad_paths_are_one_line_errors(tmp_path, capsys):
-    for args, message in [([str(tmp_path / "absent.pt"), str(tmp_path / "hf")], "No such file or directory"),
-                          ([__file__, str(tmp_path / "hf")], "test_export_hf.py: ")]:
+def test_bad_paths_are_one_line_errors(gpt2_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found in review: an empty HF_DIR wrote, and with --overwrite deleted, files here
+    (tmp_path / "model.safetensors").write_bytes(b"someone else's")
+    for args, message in [([str(tmp_path / "absent.pt"), str(tmp_path / "hf")], "absent.pt: no such file"),
+                          ([__file__, str(tmp_path / "hf")], "test_export_hf.py: "),
+                          ([gpt2_ckpt, "", "--overwrite"], "give a folder for the Hugging Face files")]:
         code, stdout, err = run_export(args, capsys)
         assert code == 2 and stdout == "" and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert os.listdir(tmp_path) == ["model.safetensors"] and not os.path.exists(tmp_path / "hf")
+    code, _, err = run_cli(gpt2.main, ["import", str(tmp_path), ""], capsys)  # no file name to write
+    assert code == 2 and "and a file for the checkpoint" in err and os.listdir(tmp_path) == ["model.safetensors"]

@@ -2,6 +2,7 @@
 or its resumption), every path written or deleted is one the run named under --out_dir, and no
 file, signal or flag ends a run with a wrong result and exit 0 or a traceback."""
 import hashlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -285,6 +286,31 @@ def test_experiment_rerun_is_told_what_it_can_do_and_overwrite_leaves_nothing_st
     code, err = experiment_main([*args[:-1], "--overwrite"], capsys)  # no --save_ckpt now: its files are not planned
     one_line_error(code, err, "holds files this run does not write", str(out / "seed1337" / "sft_tag" / "ckpt.pt"))
     assert experiment_main([*args, "--overwrite"], capsys)[0] == 0
+
+
+def test_experiment_overwrite_deletes_only_an_experiments_files_not_a_train_runs(tmp_path, capsys):
+    """Found in review: the experiment planned every run file of both commands, so --overwrite deleted a train.py
+    run's log.jsonl and loss.png that it never writes. They are another run's files: refused, kept."""
+    out = tmp_path / "exp"
+    out.mkdir()
+    for name in (checkpoints.LOG_NAME, checkpoints.PLOT_NAME):
+        (out / name).write_text("a train.py run's")
+    code, err = experiment_main([*TINY_EXPERIMENT, "--out_dir", str(out), "--overwrite"], capsys)
+    one_line_error(code, err, "holds files this run does not write", str(out / checkpoints.LOG_NAME))
+    assert sorted(os.listdir(out)) == sorted([checkpoints.LOG_NAME, checkpoints.PLOT_NAME])
+
+
+@pytest.mark.parametrize("results", ["[1]", "{}", "x", '{"aggregates": 3, "seeds": []}'])
+def test_plot_only_on_files_that_are_not_an_experiments_is_one_line(tmp_path, capsys, results):
+    """Found in review: --plot_only read results.json without checking it: tracebacks, or a line naming no file."""
+    (tmp_path / "results.json").write_text(results)
+    (tmp_path / "loss_log.jsonl").write_text("")
+    code, err = experiment_main(["--plot_only", "--out_dir", str(tmp_path)], capsys)
+    if importlib.util.find_spec("matplotlib") is None:  # nothing is read into a plot: no refusal to make
+        assert code == 0
+        return
+    one_line_error(code, err, f"--plot_only {tmp_path}: results.json and loss_log.jsonl there are not an "
+                              f"experiment's")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ forward pass written directly from those tensors, independent of model.py.
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -156,6 +157,16 @@ def test_clear_errors_for_bad_folders_and_checkpoints(tmp_path):
     (tmp_path / "garbage" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read as a checkpoint of tensors"):
         gpt2.gpt2_from_hf(str(tmp_path / "garbage"))
+    # Found in review: odd config.json values ended in tracebacks, or (2.0, true) in a checkpoint nothing accepts.
+    for config, problem in [("[1]", "not a JSON object of settings"), ("{", "not valid JSON"),
+                            (b"\xff", "not valid JSON"), ('{"n_head": 0}', "n_head 0 is not a whole number >= 1"),
+                            ('{"n_head": "2"}', "n_head '2' is not"), ('{"n_head": 2.0}', "n_head 2.0 is not"),
+                            ('{"n_head": true}', "n_head True is not")]:
+        folder = write_checkpoint(tmp_path / "odd_config", tensors)
+        config_file = os.path.join(folder, "config.json")
+        open(config_file, "wb").write(config if isinstance(config, bytes) else config.encode())
+        with pytest.raises(ValueError, match=re.escape(f"{config_file}: {problem}")):
+            gpt2.gpt2_from_hf(folder)
     tied = {**tensors, "lm_head.weight": tensors["wte.weight"].clone()}  # a tied copy is fine
     assert gpt2.gpt2_from_hf(write_checkpoint(tmp_path / "tied", tied, n_head=2)).config.n_layer == 2
 

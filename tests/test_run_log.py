@@ -294,6 +294,9 @@ def test_read_log_gives_a_runs_rows_and_leaves_out_a_row_still_being_written(fin
     ('{"arm": "sft_tag", "seed": 0, "stage": "sft_tag", "step": 0}\n', "bad.jsonl:1: a row of an experiment's log"),
     ('{"stage": "a", "step": "x"}\n', "bad.jsonl:1: not a row of a train.py log"),
     ('{"stage": "a", "step": 0, "loss": "low"}\n', "bad.jsonl:1: not a row of a train.py log"),
+    ('{"stage": "a", "step": 0}\n{"stage": "a", "step": 1' + "0" * 400 + '}\n', "bad.jsonl:2: not a row"),  # overflowed
+    ('{"stage": "a", "step": 0, "loss": 1' + "0" * 400 + '}\n', "bad.jsonl:1: not a row"),  # matplotlib's floats
+    ('{"stage": "a", "step": -1}\n', "bad.jsonl:1: not a row of a train.py log"),
 ])
 def test_plots_cli_names_the_file_and_line_of_a_bad_log_and_writes_nothing(tmp_path, capsys, text, problem):
     (tmp_path / "bad.jsonl").write_text(text)
@@ -314,7 +317,9 @@ def test_plots_cli_refuses_what_it_cannot_draw_in_one_line(finished, tmp_path, c
     log = str(finished["out"] / "log.jsonl")
     before = Path(log).read_bytes()
     (tmp_path / "folder.png").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(log)
     for args, problem in [([log, log, "-o", str(tmp_path / "p.png")], "a log is given twice"),
+                          ([log, str(tmp_path / "link.jsonl"), "-o", str(tmp_path / "p.png")], "a log is given twice"),
                           ([log, log], "several logs are drawn on one figure: name it with -o"), ([log, "-o", log], "give a .png file"),
                           ([log, "-o", str(tmp_path / "p.jpg")], "give a .png file"),
                           ([log, "-o", str(tmp_path / "folder.png")], "give a .png file"),

@@ -7,7 +7,9 @@ sftkey's. Bad input ends in one line and exit code 2, with nothing on stdout.
 """
 from __future__ import annotations
 
+import base64
 import json
+import os
 
 import pytest
 import torch
@@ -154,7 +156,8 @@ def test_a_response_stops_at_the_block_limit(loaded):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ckpt", "{tmp}/absent.pt", "Q: 1"], "absent.pt: not a readable PyTorch checkpoint (FileNotFoundError"),
+    (["--ckpt", "{tmp}/absent.pt", "Q: 1"], "checkpoint {tmp}/absent.pt: no such file"),
+    (["--ckpt", "{tmp}/fifo.pt", "Q: 1"], "checkpoint {tmp}/fifo.pt: not a regular file (a FIFO)"),  # never blocks
     (["--ckpt", "{tmp}/cut.pt", "Q: 1"], "cut.pt: not a readable PyTorch checkpoint"),
     (["--ckpt", "{tmp}/junk.pt", "Q: 1"], "junk.pt: "),
     (["--ckpt", "{ckpt}", "Q: 1", ""], "prompt 2 is empty"),
@@ -162,18 +165,22 @@ def test_a_response_stops_at_the_block_limit(loaded):
     (["--ckpt", "{ckpt}", "Q: " + "1+" * 30], "fills the model's block_size of 48"),
     (["--ckpt", "{ckpt}", "--file", "{tmp}/none.txt"], "--file {tmp}/none.txt: no such file"),
     (["--ckpt", "{ckpt}", "--file", "{tmp}/blank.txt"], "holds no prompt"),
+    (["--ckpt", "{ckpt}", "Q: 1", "--file", "{tmp}/long.txt"], "{tmp}/long.txt:3 ('Q: 1+1+1"),  # its file and line
     (["--ckpt", "{ckpt}", "--file", "{tmp}/latin1.txt"], "latin1.txt:2: not valid UTF-8"),
     (["--ckpt", "{ckpt}"], "no prompt: give prompts as arguments, or --file"),
     (["--ckpt", "{ckpt}", "Q: 1", "--top_k", "5"], "--top_k 5 samples: give a --temperature > 0 too"),
     (["--ckpt", "{ckpt}", "Q: 1", "--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
     (["--ckpt", "{ckpt}", "Q: 1", "--device", "gpu7"], "--device gpu7: not a device"),
     (["--ckpt", "{ckpt}", "Q: 1", "--encoding", "nope"], "--encoding nope: unknown"),
-])
+] + ([(["--ckpt", "{ckpt}", "Q: 1", "--device", "mps"], "--device mps: cannot run there")]  # not "unreadable"
+     if not torch.backends.mps.is_available() else []))
 def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys, args, message):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     (tmp_path / "cut.pt").write_bytes(open(ckpt, "rb").read()[:1000])  # a truncated checkpoint
     (tmp_path / "blank.txt").write_text("\n  \n")
     (tmp_path / "latin1.txt").write_bytes(b"Q: 1\nQ: caf\xe9\n")
+    (tmp_path / "long.txt").write_text("Q: 2\n\nQ: " + "1+" * 30 + "1\n")
+    os.mkfifo(tmp_path / "fifo.pt")
     args = [a.format(tmp=tmp_path, ckpt=ckpt) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         sample.main(args)
@@ -181,3 +188,35 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys, args, message)
     assert exit_info.value.code == 2 and captured.out == ""
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert message.format(tmp=tmp_path) in captured.err
+
+
+def test_a_tiny_temperature_is_greedy_not_an_error(loaded):
+    """Found in review: --temperature 1e-40 divided the logits into infinities and torch.multinomial failed with a
+    traceback. The logits' distances from the best one are divided instead: the best stays at 0, and a temperature
+    too small to tell the others apart leaves only it, which is greedy decoding."""
+    model, enc, _, _ = loaded
+    greedy = sample.respond(model, enc, PROMPTS)
+    for temperature in (1e-40, 1e-300):
+        assert [r.ids for r in sample.respond(model, enc, PROMPTS, temperature=temperature)] == [r.ids for r in greedy]
+
+
+def test_a_tokenizer_file_other_than_the_one_trained_with_is_refused(tmp_path, capsys):
+    """Found in review: a run trained with --encoding FILE.tiktoken, whose file then changed, was sampled with the new
+    file, exit 0: other token ids, a wrong response. The checkpoint records the file's sha256; sample.py compares."""
+    tok, out = tmp_path / "tok.tiktoken", tmp_path / "run"
+    ranks = [bytes([b]) for b in range(256)]
+    write = lambda ranks: tok.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+    write(ranks)
+    train.main(["--encoding", str(tok), "--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--block_size", "96",
+                "--n_train", "40", "--n_val", "2", "--n_test", "2", "--max_iters", "2", "--stage2_iters", "0",
+                "--batch_size", "4", "--val_acc_n", "0", "--device", "cpu", "--out_dir", str(out)])
+    ckpt, _ = str(out / "sft_tag" / "ckpt.pt"), capsys.readouterr()
+    sample.main(["--ckpt", ckpt, "Q: 1+1"])  # the file it was trained with: accepted
+    assert capsys.readouterr().out.startswith("prompt:   Q: 1+1")
+    ranks[49], ranks[50] = ranks[50], ranks[49]  # "1" and "2" trade ids: the same size, another tokenizer
+    write(ranks)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--ckpt", ckpt, "Q: 1+1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"error: --encoding {tok}: not the tokenizer file {ckpt} was trained with" in err

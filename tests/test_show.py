@@ -152,6 +152,7 @@ def test_the_examples_are_those_the_run_trains_on(capsys):
     (["--data", "/nonexistent/train.jsonl"], "--data /nonexistent/train.jsonl: no such file"),
     (["--weights", "0,0,0"], "--weights 0,0,0"),
     (["--encoding", "nope"], "--encoding nope: unknown"),
+    (["--init_from", "/nonexistent/ckpt.pt"], "--init_from /nonexistent/ckpt.pt: no such file"),  # was ignored
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -159,3 +160,17 @@ def test_bad_input_is_one_line_and_exit_2(capsys, flags, message):
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and captured.out == ""
     assert captured.err.startswith("error: ") and message in captured.err and captured.err.count("\n") == 1
+
+
+def test_stages_after_an_init_from_checkpoint_have_train_pys_names(tmp_path, capsys):
+    """Found in review: show.py named the stages as if from random weights (sft_tag, sftkey_tag) where train.py,
+    from the same --init_from, names them after the stage the checkpoint ended (sftkey_tag's continuation)."""
+    import train
+    train.main([*SMALL, "--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--max_iters", "1", "--stage2_iters", "1",
+                "--val_acc_n", "0", "--eval_limit", "1", "--out_dir", str(tmp_path)])
+    start = str(tmp_path / "sftkey_tag" / "ckpt.pt")
+    capsys.readouterr()
+    show.main(["--n", "1", "--init_from", start, *SMALL])
+    out = capsys.readouterr().out
+    names = [stage.name for stage in train.plan_stages(train.parse_args(SMALL), "sftkey_tag")]
+    assert "sft_tag" not in names and all(f"loss {name} " in out for name in names), (names, out[-400:])

@@ -122,6 +122,7 @@ def test_each_variant_is_its_arm_with_its_own_stage2_lr_and_nothing_else_changed
 @pytest.mark.parametrize("flags", [["--stage2_lrs", "1e-5,1e-5"], ["--stage2_lrs", "abc"], ["--stage2_lrs", "0"],
                                    ["--stage2_lrs", "1e-5,0"], ["--stage2_lrs", "1e-5,-1e-4"],
                                    ["--stage2_lrs", "inf"], ["--stage2_lrs", "nan"], ["--stage2_lrs", "1e-5,,x"],
+                                   ["--stage2_lrs", ","], ["--stage2_lrs", "1e-5,"],  # neither is "no sweep"
                                    ["--stage2_lrs", "1e-5,1e-4", "--stage2_lr", "1e-4"]])
 def test_bad_sweeps_are_refused(flags):
     with pytest.raises(ValueError, match="--stage2_lrs"):
