@@ -287,6 +287,19 @@ class LiveLog(list):
     def __init__(self, out_dir: str | None = None):
         super().__init__()
         self.path = owned_path(out_dir, LOG_NAME) if out_dir else None
+        self._cut = None  # where the next write first cuts the file back to (resume)
+
+    @property
+    def written(self) -> int:
+        """The file's length as this run has it (a cut still to come counts as made): every checkpoint records it."""
+        exists = self.path and os.path.exists(self.path)
+        return self._cut if self._cut is not None else os.path.getsize(self.path) if exists else 0
+
+    def resume(self, ckpt: dict) -> None:
+        """The rows of the checkpoint --resume continues from. Rows a killed run wrote after it go from the file as
+        the next row comes (the last checkpoint loaded counts), so the file reads as an uninterrupted run's."""
+        cut = ckpt.get("log_bytes")
+        self[:], self._cut = ckpt["log"], cut if type(cut) is int and cut >= 0 else None
 
     def append(self, row: dict) -> None:
         super().append(row)
@@ -295,6 +308,9 @@ class LiveLog(list):
     def note(self, row: dict) -> None:
         if self.path:  # O_NOFOLLOW: like every path we write, never through a symbolic link
             with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "ab") as f:
+                if self._cut is not None and os.fstat(f.fileno()).st_size > self._cut:
+                    f.truncate(self._cut)
+                self._cut = None
                 f.write((json.dumps(row) + "\n").encode())
 
 
@@ -328,7 +344,8 @@ class StageCheckpoint:
             self.rng_ranks = (step, self.dist.gather(rng_state()))
         if self.path and self.dist.master:
             save_checkpoint(self.path, model, optimizer, self.cfg, step, {
-                "stage": self.stage, "log": list(self.log), "world": self.dist.world, **self.extra,
+                "stage": self.stage, "log": list(self.log), "log_bytes": getattr(self.log, "written", None),
+                "world": self.dist.world, **self.extra,
                 "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]}, self.stop)
         self.last_write = time.time()
 
@@ -499,7 +516,7 @@ class RunFolder(FolderLock):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, entry))
         if self.resume and any(p.endswith(CKPT_NAME) for p in found):
-            return  # each checkpoint went to `check`; log.jsonl goes on (rows after the last checkpoint come twice)
+            return  # each checkpoint went to `check`; log.jsonl goes on from the last one (LiveLog.resume)
         # --resume with no checkpoint: a run killed before its first left its log (not this run's); results.json is
         # written last, so one here is a finished run's (an --eval_only one's): kept, as from a fresh run.
         killed = [p for p in found if self.resume and os.path.basename(p) in (LOG_NAME, PLOT_NAME)]

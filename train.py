@@ -255,7 +255,8 @@ def run(cfg: TrainConfig) -> dict:
             saved = ckpts.read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
             if saved is not None:
                 model.load_state_dict(saved["model"])
-                log[:], results, seconds = saved["log"], saved["results"], saved["seconds"]
+                log.resume(saved)  # its rows; log.jsonl loses the rows logged after it as the next one comes
+                results, seconds = saved["results"], saved["seconds"]
                 if stage.name in results:  # finished and evaluated before the interruption: the next one goes on
                     ckpts.restore_rng(saved, dist.rank)  # from the RNG state this one ended with
                     continue
@@ -273,9 +274,8 @@ def run(cfg: TrainConfig) -> dict:
                 log.note({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
                 ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
-        summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages],
-                   "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds,
-                   "log": log}
+        summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages], "log": log,
+                   "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds}
         if dist.master:
             print(runtime.results_table(results))
             ckpts.write_json(ckpts.owned_path(cfg.out_dir, ckpts.RESULTS_NAME), summary)
