@@ -31,7 +31,9 @@ from runtime import FLAGS, Dist, Interrupted, StopSignal
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
 LOG_NAME, PLOT_NAME = "log.jsonl", "loss.png"  # PLOT_NAME: plots.py draws it, --overwrite deletes it
-RUN_FILES = (RESULTS_NAME, LOG_NAME, PLOT_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
+TRAIN_FILES = (RESULTS_NAME, LOG_NAME, PLOT_NAME)  # what each command plans: --overwrite deletes these only
+EXPERIMENT_FILES = (RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")
+RUN_FILES = tuple(dict.fromkeys(TRAIN_FILES + EXPERIMENT_FILES))  # a run's files, this command's or another's
 NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,99}")  # what we name: no separator, no "." or "..", short
 
 
@@ -205,7 +207,7 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
                               mmap=mmap)
     except pickle.UnpicklingError as err:  # weights_only met something other than tensors and plain values
         found = re.search(r"GLOBAL (\S+)|WeightsUnpickler error:\s*(.+)", str(err))
-        what = f"a pickled Python object ({found[1]})" if found and found[1] else found[2] if found else "the unknown"
+        what = f"a pickled Python object ({found[1]})" if found and found[1] else found[2] if found else "something else"
         raise ValueError(f"{path}: refused to load: the safe loader met {what}, not tensors and plain values; not "
                          f"a checkpoint this project writes, and unpickling it could run code") from None
     except Exception as err:  # a truncated or foreign file: the loader's own errors say little
@@ -449,14 +451,15 @@ class FolderLock(contextlib.AbstractContextManager):
         os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)  # as socket.gethostname()
         self.fd = fd
 
-    def release(self, *exc) -> None:
+    def release(self) -> None:
         if self.fd is not None:
             with contextlib.suppress(OSError):  # unlink before unlocking: see the inode check in acquire
                 os.unlink(self.path)
             os.close(self.fd)
             self.fd = None
 
-    __exit__ = release
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class RunFolder(FolderLock):

@@ -170,7 +170,7 @@ def read_examples(path: str, fmt: str, strip_calculator: bool = False, skip_bad_
     for number, line in enumerate(raw.split(b"\n"), 1):
         try:
             text = line.removesuffix(b"\r").decode("utf-8")
-            if text.strip():
+            if text.strip(" \t\r\n"):  # JSON's whitespace: a line of U+00A0 is a bad line, not a blank one
                 examples.append(_parse(text, fmt, strip_calculator, f"{path}:{number}"))
         except UnicodeDecodeError as err:
             bad.append(f"{path}:{number}: not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1} "
@@ -213,11 +213,10 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
         if not isinstance(record[name], str):
             raise ValueError(f"field '{name}' must be a string, got {type(record[name]).__name__}")
     if fmt == "gsm8k":
-        thinking, sep, answer = ("\n" + record["answer"]).rpartition("\n####")
+        prompt, (thinking, sep, answer) = record["question"], ("\n" + record["answer"]).rpartition("\n####")
         if not sep or not thinking.strip() or "\n" in answer.strip():  # reasoning, then a last line "#### 5"
             why = "text after its" if sep and thinking.strip() else "no reasoning before its" if sep else "no"
             raise ValueError(f"the gsm8k answer has {why} final line '#### <answer>'")
-        prompt, thinking = record["question"], _CALCULATOR.sub("", thinking) if strip_calculator else thinking
     elif fmt == "tagged":
         prompt, thinking, answer = record["prompt"], record["thinking"], record["answer"]
     else:
@@ -228,6 +227,7 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
         if not (match := re.fullmatch(r"\s*<Thinking>(.*)</Thinking>\s*<Answer>(.*)</Answer>\s*", completion, re.S)):
             raise ValueError("the completion is not <Thinking>…</Thinking><Answer>…</Answer>")
         thinking, answer = match.groups()
+    thinking = _CALCULATOR.sub("", thinking) if strip_calculator else thinking  # every format's reasoning
     example = Example(prompt, thinking.strip(), answer.strip(), source)
     _check_example(example)
     return example

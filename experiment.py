@@ -46,7 +46,6 @@ from model import GPT, GPTConfig
 ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sftsft_tag", "weighted", "sft_tag_e1e2")
 COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sftsft_tag"), ("sftkey_tag", "weighted"),
                ("weighted", "sft_tag_e1e2"))
-FILES = (ckpts.RESULTS_NAME, "results.md", "loss_log.jsonl", "val_loss.png", "accuracy.png")  # --overwrite: these only
 SWEPT = ("sftkey_tag", "sftsft_tag")  # the arms --stage2_lrs trains at every setting (from the same stage 1)
 METRICS = ("acc", "fmt", "composite")
 REASONING = ("reasoning", "acc_reasoning_right", "acc_reasoning_wrong")  # the synthetic tasks only
@@ -279,7 +278,8 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
         if save_ckpt:
             path = ckpts.owned_path(cfg.out_dir, f"seed{cfg.seed}", name, ckpts.CKPT_NAME)
             ckpts.save_checkpoint(path, model, optimizer, arm_cfg, stages[-1].iters, {
-                "stage": stages[-1].name, "stream_start": start + sum(s.iters for s in stages[:-1])}, stop)
+                "stage": stages[-1].name, "stream_start": start + sum(s.iters for s in stages[:-1]),
+                "file_hashes": inputs.sha256}, stop)  # as train.py's: sample.py checks a tokenizer file by them
         t1 = time.time()
         result = train.evaluate(model=model, enc=enc, examples=test, cfg=arm_cfg, device=device, dtype=dtype)
         val_rows = [row for row in rows if row.get("val_acc") is not None]  # --val_acc_n prompts, at each interval
@@ -516,8 +516,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
         raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARM_NAMES)}")
     if min(own["n_seeds"], own["n_boot"], cfg.max_iters, cfg.stage2_iters) < 1:
         raise ValueError("--seeds, --n_boot, --e1 and --e2 must all be at least 1")
-    if own["n_seeds"] > 1000 or own["n_boot"] > 10 ** 7:  # more would never finish, or not fit in memory
-        raise ValueError(f"--seeds {own['n_seeds']} and --n_boot {own['n_boot']}: at most 1000 and 10000000")
+    if too_many := [f"--{flag} {own[key]}: at most {most}" for flag, key, most in (
+            ("seeds", "n_seeds", 1000), ("n_boot", "n_boot", 10 ** 7)) if own[key] > most]:  # never ending, too large
+        raise ValueError("; ".join(too_many))
     if not names:
         raise ValueError("--arms: no arm given")
     own["names"] = [n for n in ARM_NAMES if n in names for n in ([variant(n, v) for v in lrs] if lrs and n in SWEPT
@@ -530,10 +531,14 @@ def replot(out_dir: str) -> list[str]:
     summary = D.read_input(ckpts.owned_path(out_dir, "results.json"), "--plot_only")
     log = D.read_input(ckpts.owned_path(out_dir, "loss_log.jsonl"), "--plot_only")
     try:
-        return plot(json.loads(summary), [json.loads(line) for line in log.splitlines()], out_dir)
-    except (ValueError, LookupError, TypeError, AttributeError) as err:  # edited or foreign files: say which
-        raise ValueError(f"--plot_only {out_dir}: results.json and loss_log.jsonl there are not an experiment's "
-                         f"({type(err).__name__}: {err})") from None
+        summary, rows = json.loads(summary), [json.loads(line) for line in log.splitlines()]
+    except ValueError as err:
+        summary, rows = err, []
+    if not (isinstance(summary, dict) and all(isinstance(summary.get(k), kind) for k, kind in (
+            ("config", dict), ("seeds", list), ("aggregates", dict))) and all(isinstance(r, dict) for r in rows)):
+        raise ValueError(f"--plot_only {out_dir}: results.json and loss_log.jsonl there are not an experiment's"
+                         + (f" ({summary})" if isinstance(summary, ValueError) else ""))
+    return plot(summary, rows, out_dir)
 
 
 def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n_boot: int = 10_000,
@@ -558,9 +563,17 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     for name in run_names:
         print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}, "
                                           f"{s['iters']} steps, peak lr {s['lr']:g})" for s in recorder.stages[name]))
-    D.load_data(arm_config(cfg, run_names[0]), enc, inputs.raw, cfg.batch_size * cfg.grad_accum)  # bad input: here
-    plan = [(name,) for name in FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds for n in run_names
-                                          if save_ckpt]
+    kept = {}  # bad input: here, before anything is written; what each layout trains on (for seed --seed)
+    for untagged, name in {arm_config(cfg, n).untagged: n for n in run_names}.items():
+        sets = D.load_data(arm_config(cfg, name), enc, inputs.raw, cfg.batch_size * cfg.grad_accum)
+        print(f"  {'untagged' if untagged else 'tagged'} layout: " + runtime.format_summary(sets[0].summary))
+        kept[untagged] = {dataclasses.astuple(ex) for ex in sets[0].examples}
+    if len(kept) == 2 and kept[True] != kept[False]:  # too long in one layout, not in the other
+        print(f"note: the layouts keep different training examples (--block_size {cfg.block_size}): "
+              f"{len(kept[True] - kept[False])} only untagged, {len(kept[False] - kept[True])} only tagged; the sft "
+              f"arm is not trained on the same set as the others", flush=True)
+    plan = [(name,) for name in ckpts.EXPERIMENT_FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds
+                                                           for n in run_names if save_ckpt]
     finished = "the arms finished so far are in --out_dir (results.json says \"complete\": false)"
     folder = ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resume=False, resumable=False, start=cfg.init_from)
     with runtime.StopSignal(finished) as stop, folder:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(logs) > 1 and not args.out:
             raise ValueError("several logs are drawn on one figure: name it with -o")
         runs = {log: read_log(log) for log in logs}  # input errors first, with or without matplotlib
-        if len({os.path.realpath(log) for log in logs}) < len(logs):  # by any path
+        if len({(s.st_dev, s.st_ino) for s in map(os.stat, logs)}) < len(logs):  # by any path, or a hard link
             raise ValueError("a log is given twice")
         if not out.endswith(".png") or os.path.lexists(out) and not os.path.isfile(out) \
                 or any(os.path.samefile(out, log) for log in logs if os.path.exists(out)) \

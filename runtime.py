@@ -296,11 +296,13 @@ def number(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def print_setup(data_summaries: list[dict], n_test: int, model, device: str, dist: Dist, dtype: torch.dtype,
-                stages: list = ()) -> None:
-    print("\n".join(map(format_summary, data_summaries)))
-    print(f"test: {n_test} examples" if n_test else "test: none (--data without --eval_data, or --n_test 0): every "
-          "stage is trained and checkpointed, none is evaluated")
+def print_setup(sets: list, test: list, model, device: str, dist: Dist, dtype: torch.dtype, stages: list = ()) -> None:
+    """The training and validation sets, the test set (and how many of its prompts were trained on), the model."""
+    print("\n".join(format_summary(s.summary) for s in sets))
+    seen = sum(ex.prompt in {ex.prompt for s in sets for ex in s.examples} for ex in test)  # Acc on those is recall
+    print(f"test: {len(test)} examples" + (f", {seen} of them with a prompt of the training data (--eval_data the "
+          f"--data file?): Acc on those measures recall, not the method" if seen else "") if test else "test: none "
+          "(--data without --eval_data, or --n_test 0): every stage is trained and checkpointed, none is evaluated")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
           f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).removeprefix('torch.')}")
     for k, stage in enumerate(stages, 1):
@@ -318,7 +320,8 @@ def format_summary(summary: dict) -> str:
             f"(max {s['key_tokens_max']}); key fraction of response {s['key_fraction']:.1%}; straddling tokens "
             f"{s['straddling_tokens']}; prompt-prefix mismatches {s['prompt_prefix_mismatches']}"
             + (f" (the first: {s['first_prompt_prefix_mismatch']})" if s.get("first_prompt_prefix_mismatch") else "")
-            + (f"\n  skipped {skipped} bad lines (--skip_bad_lines): " + "; ".join(s["bad_lines"][:3])
+            + (f"\n  skipped {skipped} bad lines of --data and --eval_data (--skip_bad_lines): "
+               + "; ".join(s["bad_lines"][:3])
                + (f"; {skipped - 3} more" if skipped > 3 else "") if skipped else ""))
 
 

@@ -17,9 +17,8 @@ fill block_size + 1 tokens. Bad input ends in one line starting with "error:" an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
-import os
+import sys
 from dataclasses import dataclass
 
 import tiktoken
@@ -52,14 +51,16 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
     name = encoding or trained.get("encoding")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{path}: records no tokenizer (train_config.encoding); give --encoding")
-    raw = None
-    if name.endswith(".tiktoken") or os.path.sep in name:  # a tokenizer file: the bytes the run trained with
-        raw, hashes = D.read_input(name, "--encoding"), ckpt.get("file_hashes")
-        recorded = hashes.get("--encoding") if isinstance(hashes, dict) else None
-        if isinstance(recorded, str) and hashlib.sha256(raw).hexdigest() != recorded:
+    tokenizer = ckpts.read_inputs(argparse.Namespace(data="", eval_data="", encoding=name, init_from=""))
+    hashes = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
+    for flag, digest in tokenizer.sha256.items():  # a tokenizer file: it must be the one the run trained with
+        if not isinstance(hashes.get(flag), str):
+            print(f"note: {path} records no sha256 of its tokenizer file; {name} is used as it is now",
+                  file=sys.stderr)
+        elif hashes[flag] != digest:
             raise ValueError(f"--encoding {name}: not the tokenizer file {path} was trained with (sha256 "
-                             f"{hashlib.sha256(raw).hexdigest()[:12]}…, the run's {recorded[:12]}…)")
-    enc = D.get_encoding(name, raw)
+                             f"{digest[:12]}…, the run's {hashes[flag][:12]}…)")
+    enc = D.get_encoding(name, tokenizer.raw.get("encoding"))
     config = GPTConfig(**ckpt["model_config"])
     if config.vocab_size not in (enc.n_vocab, 64 * math.ceil(enc.n_vocab / 64)):
         raise ValueError(f"{path}: a vocabulary of {config.vocab_size} rows, which encoding {enc.name} "
@@ -105,8 +106,10 @@ def sample(model: GPT, prompt: list[int], max_new_tokens: int, stop_token: int, 
     seq, out = list(prompt), []
     while len(out) < budget:
         hidden = model(torch.tensor([seq], device=device))[0, -1]  # at most block_size tokens: see budget
-        logits = (model.lm_head.weight @ hidden).double().masked_fill(~allowed, float("-inf"))  # double: T >= 5e-324
-        logits = (logits - logits.max()) / temperature  # the best at 0: a tiny T sends only the others to -inf
+        logits = (model.lm_head.weight @ hidden).float().masked_fill(~allowed, float("-inf"))
+        # The best at 0, the others below: a tiny temperature sends only them to -inf (float32's least normal
+        # number: a temperature that rounds to 0 would divide the best by 0; MPS has no float64).
+        logits = (logits - logits.max()) / max(temperature, torch.finfo(torch.float32).tiny)
         if top_k:
             kth = torch.topk(logits, min(top_k, int(allowed.sum()))).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -186,8 +186,8 @@ _BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")  # blank, yet no Unic
 
 
 def invisible(text: str) -> bool:
-    """Whether `text` shows nothing: whitespace, control, format and combining characters, Hangul fillers, ..."""
-    return all(c.isspace() or unicodedata.category(c)[0] in "CMZ" or c in _BLANK for c in text)
+    """Whether `text` shows nothing: whitespace, control and format characters, non-spacing marks, Hangul fillers..."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Mn", "Me") or c in _BLANK for c in text)
 
 
 def format_ok(response: str, ended: bool) -> bool:
@@ -227,7 +227,7 @@ def normalize(answer: str) -> str | Fraction:
     differ, however little, are equal. A number may end in one `.`, read as the end of a sentence
     ("18." is 18, as Python also reads it). `-` and U+2212 `−` are minus signs. Anything else, and
     a number too long for Python's int() (over 4300 digits), stays text."""
-    text = " ".join(answer.split())
+    text = " ".join(unicodedata.normalize("NFC", answer).split())  # "e\u0301" is "\u00e9"
     match = _NUMBER.fullmatch(text.removesuffix("."))
     if not match or not (match[3] or match[4]):
         return text

@@ -38,7 +38,7 @@ class TrainConfig:
     data: str = _flag("", "training JSONL file; empty = the embedded synthetic arithmetic task")
     format: str = _flag("gsm8k", f"layout of --data and --eval_data: {', '.join(D.FORMATS)}")
     eval_data: str = _flag("", "test JSONL file (same format as --data); without it --data runs are not evaluated")
-    strip_calculator: bool = _flag(False, "gsm8k: remove the <<48/2=24>> calculator annotations")
+    strip_calculator: bool = _flag(False, "remove GSM8K's <<48/2=24>> calculator annotations from the reasoning")
     skip_bad_lines: bool = _flag(False, "skip and count malformed lines of --data/--eval_data, not stop at one")
     untagged: bool = _flag(False, "responses as 'reasoning\\n#### answer', not tagged (plain SFT; Fmt undefined)")
     encoding: str = _flag(D.SYNTHETIC_ENCODING, "tokenizer: sftkey-chars (offline), a tiktoken name, a .tiktoken file")
@@ -240,11 +240,11 @@ def run(cfg: TrainConfig) -> dict:
         train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, step)
         stages = [] if cfg.eval_only else plan_stages(cfg, inputs.origin[0])  # origin: (stage, step) of --init_from
         if dist.master:
-            runtime.print_setup([train_set.summary, val_set.summary], len(test), model, device, dist, dtype, stages)
+            runtime.print_setup([train_set, val_set], test, model, device, dist, dtype, stages)
             if cfg.show_roles:  # the role viewer, imported only when asked for
                 print(__import__("show").show_examples(train_set, enc, cfg.show_roles, {
                     s.name: s.weights for s in stages}, tagged=not cfg.untagged), flush=True)
-        folder.take([(name,) for name in (ckpts.RESULTS_NAME, ckpts.LOG_NAME, ckpts.PLOT_NAME)]  # input checked: lock
+        folder.take([(name,) for name in ckpts.TRAIN_FILES]  # input checked: lock
                     + [(s.name, ckpts.CKPT_NAME) for s in stages],
                     lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist)
         results, seconds, log = {}, {}, ckpts.LiveLog(cfg.out_dir if dist.master else None)  # out_dir/log.jsonl

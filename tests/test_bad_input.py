@@ -8,6 +8,7 @@ the end, both in `data.read_examples` and through a tiny training run.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,44 @@ def test_skip_bad_lines_counts_and_names_each(tmp_path):
     assert [s.split(": ", 1)[0] for s in skipped] == [f"{path}:2", f"{path}:4", f"{path}:7"]
     with pytest.raises(D.DataError, match=":2: invalid JSON"):
         D.read_examples(str(path), "gsm8k")
+
+
+def test_a_line_of_other_than_jsons_whitespace_is_a_bad_line_not_a_blank_one(tmp_path):
+    """Found in review: a line holding only U+00A0 (or U+2028, a form feed) was skipped silently as blank."""
+    path = tmp_path / "data.jsonl"
+    for blank in ("\u00a0", "\u2028", "\x0c", "\x1f"):
+        path.write_text(GOOD_GSM8K + "\n \t\n" + blank + "\n" + GOOD_GSM8K + "\n", encoding="utf-8")
+        with pytest.raises(D.DataError, match=r"data\.jsonl:3: invalid JSON"):
+            D.read_examples(str(path), "gsm8k")
+    assert len(D.read_examples(str(path), "gsm8k", skip_bad_lines=True)) == 2  # line 2 (JSON's whitespace) is blank
+
+
+def test_calculator_annotations_are_stripped_in_every_format(tmp_path):
+    """Found in review: --strip_calculator was applied to the gsm8k format only, and silently ignored by the rest."""
+    reasoning, answer = "11*2 = <<11*2=22>>22", "22"
+    records = {"gsm8k": {"question": "Q", "answer": f"{reasoning}\n#### {answer}"},
+               "tagged": {"prompt": "Q", "thinking": reasoning, "answer": answer},
+               "completion": {"prompt": "Q", "completion": f"<Thinking>{reasoning}</Thinking><Answer>{answer}</Answer>"},
+               "messages": {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content":
+                            f"<Thinking>{reasoning}</Thinking><Answer>{answer}</Answer>"}]}}
+    for fmt, record in records.items():
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        assert D.read_examples(str(path), fmt)[0].thinking == reasoning
+        assert D.read_examples(str(path), fmt, strip_calculator=True)[0].thinking == "11*2 = 22", fmt
+
+
+def test_test_prompts_of_the_training_data_are_counted_before_training(tmp_path, capsys):
+    """Found in review: --eval_data the --data file was accepted in silence, and Acc then measured recall."""
+    path = tmp_path / "data.jsonl"
+    path.write_text(jsonl(*[{"prompt": f"Q: {a}+{b}", "thinking": f"{a}+{b}={a + b}", "answer": str(a + b)}
+                            for a in range(5) for b in range(4)]))
+    train.main(TINY + ["--data", str(path), "--eval_data", str(path), "--format", "tagged", "--batch_size", "4",
+                       "--eval_limit", "0", "--out_dir", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "test: 20 examples, 20 of them with a prompt of the training data (--eval_data the --data file?)" in printed
+    train.main(TINY + ["--out_dir", str(tmp_path / "synthetic")])  # the synthetic test set is apart by construction
+    assert re.search(r"\ntest: 1 examples\n", capsys.readouterr().out)  # --eval_limit 1: nothing more said
 
 
 def test_skip_bad_lines_with_nothing_left(tmp_path):

@@ -193,7 +193,7 @@ def test_a_run_on_a_messages_file_trains_and_evaluates_both_stages(tmp_path, cap
     code, stdout, err = run_main([*TINY, "--data", data, "--eval_data", test, "--format", "messages",
                                   "--skip_bad_lines", "--out_dir", str(out), "--show_roles", "1"], capsys)
     assert code == 0, err
-    assert f"skipped 1 bad lines (--skip_bad_lines): {data}:65: " in stdout
+    assert f"skipped 1 bad lines of --data and --eval_data (--skip_bad_lines): {data}:65: " in stdout
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["results"]) == {"sft_tag", "sftkey_tag"}
     assert all(r["n"] == 5 for r in summary["results"].values())

@@ -78,7 +78,7 @@ def test_command_line_aliases_and_refusals():
     with pytest.raises(ValueError, match="at least 1"):
         E.parse_args(["--seeds", "0"])
     for flags in (["--seeds", "1000000000000"], ["--n_boot", "1000000000000"]):  # found in review: a MemoryError
-        with pytest.raises(ValueError, match=f"{flags[0]} .*: at most 1000 and 10000000"):
+        with pytest.raises(ValueError, match=f"^{flags[0]} 1000000000000: at most 10*$"):
             E.parse_args(flags)
     assert E.parse_args(["--seeds", "1000", "--n_boot", "10000000"])[1]["n_seeds"] == 1000
 
@@ -357,3 +357,18 @@ def test_the_recorder_keeps_each_arms_results_and_rows_apart(tmp_path):
     assert list(summary["aggregates"]) == ["sft_tag"]
     rows = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
     assert [r["arm"] for r in rows] == ["sft_tag"]
+
+
+def test_each_layouts_data_is_shown_and_a_difference_between_them_is_said(tmp_path, capsys):
+    """Found in review: the experiment printed nothing of its data (skipped lines, too-long examples), and where
+    --block_size drops an example in one layout only, the sft arm trained on other examples than the tagged arms."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q: {n}", "thinking": "x" * n, "answer": "5"}) + "\n"
+                            for n in range(10, 30)))  # rendered: 10 + n tokens tagged, 12 + n untagged
+    E.main([*TINY, "--data", str(path), "--eval_data", str(path), "--format", "tagged", "--block_size", "36",
+            "--arms", "sft,sft_tag", "--seeds", "1", "--e1", "1", "--batch_size", "2", "--n_val", "2",
+            "--val_acc_n", "0", "--out_dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert f"  tagged layout: {path}: " in out and f"  untagged layout: {path}: " in out
+    assert "note: the layouts keep different training examples (--block_size 36): 0 only untagged, 2 only tagged" \
+        in out

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -351,8 +352,10 @@ def test_plots_cli_refuses_what_it_cannot_draw_in_one_line(finished, tmp_path, c
     before = Path(log).read_bytes()
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "link.jsonl").symlink_to(log)
+    os.link(log, tmp_path / "hard.jsonl")
     for args, problem in [([log, log, "-o", str(tmp_path / "p.png")], "a log is given twice"),
                           ([log, str(tmp_path / "link.jsonl"), "-o", str(tmp_path / "p.png")], "a log is given twice"),
+                          ([log, str(tmp_path / "hard.jsonl"), "-o", str(tmp_path / "p.png")], "a log is given twice"),
                           ([log, log], "several logs are drawn on one figure: name it with -o"), ([log, "-o", log], "give a .png file"),
                           ([log, "-o", str(tmp_path / "p.jpg")], "give a .png file"),
                           ([log, "-o", str(tmp_path / "folder.png")], "give a .png file"),

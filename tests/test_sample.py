@@ -8,6 +8,7 @@ sftkey's. Bad input ends in one line and exit code 2, with nothing on stdout.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import data as D
+import experiment
 import sample
 import sftkey
 import train
@@ -220,3 +222,19 @@ def test_a_tokenizer_file_other_than_the_one_trained_with_is_refused(tmp_path, c
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert f"error: --encoding {tok}: not the tokenizer file {ckpt} was trained with" in err
+    # experiment.py --save_ckpt records the hashes too; a checkpoint without them is sampled, with a note
+    exp = tmp_path / "exp"
+    experiment.main(["--encoding", str(tok), "--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--block_size", "96",
+                     "--n_train", "40", "--n_val", "2", "--n_test", "2", "--e1", "2", "--e2", "1", "--batch_size", "4",
+                     "--val_acc_n", "0", "--seeds", "1", "--n_boot", "20", "--arms", "sft_tag", "--save_ckpt",
+                     "--device", "cpu", "--out_dir", str(exp)])
+    saved = exp / "seed1337" / "sft_tag" / "ckpt.pt"
+    digest = hashlib.sha256(tok.read_bytes()).hexdigest()  # the file as the experiment read it
+    assert torch.load(saved, weights_only=True)["file_hashes"] == {"--encoding": digest}
+    state = torch.load(ckpt, weights_only=True)
+    del state["file_hashes"]
+    torch.save(state, tmp_path / "old.pt")
+    capsys.readouterr()
+    sample.main(["--ckpt", str(tmp_path / "old.pt"), "Q: 1+1"])
+    assert capsys.readouterr().err == f"note: {tmp_path / 'old.pt'} records no sha256 of its tokenizer file; {tok} " \
+                                      f"is used as it is now\n"

@@ -61,6 +61,7 @@ def test_format_ok(response, ended, ok):
 
 
 @pytest.mark.parametrize("answer", ["7", "\u0663", "e\u0301", "\u3164x", "\u2801", "\u00bd",  # visible: kept
+                                    "\u0903", "\ue000", "\U0001fae9",  # a spacing mark, private use, a newer emoji
                                     "\u200b", "\u3164", "\u2800", "\u034f\ufe0f", "\u0301", " \u00a0", "\u2060\ufeff"])
 def test_fmt_takes_exactly_the_answers_a_training_file_may_hold(answer):
     """One rule (sftkey.invisible) for both: an answer of zero-width spaces, Hangul fillers or a lone combining
@@ -71,7 +72,8 @@ def test_fmt_takes_exactly_the_answers_a_training_file_may_hold(answer):
     except ValueError as err:
         assert "empty answer" in str(err)
         in_the_data = False
-    assert in_the_data is (answer in ("7", "\u0663", "e\u0301", "\u3164x", "\u2801", "\u00bd"))
+    assert in_the_data is (answer in ("7", "\u0663", "e\u0301", "\u3164x", "\u2801", "\u00bd", "\u0903", "\ue000",
+                                      "\U0001fae9"))  # found in review: the last three were refused as empty
     assert sftkey.format_ok(f"<Thinking>t</Thinking><Answer>{answer}</Answer>", ended=True) is in_the_data
 
 
@@ -183,6 +185,7 @@ def test_normalize_huge_number_stays_text_instead_of_crashing():
     ("inf", "inf", True), ("inf", "Infinity", False), ("inf", "1e999", False), ("nan", "NaN", False),
     ("18..", "18", False),
     ("seventy  two", "seventy two", True), ("abc", "abd", False), ("72 apples", "72", False),
+    ("caf\u00e9", "cafe\u0301", True), ("\u00c5", "A\u030a", True),  # one text, two code point sequences (NFC)
     ("one thousand", "1000", False),
 ])
 def test_answers_match_both_ways(a, b, match):
