@@ -530,14 +530,14 @@ def replot(out_dir: str) -> list[str]:
     """The plots of a finished run, from the files it wrote (regular files only, as every input)."""
     summary = D.read_input(ckpts.owned_path(out_dir, "results.json"), "--plot_only")
     log = D.read_input(ckpts.owned_path(out_dir, "loss_log.jsonl"), "--plot_only")
+    refusal = f"--plot_only {out_dir}: results.json and loss_log.jsonl there are not an experiment's"
     try:
         summary, rows = json.loads(summary), [json.loads(line) for line in log.splitlines()]
-    except ValueError as err:
-        summary, rows = err, []
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise ValueError(f"{refusal} ({err})") from None
     if not (isinstance(summary, dict) and all(isinstance(summary.get(k), kind) for k, kind in (
             ("config", dict), ("seeds", list), ("aggregates", dict))) and all(isinstance(r, dict) for r in rows)):
-        raise ValueError(f"--plot_only {out_dir}: results.json and loss_log.jsonl there are not an experiment's"
-                         + (f" ({summary})" if isinstance(summary, ValueError) else ""))
+        raise ValueError(refusal)
     return plot(summary, rows, out_dir)
 
 

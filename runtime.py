@@ -299,7 +299,8 @@ def number(value) -> str:
 def print_setup(sets: list, test: list, model, device: str, dist: Dist, dtype: torch.dtype, stages: list = ()) -> None:
     """The training and validation sets, the test set (and how many of its prompts were trained on), the model."""
     print("\n".join(format_summary(s.summary) for s in sets))
-    seen = sum(ex.prompt in {ex.prompt for s in sets for ex in s.examples} for ex in test)  # Acc on those is recall
+    trained = {ex.prompt for s in sets for ex in s.examples}
+    seen = sum(ex.prompt in trained for ex in test)  # Acc on those measures recall
     print(f"test: {len(test)} examples" + (f", {seen} of them with a prompt of the training data (--eval_data the "
           f"--data file?): Acc on those measures recall, not the method" if seen else "") if test else "test: none "
           "(--data without --eval_data, or --n_test 0): every stage is trained and checkpointed, none is evaluated")
