@@ -267,6 +267,11 @@ def test_pick_takes_the_mean_over_seeds_and_the_first_listed_on_a_tie():
     tie = {"sftsft_tag.lr0.0001": [_result(s, [1, 0], 0.5) for s in SEEDS],
            "sftsft_tag.lr1e-05": [_result(s, [1, 0], 0.5) for s in SEEDS]}
     assert E.pick(tie, "sftsft_tag") == "sftsft_tag.lr0.0001"
+    # found in review, the parity sweep's control: 530 of 600 both, whose float means differ in the last bit
+    real_tie = {"sftsft_tag.lr0.0001": [_result(s, [1, 0], v) for s, v in zip(SEEDS, [0.79, 0.945, 0.915])],
+                "sftsft_tag.lr0.0003": [_result(s, [1, 0], v) for s, v in zip(SEEDS, [0.81, 0.93, 0.91])]}
+    assert np.mean([0.79, 0.945, 0.915]) != np.mean([0.81, 0.93, 0.91])  # what made the tie look broken
+    assert E.pick(real_tie, "sftsft_tag") == "sftsft_tag.lr0.0001"
     # only variants of the arm asked for; no variant (or no validation Acc) -> None
     assert E.pick(results, "sftsft_tag") is None
     assert E.pick({"sftkey_tag": [_result(5, [1], 0.9)]}, "sftkey_tag") is None  # not a sweep
