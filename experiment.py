@@ -204,7 +204,7 @@ def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str,
     pairs += [(variant(a, lr), variant(b, lr)) for a, b in [SWEPT] for lr in lrs]
     out, best = {}, [picked.get(arm) for arm in SWEPT]
     for a, b in dict.fromkeys(pairs):
-        if a not in results or b not in results or len(results[a]) != len(results[b]):
+        if a not in results or b not in results or [r["seed"] for r in results[a]] != [r["seed"] for r in results[b]]:
             continue
         entry = {}
         for metric in ("acc", "composite", "reasoning"):

@@ -422,3 +422,11 @@ def test_the_conditioning_command_reports_per_seed_acc_and_its_std(tmp_path, mon
     assert summary["aggregates"]["sft_tag"]["acc"] == {"mean": pytest.approx(np.mean(accs)),
                                                        "std": pytest.approx(np.std(accs, ddof=1))}
     assert summary["comparisons"] == {} and not summary.get("picked")
+
+
+def test_compare_pairs_only_arms_run_at_the_same_seeds():
+    """Found in review: runs were paired by position, checking only their number; other seeds are not a pair."""
+    same = {"sftkey_tag": [_result(s, [1, 0], None) for s in SEEDS], "sft_tag": [_result(s, [0, 0], None) for s in SEEDS]}
+    assert list(E.compare(same, n_boot=50, seed=0)) == ["sftkey_tag - sft_tag"]
+    other = dict(same, sft_tag=[_result(s, [0, 0], None) for s in (5, 6, 8)])
+    assert E.compare(other, n_boot=50, seed=0) == {}
