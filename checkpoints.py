@@ -294,8 +294,8 @@ class LiveLog(list):
     @property
     def written(self) -> int:
         """The file's length as this run has it (a cut still to come counts as made): every checkpoint records it."""
-        exists = self.path and os.path.exists(self.path)
-        return self._cut if self._cut is not None else os.path.getsize(self.path) if exists else 0
+        size = os.path.getsize(self.path) if self.path and os.path.exists(self.path) else 0
+        return size if self._cut is None else min(self._cut, size)  # the user may have cut or deleted it
 
     def resume(self, ckpt: dict) -> None:
         """The rows of the checkpoint --resume continues from. Rows a killed run wrote after it go from the file as

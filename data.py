@@ -194,7 +194,7 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
         if err.msg == "Extra data" and re.search(r"\r\s*\Z", line[:err.pos]):  # `{..}\r{..}`: a CR between records
             raise ValueError("two records on one line, split by a CR alone: the file uses CR-only line ends; "
                              "convert them to \\n (e.g. tr '\\r' '\\n')") from None
-        what = err.msg.removesuffix(" at") + (f" U+{ord(line[err.pos]):04X}" if "control" in err.msg else "")
+        what = err.msg.removesuffix(" at") + ("" if (c := line[err.pos:][:1]).isprintable() else f" U+{ord(c):04X}")
         raise ValueError(f"invalid JSON ({what} at column {err.colno})") from None
     except RecursionError:
         raise ValueError("invalid JSON (nested too deeply)") from None

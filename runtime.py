@@ -299,17 +299,22 @@ def number(value) -> str:
 def print_setup(sets: list, test: list, model, device: str, dist: Dist, dtype: torch.dtype, stages: list = ()) -> None:
     """The training and validation sets, the test set (and how many of its prompts were trained on), the model."""
     print("\n".join(format_summary(s.summary) for s in sets))
-    trained = {ex.prompt for s in sets for ex in s.examples}
-    seen = sum(ex.prompt in trained for ex in test)  # Acc on those measures recall
-    print(f"test: {len(test)} examples" + (f", {seen} of them with a prompt of the training data (--eval_data the "
-          f"--data file?): Acc on those measures recall, not the method" if seen else "") if test else "test: none "
-          "(--data without --eval_data, or --n_test 0): every stage is trained and checkpointed, none is evaluated")
+    print(test_line(sets, test))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
           f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).removeprefix('torch.')}")
     for k, stage in enumerate(stages, 1):
         p, t, a = (f"{w:g}" for w in stage.weights)
         print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a} | {stage.iters} steps | "
               f"peak lr {stage.lr:g}")
+
+
+def test_line(sets: list, test: list) -> str:
+    """How many test examples, and how many of their prompts the training or validation `sets` hold."""
+    trained = {ex.prompt for s in sets for ex in s.examples}
+    seen = sum(ex.prompt in trained for ex in test)  # Acc on those measures recall
+    return (f"test: {len(test)} examples" + (f", {seen} of them with a prompt of the training data (--eval_data the "
+            f"--data file?): Acc on those measures recall, not the method" if seen else "") if test else "test: none "
+            "(--data without --eval_data, or --n_test 0): every stage is trained and checkpointed, none is evaluated")
 
 
 def format_summary(summary: dict) -> str:

@@ -180,14 +180,14 @@ def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
 
 _TAGGED = re.compile(r"<Thinking>(.*)</Thinking><Answer>(.*)</Answer>", re.S)
 _REFUSED = TAGS + ("<|endoftext|>",)  # what data.py refuses inside a thinking or an answer
-
-
-_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")  # blank, yet no Unicode property says so
+# Shown as nothing, yet no category says so: Hangul fillers, Braille blank, ...; reserved default-ignorables; nonchars.
+_BLANK = re.compile("[\u115f\u1160\u3164\uffa0\u2800\u180e\u2065"
+                    "\ufdd0-\ufdef\ufff0-\ufff8\ufffe\uffff\U000e0000-\U000e0fff]")
 
 
 def invisible(text: str) -> bool:
     """Whether `text` shows nothing: whitespace, control and format characters, non-spacing marks, Hangul fillers..."""
-    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Mn", "Me") or c in _BLANK for c in text)
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Mn", "Me") or _BLANK.match(c) for c in text)
 
 
 def format_ok(response: str, ended: bool) -> bool:

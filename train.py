@@ -38,7 +38,7 @@ class TrainConfig:
     data: str = _flag("", "training JSONL file; empty = the embedded synthetic arithmetic task")
     format: str = _flag("gsm8k", f"layout of --data and --eval_data: {', '.join(D.FORMATS)}")
     eval_data: str = _flag("", "test JSONL file (same format as --data); without it --data runs are not evaluated")
-    strip_calculator: bool = _flag(False, "remove GSM8K's <<48/2=24>> calculator annotations from the reasoning")
+    strip_calculator: bool = _flag(False, "delete each <<...>> (GSM8K's calculator notes) from the reasoning")
     skip_bad_lines: bool = _flag(False, "skip and count malformed lines of --data/--eval_data, not stop at one")
     untagged: bool = _flag(False, "responses as 'reasoning\\n#### answer', not tagged (plain SFT; Fmt undefined)")
     encoding: str = _flag(D.SYNTHETIC_ENCODING, "tokenizer: sftkey-chars (offline), a tiktoken name, a .tiktoken file")

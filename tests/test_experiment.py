@@ -372,3 +372,10 @@ def test_each_layouts_data_is_shown_and_a_difference_between_them_is_said(tmp_pa
     assert f"  tagged layout: {path}: " in out and f"  untagged layout: {path}: " in out
     assert "note: the layouts keep different training examples (--block_size 36): 0 only untagged, 2 only tagged" \
         in out
+    # --eval_data the --data file: its test prompts that either layout trains on (or validates with) are counted
+    cfg, _ = E.parse_args([*TINY, "--data", str(path), "--eval_data", str(path), "--format", "tagged",
+                           "--block_size", "36", "--batch_size", "2", "--n_val", "2"])
+    sets = [s for untagged in (False, True) for s in D.load_data(dataclasses.replace(cfg, untagged=untagged),
+                                                                  D.char_encoding())[:2]]
+    seen = len({ex.prompt for s in sets for ex in s.examples})
+    assert 0 < seen < 20 and f"  test: 20 examples, {seen} of them with a prompt of the training data" in out

@@ -221,6 +221,17 @@ def test_resume_of_an_interrupted_run_says_where_and_ends_as_the_uninterrupted_r
         assert type(ckpt["log"]) is list and stage in ckpt["results"]
 
 
+def test_a_log_the_user_cut_or_deleted_before_resuming_is_never_recorded_longer_than_it_is(tmp_path):
+    """Found in review: with a cut pending, `written` gave the checkpoint's length even where the file was shorter,
+    and a later resume then kept rows it should have cut."""
+    log = checkpoints.LiveLog(str(tmp_path))
+    log.append({"stage": "a", "step": 0})
+    log.resume({"log": [], "log_bytes": 10 ** 6})
+    assert log.written == (tmp_path / "log.jsonl").stat().st_size < 10 ** 6
+    (tmp_path / "log.jsonl").unlink()
+    assert log.written == 0
+
+
 def same_row(row: dict) -> tuple:
     """What two runs of the same flags log alike (not their speed or times)."""
     return row["stage"], row.get("step"), row.get("loss"), row.get("val_thinking"), row.get("val_acc"), \

@@ -62,6 +62,7 @@ def test_format_ok(response, ended, ok):
 
 @pytest.mark.parametrize("answer", ["7", "\u0663", "e\u0301", "\u3164x", "\u2801", "\u00bd",  # visible: kept
                                     "\u0903", "\ue000", "\U0001fae9",  # a spacing mark, private use, a newer emoji
+                                    "\ufff0", "\u2065", "\U000e0002", "\uffff",  # reserved ignorables, a nonchar
                                     "\u200b", "\u3164", "\u2800", "\u034f\ufe0f", "\u0301", " \u00a0", "\u2060\ufeff"])
 def test_fmt_takes_exactly_the_answers_a_training_file_may_hold(answer):
     """One rule (sftkey.invisible) for both: an answer of zero-width spaces, Hangul fillers or a lone combining

@@ -272,6 +272,11 @@ def test_pick_takes_the_mean_over_seeds_and_the_first_listed_on_a_tie():
                 "sftsft_tag.lr0.0003": [_result(s, [1, 0], v) for s, v in zip(SEEDS, [0.81, 0.93, 0.91])]}
     assert np.mean([0.79, 0.945, 0.915]) != np.mean([0.81, 0.93, 0.91])  # what made the tie look broken
     assert E.pick(real_tie, "sftsft_tag") == "sftsft_tag.lr0.0001"
+    # found in review: rounding the means would split this tie (1280 prompts, 4 seeds: 3823 of 5120 both)
+    seeds4 = (*SEEDS, 8)
+    tie_1280 = {"sftsft_tag.lr0.0001": [_result(s, [1, 0], k / 1280) for s, k in zip(seeds4, (650, 838, 1101, 1234))],
+                "sftsft_tag.lr0.0003": [_result(s, [1, 0], k / 1280) for s, k in zip(seeds4, (667, 948, 1055, 1153))]}
+    assert E.pick(tie_1280, "sftsft_tag") == "sftsft_tag.lr0.0001"
     # only variants of the arm asked for; no variant (or no validation Acc) -> None
     assert E.pick(results, "sftsft_tag") is None
     assert E.pick({"sftkey_tag": [_result(5, [1], 0.9)]}, "sftkey_tag") is None  # not a sweep
