@@ -81,6 +81,37 @@ def arm_config(cfg: train.TrainConfig, name: str) -> train.TrainConfig:
     return dataclasses.replace(cfg, **{**ARM_FLAGS, **own[name], **swept})
 
 
+def layout_data(cfg: train.TrainConfig, names: list[str], enc, raw: dict[str, bytes]) -> dict[bool, tuple]:
+    """(training, validation, test) sets of each layout the arms `names` use (True: tagged) at cfg.seed. An example
+    too long for --block_size in one layout is dropped from the other too: the sft arm differs in its layout only."""
+    step = cfg.batch_size * cfg.grad_accum  # examples one optimizer step draws
+    sets = {not c.untagged: D.load_data(c, enc, raw, step) for c in (arm_config(cfg, name) for name in names)}
+    if len(sets) < 2:
+        return sets
+    both = set.intersection(*({ex for s in layout[:2] for ex in s.examples} for layout in sets.values()))
+    for tagged, (train_set, val_set, test) in sets.items():
+        sets[tagged] = (*(_keep_only(s, both, enc, cfg.block_size, tagged) for s in (train_set, val_set)), test)
+        if len(sets[tagged][0].ids) < step:
+            raise D.DataError(f"{cfg.data or 'synthetic task'}: {len(sets[tagged][0].ids)} training examples fit "
+                              f"--block_size {cfg.block_size} in both layouts, fewer than the {step} of one optimizer "
+                              f"step (--batch_size x --grad_accum); raise --block_size or lower --batch_size")
+    return sets
+
+
+def _keep_only(tokenized: D.TokenizedSet, examples: set, enc, block_size: int, tagged: bool) -> D.TokenizedSet:
+    """`tokenized` (itself when nothing goes) with only the `examples` (Example compares by content)."""
+    kept = [ex for ex in tokenized.examples if ex in examples]
+    if len(kept) == len(tokenized.examples):
+        return tokenized
+    if not kept:
+        raise D.DataError(f"{tokenized.summary['name']}: none of its examples fits --block_size {block_size} in both "
+                          f"layouts (the sft arm's and the tagged arms'); raise --block_size")
+    out = D.tokenize(kept, enc, block_size, tagged, tokenized.summary["name"])  # the summary of what is kept
+    out.summary = {**tokenized.summary, **{k: v for k, v in out.summary.items() if k != "dropped_too_long"},
+                   "dropped_in_other_layout": len(tokenized.examples) - len(kept)}
+    return out
+
+
 def about(name: str, key_weight: float) -> str:
     arm, _, stage2_lr = name.partition(".lr")
     return ABOUT[arm].replace("λ", f"{key_weight:g}") + (f", stage-2 peak lr {stage2_lr}" if stage2_lr else "")
@@ -250,11 +281,9 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
     plans = {name: (not arm_config(cfg, name).untagged, tuple(arm_stages(cfg, name, before))) for name in names}
     shared = {(tagged, stages[:j]) for tagged, stages in plans.values() for j in range(1, len(stages))}
     kept: dict[tuple, Trained] = {}  # (tagged, the stages trained) -> the state after them
-    datasets: dict[bool, tuple] = {}
+    datasets = layout_data(cfg, names, enc, inputs.raw)  # both layouts of the same examples, once per seed
     for name in names:
         arm_cfg, (tagged, stages) = arm_config(cfg, name), plans[name]
-        if tagged not in datasets:  # both layouts of the same examples, tokenized once per seed
-            datasets[tagged] = D.load_data(arm_cfg, enc, inputs.raw, cfg.batch_size * cfg.grad_accum)
         train_set, val_set, test = datasets[tagged]
         done = max((j for j in range(1, len(stages) + 1) if (tagged, stages[:j]) in kept), default=0)
         if done:  # an earlier arm trained this arm's first `done` stages
@@ -567,17 +596,15 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     for name in run_names:
         print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}, "
                                           f"{s['iters']} steps, peak lr {s['lr']:g})" for s in recorder.stages[name]))
-    kept, trained = {}, []  # bad input: here, before anything is written; what each layout trains on (--seed's)
-    for untagged, name in {arm_config(cfg, n).untagged: n for n in run_names}.items():
-        sets = D.load_data(arm_config(cfg, name), enc, inputs.raw, cfg.batch_size * cfg.grad_accum)
-        trained += sets[:2]
-        print(f"  {'untagged' if untagged else 'tagged'} layout: " + runtime.format_summary(sets[0].summary))
-        kept[untagged] = {dataclasses.astuple(ex) for ex in sets[0].examples + sets[1].examples}  # any --seed's
-    print("  " + runtime.test_line(trained, sets[2]), flush=True)
-    if len(kept) == 2 and kept[True] != kept[False]:  # too long in one layout, not in the other
-        print(f"note: the layouts keep different training examples (--block_size {cfg.block_size}): "
-              f"{len(kept[True] - kept[False])} only untagged, {len(kept[False] - kept[True])} only tagged; the sft "
-              f"arm is not trained on the same set as the others", flush=True)
+    layouts = layout_data(cfg, run_names, enc, inputs.raw)  # bad input: here, before anything is written
+    for tagged, sets in layouts.items():  # what each layout trains on (--seed's split)
+        print(f"  {'tagged' if tagged else 'untagged'} layout: " + runtime.format_summary(sets[0].summary))
+    print("  " + runtime.test_line([s for sets in layouts.values() for s in sets[:2]], sets[2]), flush=True)
+    dropped = {t: sum(s.summary.get("dropped_in_other_layout", 0) for s in sets[:2]) for t, sets in layouts.items()}
+    if any(dropped.values()):  # then both layouts are used
+        print(f"note: training and validation examples too long for --block_size {cfg.block_size} in one layout are "
+              f"dropped from the other too ({dropped[True]} too long untagged, {dropped[False]} tagged), so every arm "
+              f"trains on the same examples", flush=True)
     plan = [(name,) for name in ckpts.EXPERIMENT_FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds
                                                            for n in run_names if save_ckpt]
     finished = "the arms finished so far are in --out_dir (results.json says \"complete\": false)"

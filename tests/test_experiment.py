@@ -359,9 +359,10 @@ def test_the_recorder_keeps_each_arms_results_and_rows_apart(tmp_path):
     assert [r["arm"] for r in rows] == ["sft_tag"]
 
 
-def test_each_layouts_data_is_shown_and_a_difference_between_them_is_said(tmp_path, capsys):
+def test_each_layouts_data_is_shown_and_every_arm_trains_on_the_same_examples(tmp_path, capsys):
     """Found in review: the experiment printed nothing of its data (skipped lines, too-long examples), and where
-    --block_size drops an example in one layout only, the sft arm trained on other examples than the tagged arms."""
+    --block_size drops an example in one layout only, the sft arm trained on other examples than the tagged arms.
+    Now an example too long in either layout is dropped from both, and the experiment says so."""
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Q: {n}", "thinking": "x" * n, "answer": "5"}) + "\n"
                             for n in range(10, 30)))  # rendered: 10 + n tokens tagged, 12 + n untagged
@@ -370,12 +371,23 @@ def test_each_layouts_data_is_shown_and_a_difference_between_them_is_said(tmp_pa
             "--val_acc_n", "0", "--out_dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert f"  tagged layout: {path}: " in out and f"  untagged layout: {path}: " in out
-    assert "note: the layouts keep different training examples (--block_size 36): 0 only untagged, 2 only tagged" \
-        in out
-    # --eval_data the --data file: its test prompts that either layout trains on (or validates with) are counted
+    assert "note: training and validation examples too long for --block_size 36 in one layout are dropped from the " \
+           "other too (2 too long untagged, 0 tagged), so every arm trains on the same examples" in out
     cfg, _ = E.parse_args([*TINY, "--data", str(path), "--eval_data", str(path), "--format", "tagged",
                            "--block_size", "36", "--batch_size", "2", "--n_val", "2"])
-    sets = [s for untagged in (False, True) for s in D.load_data(dataclasses.replace(cfg, untagged=untagged),
-                                                                  D.char_encoding())[:2]]
-    seen = len({ex.prompt for s in sets for ex in s.examples})
+    alone = {untagged: [s.examples for s in D.load_data(dataclasses.replace(cfg, untagged=untagged),
+                                                        D.char_encoding())[:2]] for untagged in (False, True)}
+    assert sum(map(len, alone[False])) == 16 and sum(map(len, alone[True])) == 14  # 2 too long untagged only
+    layouts = E.layout_data(cfg, ["sft", "sft_tag"], D.char_encoding(), {})
+    for part in (0, 1):  # training, validation: the same examples in the same order, in both layouts
+        both = [ex for ex in alone[False][part] if ex in alone[True][part]]
+        assert layouts[True][part].examples == layouts[False][part].examples == both
+        assert [len(ids) for ids in layouts[True][part].ids] == [len(ids) - 2 for ids in layouts[False][part].ids]
+        assert layouts[True][part].summary["examples"] == len(both)
+    assert sum(layouts[True][p].summary.get("dropped_in_other_layout", 0) for p in (0, 1)) == 2
+    assert layouts[True][0].summary["dropped_too_long"] + layouts[True][1].summary["dropped_too_long"] == 4
+    assert layouts[False][0].summary.get("dropped_in_other_layout", 0) == 0
+    assert E.layout_data(cfg, ["sft_tag", "sftkey_tag"], D.char_encoding(), {})[True][0].examples == alone[False][0]
+    # --eval_data the --data file: its test prompts that the arms train on (or validate with) are counted
+    seen = len({ex.prompt for s in layouts[True][:2] for ex in s.examples})
     assert 0 < seen < 20 and f"  test: 20 examples, {seen} of them with a prompt of the training data" in out
