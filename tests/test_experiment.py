@@ -391,3 +391,25 @@ def test_each_layouts_data_is_shown_and_every_arm_trains_on_the_same_examples(tm
     # --eval_data the --data file: its test prompts that the arms train on (or validate with) are counted
     seen = len({ex.prompt for s in layouts[True][:2] for ex in s.examples})
     assert 0 < seen < 20 and f"  test: 20 examples, {seen} of them with a prompt of the training data" in out
+    with pytest.raises(D.DataError, match="^validation: none of its examples fits --block_size 36 in both layouts"):
+        E._keep_only(layouts[True][1], set(), D.char_encoding(), 36, True)
+
+
+def test_too_few_examples_for_a_step_in_both_layouts_is_one_clear_error(tmp_path, monkeypatch):
+    """Each layout alone has a step's examples, the examples both keep do not: refused before training."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q: {n}", "thinking": "x" * n, "answer": "5"}) + "\n"
+                            for n in range(10, 30)))
+    cfg, _ = E.parse_args([*TINY, "--data", str(path), "--eval_data", str(path), "--format", "tagged",
+                           "--block_size", "100", "--batch_size", "15", "--n_val", "2"])
+    load_data = D.load_data
+
+    def drop_two(c, enc, raw, step):  # each layout drops two other training examples, as if too long
+        train_set, val_set, test = load_data(c, enc, raw, step)
+        gone = set(train_set.examples[:2] if c.untagged else train_set.examples[2:4])
+        return E._keep_only(train_set, set(train_set.examples) - gone, enc, 100, not c.untagged), val_set, test
+    monkeypatch.setattr(D, "load_data", drop_two)
+    assert [len(s[0].ids) for s in E.layout_data(cfg, ["sft"], D.char_encoding(), {}).values()] == [16]
+    with pytest.raises(D.DataError, match="14 training examples fit --block_size 100 in both layouts, fewer than the "
+                                          "15 of one optimizer step"):
+        E.layout_data(cfg, ["sft", "sft_tag"], D.char_encoding(), {})
