@@ -496,8 +496,9 @@ def check_config(cfg):
             problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
     except RuntimeError:
         problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
-    if os.path.lexists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        problems.append(f"--out_dir {cfg.out_dir}: exists and is not a folder")
+    if not cfg.out_dir or os.path.lexists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):  # '' would be this one
+        problems.append(f"--out_dir {cfg.out_dir}: " + ("exists and is not a folder" if cfg.out_dir else "empty; "
+                                                       "give a folder ('.' for the current one)"))
     if problems:
         raise ValueError("; ".join(problems))
     return cfg

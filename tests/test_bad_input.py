@@ -166,6 +166,15 @@ def test_out_dir_that_is_a_file(tmp_path, capsys):
     assert target.read_text() == "keep me"
 
 
+def test_an_empty_out_dir_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --out_dir "$OUT" with OUT unset: the run would write here
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--out_dir", ""])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--out_dir : empty; give a folder ('.' for the current one)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_end_to_end_no_traceback(tmp_path):
     """The real command line, in its own process: exit code 2, one line on stderr, nothing written."""
     (tmp_path / "data.jsonl").write_text(jsonl(GOOD_GSM8K, "{bad"))
