@@ -241,8 +241,7 @@ def _fields(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _turns(messages) -> dict:
-    """One user turn and one assistant turn (the tagged response) as {"prompt", "completion"}; a leading system
-    message starts the prompt, a blank line before the user's."""
+    """One user and one assistant turn as {"prompt", "completion"}; a system message, unless blank, leads the prompt."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                  for m in messages):
         raise ValueError('the messages ("messages", or a chat "prompt" and "completion") must be a list of '
@@ -251,7 +250,8 @@ def _turns(messages) -> dict:
     if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
         raise ValueError(f"the messages must be one user turn then one assistant turn (a system message may lead); "
                          f"got the roles {roles}")
-    return {"prompt": "\n\n".join(m["content"] for m in messages[:-1]), "completion": messages[-1]["content"]}
+    prompt = "\n\n".join(m["content"] for m in messages[:-1] if m["role"] == "user" or m["content"].strip())
+    return {"prompt": prompt, "completion": messages[-1]["content"]}  # system + blank line + user
 
 
 def _check_example(example: Example) -> None:

@@ -60,6 +60,13 @@ def test_a_leading_system_message_is_folded_into_the_prompt(tmp_path):
     assert (example.thinking, example.answer) == ("2+3=5", "5")
 
 
+def test_a_blank_system_message_is_left_out_of_the_prompt(tmp_path):
+    """A system message of whitespace only (or none at all) adds nothing: no leading blank lines in the prompt."""
+    path = write_lines(tmp_path / "m.jsonl", [
+        {"messages": [system(blank), user("What is 2+3?"), assistant(tagged("2+3=5", "5"))]} for blank in ("", " \n")])
+    assert [example.prompt for example in read(path, "messages")] == ["What is 2+3?"] * 2
+
+
 def test_messages_read_as_the_same_example_as_the_tagged_format(tmp_path):
     chat = write_lines(tmp_path / "m.jsonl", [{"messages": [user("Q: 1+2"), assistant(tagged("1+2=3", "3"))]}])
     flat = write_lines(tmp_path / "t.jsonl", [{"prompt": "Q: 1+2", "thinking": "1+2=3", "answer": "3"}])
