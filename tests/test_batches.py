@@ -3,6 +3,8 @@
 A resumed run, gradient accumulation, DDP and stage 2 all rely on batch number i being a pure
 function of (seed, i), and on stage 2 reading on where stage 1 stopped; a slip here still trains.
 """
+import contextlib
+
 import numpy as np
 import torch
 
@@ -84,6 +86,34 @@ def test_a_step_reads_one_batch_cut_into_its_micro_batches_after_earlier_steps(t
     fetched = record_batch_numbers(monkeypatch)
     run_train(tiny_model(), tokenized, config(grad_accum=3), iters=2, steps_before=5)
     assert fetched == [(5, 3, 0), (5, 3, 1), (5, 3, 2), (6, 3, 0), (6, 3, 1), (6, 3, 2)]
+
+
+class OneOfTwoRanks(runtime.Dist):
+    """Rank `rank` of a two-rank job, run alone: no process group, so no DDP wrapper and collectives that return
+    their input (what is under test is only which micro-batches the rank reads)."""
+
+    def wrap(self, model, device):
+        return model
+
+    def no_sync(self, net, last_micro_batch):
+        return contextlib.nullcontext()
+
+    def all_reduce(self, value, op="sum"):
+        return value
+
+
+# With DDP and gradient accumulation a step's batch is cut into ranks x grad_accum parts; together the ranks read
+# each part once. (Mutation audit: `part=dist.rank + i`, so with --grad_accum 2 rank 1 read rank 0's second part
+# again and the step's last part was never trained on; the DDP test runs --grad_accum 1, where both agree.)
+
+def test_two_ranks_with_gradient_accumulation_read_every_part_of_a_step_once(tokenized, monkeypatch):
+    fetched = record_batch_numbers(monkeypatch)
+    for rank in (0, 1):
+        train.train(tiny_model(), tokenized, tokenized, config(grad_accum=2, val_acc_n=0), (0.0, 1.0, 1.0), 2, 1e-2,
+                    "test", "cpu", torch.float32, [], steps_before=3, dist=OneOfTwoRanks(rank=rank, world=2))
+    assert {parts for _, parts, _ in fetched} == {4}  # 2 ranks x 2 micro-batches
+    for i in (3, 4):
+        assert sorted(part for j, _, part in fetched if j == i) == [0, 1, 2, 3]
 
 
 def test_run_stage2_continues_the_data_stream_after_stage1(tmp_path, monkeypatch):

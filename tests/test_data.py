@@ -158,6 +158,26 @@ def test_tokenize_refuses_a_set_where_nothing_fits():
         D.tokenize([D.Example("Q: 12+30", "12+30=42", "42")], CHARS, block_size=10)
 
 
+# A test prompt of exactly --block_size tokens (as evaluation feeds it) leaves no room for a response: refused.
+# One token fewer is read. (Mutation audit: `>= cfg.block_size` -> `>`, so a prompt filling the block was
+# accepted and answered with a single token.)
+
+@pytest.mark.parametrize("prompt_tokens, refused", [(32, True), (31, False)])
+def test_a_test_prompt_is_refused_exactly_when_it_fills_the_block(tmp_path, prompt_tokens, refused):
+    rows = [{"prompt": f"Q: {a}+1", "thinking": f"{a}+1={a + 1}", "answer": str(a + 1)} for a in range(20)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompt = "x" * (prompt_tokens - 1)  # one token per character, and the "\n" evaluation feeds after it
+    assert len(CHARS.encode_ordinary(sftkey.prompt_head(prompt))) == prompt_tokens
+    (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": prompt, "thinking": "t", "answer": "1"}) + "\n")
+    cfg = train.TrainConfig(data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "test.jsonl"),
+                            format="tagged", block_size=32, n_val=2)
+    if refused:
+        with pytest.raises(D.DataError, match=r"test.jsonl:1: the prompt alone fills --block_size 32"):
+            D.load_data(cfg, CHARS)
+    else:
+        assert [ex.prompt for ex in D.load_data(cfg, CHARS)[2]] == [prompt]
+
+
 HUGE = D.Example("Q: 1+1", "1+1=2 " * 40_000, "2")  # 240 KB of reasoning: no block of 96 tokens holds it
 
 
@@ -268,6 +288,15 @@ def test_synthetic_answers_are_the_prompts_arithmetic_and_the_steps_chain():
         assert str(total) == ex.answer
         step_counts.add(len(steps))
     assert step_counts == {1, 2, 3, 4, 5}
+
+
+# "Never below zero" (docs/data_formats.md): a subtraction may bring the total down to exactly zero.
+# (Mutation audit: `x < total`, so no step ever reached 0 and an answer of 0 never occurred.)
+
+def test_synthetic_subtractions_may_reach_zero_but_never_go_below():
+    steps = [STEP.fullmatch(s) for ex in D.synthetic_task(500, seed=5) for s in ex.thinking.split(" ")]
+    assert min(int(step[4]) for step in steps) == 0
+    assert all(step[1] == step[3] and step[2] == "-" for step in steps if step[4] == "0")  # each is "a-a=0"
 
 
 def test_synthetic_problems_are_distinct_and_seeded():

@@ -320,6 +320,25 @@ def test_the_untagged_arm_trains_validates_and_is_scored_untagged_and_the_tagged
     assert all(e["examples"] == fake_loop.evals[0]["examples"] for e in fake_loop.evals)  # one test set
 
 
+# Reasoning right is read in each arm's own layout: a perfect untagged response's reasoning is its lines before
+# "#### answer", a perfect tagged one's is between the <Thinking> tags. (Mutation audit: `reasoning_scores(result,
+# test, True)`, so the sft arm's reasoning was looked for between tags it never writes and was never right.)
+
+def test_each_arms_reasoning_is_scored_in_its_own_layout(seed_cfg, fake_loop, monkeypatch):
+    def perfect(model, enc, examples, cfg, device, dtype):  # what a model that learnt every test problem writes
+        n = len(examples)
+        write = ((lambda ex: f"{ex.thinking}\n#### {ex.answer}") if cfg.untagged else
+                 (lambda ex: f"<Thinking>{ex.thinking}</Thinking><Answer>{ex.answer}</Answer>"))
+        return {"acc": 1.0, "fmt": None if cfg.untagged else 1.0, "composite": None, "n": n, "correct": [True] * n,
+                "formatted": None if cfg.untagged else [True] * n,
+                "responses": [{"response": write(ex)} for ex in examples]}
+    monkeypatch.setattr(train, "evaluate", perfect)
+    results = {arm: result for arm, result, _ in run_arms(seed_cfg, ["sft", "sft_tag"])}
+    for arm in ("sft", "sft_tag"):
+        assert results[arm]["reasoning_right"] == [True] * seed_cfg.n_test, arm
+        assert results[arm]["reasoning"] == 1.0 and results[arm]["acc_reasoning_right"] == 1.0, arm
+
+
 @pytest.mark.parametrize("names", [["sft_tag", "sftkey_tag", "sftsft_tag"], ["sftkey_tag", "sftsft_tag", "sft_tag"]])
 def test_each_arm_gets_the_log_rows_and_seconds_of_its_own_stages_only(seed_cfg, fake_loop, names):
     """sftkey_tag and sftsft_tag continue the one sft_tag stage kept in memory: each must get a copy of

@@ -136,6 +136,19 @@ def test_extract_answer_reasoning_ends_at_the_first_close_and_the_last_answer_af
     assert sftkey.extract_answer(response) == answer
 
 
+# The answer that counts ends at the FIRST `</Answer>` after its `<Answer>`: what follows is not part of it.
+# (Mutation audit: `rsplit(ANSWER_CLOSE, 1)`, so "<Answer>5</Answer> so </Answer>" answered "5</Answer> so ".)
+
+@pytest.mark.parametrize("response", [
+    "<Thinking>a</Thinking><Answer>5</Answer></Answer>",
+    "<Thinking>a</Thinking><Answer>5</Answer> so 6</Answer>",
+    "<Thinking>a</Thinking><Answer>5</Answer>x</Answer>y</Answer>",
+])
+def test_extract_answer_stops_at_the_first_answer_close(response):
+    assert sftkey.extract_answer(response) == "5"
+    assert sftkey.answers_match(sftkey.extract_answer(response), "5")
+
+
 @pytest.mark.parametrize("response, answer", [
     ("48+24 = 72\n#### 72", "72"),
     ("#### 1\n#### 72\nmore", "72"),  # the last marker, its line only

@@ -136,6 +136,19 @@ def test_different_losses_never_share_a_name():
         assert not seconds & set(firsts)
 
 
+# A stage's name holds its weights exactly enough to tell apart any two that --weights can give.
+# (Mutation audit: `f"{w:g}"`, six significant digits: 0,1,1.0000001 and 0,1,1.0000002 were both "w0-1-1", one
+# name and one checkpoint folder for two different losses.)
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_losses_differing_in_the_seventh_digit_have_different_names_that_read_back_as_their_weights(tagged):
+    grid = [(0.0, 1.0, 1.0000001), (0.0, 1.0, 1.0000002), (0.0, 0.1234567, 1.0), (0.0, 0.1234568, 1.0)]
+    names = [sftkey.stage_name("", w, tagged) for w in grid]
+    assert len(set(names)) == len(grid)
+    for w, name in zip(grid, names):
+        assert tuple(float(x) for x in name.removeprefix("w").removesuffix("_tag").split("-")) == w
+
+
 def test_weights_flags_reach_each_stage_and_the_short_forms_agree():
     stages = train.plan_stages(train.parse_args(["--weights", "0.5,1,2", "--stage2_weights", "0,0.1,1"]))
     assert [s.weights for s in stages] == [(0.5, 1.0, 2.0), (0.0, 0.1, 1.0)]

@@ -82,6 +82,17 @@ def test_render_untagged_template():
     assert roles.count(KEY) == len("\n#### 5") + 1  # one token per byte, plus end-of-text
 
 
+# Only the prompt's TRAILING whitespace goes (sftkey.prompt_head); its leading whitespace is part of what it says.
+# (Mutation audit: `prompt.strip()`, so an indented prompt lost its indentation in training and evaluation alike.)
+
+@pytest.mark.parametrize("tagged", [True, False], ids=["tagged", "untagged"])
+def test_render_keeps_a_prompts_leading_whitespace_and_drops_only_its_trailing(tagged):
+    prompt = "    print(2+3)  \n"
+    assert sftkey.prompt_head(prompt) == "    print(2+3)\n"
+    text, spans = sftkey.render(prompt, "2+3=5", "5", tagged)
+    assert text.startswith("    print(2+3)\n") and text[spans[0][0]:spans[0][1]] == "    print(2+3)\n"
+
+
 def test_tag_refuses_spans_that_do_not_cover_the_text():
     text, spans = sftkey.render("Q", "a", "b")
     enc = byte_encoding()
