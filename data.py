@@ -251,7 +251,7 @@ def _turns(messages) -> dict:
         raise ValueError(f"the messages must be one user turn then one assistant turn (a system message may lead); "
                          f"got the roles {roles}")
     prompt = "\n\n".join(m["content"] for m in messages[:-1] if m["role"] == "user" or m["content"].strip())
-    return {"prompt": prompt, "completion": messages[-1]["content"]}  # system + blank line + user
+    return {"prompt": prompt, "completion": messages[-1]["content"]}
 
 
 def _check_example(example: Example) -> None:

@@ -6,13 +6,14 @@
     python experiment.py --arms weighted,sft_tag_e1e2   # the up-weighting control against its schedule alone
 
 Each arm is a train.py run (`arm_config` gives its flags; `python train.py` is sftkey_tag), planned
-into stages by train.plan_stages. `sftkey_tag` (the method) and `sftsft_tag` (the compute-matched
-control, `--stage2_weights 0,1,1`) both continue from sft_tag's stage with a fresh optimizer, the same
-stage-2 schedule and the data stream read on, so the only difference between them is the loss on
-the reasoning tokens. Stages that arms share are trained once per seed and kept in memory. Each seed
-changes the initial weights, the data order and the validation split; the test problems stay the
-same (--data_seed or --eval_data fixes them). On the synthetic tasks every response is also scored for
-its reasoning, right only when it is the problem's worked solution (`reasoning_scores`).
+into stages by train.plan_stages, on the examples both layouts keep (`layout_data`). `sftkey_tag`
+(the method) and `sftsft_tag` (the compute-matched control, `--stage2_weights 0,1,1`) both continue
+from sft_tag's stage with a fresh optimizer, the same stage-2 schedule and the data stream read on,
+so the only difference between them is the loss on the reasoning tokens. Stages that arms share are
+trained once per seed and kept in memory. Each seed changes the initial weights, the data order and
+the validation split; the test problems stay the same (--data_seed or --eval_data fixes them). On
+the synthetic tasks every response is also scored for its reasoning, right only when it is the
+problem's worked solution (`reasoning_scores`).
 
 Outputs in --out_dir, rewritten (atomically) after every arm: results.md, results.json, loss_log.jsonl;
 at the end, when matplotlib is installed, val_loss.png and accuracy.png (--plot_only redraws them later).
@@ -85,7 +86,8 @@ def layout_data(cfg: train.TrainConfig, names: list[str], enc, raw: dict[str, by
     """(training, validation, test) sets of each layout the arms `names` use (True: tagged) at cfg.seed. An example
     too long for --block_size in one layout is dropped from the other too: the sft arm differs in its layout only."""
     step = cfg.batch_size * cfg.grad_accum  # examples one optimizer step draws
-    sets = {not c.untagged: D.load_data(c, enc, raw, step) for c in (arm_config(cfg, name) for name in names)}
+    configs = {not c.untagged: c for c in (arm_config(cfg, name) for name in names)}  # one per layout
+    sets = {tagged: D.load_data(c, enc, raw, step) for tagged, c in configs.items()}
     if len(sets) < 2:
         return sets
     both = set.intersection(*({ex for s in layout[:2] for ex in s.examples} for layout in sets.values()))
@@ -94,7 +96,7 @@ def layout_data(cfg: train.TrainConfig, names: list[str], enc, raw: dict[str, by
         if len(sets[tagged][0].ids) < step:
             raise D.DataError(f"{cfg.data or 'synthetic task'}: {len(sets[tagged][0].ids)} training examples fit "
                               f"--block_size {cfg.block_size} in both layouts, fewer than the {step} of one optimizer "
-                              f"step (--batch_size x --grad_accum); raise --block_size or lower --batch_size")
+                              f"step (--batch_size x --grad_accum); raise --block_size, or lower those two")
     return sets
 
 
@@ -599,12 +601,13 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     layouts = layout_data(cfg, run_names, enc, inputs.raw)  # bad input: here, before anything is written
     for tagged, sets in layouts.items():  # what each layout trains on (--seed's split)
         print(f"  {'tagged' if tagged else 'untagged'} layout: " + runtime.format_summary(sets[0].summary))
-    print("  " + runtime.test_line([s for sets in layouts.values() for s in sets[:2]], sets[2]), flush=True)
+    test = next(iter(layouts.values()))[2]  # the same in both layouts
+    print("  " + runtime.test_line([s for sets in layouts.values() for s in sets[:2]], test), flush=True)
     dropped = {t: sum(s.summary.get("dropped_in_other_layout", 0) for s in sets[:2]) for t, sets in layouts.items()}
     if any(dropped.values()):  # then both layouts are used
         print(f"note: training and validation examples too long for --block_size {cfg.block_size} in one layout are "
-              f"dropped from the other too ({dropped[True]} too long untagged, {dropped[False]} tagged), so every arm "
-              f"trains on the same examples", flush=True)
+              f"dropped from the other too ({dropped[True]} too long only untagged, {dropped[False]} only tagged), "
+              f"so every arm trains on the same examples", flush=True)
     plan = [(name,) for name in ckpts.EXPERIMENT_FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds
                                                            for n in run_names if save_ckpt]
     finished = "the arms finished so far are in --out_dir (results.json says \"complete\": false)"

@@ -320,7 +320,8 @@ def test_line(sets: list, test: list) -> str:
 def format_summary(summary: dict) -> str:
     """One line of a tokenized set's summary (data.tokenize's), and the bad lines --skip_bad_lines skipped."""
     s, skipped = summary, summary.get("skipped_bad_lines", 0)
-    return (f"{s['name']}: {s['examples']} examples ({s['dropped_too_long']} dropped as too long); tokens per "
+    other = f", {s['dropped_in_other_layout']} more in the other layout" if s.get("dropped_in_other_layout") else ""
+    return (f"{s['name']}: {s['examples']} examples ({s['dropped_too_long']} dropped as too long{other}); tokens per "
             f"example: prompt {s['prompt_tokens_mean']:.1f} (max {s['prompt_tokens_max']}), thinking "
             f"{s['thinking_tokens_mean']:.1f} (max {s['thinking_tokens_max']}), key {s['key_tokens_mean']:.1f} "
             f"(max {s['key_tokens_max']}); key fraction of response {s['key_fraction']:.1%}; straddling tokens "
@@ -496,9 +497,10 @@ def check_config(cfg):
             problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
     except RuntimeError:
         problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
-    if not cfg.out_dir or os.path.lexists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):  # '' would be this one
-        problems.append(f"--out_dir {cfg.out_dir}: " + ("exists and is not a folder" if cfg.out_dir else "empty; "
-                                                       "give a folder ('.' for the current one)"))
+    if not cfg.out_dir:  # '' would be the current folder
+        problems.append("--out_dir is empty; give a folder ('.' for the current one)")
+    elif os.path.lexists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        problems.append(f"--out_dir {cfg.out_dir}: exists and is not a folder")
     if problems:
         raise ValueError("; ".join(problems))
     return cfg

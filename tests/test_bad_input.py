@@ -171,7 +171,7 @@ def test_an_empty_out_dir_is_refused_not_read_as_the_current_folder(tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         train.main(TINY + ["--out_dir", ""])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--out_dir : empty; give a folder ('.' for the current one)" in err
+    assert exit_info.value.code == 2 and "--out_dir is empty; give a folder ('.' for the current one)" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -19,6 +19,7 @@ import torch
 
 import data as D
 import experiment as E
+import runtime
 import sftkey
 import train
 
@@ -391,7 +392,7 @@ def test_each_layouts_data_is_shown_and_every_arm_trains_on_the_same_examples(tm
     out = capsys.readouterr().out
     assert f"  tagged layout: {path}: " in out and f"  untagged layout: {path}: " in out
     assert "note: training and validation examples too long for --block_size 36 in one layout are dropped from the " \
-           "other too (2 too long untagged, 0 tagged), so every arm trains on the same examples" in out
+           "other too (2 too long only untagged, 0 only tagged), so every arm trains on the same examples" in out
     cfg, _ = E.parse_args([*TINY, "--data", str(path), "--eval_data", str(path), "--format", "tagged",
                            "--block_size", "36", "--batch_size", "2", "--n_val", "2"])
     alone = {untagged: [s.examples for s in D.load_data(dataclasses.replace(cfg, untagged=untagged),
@@ -412,6 +413,25 @@ def test_each_layouts_data_is_shown_and_every_arm_trains_on_the_same_examples(tm
     assert 0 < seen < 20 and f"  test: 20 examples, {seen} of them with a prompt of the training data" in out
     with pytest.raises(D.DataError, match="^validation: none of its examples fits --block_size 36 in both layouts"):
         E._keep_only(layouts[True][1], set(), D.char_encoding(), 36, True)
+    whole = layouts[True][0]  # nothing to drop: the very set, so runs that drop nothing are unchanged bit for bit
+    assert E._keep_only(whole, set(whole.examples), D.char_encoding(), 36, True) is whole
+
+
+def test_run_seed_trains_every_arm_on_the_examples_both_layouts_keep(tmp_path, seed_cfg, fake_loop):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q: {n}", "thinking": "x" * n, "answer": "5"}) + "\n"
+                            for n in range(10, 30)))  # as above: two fit the tagged layout only
+    cfg = dataclasses.replace(seed_cfg, data=str(path), eval_data=str(path), format="tagged", block_size=36,
+                              batch_size=2, n_val=2)
+    run_arms(cfg, ["sft", "sft_tag"])
+    untagged, tagged = fake_loop.calls
+    assert untagged["cfg"].untagged and not tagged["cfg"].untagged
+    for part in ("train_set", "val_set"):
+        assert untagged[part].examples == tagged[part].examples
+    dropped = [tagged[part].summary.get("dropped_in_other_layout", 0) for part in ("train_set", "val_set")]
+    assert sum(dropped) == 2 and dropped[0] > 0  # and said in the data line the run prints
+    assert f" dropped as too long, {dropped[0]} more in the other layout); " in runtime.format_summary(
+        tagged["train_set"].summary)
 
 
 def test_too_few_examples_for_a_step_in_both_layouts_is_one_clear_error(tmp_path, monkeypatch):
