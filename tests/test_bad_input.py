@@ -142,6 +142,8 @@ FLAG_CASES = [
     ("stage-2 weights without stage 2", lambda tmp: ["--stage2_iters", "0", "--stage2_weights", "0,1,1"],
      "--stage2_lr and --stage2_weights set up stage 2, which --stage2_iters 0 leaves out"),
     ("stage 2 at lr 0", lambda tmp: ["--stage2_iters", "2", "--min_lr_ratio", "0"], "--stage2_lr 0 means --lr x --min_lr_ratio"),
+    ("a one-step stage 2 at lr 0", lambda tmp: ["--stage2_iters", "1", "--min_lr_ratio", "0"],
+     "stage 2 would train at learning rate 0"),
     ("heads do not divide the width", lambda tmp: ["--n_embd", "10", "--n_head", "3"], "not a multiple of --n_head"),
     ("zero batch size", lambda tmp: ["--batch_size", "0"], "--batch_size 0: must be a whole number >= 1"),
     ("nan learning rate", lambda tmp: ["--lr", "nan"], "--lr nan: must be a finite number"),

@@ -128,3 +128,27 @@ def test_cuda_set_up_keeps_attention_off_cudnn(backend_flags):
     runtime.set_up_device("cuda", 0)
     assert not torch.backends.cuda.cudnn_sdp_enabled()
     assert torch.backends.cuda.matmul.allow_tf32
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_multiplies_it_and_the_model_is_wide(monkeypatch):
+    """--dtype auto: bfloat16 on a GPU with native bf16, and on such a CPU from --n_embd 256 (bench.py: 0.7x float32's
+    speed at width 128, faster at 384); float32 without native bf16. --dtype given is taken as it is."""
+    def resolved(native, **flags):
+        monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+        return runtime.resolve_device(train.TrainConfig(**{"device": "cpu", "dtype": "auto", **flags}))
+    assert resolved(True, n_embd=256) == ("cpu", torch.bfloat16)
+    assert resolved(True, n_embd=192) == ("cpu", torch.float32)  # 192 wide: float32 is faster
+    assert resolved(True, n_embd=384) == ("cpu", torch.bfloat16)
+    assert resolved(False, n_embd=1024) == ("cpu", torch.float32)
+    assert resolved(True, device="cuda", n_embd=32) == ("cuda", torch.bfloat16)
+    assert resolved(True, n_embd=32, dtype="bfloat16") == ("cpu", torch.bfloat16)
+    assert resolved(True, n_embd=1024, dtype="float32") == ("cpu", torch.float32)
+
+
+def test_each_rank_of_a_job_uses_the_gpu_of_its_local_rank():
+    """Rank 5 of two 4-GPU machines is the second one's local rank 1: cuda:1 (its node has no cuda:5)."""
+    dist = runtime.Dist(rank=5, world=8, local_rank=1, device="cuda:1")
+    cfg = train.TrainConfig(device="cuda", dtype="float32")
+    assert runtime.resolve_device(cfg, dist) == ("cuda:1", torch.float32)
+    assert runtime.resolve_device(cfg, runtime.Dist()) == ("cuda", torch.float32)  # one process: as given
+    assert runtime.resolve_device(train.TrainConfig(device="cpu", dtype="float32"), dist) == ("cpu", torch.float32)

@@ -44,6 +44,9 @@ def test_whole_numbers_beyond_63_bits_are_refused_by_name():
         runtime.check_config(dataclasses.replace(train.TrainConfig(), seed=2 ** 63))
     with pytest.raises(ValueError, match="--seed -1: must be a whole number >= 0"):
         runtime.check_config(train.parse_args(["--seed", "-1"]))
+    with pytest.raises(ValueError, match="--batch_size 9223372036854775808: must be a whole number >= 1"):
+        runtime.check_config(dataclasses.replace(train.TrainConfig(), batch_size=2 ** 63))
+    runtime.check_config(dataclasses.replace(train.TrainConfig(), seed=2 ** 63 - 1))  # the largest one is taken
 
 
 @pytest.mark.parametrize("name", FIELDS)

@@ -218,6 +218,7 @@ def test_every_rank_of_a_job_ends_with_rank_0s_refusal(tmp_path):
     (lambda c: c["model_config"].update(n_layer=True), "does not describe this project's GPT"),
     (lambda c: c.update(stage="s" * 250), "its stage name"),
     (lambda c: c.update(stream_start=2 ** 70), "stream position"),
+    (lambda c: c.update(stream_start=5, step=-1), "stream position"),  # a negative step, though the sum is >= 0
 ])
 def test_odd_init_from_checkpoints_are_one_line_errors_or_harmless(tmp_path, capsys, spoil, problem):
     data = write_data(tmp_path / "data.jsonl")

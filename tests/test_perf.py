@@ -130,6 +130,44 @@ def test_mfu_is_the_formulas_and_absent_without_a_peak(capsys):
     assert "MFU" not in capsys.readouterr().out.splitlines()[-1]
 
 
+class _SameOnEveryRank(runtime.Dist):
+    """One of `world` ranks that all count the same: all_reduce sums `world` copies, as torch.distributed would."""
+
+    def all_reduce(self, value, op="sum"):
+        assert op == "sum"
+        return value * self.world
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_meter_line_figures_from_counted_tokens_and_a_fake_clock(monkeypatch, capsys, world):
+    """A log line's tokens/s (the job's non-padding tokens per second of training, validation left out), MFU (the
+    FLOPs of the positions run, at the mean padded width, per second, over the peak of all ranks) and ETA
+    (seconds per step so far times the steps left), worked out by hand: 4 steps of 2 rows x 3 positions, one
+    of them padding and 2 with a loss weight per batch; 10 s elapsed, 2 of them in validation."""
+    now = [100.0]
+    monkeypatch.setattr(runtime, "time", type("Clock", (), {"time": staticmethod(lambda: now[0])}))
+    model = _model()  # vocab 320, 2 layers, 32 wide
+    cfg = T.TrainConfig(batch_size=2, grad_accum=1)
+    dist = _SameOnEveryRank(rank=0, world=world) if world > 1 else runtime.Dist()
+    meter = runtime.Meter(model, cfg, dist, "cpu", iters=10, first_step=0, peak=1e9)
+    roles = torch.tensor([[sftkey.THINK, sftkey.KEY, sftkey.PAD], [sftkey.THINK, sftkey.THINK, sftkey.KEY]])
+    weights = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    for _ in range(4):
+        meter.count(roles, weights)
+    now[0] = 104.0
+    with meter.paused():
+        now[0] = 106.0
+    now[0] = 110.0
+    row = meter.line("sft_tag", 3, 1e-3, torch.tensor(1.5))
+    assert row["loss"] == 1.5
+    assert row["tokens_per_s"] == pytest.approx(world * 4 * 5 / 8)  # 5 real tokens a batch, 8 s busy: the job's
+    flops = 6 * 12 * 2 * 32 ** 2 + 12 * 2 * 32 * 3 + 6 * 32 * 320 * (2 / 6)  # GPT.flops_per_token's formula
+    assert row["mfu"] == pytest.approx(flops * (4 * 6 / 8) / 1e9)  # the same on every rank: not x world
+    line = capsys.readouterr().out
+    assert "0:00:10 elapsed | ETA 0:00:12" in line  # 8 s busy / 4 steps x 6 steps left
+    assert [runtime.clock(s) for s in (0, 59.9, 3725, 90061)] == ["0:00:00", "0:00:59", "1:02:05", "25:01:01"]
+
+
 def test_peak_memory_sees_the_full_logits(batch):
     """The step-memory tracker counts what is allocated, frees what is freed, and shows the logits."""
     with bench.PeakMemory() as tracker:

@@ -178,3 +178,19 @@ def test_resume_between_stages_restores_the_rng(tmp_path, monkeypatch):
             assert same == (name == "resumed"), name
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_each_checkpoint_holds_the_rng_state_of_its_own_step(tmp_path):
+    """A later periodic checkpoint records the RNG state at its step, not the one gathered for an earlier write:
+    --resume from it must go on with the dropout masks the uninterrupted run draws next."""
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    path = tmp_path / "sft_tag" / "ckpt.pt"
+    stage = checkpoints.StageCheckpoint(str(path), _config(tmp_path), "sft_tag", [])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        stage.save(2, model, None)
+        torch.rand(100)  # the draws of steps 3 and 4
+        at_step_4 = torch.get_rng_state()
+        stage.save(4, model, None)
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 4 and torch.equal(saved["rng_ranks"][0]["rng"], at_step_4)

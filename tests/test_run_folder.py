@@ -213,6 +213,18 @@ def test_resume_mismatches_names_every_field(tmp_path):
         "--lr: not recorded in the checkpoint, 0.002 here", "--future_flag: 3 in the checkpoint, no such flag here"]
 
 
+def test_resume_refuses_a_checkpoint_that_recorded_no_hash_of_an_input(tmp_path):
+    """A checkpoint without the sha256 of --data (an older one, or its entry lost) cannot show that the file is the
+    one it trained on: a mismatch, not a pass."""
+    data = write_data(tmp_path / "data.jsonl")
+    cfg = train.parse_args(flags(tmp_path / "out", data))
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    for saved in ({"train_config": train.dataclasses.asdict(cfg)},
+                  {"train_config": train.dataclasses.asdict(cfg), "file_hashes": {"--encoding": digest}}):
+        diffs = checkpoints.resume_mismatches(saved, cfg, {"--data": digest})
+        assert diffs == [f"--data {data}: other contents (not recorded in the checkpoint, sha256 {digest[:12]}… here)"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 2: one run per folder
 
@@ -619,6 +631,20 @@ def test_resume_refuses_another_number_of_ranks(made, tmp_path):
         checkpoints.check_resume(path, cfg, shape, 2, hashes)
 
 
+def test_resume_refuses_fewer_ranks_than_the_checkpoint_had(made, tmp_path):
+    """The other way round: a 2-rank checkpoint (two RNG states) resumed by 1 process is another run too."""
+    out = copy(made["interrupted"], tmp_path / "out")
+    cfg = train.parse_args(flags(out, made["data"], "--resume"))
+    shape, hashes = checkpoints.model_config(cfg, D.get_encoding(cfg.encoding)), checkpoints.read_inputs(cfg).sha256
+    path = out / "sft_tag" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["world"], ckpt["rng_ranks"] = 2, ckpt["rng_ranks"] * 2
+    torch.save(ckpt, path)
+    checkpoints.check_resume(str(path), cfg, shape, 2, hashes)  # the same: accepted
+    with pytest.raises(ValueError, match=r"ranks: 2 in the checkpoint, 1 here"):
+        checkpoints.check_resume(str(path), cfg, shape, 1, hashes)
+
+
 def test_eval_only_writes_only_into_a_folder_of_its_own(made, tmp_path, capsys):
     """--eval_only writes results.json: a folder holding a run's checkpoints (finished or interrupted) is
     another run's, refused with --overwrite too (it would make that run unresumable)."""
@@ -648,6 +674,19 @@ def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(made, tmp_pa
     code, err = main(flags(out, made["data"], *start, "--stage2_iters", "0"), capsys)
     one_line_error(code, err, "holds files this run does not write", str(out / "sft_tag" / "ckpt.pt"))
     assert digests(out) == before
+
+
+def test_overwrite_knows_the_start_checkpoint_however_its_path_is_spelled(tmp_path, monkeypatch):
+    """--init_from given relative to the current folder (or through another spelling) names the same file as
+    --out_dir/sft_tag/ckpt.pt: --overwrite refuses to delete it, and it is left as it was."""
+    out = tmp_path / "out"
+    (out / "sft_tag").mkdir(parents=True)
+    (out / "sft_tag" / "ckpt.pt").write_bytes(b"the start checkpoint")
+    monkeypatch.chdir(out)
+    folder = checkpoints.RunFolder(str(out), overwrite=True, start=os.path.join("sft_tag", "ckpt.pt"))
+    with folder, pytest.raises(ValueError, match="--overwrite would delete sft_tag/ckpt.pt, the --init_from"):
+        folder.take([("sft_tag", "ckpt.pt"), ("results.json",)])
+    assert (out / "sft_tag" / "ckpt.pt").read_bytes() == b"the start checkpoint"
 
 
 def test_resume_with_overwrite_is_refused_before_anything_is_written(made, tmp_path, capsys):

@@ -466,3 +466,13 @@ def test_show_roles_prints_the_viewer_and_each_stages_loss_before_training(finis
     assert before.index("loss sft_tag ") < before.index("loss sftkey_tag ")
     assert "[K:<|endoftext|>]" in before  # end-of-text is a key token
 
+
+def test_a_checkpoint_taken_with_an_empty_log_cuts_the_file_back_to_empty(tmp_path):
+    """log_bytes 0 (a checkpoint written when log.jsonl was empty or deleted) is a cut like any other: the rows a
+    killed run wrote after that checkpoint go as the resumed run's first row comes."""
+    log = checkpoints.LiveLog(str(tmp_path))
+    log.append({"stage": "a", "step": 0})  # the killed run's row, after its checkpoint
+    log.resume({"log": [], "log_bytes": 0})
+    assert log.written == 0
+    log.append({"stage": "a", "step": 1})
+    assert rows_of(tmp_path / "log.jsonl") == [{"stage": "a", "step": 1}]

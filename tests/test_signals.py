@@ -237,3 +237,51 @@ def test_stop_signal_raises_at_once_outside_deferred_and_only_after_it_inside(tm
         except runtime.Interrupted as err:
             assert "SIGINT received: the run ends here" in str(err)
     assert {sig: signal.getsignal(sig) for sig in runtime.STOP_SIGNALS} == found
+
+
+class TwoRanks(runtime.Dist):
+    """Rank 0 of two, the other rank's flags given: all_reduce combines the two as torch.distributed would."""
+
+    def __init__(self, other: list[float]):
+        super().__init__(rank=0, world=2)
+        self.other = other
+
+    def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        other = torch.tensor(self.other, dtype=value.dtype)
+        return {"sum": value + other, "max": torch.maximum(value, other), "min": torch.minimum(value, other)}[op]
+
+
+def test_a_signal_that_reached_one_rank_stops_every_rank():
+    """`Dist.any`: a flag true on any rank is true on all (a signal sent to one rank's process stops the whole job
+    after the step in flight, every rank checkpointing together), false only where every rank has it false."""
+    assert TwoRanks([0.0, 1.0]).any(True, False) == [True, True]
+    assert TwoRanks([1.0, 0.0]).any(False, False) == [True, False]
+    assert TwoRanks([0.0, 0.0]).any(False, False) == [False, False]
+    assert TwoRanks([1.0, 1.0]).any(True, True) == [True, True]
+
+
+def test_a_signal_while_the_handlers_go_back_still_ends_the_run_with_interrupted(monkeypatch):
+    """A SIGTERM that lands as a finished run puts its handlers back is held until they are back, then raised: the
+    command exits 130, not 0. With an error already on its way out, that error goes on instead."""
+    def restore_hit_by_sigterm(stop):
+        original = stop._restore
+
+        def restore():
+            os.kill(os.getpid(), signal.SIGTERM)  # our handler is still in place: held (deferred)
+            original()
+        monkeypatch.setattr(stop, "_restore", restore)
+    found = {sig: signal.getsignal(sig) for sig in runtime.STOP_SIGNALS}
+    try:
+        with runtime.StopSignal() as stop:
+            restore_hit_by_sigterm(stop)
+        raise AssertionError("a SIGTERM while the handlers went back was lost")
+    except runtime.Interrupted as err:
+        assert "SIGTERM received" in str(err)
+    assert {sig: signal.getsignal(sig) for sig in runtime.STOP_SIGNALS} == found
+    try:
+        with runtime.StopSignal() as stop:
+            restore_hit_by_sigterm(stop)
+            raise KeyError("the run's own error")
+    except KeyError as err:
+        assert "the run's own error" in str(err)
+    assert {sig: signal.getsignal(sig) for sig in runtime.STOP_SIGNALS} == found

@@ -22,6 +22,7 @@ import data as D
 import runtime
 import sftkey
 import train
+from model import GPT, GPTConfig
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--n_train", "200",
         "--n_val", "10", "--n_test", "2", "--warmup_iters", "1", "--eval_interval", "1000", "--log_interval", "1",
@@ -93,6 +94,17 @@ def test_stage2_by_hand_from_the_stage1_checkpoint_equals_stage2_in_one_command(
     assert max_diff(expected, weights(tmp_path / "by_hand2/sftkey_tag/ckpt.pt")) == 0.0
     assert [r["loss"] for r in second["log"] if "loss" in r] == \
         [r["loss"] for r in one["log"] if "loss" in r and r["stage"] == "sftkey_tag"]
+
+
+def test_a_stage_from_a_checkpoint_reads_on_after_every_step_before_it(tmp_path):
+    """--init_from a checkpoint of a stage that itself read on (stream_start 12, then 5 steps): the next stage
+    starts at batch 17 of the data stream, not at 5 (which would train again on batches the weights have seen)."""
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    path = tmp_path / "start.pt"
+    checkpoints.save_checkpoint(str(path), model, None, train.TrainConfig(), 5,
+                                {"stage": "sftkey_tag", "stream_start": 12})
+    inputs = checkpoints.read_inputs(train.TrainConfig(init_from=str(path)))
+    assert inputs.origin == ("sftkey_tag", 12 + 5)
 
 
 def test_compute_matched_control_is_one_command_that_reads_on(tmp_path, monkeypatch):
@@ -184,6 +196,7 @@ def test_help_says_how_the_loss_is_normalised():
     (["--key_weight", "-2"], "--key_only/--key_weight"),
     (["--key_weight", "1e-50"], "each weight must be 0 or between 1e-06 and 1e+06"),
     (["--weights", "0,1,2", "--key_only"], "give one or the other"),
+    (["--weights", "0,1,2", "--key_weight", "0.5"], "give one or the other"),  # a key weight below 1 too
 ])
 def test_bad_weights_stop_before_anything_is_written(tmp_path, capsys, flags, problem):
     out = tmp_path / "out"
