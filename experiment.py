@@ -587,6 +587,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
         return None
     run_names = sorted(dict.fromkeys(names), key=lambda n: ARM_NAMES.index(n.partition(".lr")[0]))  # each once
     device, dtype = runtime.resolve_device(cfg)
+    runtime.set_up_device(device, cfg.seed)  # as train.py: on CUDA, attention off cuDNN's (a plan per new width)
     inputs = ckpts.read_inputs(cfg)  # every input file read once, for every arm and seed
     enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
     if inputs.init:  # an --init_from of another shape or encoding is named before anything is printed or written
