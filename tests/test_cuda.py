@@ -201,7 +201,7 @@ def test_interrupt_and_resume_on_cuda_with_dropout(tmp_path, monkeypatch):
                 resumed = _weights(tmp_path / name)
                 for key in expected:
                     assert torch.equal(resumed[key], expected[key]), (name, key)
-            monkeypatch.setattr(checkpoints, "restore_rng", lambda saved: None)  # the control
+            monkeypatch.setattr(checkpoints, "restore_rng", lambda saved, rank=0: None)  # the control
             monkeypatch.setattr(runtime, "print_result", between)
             with pytest.raises(runtime.Interrupted):
                 train.run(_config(tmp_path / "control", *flags))
