@@ -67,8 +67,7 @@ def test_two_stage_run_in_float32_follows_the_cpu(tmp_path, no_tf32):
     weights, reference = _weights(tmp_path / "cuda"), _weights(tmp_path / "cpu")
     for name in reference:  # 22 Adam steps of up to lr=1e-3 each: another training ends ~1e-2 away
         torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=1e-3, msg=name)
-    rows = [row for row in gpu["log"] if "mfu" in row]
-    assert rows and all(row["mfu"] is None or 0 < row["mfu"] <= 1 for row in rows)
+    assert not any("mfu" in row for row in gpu["log"])  # no float32 peak to divide by (runtime.peak_flops)
 
 
 def test_two_stage_run_in_bf16_autocast(tmp_path):
@@ -80,7 +79,8 @@ def test_two_stage_run_in_bf16_autocast(tmp_path):
     assert losses == pytest.approx(_losses(fp32), rel=3e-2)  # bf16 matmuls, the same training
     assert all(t.dtype == torch.float32 for t in _weights(tmp_path / "bf16").values())  # weights stay fp32
     if runtime.gpu_bf16_peak(torch.cuda.get_device_name()) is not None:  # a data-sheet peak: MFU is known
-        assert all(0 < row["mfu"] < 1 for row in bf16["log"] if "mfu" in row)
+        rows = [row for row in bf16["log"] if "loss" in row]
+        assert rows and all(0 < row["mfu"] < 1 for row in rows)
 
 
 def test_compile_matches_eager_with_one_graph_for_all_widths(tmp_path):
