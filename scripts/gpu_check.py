@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,12 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile_modes", default="eager,compiled", help="profile: eager and/or compiled")
     p.add_argument("--profile_backends", default="default", help="profile: attention backends of "
                    "scaled_dot_product_attention: default (PyTorch's choice), flash, efficient, cudnn, math")
+    p.add_argument("--budget_s", type=float, default=0, help="seconds for the whole check (0 = no limit): each "
+                   "section's time limit is cut to what is left, and no run or profile setting starts once it is "
+                   "spent, so a check under an outer limit (e.g. 540 under 600) ends by itself, its JSON complete")
     p.add_argument("--compile_backend", default="", help="torch.compile backend (default inductor; the CPU smoke "
                                                          "test uses eager, inductor's C++ build taking minutes)")
     return p
 
 
-def run_section(name: str, command: list[str], timeout: int, report: dict, log_dir: str | None = None) -> None:
+def run_section(name: str, command: list[str], timeout: float, report: dict, log_dir: str | None = None) -> None:
     """A subprocess whose status and time go into `report`. Its output is written to
     LOG_DIR/NAME.log as it comes (a section killed from outside still leaves what it printed)
     and its tail printed at the end."""
@@ -88,11 +92,35 @@ def run_section(name: str, command: list[str], timeout: int, report: dict, log_d
             status = subprocess.run(command, cwd=ROOT, timeout=timeout, stdout=log, stderr=subprocess.STDOUT).returncode
         except subprocess.TimeoutExpired:
             status = 124
-            log.write(f"\n{name}: timed out after {timeout} s\n")
+            log.write(f"\n{name}: timed out after {timeout:.0f} s\n")
         log.seek(0)
         output = log.read()
     print(output[-6000:], flush=True)
     report[name] = {"status": status, "seconds": time.time() - start, "output_tail": output[-3000:]}
+
+
+def time_left(args) -> float:
+    """Seconds left of --budget_s (inf without one)."""
+    return getattr(args, "deadline", math.inf) - time.time()
+
+
+def limit(args, seconds: float) -> float:
+    """A section's time limit, cut to the time left of --budget_s (at least 1 s: it then times out at once)."""
+    return max(1.0, min(seconds, time_left(args)))
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: str) -> float | None:
+    """The peak GPU memory allocated since the last reset_peak_memory (None on a CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30
 
 
 class StageProbe:
@@ -108,7 +136,7 @@ class StageProbe:
 
     def _sync(self) -> None:
         if self.device.startswith("cuda"):
-            self.torch.cuda.synchronize()
+            self.torch.cuda.synchronize(self.device)
 
     def __enter__(self) -> StageProbe:
         self._train, self._evaluate, self._line = self.T.train, self.T.evaluate, self.R.Meter.line
@@ -118,8 +146,7 @@ class StageProbe:
             bound = inspect.signature(probe._train).bind(*args, **kwargs)
             stage, iters = bound.arguments["stage"], bound.arguments["iters"]
             probe._sync()
-            if probe.device.startswith("cuda"):
-                probe.torch.cuda.reset_peak_memory_stats()
+            reset_peak_memory(probe.device)
             probe._marks, probe._stage, start = [], stage, time.time()
             probe._training = True  # evaluate calls inside training are validation answers, not test evaluations
             optimizer = probe._train(*args, **kwargs)
@@ -127,7 +154,7 @@ class StageProbe:
             probe._sync()
             row = {"steps": iters, "seconds": time.time() - start}
             if probe.device.startswith("cuda"):
-                row["peak_memory_gb"] = probe.torch.cuda.max_memory_allocated() / 2 ** 30
+                row["peak_memory_gb"] = peak_memory_gb(probe.device)
             row.update(probe._rates(iters))
             probe.stages[stage] = row
             return optimizer
@@ -185,6 +212,11 @@ def recipe(args, report: dict) -> bool:
     report["recipe"] = {"flags": flags, "runs": {}}
     ok = True
     for name, extra in (("eager", ["--eval_limit", str(args.eval_problems)]), ("compile", ["--compile", "--eval_limit", "1"])):
+        if time_left(args) <= 0:
+            ok = False
+            report["recipe"]["runs"][name] = {"skipped": "no time left (--budget_s)"}
+            print(f"recipe {name}: skipped, no time left (--budget_s)", flush=True)
+            continue
         print(f"\n=== recipe, {name}: python train.py {' '.join(flags + extra)}", flush=True)
         start = time.time()
         try:
@@ -192,19 +224,21 @@ def recipe(args, report: dict) -> bool:
                 train.run(train.parse_args([*flags, *extra, "--out_dir", os.path.join(args.out, name)]))
             report["recipe"]["runs"][name] = {"stages": probe.stages, "evaluations": probe.evals,
                                               "seconds": time.time() - start}
-            if name == "eager":
+            save_report(args.out, report)  # a check stopped from outside keeps this run
+            if name == "eager" and time_left(args) > 0:
                 report["recipe"]["kv_cache"] = kv_cache_evaluation(args, [*flags, *extra], os.path.join(args.out, name))
         except Exception as err:  # report it and go on: the other run and the summary still count
             ok = False
             report["recipe"]["runs"][name] = {"error": f"{type(err).__name__}: {err}", "seconds": time.time() - start}
             print(f"recipe {name} failed: {type(err).__name__}: {err}", flush=True)
+        save_report(args.out, report)
     return ok
 
 
 def _sync(device: str) -> None:
     import torch
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def kv_cache_evaluation(args, flags: list[str], run_dir: str) -> dict:
@@ -282,6 +316,11 @@ def profile(args, report: dict) -> None:
     table_path = os.path.join(args.out, "profile.txt")
     open(table_path, "w").close()
     for n, (batch_size, mode, backend) in enumerate(settings):
+        if time_left(args) <= 0:
+            rows.append({"batch_size": batch_size, "mode": mode, "backend": backend, "error": "skipped: no time left"})
+            print(f"batch {batch_size}, {mode}, attention {backend}: skipped, no time left (--budget_s)", flush=True)
+            continue
+        reset_peak_memory(device)  # each setting's own peak, not the largest of the process so far
         batches = D.Batches(data, batch_size, cfg.seed)
         net = runtime.compiled(model, mode == "compiled")
         kernel = sdpa_kernel(backends[backend]) if backends[backend] is not None else None
@@ -317,19 +356,20 @@ def profile(args, report: dict) -> None:
         except Exception as err:  # a backend this GPU or shape cannot run: say so, go on with the next
             print(f"{name}: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
             rows.append({"batch_size": batch_size, "mode": mode, "backend": backend, "error": str(err)[:300]})
+            save_report(args.out, report)
             continue
         for stage, (seconds, positions, projected, flops) in totals.items():
             rows.append({"batch_size": batch_size, "mode": mode, "backend": backend, "stage": stage,
                          "step_ms": 1000 * seconds / timed, "positions_per_s": positions / seconds,
                          "projected_share": projected / positions, "mfu": flops / seconds / peak if peak else None,
-                         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30
-                         if device.startswith("cuda") else None})
+                         "peak_memory_gb": peak_memory_gb(device)})
         one, two = rows[-2], rows[-1]
         one["first_pass_ms"] = 1000 * sum(fresh) / timed
         two["speedup_over_stage1"] = one["step_ms"] / two["step_ms"]
         print(f"{name}: stage 1 {one['step_ms']:.1f} ms/step (first pass {one['first_pass_ms']:.1f}), MFU "
               f"{mfu_text(one['mfu'])}; stage 2 {two['step_ms']:.1f} ms/step ({two['speedup_over_stage1']:.2f}x)",
               flush=True)
+        save_report(args.out, report)  # a check stopped from outside keeps every setting measured so far
         with open(table_path, "a") as f:
             f.write(table + "\n\n")
         print("\n".join(table.splitlines()[:16]), flush=True)
@@ -410,6 +450,7 @@ def save_report(out: str, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.deadline = time.time() + args.budget_s if args.budget_s > 0 else math.inf
     if args.quick:
         args.stage1_iters, args.stage2_iters = min(args.stage1_iters, 3), min(args.stage2_iters, 2)
         args.eval_problems, args.limit = min(args.eval_problems, 2), args.limit or 100
@@ -429,13 +470,14 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     started, ok = time.time(), True
     if "tests" in sections:
-        run_section("tests", [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs"], 300, report, args.out)
+        tests = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs"]
+        run_section("tests", tests, limit(args, 300), report, args.out)
         ok &= report["tests"]["status"] == 0
         save_report(args.out, report)
     if "bench" in sections:
         bench_flags = ["--data", os.path.join(args.gsm8k, "train.jsonl"), "--json", os.path.join(args.out, "bench.json"),
                        "--device", args.device] + (["--quick"] if args.quick else BENCH)
-        run_section("bench", [sys.executable, "bench.py", *bench_flags], 300, report, args.out)
+        run_section("bench", [sys.executable, "bench.py", *bench_flags], limit(args, 300), report, args.out)
         ok &= report["bench"]["status"] == 0
         save_report(args.out, report)
     if "recipe" in sections:
@@ -448,18 +490,20 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
             report["profile"] = {"error": f"{type(err).__name__}: {err}"}
             print(f"profile failed: {type(err).__name__}: {err}", flush=True)
+        save_report(args.out, report)
     if sections & {"recipe", "profile"}:
         print("\n" + summary_table(report), flush=True)
     quick = QUICK_RUN if args.quick else []
     if "default" in sections:  # the README's first command, as it is
         run_section("default", [sys.executable, "train.py", "--device", args.device, "--overwrite", "--out_dir",
-                                os.path.join(args.out, "default"), *quick], 900, report, args.out)
+                                os.path.join(args.out, "default"), *quick], limit(args, 900), report, args.out)
         ok &= report["default"]["status"] == 0
         save_report(args.out, report)
     if "experiment" in sections:
         quick_arms = ["--seeds", "1", "--e1", "3", "--e2", "2", "--n_boot", "50"] if args.quick else []
-        run_section("experiment", [sys.executable, "experiment.py", "--device", args.device, "--overwrite",
-                                   "--out_dir", os.path.join(args.out, "experiment"), *quick, *quick_arms], 1800, report, args.out)
+        command = [sys.executable, "experiment.py", "--device", args.device, "--overwrite", "--out_dir",
+                   os.path.join(args.out, "experiment"), *quick, *quick_arms]
+        run_section("experiment", command, limit(args, 1800), report, args.out)
         ok &= report["experiment"]["status"] == 0
     report["seconds"], report["ok"] = time.time() - started, ok
     save_report(args.out, report)

@@ -98,3 +98,49 @@ def test_quick_profile_and_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
         assert report[name]["status"] == 0, report[name]["output_tail"]
         assert "sftkey_tag" in (tmp_path / f"{name}.log").read_text()
     assert (tmp_path / "experiment" / "results.md").exists()
+
+
+def _quick(tmp_path, *flags: str) -> list[str]:
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(GSM8K_DIR, "..", "tiktoken_cache")
+    return ["--gsm8k", GSM8K_DIR, "--tiktoken_cache", cache, "--quick", "--device", "cpu", "--compile_backend", "eager",
+            "--profile_batches", "2", "--profile_modes", "eager", "--out", str(tmp_path), *flags]
+
+
+@needs_gsm8k
+def test_each_profile_setting_reports_its_own_peak_memory(tmp_path, monkeypatch):
+    """The peak is reset before each setting: it was the process's peak so far (the recipe's, or a wider setting's)."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    resets = []
+    monkeypatch.setattr(gpu_check, "reset_peak_memory", lambda device: resets.append(device))
+    monkeypatch.setattr(gpu_check, "peak_memory_gb", lambda device: float(len(resets)))  # GB "since the last reset"
+    assert gpu_check.main(_quick(tmp_path, "--sections", "profile", "--profile_backends", "default,math")) == 0
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["profile"]["rows"]
+    assert [r["peak_memory_gb"] for r in rows] == [1.0, 1.0, 2.0, 2.0]
+
+
+@needs_gsm8k
+def test_the_profile_is_saved_before_the_next_section_starts(tmp_path, monkeypatch):
+    """A check stopped from outside during a later section (the experiment, under a call's time limit) keeps the
+    profile's figures in gpu_check.json: they were written only at the very end."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    seen = {}
+
+    def section(name, command, timeout, report, log_dir=None):
+        seen[name] = json.loads((tmp_path / "gpu_check.json").read_text())
+        report[name] = {"status": 0, "seconds": 0.0, "output_tail": ""}
+    monkeypatch.setattr(gpu_check, "run_section", section)
+    assert gpu_check.main(_quick(tmp_path, "--sections", "profile,experiment")) == 0
+    assert [r["stage"] for r in seen["experiment"]["profile"]["rows"]] == ["stage 1", "stage 2"]
+
+
+@needs_gsm8k
+def test_a_budget_ends_the_check_by_itself_with_its_report_complete(tmp_path, monkeypatch):
+    """--budget_s: no run or profile setting starts once it is spent, and a section's limit is cut to what is left (the
+    experiment's 1800 s ran past the 600 s of a GPU call, which then lost the report's end)."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    status = gpu_check.main(_quick(tmp_path, "--sections", "recipe,profile,experiment", "--budget_s", "1e-6"))
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert status == 1 and report["ok"] is False and report["seconds"] < 120
+    assert all("skipped" in run for run in report["recipe"]["runs"].values()) and "kv_cache" not in report["recipe"]
+    assert [r["error"] for r in report["profile"]["rows"]] == ["skipped: no time left"]
+    assert report["experiment"]["status"] == 124 and "timed out after 1 s" in report["experiment"]["output_tail"]
