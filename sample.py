@@ -108,8 +108,10 @@ def sample(model: GPT, prompt: list[int], max_new_tokens: int, stop_token: int, 
         hidden = model(torch.tensor([seq], device=device))[0, -1]  # at most block_size tokens: see budget
         logits = (model.lm_head.weight @ hidden).float().masked_fill(~allowed, float("-inf"))
         # The best at 0, the others below: a tiny temperature sends only them to -inf (float32's least normal
-        # number: a temperature that rounds to 0 would divide the best by 0; MPS has no float64).
-        logits = (logits - logits.max()) / max(temperature, torch.finfo(torch.float32).tiny)
+        # number: a temperature that rounds to 0 would divide the best by 0; MPS has no float64). A huge one is
+        # float32's largest: one that rounds to inf would turn the disallowed ids' -inf into NaN (-inf / inf).
+        f32 = torch.finfo(torch.float32)
+        logits = (logits - logits.max()) / min(max(temperature, f32.tiny), f32.max)
         if top_k:
             kth = torch.topk(logits, min(top_k, int(allowed.sum()))).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -202,6 +202,17 @@ def test_a_tiny_temperature_is_greedy_not_an_error(loaded):
         assert [r.ids for r in sample.respond(model, enc, PROMPTS, temperature=temperature)] == [r.ids for r in greedy]
 
 
+def test_a_huge_temperature_samples_the_allowed_ids_not_an_error(loaded):
+    """Found in review: --temperature 1e39 (finite, so accepted) rounded to inf in float32, turned the disallowed ids'
+    -inf logits into NaN (-inf / inf) and torch.multinomial failed with a traceback. It is capped at float32's largest
+    number: nearly uniform over the allowed ids, as a huge temperature means."""
+    model, enc, _, _ = loaded
+    allowed = D.generable_ids(enc, model.config.vocab_size)
+    for temperature, top_k in ((1e39, 0), (1e308, 10 ** 6), (3.5e38, 3)):
+        replies = sample.respond(model, enc, PROMPTS, temperature=temperature, top_k=top_k, max_new_tokens=8)
+        assert all(r.ids and all(allowed[i] for i in r.ids) for r in replies)
+
+
 def test_a_tokenizer_file_other_than_the_one_trained_with_is_refused(tmp_path, capsys):
     """Found in review: a run trained with --encoding FILE.tiktoken, whose file then changed, was sampled with the new
     file, exit 0: other token ids, a wrong response. The checkpoint records the file's sha256; sample.py compares."""
