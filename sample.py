@@ -157,8 +157,9 @@ def describe(reply: Reply) -> str:
 
 
 def read_prompts(path: str) -> dict[str, str]:
-    """One prompt a line (blank lines skipped), by "path:line"; a line's trailing "\\r" dropped."""
-    raw = D.read_input(path, "--file")
+    """One prompt a line (blank lines skipped), by "path:line"; a line's trailing "\\r" and a leading byte-order mark
+    dropped."""
+    raw = D.read_input(path, "--file").removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as data.py drops it
     try:
         lines = raw.decode("utf-8").split("\n")
     except UnicodeDecodeError as err:

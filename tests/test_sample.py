@@ -213,6 +213,17 @@ def test_a_huge_temperature_samples_the_allowed_ids_not_an_error(loaded):
         assert all(r.ids and all(allowed[i] for i in r.ids) for r in replies)
 
 
+def test_a_prompt_file_with_a_byte_order_mark(ckpt, capsys, tmp_path):
+    """Found in review: a --file saved with a UTF-8 byte-order mark (Windows editors) fed its first prompt with a
+    U+FEFF in front, exit 0: another prompt than the one written. It is dropped, as data.py drops it from JSONL."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfQ: 2+2\nQ: 3+1\n")
+    assert list(sample.read_prompts(str(tmp_path / "bom.txt")).values()) == ["Q: 2+2", "Q: 3+1"]
+    sample.main(["--ckpt", ckpt, "--file", str(tmp_path / "bom.txt")])
+    plain = capsys.readouterr().out
+    sample.main(["--ckpt", ckpt, "Q: 2+2", "Q: 3+1"])
+    assert plain == capsys.readouterr().out and "\ufeff" not in plain
+
+
 def test_a_tokenizer_file_other_than_the_one_trained_with_is_refused(tmp_path, capsys):
     """Found in review: a run trained with --encoding FILE.tiktoken, whose file then changed, was sampled with the new
     file, exit 0: other token ids, a wrong response. The checkpoint records the file's sha256; sample.py compares."""
