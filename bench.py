@@ -399,6 +399,19 @@ QUICK = dict(limit=300, n_layer=1, n_head=2, n_embd=32, batch_size=2, gen_batch=
              iters=1, small_iters=1)
 
 
+def check_args(args) -> None:
+    """Every flag's rule, all problems in one ValueError (as train.py's flags): not a traceback from deep inside."""
+    problems = [f"--{k} {getattr(args, k)}: must be a whole number >= {low}" for low, names in (
+        (1, "n_layer n_head n_embd block_size batch_size gen_batch new_tokens iters small_iters gen_iters"),
+        (0, "warmup threads limit seed")) for k in names.split() if getattr(args, k) < low]
+    if args.n_head >= 1 and args.n_embd % args.n_head:
+        problems.append(f"--n_embd {args.n_embd}: must be a multiple of --n_head {args.n_head}")
+    if args.dtype not in ("auto", "float32", "bfloat16"):
+        problems.append(f"--dtype {args.dtype}: use auto, float32 or bfloat16")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -406,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)  # explicit flags still win over --quick
     try:
+        check_args(args)
         out = run(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -218,3 +218,20 @@ def test_bench_runs_end_to_end_and_writes_every_figure(tmp_path):
     assert out["train_step"]["key"]["projected_fraction"] < out["train_step"]["sft"]["projected_fraction"] < 1
     for title in ("Training step", "Greedy generation", "Padding", "Precision"):
         assert title in done.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n_head", "0"], "--n_head 0: must be a whole number >= 1"),  # was a ZeroDivisionError traceback
+    (["--n_embd", "33"], "--n_embd 33: must be a multiple of --n_head 2"),  # was an AssertionError traceback
+    (["--threads", "-1"], "--threads -1: must be a whole number >= 0"),  # was a RuntimeError traceback
+    (["--new_tokens", "0"], "--new_tokens 0: must be a whole number >= 1"),  # was a ZeroDivisionError traceback
+    (["--limit", "-5"], "--limit -5: must be a whole number >= 0"),  # was examples[:-5], silently
+    (["--dtype", "float16"], "--dtype float16: use auto, float32 or bfloat16"),  # train.py refuses it too
+    (["--iters", "0", "--batch_size", "0"], "--batch_size 0: must be a whole number >= 1; --iters 0"),
+])
+def test_bench_bad_flags_are_one_line_and_exit_2(capsys, flags, message):
+    """Found in review: bench.py checked none of its flags; several ended in a traceback, others ran on silently."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--data", "", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
