@@ -309,9 +309,10 @@ def print_setup(sets: list, test: list, model, device: str, dist: Dist, dtype: t
 
 
 def test_line(sets: list, test: list) -> str:
-    """How many test examples, and how many of their prompts the training or validation `sets` hold."""
-    trained = {ex.prompt for s in sets for ex in s.examples}
-    seen = sum(ex.prompt in trained for ex in test)  # Acc on those measures recall
+    """How many test examples, and how many of their prompts the training or validation `sets` hold (compared as the
+    model reads them, `sftkey.prompt_head`: a trailing space or newline does not make a prompt new)."""
+    trained = {sftkey.prompt_head(ex.prompt) for s in sets for ex in s.examples}
+    seen = sum(sftkey.prompt_head(ex.prompt) in trained for ex in test)  # Acc on those measures recall
     return (f"test: {len(test)} examples" + (f", {seen} of them with a prompt of the training data (--eval_data the "
             f"--data file?): Acc on those measures recall, not the method" if seen else "") if test else "test: none "
             "(--data without --eval_data, or --n_test 0): every stage is trained and checkpointed, none is evaluated")

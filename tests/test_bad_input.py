@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import data as D
+import runtime
 import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -239,6 +240,14 @@ def test_calculator_annotations_are_stripped_in_every_format(tmp_path):
         path.write_text(json.dumps(record) + "\n")
         assert D.read_examples(str(path), fmt)[0].thinking == reasoning
         assert D.read_examples(str(path), fmt, strip_calculator=True)[0].thinking == "11*2 = 22", fmt
+
+
+def test_a_test_prompt_counts_as_trained_on_by_what_the_model_reads():
+    """Found in review: a test prompt that differed from a training prompt only by trailing whitespace, which
+    sftkey.prompt_head drops (the model reads the same tokens), was not counted: the recall warning stayed silent."""
+    trained = D.TokenizedSet([D.Example("Q: 1+1", "1+1=2", "2")], [], [], {})
+    test = [D.Example("Q: 1+1 \n", "1+1=2", "2"), D.Example("Q: 1+1\t", "1+1=2", "2"), D.Example("Q: 1+2", "x", "3")]
+    assert "test: 3 examples, 2 of them with a prompt of the training data" in runtime.test_line([trained], test)
 
 
 def test_test_prompts_of_the_training_data_are_counted_before_training(tmp_path, capsys):
