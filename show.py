@@ -45,7 +45,7 @@ def visible(piece: bytes) -> str:
         elif ch in ESCAPES:
             out.append(ESCAPES[ch])
         elif ch != " " and (not ch.isprintable() or unicodedata.category(ch) in ("Cf", "Zs", "Zl", "Zp")):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x80 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000
                        else f"\\U{ord(ch):08x}")
         else:
             out.append(ch)

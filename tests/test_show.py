@@ -54,7 +54,9 @@ def test_escapes_keep_every_byte_visible_and_unambiguous():
     assert show.visible(b"\n\r\t") == r"\n\r\t"
     assert show.visible(b"\\n") == r"\\n"  # a backslash and an n: not a newline
     assert show.visible(b"\x07\x7f") == r"\x07\x7f"
-    assert show.visible("\u200b\u00a0\u2028".encode()) == r"\u200b\xa0\u2028"  # invisible, no-break, line sep
+    assert show.visible("\u200b\u00a0\u2028".encode()) == r"\u200b\u00a0\u2028"  # invisible, no-break, line sep
+    # Found in review: U+0085 and U+00A0 were shown as \x85 and \xa0, as the lone bytes 0x85 and 0xa0 are.
+    assert show.visible("\u0085".encode()) == r"\u0085" != show.visible(b"\x85") == r"\x85"
     assert show.visible("é".encode()) == "é"
     assert show.visible("é".encode()[:1]) == r"\xc3"  # half a character: its byte
     assert show.visible("\U000e0001".encode()) == r"\U000e0001"  # a format character beyond the BMP
