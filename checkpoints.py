@@ -197,7 +197,7 @@ def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dic
 def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding: str | None = None,
                     mmap: bool = False, raw: bytes | None = None) -> dict:
     """A checkpoint (from `raw`, its bytes, if given), loaded with weights_only=True (never running code), refused in
-    one ValueError unless it holds exactly this model's float32 weights, shaped as `expected` (and `encoding`)."""
+    one ValueError unless it holds exactly this model's finite float32 weights shaped as `expected` (and `encoding`)."""
     if raw is None and not os.path.isfile(path):  # a FIFO would block torch.load, /dev/zero never end
         D.read_input(path, "checkpoint")  # raises its reason: no such file, not a regular file, ...
     try:
@@ -233,6 +233,8 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
             if wrong[0] in weights else "missing"
         raise ValueError(f"{path}: {len(wrong)} weight tensor(s) are not this model's float32 tensors (the first: "
                          f"{wrong[0]}, {what})")
+    if bad := next((k for k, tensor in weights.items() if not torch.isfinite(tensor).all()), None):
+        raise ValueError(f"{path}: weight tensor {bad} holds NaN or inf (train.py never saves such weights)")
     if expected is not None:
         check_shape(ckpt, path, expected, encoding)
     return ckpt

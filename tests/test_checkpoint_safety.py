@@ -164,6 +164,17 @@ def test_unusable_checkpoints(checkpoint, tmp_path, contents, problem):
     assert "Python object" not in str(refusal.value)  # said only of a file that holds one (the tests above)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused(checkpoint, tmp_path, value):
+    """A corrupted file: evaluating it would score 0 with exit 0, sampling it would fail deep in torch.multinomial."""
+    path, model = checkpoint
+    state = torch.load(path, weights_only=True)
+    state["model"]["transformer.h.0.mlp.c_fc.weight"][3, 5] = value
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="weight tensor transformer.h.0.mlp.c_fc.weight holds NaN or inf"):
+        load_checkpoint(str(tmp_path / "bad.pt"), model.config, "cpu")
+
+
 def test_every_torch_load_is_weights_only():
     """Scan the project's Python files: each torch.load call passes weights_only=True literally."""
     calls = 0
