@@ -408,6 +408,8 @@ def check_args(args) -> None:
         problems.append(f"--n_embd {args.n_embd}: must be a multiple of --n_head {args.n_head}")
     if args.dtype not in ("auto", "float32", "bfloat16"):
         problems.append(f"--dtype {args.dtype}: use auto, float32 or bfloat16")
+    if args.device != "auto" and (problem := R.device_problem(args.device)):
+        problems.append(problem)
     if problems:
         raise ValueError("; ".join(problems))
 

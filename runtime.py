@@ -42,6 +42,19 @@ def resolve_device(cfg, dist: Dist | None = None) -> tuple[str, torch.dtype]:
     return device, getattr(torch, cfg.dtype)  # float32 or bfloat16: check_config refused the rest
 
 
+def device_problem(device: str, kinds: tuple[str, ...] = ("cpu", "cuda")) -> str | None:
+    """Why a --device other than auto cannot run here (`kinds`: the device types the code supports), or None."""
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index or 0
+    except RuntimeError:
+        return f"--device {device}: not a device; use auto, cpu, cuda or cuda:N"
+    if kind not in kinds:  # meta, xpu, ...: a traceback deep inside the run otherwise
+        return f"--device {device}: not a device this runs on; use auto, {', '.join(kinds)} or cuda:N"
+    if kind == "cuda" and index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
 def autocast(device: str, dtype: torch.dtype):
     """bf16 autocast: matmuls in bfloat16, weights and optimizer state in float32 (no loss scaling needed)."""
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=dtype)
@@ -493,11 +506,8 @@ def check_config(cfg):
         loss_weights(cfg)
     except ValueError as err:
         problems.append(str(err))
-    try:
-        if cfg.device != "auto" and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-            problems.append(f"--device {cfg.device}: CUDA is not available on this machine")
-    except RuntimeError:
-        problems.append(f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
+    if cfg.device != "auto" and (problem := device_problem(cfg.device)):
+        problems.append(problem)
     if not cfg.out_dir:  # '' would be the current folder
         problems.append("--out_dir is empty; give a folder ('.' for the current one)")
     elif os.path.lexists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):

@@ -216,14 +216,8 @@ def run(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     check_args(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        kind, index = torch.device(device).type, torch.device(device).index or 0
-    except RuntimeError:
-        raise ValueError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {device}: not a device to run on; use auto, cpu, cuda or cuda:N")
-    if kind == "cuda" and index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if problem := runtime.device_problem(device, ("cpu", "cuda", "mps")):
+        raise ValueError(problem)
     prompts = {f"prompt {number}": prompt for number, prompt in enumerate(args.prompts, 1)}
     prompts.update(read_prompts(args.file) if args.file else {})
     model, enc, tagged, dtype = load(args.ckpt, device, args.encoding, args.dtype)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import data as D
 import runtime
@@ -149,6 +150,10 @@ FLAG_CASES = [
     ("zero batch size", lambda tmp: ["--batch_size", "0"], "--batch_size 0: must be a whole number >= 1"),
     ("nan learning rate", lambda tmp: ["--lr", "nan"], "--lr nan: must be a finite number"),
     ("unknown device", lambda tmp: ["--device", "tpu"], "--device tpu: not a device"),
+    ("a device torch knows but this code does not run on", lambda tmp: ["--device", "meta"],
+     "--device meta: not a device this runs on; use auto, cpu, cuda or cuda:N"),  # was a traceback in training
+    ("a CUDA device this machine lacks", lambda tmp: ["--device", f"cuda:{torch.cuda.device_count()}"],
+     f"this machine has {torch.cuda.device_count()} CUDA device(s)"),
     ("unknown dtype", lambda tmp: ["--dtype", "float8"], "--dtype float8"),
 ]
 

@@ -227,6 +227,7 @@ def test_bench_runs_end_to_end_and_writes_every_figure(tmp_path):
     (["--new_tokens", "0"], "--new_tokens 0: must be a whole number >= 1"),  # was a ZeroDivisionError traceback
     (["--limit", "-5"], "--limit -5: must be a whole number >= 0"),  # was examples[:-5], silently
     (["--dtype", "float16"], "--dtype float16: use auto, float32 or bfloat16"),  # train.py refuses it too
+    (["--device", "meta"], "--device meta: not a device this runs on"),  # was a traceback in the first table
     (["--iters", "0", "--batch_size", "0"], "--batch_size 0: must be a whole number >= 1; --iters 0"),
 ])
 def test_bench_bad_flags_are_one_line_and_exit_2(capsys, flags, message):
