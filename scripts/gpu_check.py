@@ -14,7 +14,8 @@ Sections (--sections picks some; each has a time limit, and a failed one does no
    and answers them again with the KV cache off (time, tokens/s, rows identical to the cached run);
 4. profile: stage-1 and stage-2 steps at that shape on the same batches, eager and compiled, at
    micro-batches of 16 and 64: step time, tokens/s, MFU, the stage-2 speedup, and a torch.profiler
-   table of stage-1 steps (OUT/profile.txt);
+   table of stage-1 steps (OUT/profile.txt); then where two steps of train.train make the host wait
+   for the GPU (file:line, from CUDA's sync debug mode);
 5. default, experiment: `python train.py` and `python experiment.py` as they are, on --device.
 
 DIR holds GSM8K's train.jsonl and test.jsonl; the tiktoken cache folder holds GPT-2's BPE files
@@ -25,7 +26,9 @@ goes to OUT/gpu_check.json. The exit status is 1 when a section failed; the othe
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import dataclasses
 import inspect
 import json
 import math
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -373,6 +377,36 @@ def profile(args, report: dict) -> None:
         with open(table_path, "a") as f:
             f.write(table + "\n\n")
         print("\n".join(table.splitlines()[:16]), flush=True)
+    if time_left(args) > 0:
+        val = D.tokenize(examples[:cfg.batch_size], enc, cfg.block_size, name="sync check")
+        report["profile"]["host_waits"] = sites = host_waits(cfg, model, data, val, device, dtype)
+        print("the host waits for the GPU in two steps of train.train (file:line: times; CUDA's sync debug mode): "
+              + (", ".join(f"{k}: {v}" for k, v in sites.items()) or "nowhere"), flush=True)
+
+
+SYNC_WARNING = "synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") says
+
+
+def host_waits(cfg, model, data, val, device: str, dtype) -> dict[str, int]:
+    """Where two steps of train.train (stage 1, --grad_accum as the recipe's) make the host wait for the GPU: `file:line`
+    -> times, from CUDA's sync debug mode (on a CPU nothing waits, and nothing is found). Both steps also log and
+    validate (the first and the last step do): their lines show too."""
+    import torch
+
+    import train
+    cuda = device.startswith("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train.train(model, data, val, dataclasses.replace(cfg, val_acc_n=0), (0.0, 1.0, 1.0), 2, cfg.lr,
+                        "sync check", device, dtype, [])
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    return dict(collections.Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
+                                    if SYNC_WARNING in str(w.message)).most_common())
 
 
 def profiler_table(step, first: int, device: str, title: str, steps: int = 3) -> str:
@@ -488,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             profile(args, report)
         except Exception as err:  # report it and go on
             ok = False
-            report["profile"] = {"error": f"{type(err).__name__}: {err}"}
+            report.setdefault("profile", {})["error"] = f"{type(err).__name__}: {err}"  # keeps the rows measured
             print(f"profile failed: {type(err).__name__}: {err}", flush=True)
         save_report(args.out, report)
     if sections & {"recipe", "profile"}:

@@ -4,6 +4,7 @@ greedy evaluation), and the sections that run other commands."""
 import json
 import os
 import sys
+import warnings
 
 import pytest
 
@@ -144,3 +145,25 @@ def test_a_budget_ends_the_check_by_itself_with_its_report_complete(tmp_path, mo
     assert all("skipped" in run for run in report["recipe"]["runs"].values()) and "kv_cache" not in report["recipe"]
     assert [r["error"] for r in report["profile"]["rows"]] == ["skipped: no time left"]
     assert report["experiment"]["status"] == 124 and "timed out after 1 s" in report["experiment"]["output_tail"]
+
+
+@needs_gsm8k
+@pytest.mark.filterwarnings("ignore:called a synchronizing")  # the stand-in's, from the profile's own steps
+def test_the_profile_names_the_lines_where_a_training_step_waits_for_the_gpu(tmp_path, monkeypatch):
+    """CUDA's sync debug mode warns at each host wait; the profile counts those warnings by file:line over two steps
+    of train.train. On a CPU nothing warns, so a stand-in warns where CUDA would: at each micro-batch's weights."""
+    import sftkey
+    import train
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    token_weights = sftkey.token_weights
+
+    def waits(roles, weights):
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=2)  # the caller's line, as CUDA's warning
+        return token_weights(roles, weights)
+    monkeypatch.setattr(sftkey, "token_weights", waits)
+    assert gpu_check.main(_quick(tmp_path, "--sections", "profile", "--profile_backends", "default")) == 0
+    line = next(n for n, text in enumerate(open(train.__file__), 1) if "sftkey.token_weights(roles, weights)" in text)
+    sites = json.loads((tmp_path / "gpu_check.json").read_text())["profile"]["host_waits"]
+    assert sites[f"train.py:{line}"] == 2  # a micro-batch a step (--grad_accum 1 in --quick), two steps
+    # validation_loss's lines show too; the profile's own steps call token_weights as well, but they are not counted
+    assert all(site.startswith("train.py:") for site in sites) and sum(sites.values()) > 2
