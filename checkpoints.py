@@ -487,8 +487,8 @@ class RunFolder(FolderLock):
     def _take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None) -> None:
         self.acquire()
         out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]
-        # Run files (ours, or another run's): RUN_FILES at the top, ckpt.pt one or two folders down.
-        top, folder = [os.path.join(out, name) for name in RUN_FILES], glob.escape(out)
+        # Run files (ours, or another run's): RUN_FILES and (a stage folder's) ckpt.pt at the top, ckpt.pt 1-2 down.
+        top, folder = [os.path.join(out, name) for name in RUN_FILES + (CKPT_NAME,)], glob.escape(out)
         deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
         found = sorted(path for path in top + deeper if os.path.isfile(path))
         for path in (p for p in found if self.resume and check is not None and p.endswith(CKPT_NAME)):
@@ -515,8 +515,8 @@ class RunFolder(FolderLock):
         if problems:
             raise ValueError(f"--out_dir {out}: the run could not write its files there: {'; '.join(problems)}. "
                              f"Nothing was trained; fix this or choose another --out_dir")
-        ours = tuple(f".{os.path.basename(p)}." for p in planned) + (".sftkey-probe.",)  # atomic_write's names
         for folder in folders:  # temporaries of our writes killed mid-way: the folder is locked, none is live
+            ours = tuple(f".{name}." for up, name in map(os.path.split, planned) if up == folder) + (".sftkey-probe.",)
             for entry in (e for e in os.listdir(folder) if e.startswith(ours) and e.endswith(TMP_SUFFIX)):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, entry))

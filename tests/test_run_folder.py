@@ -665,6 +665,24 @@ def test_eval_only_writes_only_into_a_folder_of_its_own(made, tmp_path, capsys):
     one_line_error(code, err, "holds the files of an earlier run", "results.json")
 
 
+def test_a_stage_folder_of_another_run_is_refused_and_its_temporaries_are_kept(made, tmp_path, capsys, monkeypatch):
+    """Review (attack): --out_dir set to another run's stage folder (out/sft_tag, holding its ckpt.pt) was taken: the
+    new run wrote beside that checkpoint, which made the first run's --resume refuse its own folder; and a take
+    deleted every .ckpt.pt.*.tmp in a folder of its plan, there the first run's checkpoint being written."""
+    out = copy(made["interrupted"], tmp_path / "out")
+    stage = out / "sft_tag"
+    before = digests(out)
+    no_training(monkeypatch)
+    code, err = main(flags(stage, made["data"]), capsys)
+    one_line_error(code, err, "holds files this run does not write", str(stage / "ckpt.pt"))
+    assert digests(out) == before
+    (stage / "ckpt.pt").unlink()  # before the first run's first checkpoint: its temporary, half written
+    (stage / ".ckpt.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    with checkpoints.RunFolder(str(stage)) as folder:
+        folder.take([("results.json",), ("sft_tag", "ckpt.pt")])
+    assert (stage / ".ckpt.pt.abc123.tmp").read_bytes() == b"half a checkpoint"
+
+
 def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(made, tmp_path, capsys, monkeypatch):
     """The --init_from checkpoint in --out_dir is not a file of this run's plan: the folder is refused."""
     out = copy(made["finished"], tmp_path / "out")
