@@ -619,8 +619,9 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
             run_seed(dataclasses.replace(cfg, seed=seed), run_names, enc, device, dtype, recorder.add, save_ckpt,
                      inputs, stop)
         summary = recorder.write(complete=True)
+        stop.after = "every arm finished and is in --out_dir; add --plot_only to this command to draw the plots"
+        images = plot(summary, recorder.rows, cfg.out_dir)  # in the folder still held: its files are this run's
     print("\n" + markdown(summary))
-    images = plot(summary, recorder.rows, cfg.out_dir)
     if images:
         print("plots: " + ", ".join(images))
     else:

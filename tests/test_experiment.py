@@ -233,6 +233,27 @@ def test_an_earlier_experiment_in_the_folder_is_refused_not_overwritten(tmp_path
     assert (out / "results.json").read_text() == '{"complete": true}'
 
 
+def test_the_plots_are_drawn_while_the_folder_is_still_held(tmp_path, monkeypatch):
+    """Review (attack): the plots were drawn after the folder's lock was released, so a second experiment given the
+    folder with --overwrite could start meanwhile and get this one's val_loss.png and accuracy.png among its files."""
+    import checkpoints
+    held = []
+
+    def plot(summary, rows, out_dir):
+        try:
+            lock = checkpoints.FolderLock(out_dir)
+            lock.acquire()
+            lock.release()
+            held.append(False)
+        except ValueError as err:
+            held.append("in use by another run" in str(err))
+        return []
+    monkeypatch.setattr(E, "plot", plot)
+    cfg, own = E.parse_args([*TINY, "--seeds", "1", "--arms", "sft_tag", "--out_dir", str(tmp_path / "out")])
+    E.run_experiment(cfg, **own)
+    assert held == [True]
+
+
 def test_an_arm_trains_the_same_weights_whichever_arms_run_beside_it_with_dropout(tmp_path):
     """Review: the state kept after a shared stage holds the RNG too, so with dropout an arm that continues
     it (sftkey_tag) gets the weights it gets alone, whatever other arms ran first."""
