@@ -51,7 +51,7 @@ def owned_path(out_dir: str, *names: str) -> str:
     for name in names:
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a name this project writes under --out_dir (letters, digits, "
-                             f"and _ . + - only, not starting with '.')")
+                             f"and _ . + - only, not starting with '.', at most 100 characters)")
         path = os.path.join(path, name)
         if os.path.islink(path):
             raise ValueError(f"{path} is a symbolic link: a run never writes, reads or deletes through one")
@@ -485,8 +485,8 @@ class RunFolder(FolderLock):
             raise ValueError(refusal)
 
     def _take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None) -> None:
-        self.acquire()
-        out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]
+        out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]  # before acquire: a bad name
+        self.acquire()  # makes no folder
         # Run files (ours, or another run's): RUN_FILES and (a stage folder's) ckpt.pt at the top, ckpt.pt 1-2 down.
         top, folder = [os.path.join(out, name) for name in RUN_FILES + (CKPT_NAME,)], glob.escape(out)
         deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))

@@ -683,6 +683,15 @@ def test_a_stage_folder_of_another_run_is_refused_and_its_temporaries_are_kept(m
     assert (stage / ".ckpt.pt.abc123.tmp").read_bytes() == b"half a checkpoint"
 
 
+def test_a_stage_name_too_long_is_named_as_such_before_the_folder_is_made(tmp_path):
+    """Review (attack): chained --init_from runs with spelled-out weights reach stage names over NAME's 100
+    characters; the refusal spoke only of the characters allowed, and came after the lock had made --out_dir."""
+    out = tmp_path / "new"
+    with checkpoints.RunFolder(str(out)) as folder, pytest.raises(ValueError, match="at most 100 characters"):
+        folder.take([("results.json",), ("w" * 101, "ckpt.pt")])
+    assert not out.exists()
+
+
 def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(made, tmp_path, capsys, monkeypatch):
     """The --init_from checkpoint in --out_dir is not a file of this run's plan: the folder is refused."""
     out = copy(made["finished"], tmp_path / "out")
