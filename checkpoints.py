@@ -485,8 +485,8 @@ class RunFolder(FolderLock):
             raise ValueError(refusal)
 
     def _take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None) -> None:
-        out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]  # before acquire: a bad name
-        self.acquire()  # makes no folder
+        out, planned = self.out_dir, [owned_path(self.out_dir, *names) for names in plan]
+        self.acquire()  # after the names are checked: acquire makes the folder, and a bad name must leave none
         # Run files (ours, or another run's): RUN_FILES and (a stage folder's) ckpt.pt at the top, ckpt.pt 1-2 down.
         top, folder = [os.path.join(out, name) for name in RUN_FILES + (CKPT_NAME,)], glob.escape(out)
         deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
