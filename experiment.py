@@ -145,8 +145,9 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
     """Mean of a - b over seeds and test items, with two confidence intervals.
 
     `a` and `b` are (seeds, items) per-item scores of two arms on the same test items. `ci`, the one to
-    read, covers what varies from seed to seed as well as the test problems: a t-interval over the
-    per-seed mean differences (each already averages its seed's test problems), so it needs 2 seeds.
+    read, covers what varies from seed to seed on these test problems: a t-interval over the per-seed
+    mean differences (each already averages its seed's test problems), so it needs 2 seeds. The problems
+    are the same for every seed, so it does not cover which problems were drawn.
     `ci_items` resamples test problems only (a paired percentile bootstrap: the same item indices for
     every seed), so it is too narrow whenever seeds disagree; it is kept to show how much narrower.
     """
@@ -422,7 +423,8 @@ def markdown(summary: dict) -> str:
             cells = [name, *(_diff(c.get(m)) for m in metrics), per_seed, _diff(c.get("acc"), "ci_items")]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Differences are means over seeds and test problems. The 95% CI is a t-interval over the "
-                      "per-seed differences: it covers seed-to-seed variation and the test problems. The last "
+                      "per-seed differences: it covers seed-to-seed variation on these test problems (the same for every seed), "
+                      "not which problems were drawn. The last "
                       f"column resamples test problems only ({summary['n_boot']} paired bootstrap resamples), "
                       "ignoring seeds: too narrow when seeds disagree, shown for comparison."]
     return "\n".join(lines) + "\n"
