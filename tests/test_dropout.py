@@ -1,4 +1,4 @@
-"""Dropout (--dropout): applied in training, at the embeddings and in attention; never at validation or evaluation.
+"""Dropout (--dropout): in training at the embeddings, in attention and at both sublayer outputs; never in eval.
 
 A dropout that is silently off still trains (only less regularised) and a dropout left on at
 evaluation still scores (only noisily), so no end-to-end result shows either. Here the model's
@@ -89,6 +89,21 @@ def attention_output_difference(dropout: float) -> float:
 def test_attention_dropout_is_applied_in_training():
     assert attention_output_difference(0.0) < 1e-6  # the comparison itself: no dropout, no difference
     assert attention_output_difference(P) > 1e-2, "attention dropout not applied in training"
+
+
+def test_attention_output_dropout_in_training_as_gpt2s_resid_dropout():
+    """GPT-2 (and gpt2.hf_config's resid_pdrop) drops the attention's output projection too, not only the MLP's:
+    in train mode about P of the attention sublayer's output is zero, in eval mode none of it."""
+    model = tiny_model(P)
+    out = []
+    model.transformer.h[0].attn.register_forward_hook(lambda module, args, y: out.append(y.detach()))
+    model.train()
+    model(tokens())
+    share = float((out[-1] == 0).float().mean())
+    assert 0.4 < share < 0.6, f"the attention output projection's dropout zeroed {share:.1%} in training"
+    model.eval()
+    model(tokens())
+    assert torch.count_nonzero(out[-1]) == out[-1].numel()
 
 
 def test_in_eval_mode_a_model_with_dropout_computes_exactly_what_it_computes_without():
