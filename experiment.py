@@ -423,8 +423,8 @@ def markdown(summary: dict) -> str:
             cells = [name, *(_diff(c.get(m)) for m in metrics), per_seed, _diff(c.get("acc"), "ci_items")]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Differences are means over seeds and test problems. The 95% CI is a t-interval over the "
-                      "per-seed differences: it covers seed-to-seed variation on these test problems (the same for every seed), "
-                      "not which problems were drawn. The last "
+                      "per-seed differences: it covers seed-to-seed variation on these test problems (the same for "
+                      "every seed), not which problems were drawn. The last "
                       f"column resamples test problems only ({summary['n_boot']} paired bootstrap resamples), "
                       "ignoring seeds: too narrow when seeds disagree, shown for comparison."]
     return "\n".join(lines) + "\n"

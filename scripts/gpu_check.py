@@ -388,9 +388,9 @@ SYNC_WARNING = "synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_
 
 
 def host_waits(cfg, model, data, val, device: str, dtype) -> dict[str, int]:
-    """Where two steps of train.train (stage 1, --grad_accum as the recipe's) make the host wait for the GPU: `file:line`
-    -> times, from CUDA's sync debug mode (on a CPU nothing waits, and nothing is found). Both steps also log and
-    validate (the first and the last step do): their lines show too."""
+    """Where two steps of train.train (stage 1, --grad_accum as the recipe's) make the host wait for the GPU:
+    `file:line` -> times, from CUDA's sync debug mode (on a CPU nothing waits, and nothing is found). Both steps
+    also log and validate (the first and the last step do): their lines show too."""
     import torch
 
     import train

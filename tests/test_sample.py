@@ -173,7 +173,8 @@ def test_a_response_stops_at_the_block_limit(loaded):
     (["--ckpt", "{ckpt}", "Q: 1", "--top_k", "5"], "--top_k 5 samples: give a --temperature > 0 too"),
     (["--ckpt", "{ckpt}", "Q: 1", "--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
     (["--ckpt", "{ckpt}", "Q: 1", "--device", "gpu7"], "--device gpu7: not a device"),
-    (["--ckpt", "{ckpt}", "Q: 1", "--device", "meta"], "--device meta: not a device this runs on; use auto, cpu, cuda, mps"),
+    (["--ckpt", "{ckpt}", "Q: 1", "--device", "meta"],
+     "--device meta: not a device this runs on; use auto, cpu, cuda, mps"),
     (["--ckpt", "{ckpt}", "Q: 1", "--encoding", "nope"], "--encoding nope: unknown"),
 ] + ([(["--ckpt", "{ckpt}", "Q: 1", "--device", "mps"], "--device mps: cannot run there")]  # not "unreadable"
      if not torch.backends.mps.is_available() else []))
