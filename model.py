@@ -168,14 +168,14 @@ class GPT(nn.Module):
         prefix at every step (the slow reference of the tests and bench.py). `allowed`, a bool mask over the
         vocabulary (`data.generable_ids`), limits the choice to ids the tokenizer can decode: not the embedding's
         padding rows (the table is a multiple of 64), not gaps in its ids."""
+        assert not (self.training and self.config.dropout), "generate with dropout on: call model.eval() first"
         device, B, block = self.transformer.wte.weight.device, len(prompts), self.config.block_size
         width = max(len(p) for p in prompts)
         if width > block:
             raise ValueError(f"a prompt of {width} tokens does not fit in block_size {block}")
         budget = torch.tensor([max(0, min(max_new_tokens, block + 1 - len(p))) for p in prompts], device=device)
         total = width + int(budget.max())
-        idx = torch.zeros(B, total, dtype=torch.long, device="cpu")  # filled on the host, copied once
-        real = torch.zeros(B, total, dtype=torch.bool, device="cpu")
+        idx, real = (torch.zeros(B, total, dtype=t, device="cpu") for t in (torch.long, torch.bool))  # on the host
         for row, prompt in enumerate(prompts):
             idx[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long, device="cpu")
             real[row, width - len(prompt):] = True

@@ -122,6 +122,15 @@ def test_in_eval_mode_a_model_with_dropout_computes_exactly_what_it_computes_wit
     assert with_dropout.generate(prompts, 20, -1) == without.generate(prompts, 20, -1)
 
 
+def test_generate_refuses_a_model_left_in_train_mode_with_dropout_and_not_one_without():
+    """Sampling with dropout on would read each token with a different thinned network: refused, not silent."""
+    with_dropout, without = tiny_model(P), tiny_model(0.0)
+    with_dropout.train(), without.train()
+    with pytest.raises(AssertionError, match="call model.eval"):
+        with_dropout.generate([[1, 2, 3]], 5, -1)
+    assert len(without.generate([[1, 2, 3]], 5, -1)[0]) == 5  # dropout 0: train mode computes what eval mode does
+
+
 # ---------------------------------------------------------------------------------------------
 # In the loop
 # (Mutation audit: `model.train()` deleted from the loop, so after the first validation every later
