@@ -583,7 +583,10 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     """Every requested arm at every seed; writes and returns the summary.
     With `plot_only`, only redraws the plots of the run already in cfg.out_dir."""
     if plot_only:
-        images = replot(cfg.out_dir)
+        with ckpts.FolderLock(cfg.out_dir) as lock:  # not from the files of a run still writing them
+            if os.path.isdir(cfg.out_dir):  # else replot names the missing file, and no folder is made
+                lock.acquire()
+            images = replot(cfg.out_dir)
         print("plots: " + ", ".join(images) if images else
               "no plots: matplotlib is not installed (pip install matplotlib)")
         return None

@@ -315,8 +315,18 @@ def test_plot_only_on_files_that_are_not_an_experiments_is_one_line(tmp_path, ca
                               f"experiment's")
 
 
-# ---------------------------------------------------------------------------------------------
-# One line, never a traceback; checkpoints of another dtype
+def test_plot_only_refuses_a_folder_another_run_holds_and_makes_no_folder_where_there_is_none(tmp_path, capsys):
+    """Found in review: --plot_only took no lock, so it drew from (and wrote plots into) a running experiment's
+    folder, whose results.json is only its arms so far."""
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "loss_log.jsonl").write_text("")
+    with checkpoints.FolderLock(str(tmp_path)) as holder:
+        holder.acquire()
+        code, err = experiment_main(["--plot_only", "--out_dir", str(tmp_path)], capsys)
+        one_line_error(code, err, f"--out_dir {tmp_path} is in use by another run")
+    missing = tmp_path / "none"
+    code, err = experiment_main(["--plot_only", "--out_dir", str(missing)], capsys)
+    assert code != 0 and "results.json" in err and not missing.exists()
 
 def test_a_signal_before_or_after_a_run_is_one_line_and_exit_130(tmp_path):
     tiny = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_train", "100", "--n_val", "10",
