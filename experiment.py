@@ -44,20 +44,24 @@ import sftkey
 import train
 from model import GPT, GPTConfig
 
-ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sftsft_tag", "weighted", "sft_tag_e1e2")
-COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sftsft_tag"), ("sftkey_tag", "weighted"),
+ARM_NAMES = ("sft", "sft_tag", "key_tag", "sftkey_tag", "sftsft_tag", "sftdft_tag", "weighted", "sft_tag_e1e2")
+DEFAULT_ARMS = tuple(n for n in ARM_NAMES if n not in ("sftdft_tag", "sft_tag_e1e2"))  # near 30 min on 2 CPU cores
+COMPARISONS = (("sftkey_tag", "sft_tag"), ("sftkey_tag", "sftsft_tag"), ("sftkey_tag", "sftdft_tag"),
+               ("sftdft_tag", "sftsft_tag"), ("sftkey_tag", "weighted"),
                ("weighted", "sft_tag_e1e2"))
-SWEPT = ("sftkey_tag", "sftsft_tag")  # the arms --stage2_lrs trains at every setting (from the same stage 1)
+SWEPT = ("sftkey_tag", "sftsft_tag", "sftdft_tag")  # the arms --stage2_lrs trains at every lr (from one stage 1)
 METRICS = ("acc", "fmt", "composite")
 REASONING = ("reasoning", "acc_reasoning_right", "acc_reasoning_wrong")  # the synthetic tasks only
 ABOUT = {"sft": "untagged SFT, E1", "sft_tag": "tagged SFT, E1", "key_tag": "key only from the initial weights, E1",
          "sftkey_tag": "sft_tag, then E2 key only (the method)",
          "sftsft_tag": "sft_tag, then E2 more tagged SFT (compute-matched control)",
+         "sftdft_tag": "sft_tag, then E2 tagged SFT, each token's loss x its probability (DFT control)",
          "weighted": "one stage of E1+E2 with key weight λ (up-weighting control)",
          "sft_tag_e1e2": "one stage of E1+E2, key weight 1 (weighted's schedule without λ)"}
 # The train.py flags each arm sets; every other flag is the user's. E1, E2, λ are --max_iters,
 # --stage2_iters, --key_weight. An arm is a train.py run: `python train.py` is sftkey_tag.
-ARM_FLAGS = {"weights": "0,1,1", "stage2_weights": "0,0,1", "key_only": False, "key_weight": 1.0, "untagged": False}
+ARM_FLAGS = {"weights": "0,1,1", "stage2_weights": "0,0,1", "stage2_dft": False, "key_only": False, "key_weight": 1.0,
+             "untagged": False}
 
 
 def variant(arm: str, stage2_lr: float) -> str:
@@ -72,7 +76,7 @@ def arm_config(cfg: train.TrainConfig, name: str) -> train.TrainConfig:
     name, _, stage2_lr = name.partition(".lr")
     own = {"sft": {"untagged": True, "stage2_iters": 0}, "sft_tag": {"stage2_iters": 0},
            "key_tag": {"weights": "0,0,1", "stage2_iters": 0}, "sftkey_tag": {},
-           "sftsft_tag": {"stage2_weights": "0,1,1"},
+           "sftsft_tag": {"stage2_weights": "0,1,1"}, "sftdft_tag": {"stage2_weights": "0,1,1", "stage2_dft": True},
            "weighted": {"weights": f"0,1,{cfg.key_weight!r}", "max_iters": cfg.max_iters + cfg.stage2_iters,
                         "stage2_iters": 0},
            "sft_tag_e1e2": {"max_iters": cfg.max_iters + cfg.stage2_iters, "stage2_iters": 0}}
@@ -235,8 +239,8 @@ def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str,
     picked = {arm: name for arm in SWEPT if (name := pick(results, arm))}
     lrs = sorted({float(n.partition(".lr")[2]) for n in results if ".lr" in n})
     pairs = [(picked.get(a, a), picked.get(b, b)) for a, b in COMPARISONS]  # a swept arm at its picked setting
-    pairs += [(variant(a, lr), variant(b, lr)) for a, b in [SWEPT] for lr in lrs]
-    out, best = {}, [picked.get(arm) for arm in SWEPT]
+    pairs += [(variant(SWEPT[0], lr), variant(b, lr)) for b in SWEPT[1:] for lr in lrs]  # the method at each lr
+    out = {}
     for a, b in dict.fromkeys(pairs):
         if a not in results or b not in results or [r["seed"] for r in results[a]] != [r["seed"] for r in results[b]]:
             continue
@@ -247,7 +251,7 @@ def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str,
             if any(s is None for s in sa + sb):
                 continue
             entry[metric] = paired_comparison(np.stack(sa), np.stack(sb), n_boot=n_boot, seed=seed)
-        out[f"{a} - {b}" + (" (best vs best)" if [a, b] == best else "")] = entry
+        out[f"{a} - {b}" + (" (best vs best)" if {a, b} <= set(picked.values()) else "")] = entry
     return out
 
 
@@ -499,18 +503,18 @@ def _val_curves(rows: list[dict]) -> dict[str, dict[str, tuple[list[int], list[f
 def build_parser():
     """train.py's flags (with defaults sized for this experiment) plus the experiment's own."""
     parser = train.build_parser(__doc__)
-    parser.add_argument("--arms", default=",".join(ARM_NAMES[:-1]),
-                        help=f"comma-separated arms to run, of {','.join(ARM_NAMES)} (default: all but sft_tag_e1e2, "
-                             "to keep the default run near 30 minutes on 2 CPU cores); stages that arms share "
-                             "(sft_tag's, which sftkey_tag and sftsft_tag continue) are trained once")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help=f"comma-separated arms to run, of {','.join(ARM_NAMES)} (default: "
+                             f"{','.join(DEFAULT_ARMS)}, near 30 minutes on 2 CPU cores); stages that arms share "
+                             "(sft_tag's, which sftkey_tag, sftsft_tag and sftdft_tag continue) are trained once")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds: --seed, --seed+1, ... (default: 3)")
     parser.add_argument("--e1", dest="max_iters", type=int, help="E1: steps of the first stage (= --max_iters)")
     parser.add_argument("--e2", dest="stage2_iters", type=int, help="E2: steps of stage 2 (= --stage2_iters)")
     parser.add_argument("--lam", dest="key_weight", type=float,
                         help="λ: key-token loss weight of the weighted arm (= --key_weight)")
     parser.add_argument("--stage2_lrs", default="", help="a sweep: comma-separated stage-2 peak lrs (e.g. "
-                        "1e-5,3e-5,1e-4) at which sftkey_tag and sftsft_tag are each trained from the same stage 1; "
-                        "each arm's setting is picked by validation Acc, then the two are compared on the test set")
+                        "1e-5,3e-5,1e-4) at which each of sftkey_tag, sftsft_tag and sftdft_tag in --arms is trained "
+                        "from the same stage 1; each arm's lr is picked by validation Acc, then compared on the test")
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
     parser.add_argument("--plot_only", action="store_true", help="train nothing: redraw the plots from the "
                         "results.json and loss_log.jsonl already in --out_dir (after pip install matplotlib)")
@@ -533,7 +537,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.TrainConfig, dict]:
     if lrs and (args["stage2_lr"] or not all(0 < v < math.inf for v in lrs) or len(set(lrs)) < len(lrs)):
         raise ValueError("--stage2_lrs: give distinct finite numbers > 0, and no --stage2_lr beside them")
     if lrs and (args["val_acc_n"] < 1 or not set(SWEPT) & set(names)):
-        raise ValueError(f"--stage2_lrs trains {' and '.join(SWEPT)} at each lr and picks by validation Acc: give one "
+        raise ValueError(f"--stage2_lrs trains {', '.join(SWEPT)} at each lr and picks by validation Acc: give one "
                          f"of them in --arms, and --val_acc_n >= 1")
     own = {"names": names, "n_seeds": args.pop("seeds"), "n_boot": args.pop("n_boot"),
            "save_ckpt": args.pop("save_ckpt"), "plot_only": args.pop("plot_only")}

@@ -317,8 +317,8 @@ def print_setup(sets: list, test: list, model, device: str, dist: Dist, dtype: t
           f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).removeprefix('torch.')}")
     for k, stage in enumerate(stages, 1):
         p, t, a = (f"{w:g}" for w in stage.weights)
-        print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a} | {stage.iters} steps | "
-              f"peak lr {stage.lr:g}")
+        print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a}"
+              f"{', each x its probability (DFT)' * stage.dft} | {stage.iters} steps | peak lr {stage.lr:g}")
 
 
 def test_line(sets: list, test: list) -> str:
@@ -457,7 +457,7 @@ FLAGS: dict[str, tuple[str, str, str]] = {name: classes for names, classes in [
     ("block_size n_layer n_head n_embd batch_size grad_accum", ("int>=1", "same", "all")),
     ("stage2_lr weight_decay grad_clip", (">=0", "same", "all")),
     ("lr", (">0", "same", "all")), ("dropout", ("[0,1)", "same", "all")), ("min_lr_ratio", ("[0,1]", "same", "all")),
-    ("untagged weights key_only stage2_weights", ("", "same", "set")),
+    ("untagged weights key_only stage2_weights stage2_dft", ("", "same", "set")),
     ("key_weight", ("", "same", "arm")), ("max_iters stage2_iters", ("int>=0", "same", "arm")),
     ("out_dir overwrite device compile", ("", "free", "all")),
     ("eval_interval eval_batch_size log_interval", ("int>=1", "free", "all")),

@@ -109,10 +109,8 @@ def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
 
 def _token_byte_ranges(enc: tiktoken.Encoding, ids: list[int], text: str,
                        byte_lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    if byte_lengths is not None:
-        lengths = byte_lengths[np.asarray(ids, dtype=np.int64)]
-    else:
-        lengths = np.array([len(t) for t in enc.decode_tokens_bytes(ids)], dtype=np.int64)
+    lengths = (byte_lengths[np.asarray(ids, dtype=np.int64)] if byte_lengths is not None
+               else np.array([len(t) for t in enc.decode_tokens_bytes(ids)], dtype=np.int64))
     ends = np.cumsum(lengths)
     assert ends[-1] == len(text.encode("utf-8")), "tokenization does not round-trip"
     return ends - lengths, ends
@@ -124,9 +122,8 @@ def _byte_boundaries(text: str, spans: list[tuple[int, int, int]]) -> tuple[int,
 
 
 def _check_spans(text: str, spans: list[tuple[int, int, int]]) -> None:
-    roles = [role for _, _, role in spans]
-    contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
-    if roles != [PROMPT, THINK, KEY] or spans[0][0] != 0 or spans[-1][1] != len(text) or not contiguous:
+    if ([role for _, _, role in spans] != [PROMPT, THINK, KEY] or spans[0][0] != 0 or spans[-1][1] != len(text)
+            or any(a[1] != b[0] for a, b in zip(spans, spans[1:]))):  # contiguous
         raise ValueError(f"spans must be contiguous PROMPT, THINK, KEY ranges covering the text, got {spans}")
 
 
@@ -145,13 +142,16 @@ class Stage:
     weights: tuple[float, float, float]
     iters: int
     lr: float
+    dft: bool = False  # each token's loss times the model's probability of it (weighted_loss_sum)
 
 
-def stage_name(before: str, weights: tuple[float, float, float], tagged: bool) -> str:
-    """The losses of the stages so far ("sft" = (0, 1, 1), "key" = (0, 0, 1), else "w0-1-5", joined by "+"
-    unless both are words), then _tag for the tagged layout. `before` is the previous stage's name: after
-    sft_tag, key is "sftkey_tag" (the method) and sft is "sftsft_tag" (the compute-matched control)."""
+def stage_name(before: str, weights: tuple[float, float, float], tagged: bool, dft: bool = False) -> str:
+    """The losses of the stages so far ("sft" = (0, 1, 1), "key" = (0, 0, 1), else "w0-1-5"; with `dft`, "dft" for
+    (0, 1, 1), else "dft-" before the name), joined by "+" unless both are words, then _tag for the tagged layout.
+    `before` is the previous stage's name: after sft_tag, key is "sftkey_tag" (the method), sft is "sftsft_tag" (the
+    compute-matched control) and dft "sftdft_tag" (the DFT control)."""
     loss = {(0, 1, 1): "sft", (0, 0, 1): "key"}.get(tuple(weights), "w" + "-".join(f"{w:.15g}" for w in weights))
+    loss = ("dft" if loss == "sft" else "dft-" + loss) if dft else loss  # "dftkey" would read as dft, then key
     before = before.removesuffix("_tag")
     return before + ("+" if before and not (before + loss).isalpha() else "") + loss + ("_tag" if tagged else "")
 
@@ -162,8 +162,9 @@ def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> t
 
 
 def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                      weights: torch.Tensor) -> torch.Tensor:
-    """Sum over positions of weight x cross-entropy of predicting `targets` from `hidden`.
+                      weights: torch.Tensor, dft: bool = False) -> torch.Tensor:
+    """Sum over positions of weight x cross-entropy of predicting `targets` from `hidden` (with `dft`, each
+    cross-entropy times the model's probability of its target, held constant: DFT, arXiv 2508.05629).
 
     Only positions with a non-zero weight are projected onto the vocabulary: in stage 2 that is a
     few percent of them, and the projection is the most expensive matrix product of a small model.
@@ -173,7 +174,7 @@ def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
     keep = weights != 0
     logits = head(hidden[keep])
     losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    return (losses * weights[keep]).sum()
+    return (losses * weights[keep] * (torch.exp(-losses.detach()) if dft else 1)).sum()
 
 
 # --- Scoring a generated response (the text the model wrote after the prompt, without end-of-text). ---

@@ -60,6 +60,7 @@ class TrainConfig:
     stage2_weights: str = _flag("0,0,1", "loss weights P,T,K of stage 2: 0,0,1 is the method (the answer only), "
                                          "0,1,1 the compute-matched control, 0,0.1,1 a tenth on the thinking")
     stage2_lr: float = _flag(0.0, "peak learning rate of stage 2 (0 = lr x min_lr_ratio, where stage 1 ended)")
+    stage2_dft: bool = _flag(False, "stage 2's token losses times the model's probability of each (DFT, 2508.05629)")
     # model
     block_size: int = _flag(96, "longest sequence in tokens; longer examples are dropped and counted")
     n_layer: int = _flag(4, "transformer blocks")
@@ -83,8 +84,7 @@ class TrainConfig:
     eval_limit: int = _flag(0, "evaluate on the first N test examples only (0 = all)")
     eval_interval: int = _flag(250, "steps between validation losses (and --val_acc_n answers)")
     val_acc_n: int = _flag(100, "greedy Acc and Fmt on this many validation prompts at every --eval_interval (0 = off)")
-    eval_batch_size: int = _flag(64, "prompts generated together at evaluation (no effect in float32; in bfloat16 the "
-                                     "rounding follows batch shapes, so a few greedy answers may change)")
+    eval_batch_size: int = _flag(64, "prompts generated together at evaluation (in bfloat16 a few answers may change)")
     log_interval: int = _flag(50, "steps between log lines")
     show_roles: int = _flag(0, "first print this many training examples token by token with their roles (show.py)")
     # hardware
@@ -113,16 +113,15 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
           weights: tuple[float, float, float], iters: int, peak_lr: float, stage: str,
           device: str, dtype: torch.dtype, log: list[dict], steps_before: int = 0,
           ckpt: ckpts.StageCheckpoint | None = None, dist: Dist | None = None,
-          peak: float | None = None) -> torch.optim.Optimizer:
-    """Train `iters` optimizer steps with per-role loss `weights` (both stages). A step's loss is sum(weight x token
-    loss) / sum(weight) over all its micro-batches and ranks. `steps_before`: steps earlier stages took on this
-    data (the stream reads on); `ckpt` resumes and checkpoints the stage; `dist`: a torchrun job; `peak`: FLOP/s."""
+          peak: float | None = None, dft: bool = False) -> torch.optim.Optimizer:
+    """Train `iters` optimizer steps with per-role loss `weights` (`dft`: see weighted_loss_sum). A step's loss is
+    sum(weight x token loss) / sum(weight) over its micro-batches and ranks. `steps_before`: steps earlier stages took
+    on this data (the stream reads on); `ckpt` resumes and checkpoints the stage; `dist`: torchrun's; `peak`: FLOP/s."""
     dist = dist or Dist()
     optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     first_step = ckpt.restore(optimizer) if ckpt else 0
     net = dist.wrap(runtime.compiled(model, cfg.compile), device)
-    # A step's examples are drawn together, then cut into grad_accum x ranks micro-batches: --batch_size 16
-    # --grad_accum 2 trains on the same 32 examples per step as --batch_size 32, and so does DDP.
+    # A step's examples, drawn together and cut into grad_accum x ranks micro-batches: the same ones however cut.
     batches = D.Batches(train_set, cfg.batch_size * cfg.grad_accum * dist.world, cfg.seed)
     meter = Meter(model, cfg, dist, device, iters, first_step, peak)
     for step in range(first_step, iters):
@@ -140,7 +139,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         for i, ((x, y, roles), w) in enumerate(zip(micro, micro_weights)):
             with dist.no_sync(net, last_micro_batch=i == cfg.grad_accum - 1):
                 with autocast(device, dtype):
-                    loss = sftkey.weighted_loss_sum(net(x), model.lm_head, y, w) * scale
+                    loss = sftkey.weighted_loss_sum(net(x), model.lm_head, y, w, dft) * scale
                 loss.backward()
             step_loss += loss.detach()
             meter.count(roles, w)
@@ -216,13 +215,13 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
 # --- The two stages, and the command line ---------------------------------------------------
 
 def plan_stages(cfg: TrainConfig, before: str = "") -> list[sftkey.Stage]:
-    """Stage 1 (--weights), then stage 2 (--stage2_weights, from stage 1's weights) if --stage2_iters > 0.
+    """Stage 1 (--weights), then stage 2 (--stage2_weights, --stage2_dft, from stage 1's weights) if --stage2_iters > 0.
     `before` is the stage an --init_from checkpoint ended, so that names tell each stage's history."""
     weights, weights2 = runtime.loss_weights(cfg)
     stages = [sftkey.Stage(sftkey.stage_name(before, weights, not cfg.untagged), weights, cfg.max_iters, cfg.lr)]
     if cfg.stage2_iters > 0:
-        name = sftkey.stage_name(stages[0].name, weights2, not cfg.untagged)
-        stages.append(sftkey.Stage(name, weights2, cfg.stage2_iters, stage2_peak_lr(cfg)))
+        name = sftkey.stage_name(stages[0].name, weights2, not cfg.untagged, cfg.stage2_dft)
+        stages.append(sftkey.Stage(name, weights2, cfg.stage2_iters, stage2_peak_lr(cfg), cfg.stage2_dft))
     return stages
 
 
@@ -265,7 +264,8 @@ def run(cfg: TrainConfig) -> dict:
             ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, extra, stop, dist)  # extra: in every write
             with stop.deferred():  # a signal here stops after the step in flight and its checkpoint
                 optimizer = train(model, train_set, val_set, cfg, stage.weights, stage.iters, stage.lr, stage.name,
-                                  device, dtype, log, steps_before, ckpt, dist, runtime.peak_flops(device, dtype))
+                                  device, dtype, log, steps_before, ckpt, dist, runtime.peak_flops(device, dtype),
+                                  stage.dft)
                 seconds[stage.name] = ckpt.elapsed()
                 ckpt.save(stage.iters, model, optimizer)  # the stage's weights, before evaluating
             if dist.master:

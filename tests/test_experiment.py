@@ -38,6 +38,7 @@ def test_arms_have_the_intended_weights_schedules_and_shared_stages():
         "key_tag": (True, [sftkey.Stage("key_tag", (0, 0, 1), 10, 1e-3)]),
         "sftkey_tag": (True, [full1, sftkey.Stage("sftkey_tag", (0, 0, 1), 4, 3e-4)]),
         "sftsft_tag": (True, [full1, sftkey.Stage("sftsft_tag", (0, 1, 1), 4, 3e-4)]),
+        "sftdft_tag": (True, [full1, sftkey.Stage("sftdft_tag", (0, 1, 1), 4, 3e-4, dft=True)]),
         "weighted": (True, [sftkey.Stage("w0-1-5_tag", (0, 1, 5), 14, 1e-3)]),
         "sft_tag_e1e2": (True, [sftkey.Stage("sft_tag", (0, 1, 1), 14, 1e-3)]),
     }
@@ -47,7 +48,7 @@ def test_arms_have_the_intended_weights_schedules_and_shared_stages():
         assert E.arm_stages(cfg, name) == stages, name
     # compute matched: the method, its control and the weighted arm train equally long
     total = {n: sum(s.iters for s in E.arm_stages(cfg, n)) for n in E.ARM_NAMES}
-    assert total["sftkey_tag"] == total["sftsft_tag"] == total["weighted"] == 14
+    assert total["sftkey_tag"] == total["sftsft_tag"] == total["sftdft_tag"] == total["weighted"] == 14
     # the method's arm is train.py's default run
     assert E.arm_stages(cfg, "sftkey_tag") == train.plan_stages(dataclasses.replace(cfg, key_weight=1.0))
     with pytest.raises(ValueError, match="unknown arm"):

@@ -428,10 +428,11 @@ def test_arms_follow_the_weights_lambda_and_stage2_lr():
     first = sftkey.Stage("sft_tag", (0.0, 1.0, 1.0), 9, 2e-3)
     assert stages["sftkey_tag"] == [first, sftkey.Stage("sftkey_tag", (0.0, 0.0, 1.0), 5, 4e-4)]
     assert stages["sftsft_tag"] == [first, sftkey.Stage("sftsft_tag", (0.0, 1.0, 1.0), 5, 4e-4)]
+    assert stages["sftdft_tag"] == [first, sftkey.Stage("sftdft_tag", (0.0, 1.0, 1.0), 5, 4e-4, dft=True)]
     assert stages["key_tag"] == [sftkey.Stage("key_tag", (0.0, 0.0, 1.0), 9, 2e-3)]
     assert stages["sft_tag_e1e2"] == [sftkey.Stage("sft_tag", (0.0, 1.0, 1.0), 14, 2e-3)]  # weighted's schedule, λ 1
     every = [s for plan in stages.values() for s in plan]
-    assert every.count(first) == 3 and len(set(every)) == len(every) - 2  # only sft_tag's stage is shared (by 3 arms)
+    assert every.count(first) == 4 and len(set(every)) == len(every) - 3  # only sft_tag's stage is shared (by 4 arms)
     # without --stage2_lr, stage 2's peak is where stage 1's schedule ended
     default = dataclasses.replace(cfg, stage2_lr=0.0)
     assert E.arm_stages(default, "sftkey_tag")[1].lr == pytest.approx(2e-3 * cfg.min_lr_ratio)

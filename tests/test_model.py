@@ -179,6 +179,25 @@ def test_weighted_loss_sum_equals_full_projection():
     assert empty.item() == 0.0
 
 
+def test_dft_loss_is_probability_times_cross_entropy_and_its_gradient_that_of_minus_the_probability():
+    """DFT (arXiv 2508.05629) scales each token's loss by its probability, held constant; d(-sg(p) log p) = -dp, so
+    its gradient is exactly that of the negative weighted probability. Without the detach it would be
+    -(1 + log p) dp: the loss value alone would not show it."""
+    model = small_model()
+    x, y, roles = tagged_batch()
+    w = sftkey.token_weights(roles, sftkey.role_weights(key_weight=3.0))
+    hidden = model(x).detach().requires_grad_()
+    prob = F.softmax(model.lm_head(hidden).double(), dim=-1).gather(-1, y[..., None])[..., 0]
+    expected = (w * prob * -prob.log()).sum()
+    got = sftkey.weighted_loss_sum(hidden, model.lm_head, y, w, dft=True)
+    assert torch.allclose(got.double(), expected, rtol=1e-5)
+    (dft_grad,) = torch.autograd.grad(got, hidden)
+    (prob_grad,) = torch.autograd.grad(-(w * prob).sum(), hidden)
+    assert torch.allclose(dft_grad.double(), prob_grad.double(), rtol=1e-4, atol=1e-9)
+    plain = sftkey.weighted_loss_sum(hidden, model.lm_head, y, w)
+    assert got < plain  # every probability is below 1
+
+
 def gradient(model: GPT, x, y, roles, key_only: bool) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(model)
     w = sftkey.token_weights(roles, sftkey.role_weights(key_only=key_only))

@@ -133,17 +133,22 @@ def test_compute_matched_control_is_one_command_that_reads_on(tmp_path, monkeypa
     (["--stage2_weights", "0,1,1"], ["sft_tag", "sftsft_tag"]),
     (["--stage2_weights", "0,0.1,1"], ["sft_tag", "sft+w0-0.1-1_tag"]),
     (["--weights", "1,1,1", "--stage2_iters", "0"], ["w1-1-1_tag"]),
+    (["--stage2_weights", "0,1,1", "--stage2_dft"], ["sft_tag", "sftdft_tag"]),
+    (["--stage2_dft"], ["sft_tag", "sft+dft-key_tag"]),
+    (["--stage2_weights", "0,0.1,1", "--stage2_dft"], ["sft_tag", "sft+dft-w0-0.1-1_tag"]),
 ])
 def test_stage_names_say_what_each_stage_is(flags, names):
     assert [s.name for s in train.plan_stages(train.parse_args(flags))] == names
 
 
 def test_different_losses_never_share_a_name():
-    grid = [(p, t, k) for p in (0, 0.5, 1) for t in (0, 0.1, 1, 2) for k in (0, 1, 5) if p or t or k]
+    """Weights and DFT (each token's loss times its probability) both make the loss: a name for every pair."""
+    grid = [(w, dft) for w in [(p, t, k) for p in (0, 0.5, 1) for t in (0, 0.1, 1, 2) for k in (0, 1, 5) if p or t or k]
+            for dft in (False, True)]
     for tagged in (True, False):
-        firsts = {sftkey.stage_name("", w, tagged): w for w in grid}
+        firsts = {sftkey.stage_name("", w, tagged, dft): w for w, dft in grid}
         assert len(firsts) == len(grid)
-        seconds = {sftkey.stage_name(first, w, tagged) for first in firsts for w in grid}
+        seconds = {sftkey.stage_name(first, w, tagged, dft) for first in firsts for w, dft in grid}
         assert len(seconds) == len(grid) ** 2
         assert not seconds & set(firsts)
 
@@ -237,6 +242,23 @@ def test_a_legacy_checkpoint_is_a_start_point_too_and_a_bad_one_a_clear_error(tm
 RUN = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--batch_size", "4",
        "--eval_interval", "1000", "--device", "cpu", "--dtype", "float32", "--n_train", "60", "--n_val", "6",
        "--n_test", "1", "--warmup_iters", "1"]
+
+
+def test_stage2_dft_reaches_the_loss_of_stage_2_only(tmp_path, monkeypatch, capsys):
+    seen = []
+    real_loss = sftkey.weighted_loss_sum
+
+    def recording(hidden, head, targets, weights, dft=False):
+        if torch.is_grad_enabled():  # the training step's loss, not validation's (which is always plain)
+            seen.append(dft)
+        return real_loss(hidden, head, targets, weights, dft)
+    monkeypatch.setattr(sftkey, "weighted_loss_sum", recording)
+    summary = train.main([*RUN, "--out_dir", str(tmp_path), "--max_iters", "2", "--stage2_iters", "3",
+                          "--stage2_weights", "0,1,1", "--stage2_dft"])
+    assert seen == [False, False, True, True, True]
+    assert "sftdft_tag | loss weights prompt 0, thinking 1, answer 1, each x its probability (DFT)" in \
+        capsys.readouterr().out
+    assert summary is None and (tmp_path / "sftdft_tag" / "ckpt.pt").is_file()
 
 
 def test_key_weight_flag_reaches_the_loss_of_stage_1_only(tmp_path, monkeypatch, capsys):

@@ -352,10 +352,11 @@ TINY = ["--n_train", "200", "--n_test", "20", "--n_val", "20", "--e1", "6", "--e
 
 def test_a_miniature_sweep_writes_every_variant_the_picks_and_the_best_comparison(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    E.main([*TINY, "--arms", "sft_tag,sftkey_tag,sftsft_tag", "--seeds", "2", "--stage2_lrs", "1e-4,1e-3",
+    E.main([*TINY, "--arms", "sft_tag,sftkey_tag,sftsft_tag,sftdft_tag", "--seeds", "2", "--stage2_lrs", "1e-4,1e-3",
             "--out_dir", str(tmp_path)])
     capsys.readouterr()
-    names = ["sft_tag", "sftkey_tag.lr0.0001", "sftkey_tag.lr0.001", "sftsft_tag.lr0.0001", "sftsft_tag.lr0.001"]
+    names = ["sft_tag", "sftkey_tag.lr0.0001", "sftkey_tag.lr0.001", "sftsft_tag.lr0.0001", "sftsft_tag.lr0.001",
+             "sftdft_tag.lr0.0001", "sftdft_tag.lr0.001"]
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["complete"] and list(summary["results"]) == names == list(summary["aggregates"])
     assert [s["lr"] for s in summary["arms"]["sftkey_tag.lr0.001"]["stages"]] == [summary["config"]["lr"], 1e-3]
@@ -386,9 +387,12 @@ def test_a_miniature_sweep_writes_every_variant_the_picks_and_the_best_compariso
         assert picked[arm] == variants[int(np.argmax(means))]
     best = f"{picked['sftkey_tag']} - {picked['sftsft_tag']} (best vs best)"
     assert best in summary["comparisons"] and summary["comparisons"][best]["acc"]["n_seeds"] == 2
-    for lr in ("0.0001", "0.001"):
-        key = f"sftkey_tag.lr{lr} - sftsft_tag.lr{lr}"
-        assert key in summary["comparisons"] or f"{key} (best vs best)" in summary["comparisons"]
+    for a, b in (("sftkey_tag", "sftdft_tag"), ("sftdft_tag", "sftsft_tag")):  # the DFT control, best against best
+        assert f"{picked[a]} - {picked[b]} (best vs best)" in summary["comparisons"]
+    for lr in ("0.0001", "0.001"):  # the method against each control at every lr
+        for control in ("sftsft_tag", "sftdft_tag"):
+            key = f"sftkey_tag.lr{lr} - {control}.lr{lr}"
+            assert key in summary["comparisons"] or f"{key} (best vs best)" in summary["comparisons"]
     text = (tmp_path / "results.md").read_text()
     assert all(f"| {n} |" in text for n in names)
     assert "Picked by validation Acc" in text and f"| {best} |" in text
