@@ -146,10 +146,9 @@ class Stage:
 
 
 def stage_name(before: str, weights: tuple[float, float, float], tagged: bool, dft: bool = False) -> str:
-    """The losses of the stages so far ("sft" = (0, 1, 1), "key" = (0, 0, 1), else "w0-1-5"; with `dft`, "dft" for
-    (0, 1, 1), else "dft-" before the name), joined by "+" unless both are words, then _tag for the tagged layout.
-    `before` is the previous stage's name: after sft_tag, key is "sftkey_tag" (the method), sft is "sftsft_tag" (the
-    compute-matched control) and dft "sftdft_tag" (the DFT control)."""
+    """The losses of the stages so far ("sft" = (0, 1, 1), "key" = (0, 0, 1), else "w0-1-5"; with `dft`: "dft",
+    "dft-key", "dft-w0-1-5"), joined by "+" unless both are words, then _tag for the tagged layout. `before` is the
+    previous stage's name: after sft_tag, key is "sftkey_tag" (the method), sft "sftsft_tag", dft "sftdft_tag"."""
     loss = {(0, 1, 1): "sft", (0, 0, 1): "key"}.get(tuple(weights), "w" + "-".join(f"{w:.15g}" for w in weights))
     loss = ("dft" if loss == "sft" else "dft-" + loss) if dft else loss  # "dftkey" would read as dft, then key
     before = before.removesuffix("_tag")
