@@ -497,8 +497,9 @@ def check_config(cfg):
         problems.append("--eval_only trains nothing, so there is nothing to --resume")
     if cfg.eval_only and not cfg.init_from:
         problems.append("--eval_only evaluates --init_from: give the checkpoint to evaluate")
-    if not (cfg.stage2_iters or cfg.eval_only) and (cfg.stage2_lr or cfg.stage2_weights != type(cfg)().stage2_weights):
-        problems.append("--stage2_lr and --stage2_weights set up stage 2, which --stage2_iters 0 leaves out")
+    if not (cfg.stage2_iters or cfg.eval_only) and (cfg.stage2_lr or cfg.stage2_weights != type(cfg)().stage2_weights
+                                                    or cfg.stage2_dft):
+        problems.append("--stage2_lr, --stage2_weights and --stage2_dft set up stage 2; --stage2_iters 0 leaves it out")
     if cfg.stage2_iters > 0 and not cfg.eval_only and cfg.stage2_lr == 0 and cfg.min_lr_ratio == 0:
         problems.append("stage 2 would train at learning rate 0: --stage2_lr 0 means --lr x --min_lr_ratio, and "
                         "--min_lr_ratio is 0; give --stage2_lr > 0, a --min_lr_ratio > 0, or --stage2_iters 0")
