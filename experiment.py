@@ -4,6 +4,7 @@
     python experiment.py --arms sft_tag,sftkey_tag,sftsft_tag --seeds 2 --e1 200 --e2 40
     python experiment.py --arms sft_tag,sftkey_tag,sftsft_tag --stage2_lrs 1e-5,3e-5,1e-4,3e-4 --val_acc_n 200
     python experiment.py --arms weighted,sft_tag_e1e2   # the up-weighting control against its schedule alone
+    python experiment.py --arms sft_tag,sftkey_tag,sftsft_tag,sftdft_tag   # with the DFT control (not by default)
 
 Each arm is a train.py run (`arm_config` gives its flags; `python train.py` is sftkey_tag), planned
 into stages by train.plan_stages, on the examples both layouts keep (`layout_data`). `sftkey_tag`
