@@ -306,8 +306,7 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
         optimizer = None
         for j in range(done, len(stages)):
             stage, offset, log, t0 = stages[j], start + sum(s.iters for s in stages[:j]), [], time.time()
-            optimizer = train.train(model=model, train_set=train_set, val_set=val_set, cfg=arm_cfg,
-                                    weights=stage.weights, iters=stage.iters, peak_lr=stage.lr, stage=stage.name,
+            optimizer = train.train(model=model, train_set=train_set, val_set=val_set, cfg=arm_cfg, stage=stage,
                                     device=device, dtype=dtype, log=log, steps_before=offset)
             seconds.append(time.time() - t0)
             rows += [{"global_step": offset - start + row["step"], **row} for row in log]

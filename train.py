@@ -109,28 +109,27 @@ def lr_at(step: int, iters: int, peak: float, cfg: TrainConfig) -> float:
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: TrainConfig,
-          weights: tuple[float, float, float], iters: int, peak_lr: float, stage: str,
+def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: TrainConfig, stage: sftkey.Stage,
           device: str, dtype: torch.dtype, log: list[dict], steps_before: int = 0,
           ckpt: ckpts.StageCheckpoint | None = None, dist: Dist | None = None,
-          peak: float | None = None, dft: bool = False) -> torch.optim.Optimizer:
-    """Train `iters` optimizer steps with per-role loss `weights` (`dft`: see weighted_loss_sum). A step's loss is
-    sum(weight x token loss) / sum(weight) over its micro-batches and ranks. `steps_before`: steps earlier stages took
-    on this data (the stream reads on); `ckpt` resumes and checkpoints the stage; `dist`: torchrun's; `peak`: FLOP/s."""
+          peak: float | None = None) -> torch.optim.Optimizer:
+    """Train one `stage`: its steps, peak lr and loss (sftkey.Stage). A step's loss is sum(weight x token loss) /
+    sum(weight) over its micro-batches and ranks. `steps_before`: steps earlier stages took on this data (the stream
+    reads on); `ckpt` resumes and checkpoints the stage; `dist`: a torchrun job; `peak`: FLOP/s."""
     dist = dist or Dist()
-    optimizer = model.configure_optimizer(peak_lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
+    optimizer = model.configure_optimizer(stage.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     first_step = ckpt.restore(optimizer) if ckpt else 0
     net = dist.wrap(runtime.compiled(model, cfg.compile), device)
     # A step's examples, drawn together and cut into grad_accum x ranks micro-batches: the same ones however cut.
     batches = D.Batches(train_set, cfg.batch_size * cfg.grad_accum * dist.world, cfg.seed)
-    meter = Meter(model, cfg, dist, device, iters, first_step, peak)
-    for step in range(first_step, iters):
-        lr = lr_at(step, iters, peak_lr, cfg)
+    meter = Meter(model, cfg, dist, device, stage.iters, first_step, peak)
+    for step in range(first_step, stage.iters):
+        lr = lr_at(step, stage.iters, stage.lr, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [batches.get(steps_before + step, device, parts=cfg.grad_accum * dist.world,
                              part=dist.rank * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
-        micro_weights = [sftkey.token_weights(roles, weights) for _, _, roles in micro]  # the method's one line
+        micro_weights = [sftkey.token_weights(roles, stage.weights) for _, _, roles in micro]  # the method's one line
         # DDP averages gradients over ranks; multiplying by world turns that average into the sum.
         total_weight = dist.all_reduce(sum(w.sum() for w in micro_weights))
         scale = dist.world / total_weight.clamp(min=1e-8)  # an all-zero step gives zero loss, not NaN
@@ -139,28 +138,29 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         for i, ((x, y, roles), w) in enumerate(zip(micro, micro_weights)):
             with dist.no_sync(net, last_micro_batch=i == cfg.grad_accum - 1):
                 with autocast(device, dtype):
-                    loss = sftkey.weighted_loss_sum(net(x), model.lm_head, y, w, dft) * scale
+                    loss = sftkey.weighted_loss_sum(net(x), model.lm_head, y, w, stage.dft) * scale
                 loss.backward()
             step_loss += loss.detach()
             meter.count(roles, w)
         # The norm is the same on every rank; checking it before the update keeps the weights good.
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
-            raise FloatingPointError(runtime.non_finite_message(stage, step, ckpt and ckpt.path, peak_lr, weights))
+            raise FloatingPointError(runtime.non_finite_message(stage.name, step, ckpt and ckpt.path, stage.lr,
+                                                                stage.weights))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if step % cfg.log_interval == 0 or step + 1 == iters:
-            log.append(meter.line(stage, step, lr, step_loss))
-        if dist.master and (step % cfg.eval_interval == 0 or step + 1 == iters):
+        if step % cfg.log_interval == 0 or step + 1 == stage.iters:
+            log.append(meter.line(stage.name, step, lr, step_loss))
+        if dist.master and (step % cfg.eval_interval == 0 or step + 1 == stage.iters):
             with meter.paused():
                 val = validation_loss(model, val_set, cfg, device, dtype)
                 if cfg.val_acc_n and val_set.enc:  # drift as it happens: answers, not only losses
                     found = evaluate(model, val_set.enc, val_set.examples[:cfg.val_acc_n], cfg, device, dtype)
                     val.update(acc=found["acc"], fmt=found["fmt"])
-            log.append(meter.validation_line(stage, step, val))
+            log.append(meter.validation_line(stage.name, step, val))
         if ckpt:
-            ckpt.after_step(step + 1, iters, model, optimizer)
+            ckpt.after_step(step + 1, stage.iters, model, optimizer)
     return optimizer
 
 
@@ -263,9 +263,8 @@ def run(cfg: TrainConfig) -> dict:
             extra = {"results": results, "seconds": seconds, "stream_start": steps_before, "file_hashes": inputs.sha256}
             ckpt = ckpts.StageCheckpoint(path, cfg, stage.name, log, saved, extra, stop, dist)  # extra: in every write
             with stop.deferred():  # a signal here stops after the step in flight and its checkpoint
-                optimizer = train(model, train_set, val_set, cfg, stage.weights, stage.iters, stage.lr, stage.name,
-                                  device, dtype, log, steps_before, ckpt, dist, runtime.peak_flops(device, dtype),
-                                  stage.dft)
+                optimizer = train(model, train_set, val_set, cfg, stage, device, dtype, log, steps_before, ckpt, dist,
+                                  runtime.peak_flops(device, dtype))
                 seconds[stage.name] = ckpt.elapsed()
                 ckpt.save(stage.iters, model, optimizer)  # the stage's weights, before evaluating
             if dist.master:

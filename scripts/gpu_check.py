@@ -148,7 +148,7 @@ class StageProbe:
 
         def train(*args, **kwargs):
             bound = inspect.signature(probe._train).bind(*args, **kwargs)
-            stage, iters = bound.arguments["stage"], bound.arguments["iters"]
+            stage, iters = bound.arguments["stage"].name, bound.arguments["stage"].iters
             probe._sync()
             reset_peak_memory(probe.device)
             probe._marks, probe._stage, start = [], stage, time.time()
@@ -393,6 +393,7 @@ def host_waits(cfg, model, data, val, device: str, dtype) -> dict[str, int]:
     also log and validate (the first and the last step do): their lines show too."""
     import torch
 
+    import sftkey
     import train
     cuda = device.startswith("cuda")
     with warnings.catch_warnings(record=True) as caught:
@@ -400,8 +401,8 @@ def host_waits(cfg, model, data, val, device: str, dtype) -> dict[str, int]:
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            train.train(model, data, val, dataclasses.replace(cfg, val_acc_n=0), (0.0, 1.0, 1.0), 2, cfg.lr,
-                        "sync check", device, dtype, [])
+            train.train(model, data, val, dataclasses.replace(cfg, val_acc_n=0),
+                        sftkey.Stage("sync check", (0.0, 1.0, 1.0), 2, cfg.lr), device, dtype, [])
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)

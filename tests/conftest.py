@@ -53,8 +53,9 @@ def config(**overrides):
 
 
 def run_train(model, data, cfg, iters, peak_lr=1e-2, weights=(0.0, 1.0, 1.0), steps_before=0):
+    import sftkey
     import train
-    return train.train(model, data, data, cfg, weights, iters, peak_lr, "test", "cpu", torch.float32, [],
+    return train.train(model, data, data, cfg, sftkey.Stage("test", weights, iters, peak_lr), "cpu", torch.float32, [],
                        steps_before=steps_before)
 
 
@@ -88,3 +89,10 @@ def run_cli(main, args: list[str], capsys) -> tuple[int, str, str]:
         code = exit_info.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def stage_fields(kwargs: dict) -> dict:
+    """train.train's arguments with its `stage` spelled out, as the fakes of the loop record them."""
+    stage = kwargs["stage"]
+    return {**kwargs, "stage": stage.name, "weights": stage.weights, "iters": stage.iters, "peak_lr": stage.lr,
+            "dft": stage.dft}

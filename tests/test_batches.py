@@ -10,6 +10,7 @@ import torch
 
 import data as D
 import runtime
+import sftkey
 import train
 from conftest import config, run_train, tiny_model
 
@@ -109,8 +110,9 @@ class OneOfTwoRanks(runtime.Dist):
 def test_two_ranks_with_gradient_accumulation_read_every_part_of_a_step_once(tokenized, monkeypatch):
     fetched = record_batch_numbers(monkeypatch)
     for rank in (0, 1):
-        train.train(tiny_model(), tokenized, tokenized, config(grad_accum=2, val_acc_n=0), (0.0, 1.0, 1.0), 2, 1e-2,
-                    "test", "cpu", torch.float32, [], steps_before=3, dist=OneOfTwoRanks(rank=rank, world=2))
+        train.train(tiny_model(), tokenized, tokenized, config(grad_accum=2, val_acc_n=0),
+                    sftkey.Stage("test", (0.0, 1.0, 1.0), 2, 1e-2), "cpu", torch.float32, [], steps_before=3,
+                    dist=OneOfTwoRanks(rank=rank, world=2))
     assert {parts for _, parts, _ in fetched} == {4}  # 2 ranks x 2 micro-batches
     for i in (3, 4):
         assert sorted(part for j, _, part in fetched if j == i) == [0, 1, 2, 3]

@@ -62,8 +62,8 @@ def test_loop_validation_checkpoints_and_evaluation_name_their_device(tmp_path, 
     path = str(tmp_path / "sft_tag" / "ckpt.pt")
     with runtime.StopSignal() as stop, torch.device("meta"):
         ckpt = checkpoints.StageCheckpoint(path, cfg, "sft_tag", log, stop=stop, dist=checked)
-        optimizer = train.train(model, train_set, val_set, cfg, sftkey.role_weights(), 3, 1e-3, "sft_tag", "cpu",
-                                torch.float32, log, ckpt=ckpt, dist=checked, peak=1e15)
+        optimizer = train.train(model, train_set, val_set, cfg, sftkey.Stage("sft_tag", sftkey.role_weights(), 3, 1e-3),
+                                "cpu", torch.float32, log, ckpt=ckpt, dist=checked, peak=1e15)
         ckpt.save(3, model, optimizer)  # the end-of-stage write (run() does it)
         result = train.evaluate(model, enc, test, cfg, "cpu", torch.float32)
         saved = checkpoints.read_checkpoint(path, model.config, "cpu")
@@ -88,7 +88,7 @@ def test_the_old_device_mixing_counter_is_caught_here(tmp_path, monkeypatch):
         self.real += counts[0]
     monkeypatch.setattr(runtime.Meter, "count", old_count)
     with torch.device("meta"), pytest.raises(RuntimeError, match="device meta is not on the expected device cpu"):
-        train.train(model, train_set, val_set, cfg, sftkey.role_weights(), 1, 1e-3, "sft_tag", "cpu",
+        train.train(model, train_set, val_set, cfg, sftkey.Stage("sft_tag", sftkey.role_weights(), 1, 1e-3), "cpu",
                     torch.float32, [])
 
 

@@ -14,6 +14,7 @@ import torch
 
 import data as D
 import experiment as E
+import sftkey
 import train
 from conftest import config, tiny_model
 
@@ -32,8 +33,8 @@ def _weights(model):
 @pytest.mark.parametrize("iters, interval, steps", [(8, 3, [0, 3, 6, 7]), (7, 3, [0, 3, 6]), (5, 1000, [0, 4])])
 def test_validation_rows_at_every_interval_step_and_the_last_with_answers(tokenized, iters, interval, steps):
     log = []
-    train.train(tiny_model(), tokenized, tokenized, config(eval_interval=interval, val_acc_n=5), (0.0, 1.0, 1.0),
-                iters, 1e-2, "test", "cpu", torch.float32, log)
+    train.train(tiny_model(), tokenized, tokenized, config(eval_interval=interval, val_acc_n=5),
+                sftkey.Stage("test", (0.0, 1.0, 1.0), iters, 1e-2), "cpu", torch.float32, log)
     rows = _val_rows(log)
     assert [row["step"] for row in rows] == steps
     for row in rows:
@@ -44,8 +45,8 @@ def test_validation_rows_at_every_interval_step_and_the_last_with_answers(tokeni
 
 def test_val_acc_n_zero_leaves_only_the_losses(tokenized):
     log = []
-    train.train(tiny_model(), tokenized, tokenized, config(eval_interval=3, val_acc_n=0), (0.0, 1.0, 1.0), 7, 1e-2,
-                "test", "cpu", torch.float32, log)
+    train.train(tiny_model(), tokenized, tokenized, config(eval_interval=3, val_acc_n=0),
+                sftkey.Stage("test", (0.0, 1.0, 1.0), 7, 1e-2), "cpu", torch.float32, log)
     rows = _val_rows(log)
     assert [row["step"] for row in rows] == [0, 3, 6]
     assert all("val_acc" not in row and "val_fmt" not in row for row in rows)
@@ -66,8 +67,8 @@ def test_each_row_reports_evaluate_on_the_first_n_validation_prompts_of_the_mode
     monkeypatch.setattr(train, "evaluate", spy)
     model, log, n = tiny_model(), [], 6
     val = D.TokenizedSet(tokenized.examples[10:30], tokenized.ids[10:30], tokenized.roles[10:30], {}, tokenized.enc)
-    train.train(model, tokenized, val, config(eval_interval=2, val_acc_n=n), (0.0, 1.0, 1.0), 5, 1e-2, "test",
-                "cpu", torch.float32, log)
+    train.train(model, tokenized, val, config(eval_interval=2, val_acc_n=n),
+                sftkey.Stage("test", (0.0, 1.0, 1.0), 5, 1e-2), "cpu", torch.float32, log)
     rows = _val_rows(log)
     assert [row["step"] for row in rows] == [0, 2, 4] and len(calls) == 3
     assert [(row["val_acc"], row["val_fmt"]) for row in rows] == [(k / 10, 1 - k / 20) for k in (1, 2, 3)]
@@ -81,7 +82,8 @@ def test_each_row_reports_evaluate_on_the_first_n_validation_prompts_of_the_mode
 def test_the_last_rows_val_acc_is_a_fresh_evaluate_of_the_final_model(tokenized):
     model, log, n = tiny_model(dropout=0.1), [], 7
     cfg = config(eval_interval=3, val_acc_n=n)
-    train.train(model, tokenized, tokenized, cfg, (0.0, 1.0, 1.0), 6, 1e-2, "test", "cpu", torch.float32, log)
+    train.train(model, tokenized, tokenized, cfg, sftkey.Stage("test", (0.0, 1.0, 1.0), 6, 1e-2), "cpu", torch.float32,
+                log)
     fresh = train.evaluate(model, tokenized.enc, tokenized.examples[:n], cfg, "cpu", torch.float32)
     last = _val_rows(log)[-1]
     assert last["step"] == 5 and (last["val_acc"], last["val_fmt"]) == (fresh["acc"], fresh["fmt"])
@@ -96,8 +98,8 @@ def test_a_val_acc_n_beyond_the_validation_set_uses_all_of_it(tokenized, monkeyp
         return real(model, enc, examples, *args)
     monkeypatch.setattr(train, "evaluate", spy)
     val = D.TokenizedSet(tokenized.examples[:4], tokenized.ids[:4], tokenized.roles[:4], {}, tokenized.enc)
-    train.train(tiny_model(), tokenized, val, config(val_acc_n=100), (0.0, 1.0, 1.0), 2, 1e-2, "test", "cpu",
-                torch.float32, [])
+    train.train(tiny_model(), tokenized, val, config(val_acc_n=100), sftkey.Stage("test", (0.0, 1.0, 1.0), 2, 1e-2),
+                "cpu", torch.float32, [])
     assert seen == [4, 4]  # steps 0 and 1 (the last)
 
 
@@ -119,8 +121,8 @@ def test_validation_answers_do_not_change_training_with_dropout(tokenized):
         torch.manual_seed(123)
         model, log = tiny_model(seed=4, dropout=0.1), []
         torch.manual_seed(99)
-        train.train(model, tokenized, tokenized, config(eval_interval=2, val_acc_n=val_acc_n), (0.0, 1.0, 1.0), 7,
-                    1e-2, "test", "cpu", torch.float32, log)
+        train.train(model, tokenized, tokenized, config(eval_interval=2, val_acc_n=val_acc_n),
+                    sftkey.Stage("test", (0.0, 1.0, 1.0), 7, 1e-2), "cpu", torch.float32, log)
         losses = [(row["step"], row["loss"]) for row in log if "loss" in row]
         val_losses = [(row["step"], row["val_thinking"], row["val_key"]) for row in _val_rows(log)]
         return _weights(model), losses, val_losses, torch.get_rng_state(), model.training
@@ -132,8 +134,8 @@ def test_validation_answers_do_not_change_training_with_dropout(tokenized):
     torch.manual_seed(98)
     model = tiny_model(seed=4, dropout=0.1)
     torch.manual_seed(98)
-    train.train(model, tokenized, tokenized, config(eval_interval=2, val_acc_n=0), (0.0, 1.0, 1.0), 7, 1e-2, "test",
-                "cpu", torch.float32, [])
+    train.train(model, tokenized, tokenized, config(eval_interval=2, val_acc_n=0),
+                sftkey.Stage("test", (0.0, 1.0, 1.0), 7, 1e-2), "cpu", torch.float32, [])
     assert not all(torch.equal(off[0][k], v) for k, v in _weights(model).items())
 
 
@@ -146,8 +148,8 @@ def test_the_model_is_back_in_training_mode_after_validating(tokenized, monkeypa
             modes.append(self.training)
         return forward(self, *args, **kwargs)
     monkeypatch.setattr(type(tiny_model()), "forward", recording)
-    train.train(tiny_model(dropout=0.1), tokenized, tokenized, config(eval_interval=1, val_acc_n=3), (0.0, 1.0, 1.0),
-                4, 1e-2, "test", "cpu", torch.float32, [])
+    train.train(tiny_model(dropout=0.1), tokenized, tokenized, config(eval_interval=1, val_acc_n=3),
+                sftkey.Stage("test", (0.0, 1.0, 1.0), 4, 1e-2), "cpu", torch.float32, [])
     assert modes == [True] * 4
 
 

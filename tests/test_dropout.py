@@ -151,8 +151,8 @@ def test_every_training_forward_is_in_train_mode_and_every_validation_forward_in
     modes = []  # (grad enabled, model.training) at every forward call
     model.register_forward_pre_hook(lambda module, args: modes.append((torch.is_grad_enabled(), module.training)))
     model.configure_optimizer = lambda *args, **kwargs: Frozen(model.parameters())
-    train.train(model, tokenized, tokenized, config(eval_interval=1), sftkey.role_weights(), 4, 1e-3, "test",
-                "cpu", torch.float32, [])
+    train.train(model, tokenized, tokenized, config(eval_interval=1),
+                sftkey.Stage("test", sftkey.role_weights(), 4, 1e-3), "cpu", torch.float32, [])
     training = [m for grad, m in modes if grad]
     validating = [m for grad, m in modes if not grad]
     assert len(training) == 4 and validating  # one forward per step (grad_accum 1), a validation every step

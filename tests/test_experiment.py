@@ -22,6 +22,7 @@ import experiment as E
 import runtime
 import sftkey
 import train
+from conftest import stage_fields
 
 E1, E2 = 6, 3
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--n_train", "300",
@@ -139,8 +140,9 @@ def test_shared_prefix_is_trained_once_and_children_start_from_it(tmp_path, monk
     def counting(**kwargs):
         start = _fingerprint(kwargs["model"])
         optimizer = original(**kwargs)
-        calls.append({"stage": kwargs["stage"], "seed": kwargs["cfg"].seed, "iters": kwargs["iters"],
-                      "weights": kwargs["weights"], "start": start, "end": _fingerprint(kwargs["model"])})
+        stage = kwargs["stage"]
+        calls.append({"stage": stage.name, "seed": kwargs["cfg"].seed, "iters": stage.iters,
+                      "weights": stage.weights, "start": start, "end": _fingerprint(kwargs["model"])})
         return optimizer
     monkeypatch.setattr(train, "train", counting)
     cfg, own = E.parse_args([*TINY, "--arms", "sft,sftkey_tag,sftsft_tag", "--out_dir", str(tmp_path)])
@@ -290,7 +292,7 @@ def fake_loop(monkeypatch):
     signature = inspect.signature(train.train)
 
     def fake_train(*args, **kwargs):
-        kw = signature.bind(*args, **kwargs).arguments  # by name, however run_seed passes them
+        kw = stage_fields(signature.bind(*args, **kwargs).arguments)  # by name, however run_seed passes them
         calls.append(kw)
         kw["log"].extend({"stage": kw["stage"], "step": s, "loss": 1.0, "val_thinking": 1.0, "val_key": 2.0}
                          for s in range(kw["iters"]))

@@ -21,6 +21,7 @@ import data as D
 import experiment as E
 import sftkey
 import train
+from conftest import stage_fields
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,8 +444,8 @@ def test_arms_follow_the_weights_lambda_and_stage2_lr():
 
 E1, E2 = 3, 2
 STAGES = {"sft": "sft", "sft_tag": "sft_tag", "key_tag": "key_tag", "sftkey_tag": "sftkey_tag",
-          "sftsft_tag": "sftsft_tag", "weighted": "w0-1-3_tag"}  # each arm's last stage (key weight 3)
-CODE = {"sft": 1, "sft_tag": 2, "key_tag": 4, "sftkey_tag": 8, "sftsft_tag": 16, "w0-1-3_tag": 32,
+          "sftsft_tag": "sftsft_tag", "sftdft_tag": "sftdft_tag", "weighted": "w0-1-3_tag"}  # each arm's last stage
+CODE = {"sft": 1, "sft_tag": 2, "key_tag": 4, "sftkey_tag": 8, "sftsft_tag": 16, "w0-1-3_tag": 32, "sftdft_tag": 64,
         "a": 1, "b": 2, "b2": 4, "c": 8}  # per stage: the mark added to the weights and the seconds taken
 
 
@@ -471,6 +472,7 @@ def fakes(monkeypatch):
     calls, evals, clock = [], [], [1000.0]
 
     def fake_train(**kw):
+        kw = stage_fields(kw)
         calls.append({**kw, "start": _fingerprint(kw["model"])})
         with torch.no_grad():
             for p in kw["model"].parameters():
@@ -503,14 +505,15 @@ def _run_seed(cfg, enc, names):
 def test_arms_that_continue_a_shared_stage_read_the_data_stream_after_it(cfg, enc, fakes):
     out = _run_seed(cfg, enc, list(STAGES))
     by = {c["stage"]: c for c in fakes.calls}
-    assert [c["stage"] for c in fakes.calls] == list(STAGES.values())  # sft_tag's stage once, for three arms
+    assert [c["stage"] for c in fakes.calls] == list(STAGES.values())  # sft_tag's stage once, for four arms
     expected = {"sft": (0, E1), "sft_tag": (0, E1), "key_tag": (0, E1), "sftkey_tag": (E1, E2),
-                "sftsft_tag": (E1, E2), "w0-1-3_tag": (0, E1 + E2)}  # (steps_before, iters)
+                "sftsft_tag": (E1, E2), "sftdft_tag": (E1, E2), "w0-1-3_tag": (0, E1 + E2)}  # (steps_before, iters)
     for arm, stage in STAGES.items():
         c, planned = by[stage], E.arm_stages(cfg, arm)[-1]
         assert (c["steps_before"], c["iters"]) == expected[stage], stage
-        assert (c["weights"], c["peak_lr"]) == (planned.weights, planned.lr), stage
+        assert (c["weights"], c["peak_lr"], c["dft"]) == (planned.weights, planned.lr, planned.dft), stage
         assert c["cfg"].untagged == (arm == "sft") and c["cfg"].seed == cfg.seed, stage
+    assert [c["stage"] for c in fakes.calls if c["dft"]] == ["sftdft_tag"]  # the DFT control's loss reaches the loop
     # each arm's rows hold all its stages, at global steps that continue one another
     rows = {name: r for name, _, r in out}
     assert [r["global_step"] for r in rows["sftkey_tag"]] == list(range(E1 + E2))
@@ -527,11 +530,11 @@ def test_root_arms_share_the_seeded_init_and_continuing_arms_start_from_the_shar
     by = {c["stage"]: c for c in fakes.calls}
     for root in ("sft", "sft_tag", "key_tag", "w0-1-3_tag"):
         assert torch.equal(by[root]["start"], init), root
-    for second in ("sftkey_tag", "sftsft_tag"):  # sft_tag's final weights, not key_tag's or a fresh init
+    for second in ("sftkey_tag", "sftsft_tag", "sftdft_tag"):  # sft_tag's final weights, not key_tag's or a fresh init
         assert torch.equal(by[second]["start"], by["sft_tag"]["end"]), second
         assert torch.allclose(by[second]["start"], init + CODE["sft_tag"])
     # each arm is evaluated with the weights its last stage ended with
-    assert [torch.equal(e["weights"], by[STAGES[n]]["end"]) for e, n in zip(fakes.evals, STAGES)] == [True] * 6
+    assert [torch.equal(e["weights"], by[STAGES[n]]["end"]) for e, n in zip(fakes.evals, STAGES)] == [True] * 7
 
 
 def test_an_arm_made_of_stages_already_trained_trains_nothing(cfg, enc, fakes):

@@ -162,7 +162,8 @@ def test_the_profile_names_the_lines_where_a_training_step_waits_for_the_gpu(tmp
         return token_weights(roles, weights)
     monkeypatch.setattr(sftkey, "token_weights", waits)
     assert gpu_check.main(_quick(tmp_path, "--sections", "profile", "--profile_backends", "default")) == 0
-    line = next(n for n, text in enumerate(open(train.__file__), 1) if "sftkey.token_weights(roles, weights)" in text)
+    line = next(n for n, text in enumerate(open(train.__file__), 1)
+                if "sftkey.token_weights(roles, stage.weights)" in text)
     sites = json.loads((tmp_path / "gpu_check.json").read_text())["profile"]["host_waits"]
     assert sites[f"train.py:{line}"] == 2  # a micro-batch a step (--grad_accum 1 in --quick), two steps
     # validation_loss's lines show too; the profile's own steps call token_weights as well, but they are not counted

@@ -147,7 +147,8 @@ def test_every_step_gets_the_gradient_of_its_own_batch_only(tokenized):
     recorder = GradRecorder(model)
     model.configure_optimizer = lambda *args, **kwargs: recorder
     cfg = config(grad_clip=0.0)
-    train.train(model, tokenized, tokenized, cfg, sftkey.role_weights(), 3, 1e-3, "test", "cpu", torch.float32, [])
+    train.train(model, tokenized, tokenized, cfg, sftkey.Stage("test", sftkey.role_weights(), 3, 1e-3), "cpu",
+                torch.float32, [])
     params = list(model.parameters())
     for step in range(3):  # the weights never change, so each step's gradient is batch `step`'s at them
         model.zero_grad(set_to_none=True)

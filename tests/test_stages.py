@@ -111,9 +111,10 @@ def test_compute_matched_control_is_one_command_that_reads_on(tmp_path, monkeypa
     seen = []
     real = train.train
 
-    def recording(model, train_set, val_set, cfg, weights, iters, peak_lr, stage, *args, **kwargs):
-        seen.append((stage, tuple(weights), iters, args[3] if len(args) > 3 else kwargs.get("steps_before")))
-        return real(model, train_set, val_set, cfg, weights, iters, peak_lr, stage, *args, **kwargs)
+    def recording(model, train_set, val_set, cfg, stage, *args, **kwargs):
+        steps_before = args[3] if len(args) > 3 else kwargs.get("steps_before")
+        seen.append((stage.name, tuple(stage.weights), stage.iters, steps_before))
+        return real(model, train_set, val_set, cfg, stage, *args, **kwargs)
     monkeypatch.setattr(train, "train", recording)
     summary = run(tmp_path, "control", "--max_iters", "4", "--stage2_iters", "2", "--stage2_weights", "0,1,1")
     assert seen == [("sft_tag", (0.0, 1.0, 1.0), 4, 0), ("sftsft_tag", (0.0, 1.0, 1.0), 2, 4)]
@@ -267,7 +268,7 @@ def test_key_weight_flag_reaches_the_loss_of_stage_1_only(tmp_path, monkeypatch,
 
     def recording(*args, **kwargs):
         given = inspect.signature(real_train).bind(*args, **kwargs).arguments  # however run() passes them
-        seen[given["stage"]] = (tuple(given["weights"]), given["iters"])
+        seen[given["stage"].name] = (tuple(given["stage"].weights), given["stage"].iters)
         return real_train(*args, **kwargs)
     monkeypatch.setattr(train, "train", recording)
     train.main([*RUN, "--out_dir", str(tmp_path), "--key_weight", "5", "--max_iters", "2", "--stage2_iters", "1"])

@@ -21,6 +21,7 @@ import checkpoints
 import data as D
 import experiment as E
 import train
+from conftest import stage_fields
 
 E1, E2 = 3, 2
 SWEEP = ["--arms", "sft_tag,sftkey_tag,sftsft_tag", "--stage2_lrs", "1e-5,1e-4"]
@@ -56,6 +57,7 @@ def fakes(monkeypatch):
     calls, evals, clock = [], [], [1000.0]
 
     def fake_train(**kw):
+        kw = stage_fields(kw)
         calls.append({**kw, "start": _fingerprint(kw["model"])})
         with torch.no_grad():
             for p in kw["model"].parameters():

@@ -104,8 +104,8 @@ def train_one_step(model: GPT, data: D.TokenizedSet, weights, batch_size: int, g
     cfg = train.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, grad_clip=0.0, weight_decay=0.0,
                             log_interval=1, eval_interval=1000, seed=5)
     log: list[dict] = []
-    train.train(model=model, train_set=data, val_set=data, cfg=cfg, weights=weights, iters=1, peak_lr=1.0,
-                stage="test", device="cpu", dtype=torch.float32, log=log)
+    train.train(model=model, train_set=data, val_set=data, cfg=cfg, stage=sftkey.Stage("test", weights, 1, 1.0),
+                device="cpu", dtype=torch.float32, log=log)
     assert len(recorder.grads) == 1
     losses = [entry["loss"] for entry in log if "loss" in entry]
     return recorder.grads[0], losses[0]
@@ -194,8 +194,8 @@ def test_loss_is_logged_every_log_interval_steps_and_at_the_last_step(six_exampl
     model = tiny_model()
     model.configure_optimizer = lambda *args, **kwargs: GradRecorder(model)  # AdamW not needed
     cfg = train.TrainConfig(batch_size=2, log_interval=3, eval_interval=1000, warmup_iters=0, weight_decay=0.0, seed=7)
-    train.train(model, six_examples, six_examples, cfg, sftkey.role_weights(), 5, 1e-3, "stage_x", "cpu", torch.float32,
-                log)
+    train.train(model, six_examples, six_examples, cfg, sftkey.Stage("stage_x", sftkey.role_weights(), 5, 1e-3), "cpu",
+                torch.float32, log)
     loss_steps = [row["step"] for row in log if "val_key" not in row]
     assert loss_steps == [0, 3, 4]
     assert all(row["stage"] == "stage_x" for row in log)
@@ -248,8 +248,9 @@ def test_tiny_model_overfits_a_few_examples_and_generates_them():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=64))
     before = train.evaluate(model, enc, examples, cfg, "cpu", torch.float32)
-    train.train(model=model, train_set=data, val_set=data, cfg=cfg, weights=sftkey.role_weights(), iters=200,
-                peak_lr=cfg.lr, stage="overfit", device="cpu", dtype=torch.float32, log=[])
+    train.train(model=model, train_set=data, val_set=data, cfg=cfg,
+                stage=sftkey.Stage("overfit", sftkey.role_weights(), 200, cfg.lr), device="cpu", dtype=torch.float32,
+                log=[])
     model.eval()
     for ex, ids in zip(examples, data.ids):
         prompt = enc.encode_ordinary(ex.prompt + sftkey.PROMPT_SEP)
@@ -277,8 +278,9 @@ def boundary_model():
                             log_interval=1000, eval_interval=1000, seed=0)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=320, block_size=BOUNDARY_BLOCK, n_layer=1, n_head=2, n_embd=32))
-    train.train(model=model, train_set=data, val_set=data, cfg=cfg, weights=sftkey.role_weights(), iters=80,
-                peak_lr=cfg.lr, stage="overfit", device="cpu", dtype=torch.float32, log=[])
+    train.train(model=model, train_set=data, val_set=data, cfg=cfg,
+                stage=sftkey.Stage("overfit", sftkey.role_weights(), 80, cfg.lr), device="cpu", dtype=torch.float32,
+                log=[])
     return model.eval(), enc, data, cfg
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import data as D
 import runtime
+import sftkey
 import train
 from model import GPT
 from sftkey import KEY, THINK
@@ -68,7 +69,8 @@ def test_every_validation_loss_train_logs_is_the_validation_sets_not_the_trainin
     for role in ("thinking", "key"):  # the two sets are told apart by either figure
         assert abs(on_val[role] - on_train[role]) > 0.03 * on_train[role], role
     log = []
-    train.train(model, training, validation, cfg, (0.0, 1.0, 1.0), 3, 1e-3, "test", "cpu", torch.float32, log)
+    train.train(model, training, validation, cfg, sftkey.Stage("test", (0.0, 1.0, 1.0), 3, 1e-3), "cpu", torch.float32,
+                log)
     rows = [row for row in log if "val_key" in row]
     assert [row["step"] for row in rows] == [0, 1, 2]
     for row in rows:
@@ -91,7 +93,7 @@ def test_run_logs_the_validation_loss_of_its_validation_split(tmp_path, monkeypa
     def recording(*args, **kwargs):  # after each stage: the losses of its final weights on each set
         optimizer = real(*args, **kwargs)
         arguments = inspect.signature(real).bind(*args, **kwargs).arguments
-        model, stage = arguments["model"], arguments["stage"]
+        model, stage = arguments["model"], arguments["stage"].name
         expected[stage] = train.validation_loss(model, val_set, cfg, "cpu", torch.float32)
         on_train[stage] = train.validation_loss(model, train_set, cfg, "cpu", torch.float32)
         return optimizer
