@@ -185,6 +185,22 @@ def test_micro_batch_with_zero_weight_adds_nothing(six_examples):
     assert all(torch.count_nonzero(g) == 0 for g in grads.values())
 
 
+# The step loss is sum(weight x token loss) / sum(weight): only the weights' ratios matter, also when a step's
+# total weight is below 1. (Mutation audit: the total clamped at 1 instead of 1e-8, so small weights such as
+# 0,0,0.001 shrank the gradient by their scale; every default weight has a step total far above 1.)
+
+def test_only_the_ratios_of_the_weights_matter_even_when_a_steps_total_weight_is_below_one(six_examples):
+    small = (0.0, 0.0, 1e-3)
+    roles = D.collate(six_examples.ids, six_examples.roles, "cpu")[2]
+    assert 0 < float(sftkey.token_weights(roles, small).sum()) < 0.1  # under 100 key targets in the six examples
+    grads_small, loss_small = train_one_step(tiny_model(), six_examples, small, batch_size=6, grad_accum=1)
+    # The reference: the loss with weights 0,0,1 written out by hand, sum of key token losses / their number.
+    reference, ref_loss = direct_gradient(tiny_model(), [(six_examples.ids, six_examples.roles)], (0.0, 0.0, 1.0),
+                                          "step")
+    assert max_rel_diff(grads_small, reference) < 1e-4
+    assert loss_small == pytest.approx(ref_loss, rel=1e-5)  # the mean key loss, not a thousandth of it
+
+
 # ---------------------------------------------------------------------------------------------
 # The loss log: every log_interval-th step and always the last step of a stage.
 # (Mutation audit: the `or step + 1 == iters` dropped, so a stage's final loss was never logged.)
