@@ -89,6 +89,26 @@ def test_a_step_reads_one_batch_cut_into_its_micro_batches_after_earlier_steps(t
     assert fetched == [(5, 3, 0), (5, 3, 1), (5, 3, 2), (6, 3, 0), (6, 3, 1), (6, 3, 2)]
 
 
+# Reading on means the same stream: batch i of a later stage is batch i of the stream seeded by --seed alone.
+# (Mutation audit: the stream seeded by seed + steps_before; the batch numbers above stayed right, and so did
+# the stage-2-by-hand and one-command runs, which both read the other stream.)
+
+def test_a_stage_after_earlier_steps_reads_the_batches_of_the_stream_seeded_by_seed_alone(tokenized, monkeypatch):
+    fed, original = [], D.Batches.get
+
+    def get(self, *args, **kwargs):
+        fed.append(original(self, *args, **kwargs))
+        return fed[-1]
+    monkeypatch.setattr(D.Batches, "get", get)
+    run_train(tiny_model(), tokenized, config(batch_size=4, seed=7, val_acc_n=0), iters=2, steps_before=5)
+    stream = D.Batches(tokenized, 4, seed=7)  # a fresh stream, as stage 1 of the run built it
+    assert len(fed) == 2
+    for got, i in zip(fed, (5, 6)):
+        rows = stream.indices(i)
+        expected = D.collate([tokenized.ids[j] for j in rows], [tokenized.roles[j] for j in rows], "cpu")
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 class OneOfTwoRanks(runtime.Dist):
     """Rank `rank` of a two-rank job, run alone: no process group, so no DDP wrapper and collectives that return
     their input (what is under test is only which micro-batches the rank reads)."""
