@@ -211,6 +211,18 @@ def test_line_numbers_count_only_newlines(tmp_path):
     assert examples[1].source == f"{path}:2"
 
 
+@pytest.mark.parametrize("bad", ['{"question": "cut off', '{"question": "q", "answer": "x"', '{"q"'])
+def test_a_bad_line_of_a_crlf_file_is_reported_as_the_same_line_with_lf_ends(bad):
+    """The line end is not part of the line: the CR of CRLF is neither named as the problem (an invisible
+    U+000D inside a cut-off string) nor counted in the column. (Mutation audit: the trailing CR kept.)"""
+    messages = []
+    for end in (b"\n", b"\r\n"):
+        with pytest.raises(D.DataError) as err:
+            D.read_examples("f.jsonl", "gsm8k", raw=(GOOD_GSM8K.encode() + end + bad.encode() + end) * 2)
+        messages.append(str(err.value))
+    assert messages[0].startswith("f.jsonl:2: invalid JSON (") and messages[1] == messages[0]
+
+
 def test_skip_bad_lines_counts_and_names_each(tmp_path):
     path = tmp_path / "data.jsonl"
     lines = [GOOD_GSM8K, "{oops", GOOD_GSM8K, json.dumps({"question": "x"}), "", GOOD_GSM8K, "[]"]
@@ -246,6 +258,15 @@ def test_calculator_annotations_are_stripped_in_every_format(tmp_path):
         path.write_text(json.dumps(record) + "\n")
         assert D.read_examples(str(path), fmt)[0].thinking == reasoning
         assert D.read_examples(str(path), fmt, strip_calculator=True)[0].thinking == "11*2 = 22", fmt
+
+
+def test_stripping_several_calculator_notes_on_one_line_keeps_the_text_between_them():
+    """GSM8K writes a note after every computation, often several on one line: each note goes, the rest stays.
+    (Mutation audit: a greedy <<.*>> deleted from the first note's start to the last one's end.)"""
+    reasoning = "She has 3*4 = <<3*4=12>>12 eggs, sells 12-5 = <<12-5=7>>7 and keeps 7/7 = <<7/7=1>>1 box."
+    raw = json.dumps({"prompt": "Q", "thinking": reasoning, "answer": "1"}).encode() + b"\n"
+    got = D.read_examples("f.jsonl", "tagged", strip_calculator=True, raw=raw)[0].thinking
+    assert got == "She has 3*4 = 12 eggs, sells 12-5 = 7 and keeps 7/7 = 1 box."
 
 
 def test_a_test_prompt_counts_as_trained_on_by_what_the_model_reads():
