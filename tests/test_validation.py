@@ -5,6 +5,7 @@ on the thinking drifts; computed on the wrong set, over the wrong tokens or as a
 they still look like plausible curves. Dropout at validation is in test_dropout.py.
 """
 import inspect
+import math
 
 import pytest
 import torch
@@ -52,6 +53,23 @@ def test_validation_loss_is_the_mean_token_loss_per_role(tokenized):
     assert got["key"] == pytest.approx(key, rel=1e-5)
     # and not over the prompt or everything (the alternatives are distinct numbers)
     assert float(losses.mean()) != pytest.approx(got["key"], rel=1e-3)
+
+
+def test_a_role_with_no_tokens_in_the_validation_set_gives_a_finite_loss_and_leaves_the_other_exact():
+    """Untagged examples with an empty reasoning (the tagged format allows one) hold no thinking token at all:
+    the thinking figure must stay a number, not NaN in the log, and the key one the mean over key tokens.
+    (Mutation audit: the token counts divided without their clamp at 1, so the thinking loss was 0/0.)"""
+    model = peaked(tiny_model(seed=1))
+    val = D.tokenize([D.Example("Q: 1+2", "", "3"), D.Example("Q: 40+2", "", "42")], ENC, 96, tagged=False)
+    assert not any((r == THINK).any() for r in val.roles)
+    got = train.validation_loss(model, val, config(batch_size=2), "cpu", torch.float32)
+    losses = []
+    with torch.no_grad():
+        for ids, r in zip(val.ids, val.roles):  # one unpadded sequence at a time
+            logits = model(torch.from_numpy(ids[:-1])[None])[0] @ model.transformer.wte.weight.T
+            losses.append(F.cross_entropy(logits, torch.from_numpy(ids[1:]), reduction="none")[r[1:] == KEY])
+    assert math.isfinite(got["thinking"])
+    assert got["key"] == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
