@@ -140,6 +140,14 @@ def test_gpt2_straddling_tokens_and_prefix_mismatches_untagged(gpt2_encoding):
     assert direct_counts(gpt2_encoding, GPT2_SET, tagged=False) == (1, 1)
 
 
+def test_the_first_prompt_prefix_mismatch_named_is_the_earliest_line_of_the_file(gpt2_encoding):
+    """Line 9 comes before line 10 though "f:10" sorts first as text. (Mutation audit: a plain min over the
+    "file:line" names, which named line 10 whenever both mismatched.)"""
+    mismatching = [D.Example("Q", "\n\nx", "1", source=f"f:{line}") for line in (10, 9, 100)]
+    s = D.tokenize(mismatching + [D.Example("Q", "y", "2", source="f:1")], gpt2_encoding, 64, tagged=False).summary
+    assert s["prompt_prefix_mismatches"] == 3 and s["first_prompt_prefix_mismatch"] == "f:9"
+
+
 # ---------------------------------------------------------------------------------------------
 # The block-size cut
 
