@@ -84,6 +84,26 @@ def test_cached_generation_that_stops_early_fed_only_what_it_produced(caches):
     assert caches[-1].length == 2 + len(expected) - 1
 
 
+# A row is done once it has its budget, not one step later: when the other rows stopped at their stop token,
+# the batch ends with that row's last token. (Mutation audit: `budget < end + 1 - width`, one more forward
+# call whose token was then cut; the tokens were right, so only the number of calls can tell.)
+
+def test_a_batch_whose_last_running_row_reaches_its_budget_stops_with_that_token():
+    model = tiny_model()  # block_size 40
+    short = [2, 3]
+    free = model.generate([short], 12, NEVER)[0]
+    k = next(j for j in range(2, 12) if free[j] not in free[:j])  # a token first produced at step j + 1
+    stop, budget = free[k], k + 3  # the short row stops after k + 1 tokens; the long row's budget is larger
+    long_rows = ([t] * (41 - budget) for t in range(1, 64))  # 41 - budget tokens leave it `budget` to write
+    long, long_free = next((row, out) for row in long_rows if stop not in (out := model.generate([row], 40, NEVER)[0]))
+    assert len(long_free) == budget
+    widths = record_fed_widths(model)
+    for use_cache in (True, False):
+        widths.clear()
+        assert model.generate([short, long], 40, stop, use_cache=use_cache) == [free[:k + 1], long_free]
+        assert len(widths) == budget, f"use_cache={use_cache}"  # one call per token of the row that ran longest
+
+
 # ---------------------------------------------------------------------------------------------
 # The allowed mask: the padding rows
 
