@@ -606,8 +606,9 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "
           f"{cfg.stage2_iters} | device {device} | {str(dtype).removeprefix('torch.')}", flush=True)
     for name in run_names:
-        print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}, "
-                                          f"{s['iters']} steps, peak lr {s['lr']:g})" for s in recorder.stages[name]))
+        print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}"
+                                          f"{' x probability (DFT)' * s['dft']}, {s['iters']} steps, peak lr "
+                                          f"{s['lr']:g})" for s in recorder.stages[name]))
     layouts = layout_data(cfg, run_names, enc, inputs.raw)  # bad input: here, before anything is written
     for tagged, sets in layouts.items():  # what each layout trains on (--seed's split)
         print(f"  {'tagged' if tagged else 'untagged'} layout: " + runtime.format_summary(sets[0].summary))

@@ -356,7 +356,7 @@ def test_a_miniature_sweep_writes_every_variant_the_picks_and_the_best_compariso
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     E.main([*TINY, "--arms", "sft_tag,sftkey_tag,sftsft_tag,sftdft_tag", "--seeds", "2", "--stage2_lrs", "1e-4,1e-3",
             "--out_dir", str(tmp_path)])
-    capsys.readouterr()
+    assert "-> sftdft_tag (weights 0,1,1 x probability (DFT), 3 steps, peak lr 0.001)" in capsys.readouterr().out
     names = ["sft_tag", "sftkey_tag.lr0.0001", "sftkey_tag.lr0.001", "sftsft_tag.lr0.0001", "sftsft_tag.lr0.001",
              "sftdft_tag.lr0.0001", "sftdft_tag.lr0.001"]
     summary = json.loads((tmp_path / "results.json").read_text())
