@@ -165,15 +165,15 @@ def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
     """Sum over positions of weight x cross-entropy of predicting `targets` from `hidden` (with `dft`, each
     cross-entropy times the model's probability of its target, held constant: DFT, arXiv 2508.05629).
 
-    Only positions with a non-zero weight are projected onto the vocabulary: in stage 2 that is a
-    few percent of them, and the projection is the most expensive matrix product of a small model.
-    The caller divides by the total weight of the optimizer step (see train.py), so micro-batches
-    of gradient accumulation are weighted by their tokens and an all-zero micro-batch adds 0.
+    Only positions with a non-zero weight are projected onto the vocabulary: in stage 2 that is a few percent of
+    them, and the projection is the most expensive matrix product of a small model. The caller divides by the total
+    weight of the optimizer step (train.py), so accumulated micro-batches weigh by their tokens; an all-zero one adds 0.
     """
     keep = weights != 0
     logits = head(hidden[keep])
     losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    return (losses * weights[keep] * (torch.exp(-losses.detach()) if dft else 1)).sum()
+    weighted = losses * weights[keep]
+    return (weighted * torch.exp(-losses.detach()) if dft else weighted).sum()  # DFT: x the probability, held constant
 
 
 # --- Scoring a generated response (the text the model wrote after the prompt, without end-of-text). ---
