@@ -376,8 +376,11 @@ def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> 
         return ["the checkpoint records no flags (train_config)"]
     absent, diffs = object(), []
     show = lambda value, missing: missing if value is absent else "(empty)" if value == "" else str(value)  # noqa: E731
+    defaults = dataclasses.asdict(type(cfg)())
     for name in dict.fromkeys([*here, *saved]):  # a flag unknown here (from a later version) is compared too
         was, now = saved.get(name, absent), here.get(name, absent)
+        if was is absent and now == defaults.get(name, absent):  # added since that run, at its default: as it ran
+            continue
         if FLAGS.get(name, ("", "same"))[1] == "same" and was != now:
             diffs.append(f"--{name}: {show(was, 'not recorded')} in the checkpoint, {show(now, 'no such flag')} here")
     recorded = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}

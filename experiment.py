@@ -235,12 +235,11 @@ def pick(results: dict[str, list[dict]], arm: str) -> str | None:
 
 def compare(results: dict[str, list[dict]], n_boot: int, seed: int) -> dict[str, dict]:
     """The COMPARISONS whose two arms were both run, on Acc, Composite and (synthetic tasks) reasoning; in a sweep,
-    each swept arm at each setting, and the setting `pick` chose for each swept arm against the other's (best against
-    best)."""
+    those of two swept arms at each setting, and at the settings `pick` chose for each (best against best)."""
     picked = {arm: name for arm in SWEPT if (name := pick(results, arm))}
     lrs = sorted({float(n.partition(".lr")[2]) for n in results if ".lr" in n})
     pairs = [(picked.get(a, a), picked.get(b, b)) for a, b in COMPARISONS]  # a swept arm at its picked setting
-    pairs += [(variant(SWEPT[0], lr), variant(b, lr)) for b in SWEPT[1:] for lr in lrs]  # the method at each lr
+    pairs += [(variant(a, lr), variant(b, lr)) for a, b in COMPARISONS if {a, b} <= set(SWEPT) for lr in lrs]
     out = {}
     for a, b in dict.fromkeys(pairs):
         if a not in results or b not in results or [r["seed"] for r in results[a]] != [r["seed"] for r in results[b]]:

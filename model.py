@@ -168,7 +168,8 @@ class GPT(nn.Module):
         prefix at every step (the slow reference of the tests and bench.py). `allowed`, a bool mask over the
         vocabulary (`data.generable_ids`), limits the choice to ids the tokenizer can decode: not the embedding's
         padding rows (the table is a multiple of 64), not gaps in its ids."""
-        assert not (self.training and self.config.dropout), "generate with dropout on: call model.eval() first"
+        if self.training and self.config.dropout:  # each token would be read by another thinned network
+            raise RuntimeError("generate with dropout on: call model.eval() first")
         device, B, block = self.transformer.wte.weight.device, len(prompts), self.config.block_size
         width = max(len(p) for p in prompts)
         if width > block:

@@ -62,9 +62,11 @@ def run_plot(runs: list[dict] | dict[str, list[dict]], path: str) -> str | None:
     loss_ax, starts = axes[0][0], {}
     for k, (label, rows) in enumerate(runs.items()):
         steps, colour = global_steps(rows), {"color": f"C{k}"} if len(runs) > 1 else {}
-        for key, name, style in (("loss", "training loss", "-"), ("val_thinking", "validation: thinking", "--"),
-                                 ("val_key", "validation: key", ":")):
-            points = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
+        for key, name, style, dft in (("loss", "training loss", "-", False),
+                                      ("loss", "training loss: DFT's objective, p x cross-entropy", "-.", True),
+                                      ("val_thinking", "validation: thinking", "--", False),
+                                      ("val_key", "validation: key", ":", False)):
+            points = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None and r.get("dft", False) == dft]
             if points:
                 loss_ax.plot(*zip(*points), linestyle=style, marker="." if key != "loss" else None,
                              label=f"{label}: {name}" if label else name, **colour)

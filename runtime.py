@@ -282,19 +282,21 @@ class Meter:
               + (f" | answers:{answers}" if answers else ""), flush=True)
         return {"stage": stage, "step": step, **{f"val_{k}": v for k, v in val.items()}}
 
-    def line(self, stage: str, step: int, lr: float, step_loss: torch.Tensor) -> dict:
+    def line(self, stage, step: int, lr: float, step_loss: torch.Tensor) -> dict:
+        """The log row of `step` of `stage` (a sftkey.Stage), printed; a DFT stage's loss is DFT's objective: marked."""
         dist, done = self.dist, step + 1
         loss = float(dist.all_reduce(step_loss.detach().clone())) / dist.world
         real, computed, projected = dist.all_reduce(torch.stack([self.real, self.computed, self.projected])).tolist()
         elapsed = time.time() - self.start
         busy = elapsed - self.paused_seconds
         rate, eta = real / busy, busy / (done - self.first_step) * (self.iters - done)
-        row = {"stage": stage, "step": step, "lr": lr, "loss": loss, "tokens_per_s": rate}
+        row = {"stage": stage.name, "step": step, "lr": lr, "loss": loss, "tokens_per_s": rate}
+        row.update({"dft": True} if stage.dft else {})
         if self.peak:  # FLOPs per computed position at the mean padded width, times positions per second
             width = computed / ((done - self.first_step) * self.cfg.grad_accum * dist.world * self.cfg.batch_size)
             row["mfu"] = mfu(self.model, computed / busy, width, projected / computed, self.peak * dist.world)
         if dist.master:
-            print(f"{stage} step {step:5d}/{self.iters} | lr {lr:.2e} | loss {loss:.4f} | {rate:,.0f} tok/s"
+            print(f"{stage.name} step {step:5d}/{self.iters} | lr {lr:.2e} | loss {loss:.4f} | {rate:,.0f} tok/s"
                   + (f" | MFU {row['mfu']:.1%}" if self.peak else "")
                   + f" | {clock(elapsed)} elapsed | ETA {clock(eta)}", flush=True)
         return row

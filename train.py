@@ -60,7 +60,7 @@ class TrainConfig:
     stage2_weights: str = _flag("0,0,1", "loss weights P,T,K of stage 2: 0,0,1 is the method (the answer only), "
                                          "0,1,1 the compute-matched control, 0,0.1,1 a tenth on the thinking")
     stage2_lr: float = _flag(0.0, "peak learning rate of stage 2 (0 = lr x min_lr_ratio, where stage 1 ended)")
-    stage2_dft: bool = _flag(False, "stage 2's token losses times the model's probability of each (DFT, 2508.05629)")
+    stage2_dft: bool = _flag(False, "stage 2's token losses times the model's probability of each, held constant (DFT)")
     # model
     block_size: int = _flag(96, "longest sequence in tokens; longer examples are dropped and counted")
     n_layer: int = _flag(4, "transformer blocks")
@@ -151,7 +151,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         optimizer.zero_grad(set_to_none=True)
 
         if step % cfg.log_interval == 0 or step + 1 == stage.iters:
-            log.append(meter.line(stage.name, step, lr, step_loss))
+            log.append(meter.line(stage, step, lr, step_loss))
         if dist.master and (step % cfg.eval_interval == 0 or step + 1 == stage.iters):
             with meter.paused():
                 val = validation_loss(model, val_set, cfg, device, dtype)

@@ -126,7 +126,7 @@ def test_generate_refuses_a_model_left_in_train_mode_with_dropout_and_not_one_wi
     """Sampling with dropout on would read each token with a different thinned network: refused, not silent."""
     with_dropout, without = tiny_model(P), tiny_model(0.0)
     with_dropout.train(), without.train()
-    with pytest.raises(AssertionError, match="call model.eval"):
+    with pytest.raises(RuntimeError, match="call model.eval"):
         with_dropout.generate([[1, 2, 3]], 5, -1)
     assert len(without.generate([[1, 2, 3]], 5, -1)[0]) == 5  # dropout 0: train mode computes what eval mode does
 

@@ -122,11 +122,11 @@ def test_mfu_is_the_formulas_and_absent_without_a_peak(capsys):
     roles = torch.tensor([[sftkey.THINK, sftkey.KEY, sftkey.PAD], [sftkey.THINK, sftkey.THINK, sftkey.KEY]])
     fine = runtime.Meter(model, cfg, runtime.Dist(), "cpu", iters=10, first_step=0, peak=1e18)
     fine.count(roles, sftkey.token_weights(roles, sftkey.role_weights()))
-    value = fine.line("sft_tag", 0, 1e-3, torch.tensor(1.0))["mfu"]
+    value = fine.line(sftkey.Stage("sft_tag", (0, 1, 1), 10, 1e-3), 0, 1e-3, torch.tensor(1.0))["mfu"]
     assert 0 < value < 1e-3
     none = runtime.Meter(model, cfg, runtime.Dist(), "cpu", iters=10, first_step=0, peak=None)
     none.count(roles, sftkey.token_weights(roles, sftkey.role_weights()))
-    assert "mfu" not in none.line("sft_tag", 0, 1e-3, torch.tensor(1.0))
+    assert "mfu" not in none.line(sftkey.Stage("sft_tag", (0, 1, 1), 10, 1e-3), 0, 1e-3, torch.tensor(1.0))
     assert "MFU" not in capsys.readouterr().out.splitlines()[-1]
 
 
@@ -158,8 +158,8 @@ def test_meter_line_figures_from_counted_tokens_and_a_fake_clock(monkeypatch, ca
     with meter.paused():
         now[0] = 106.0
     now[0] = 110.0
-    row = meter.line("sft_tag", 3, 1e-3, torch.tensor(1.5))
-    assert row["loss"] == 1.5
+    row = meter.line(sftkey.Stage("sft_tag", (0, 1, 1), 10, 1e-3), 3, 1e-3, torch.tensor(1.5))
+    assert row["loss"] == 1.5 and "dft" not in row  # a plain stage's loss is cross-entropy: no mark
     assert row["tokens_per_s"] == pytest.approx(world * 4 * 5 / 8)  # 5 real tokens a batch, 8 s busy: the job's
     flops = 6 * 12 * 2 * 32 ** 2 + 12 * 2 * 32 * 3 + 6 * 32 * 320 * (2 / 6)  # GPT.flops_per_token's formula
     assert row["mfu"] == pytest.approx(flops * (4 * 6 / 8) / 1e9)  # the same on every rank: not x world

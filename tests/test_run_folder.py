@@ -209,8 +209,14 @@ def test_resume_mismatches_names_every_field(tmp_path):
     assert {"lr", "seed", "data", "encoding", "max_iters", "key_only", "dropout", "init_from"} <= set(decisive)
     saved["train_config"]["future_flag"] = 3
     del saved["train_config"]["lr"]
-    assert checkpoints.resume_mismatches(saved, cfg) == [
-        "--lr: not recorded in the checkpoint, 0.002 here", "--future_flag: 3 in the checkpoint, no such flag here"]
+    assert checkpoints.resume_mismatches(saved, train.dataclasses.replace(cfg, lr=3e-3)) == [
+        "--lr: not recorded in the checkpoint, 0.003 here", "--future_flag: 3 in the checkpoint, no such flag here"]
+    # A flag added since the checkpoint was written (--stage2_dft was), at its default here: the run as it ran.
+    # Found in review: resuming any run interrupted before the flag existed was refused, naming no flag that helps.
+    del saved["train_config"]["future_flag"], saved["train_config"]["stage2_dft"]
+    assert checkpoints.resume_mismatches(saved, cfg) == []  # lr: not recorded, and the default here
+    assert checkpoints.resume_mismatches(saved, train.dataclasses.replace(cfg, stage2_dft=True)) == [
+        "--stage2_dft: not recorded in the checkpoint, True here"]
 
 
 def test_resume_refuses_a_checkpoint_that_recorded_no_hash_of_an_input(tmp_path):

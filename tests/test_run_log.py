@@ -313,7 +313,19 @@ def test_run_plot_draws_a_png_of_the_rows_or_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "other.png").exists()
 
 
-def test_global_steps_put_each_stage_after_the_last_step_of_the_one_before():
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="draws with matplotlib (CI installs it)")
+def test_a_dft_stages_training_loss_is_its_own_line_not_the_cross_entropys(tmp_path, monkeypatch):
+    """Found in review: DFT's objective (p x cross-entropy, below 1/e) drawn as the training loss looked like a
+    collapse of the loss at the stage boundary. Its rows carry "dft" (runtime.Meter.line) and get their own line."""
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    rows = [{"stage": "sft_tag", "step": k, "loss": 2.0 - k} for k in range(2)]
+    rows += [{"stage": "sftdft_tag", "step": k, "loss": 0.1, "dft": True} for k in range(3)]
+    plots.run_plot(rows, str(tmp_path / "loss.png"))
+    lines = {line.get_label(): list(line.get_xdata()) for line in figures[0].axes[0].get_lines()}
+    assert lines["training loss"] == [0, 1]
+    assert lines["training loss: DFT's objective, p x cross-entropy"] == [2, 3, 4]
+
     rows = [{"stage": "a", "step": 0}, {"stage": "a", "step": 0}, {"stage": "a", "step": 2},
             {"stage": "a", "step": 5}, {"stage": "a", "step": 5},
             {"stage": "b", "step": 0}, {"stage": "b", "step": 2}, {"stage": "b", "step": 2},

@@ -10,6 +10,7 @@ checkpoint and stage 2 in one command) must train the same weights, and two runs
 never share a name or a checkpoint folder.
 """
 import inspect
+import json
 import math
 import os
 import shutil
@@ -260,6 +261,9 @@ def test_stage2_dft_reaches_the_loss_of_stage_2_only(tmp_path, monkeypatch, caps
     assert "sftdft_tag | loss weights prompt 0, thinking 1, answer 1, each x its probability (DFT)" in \
         capsys.readouterr().out
     assert summary is None and (tmp_path / "sftdft_tag" / "ckpt.pt").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    marked = {(row["stage"], row.get("dft", False)) for row in rows if "loss" in row}  # DFT's objective, so marked
+    assert marked == {("sft_tag", False), ("sftdft_tag", True)}
 
 
 def test_key_weight_flag_reaches_the_loss_of_stage_1_only(tmp_path, monkeypatch, capsys):

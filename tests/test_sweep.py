@@ -391,9 +391,9 @@ def test_a_miniature_sweep_writes_every_variant_the_picks_and_the_best_compariso
     assert best in summary["comparisons"] and summary["comparisons"][best]["acc"]["n_seeds"] == 2
     for a, b in (("sftkey_tag", "sftdft_tag"), ("sftdft_tag", "sftsft_tag")):  # the DFT control, best against best
         assert f"{picked[a]} - {picked[b]} (best vs best)" in summary["comparisons"]
-    for lr in ("0.0001", "0.001"):  # the method against each control at every lr
-        for control in ("sftsft_tag", "sftdft_tag"):
-            key = f"sftkey_tag.lr{lr} - {control}.lr{lr}"
+    for lr in ("0.0001", "0.001"):  # every comparison of two swept arms at every lr
+        for a, b in (("sftkey_tag", "sftsft_tag"), ("sftkey_tag", "sftdft_tag"), ("sftdft_tag", "sftsft_tag")):
+            key = f"{a}.lr{lr} - {b}.lr{lr}"
             assert key in summary["comparisons"] or f"{key} (best vs best)" in summary["comparisons"]
     text = (tmp_path / "results.md").read_text()
     assert all(f"| {n} |" in text for n in names)
