@@ -374,8 +374,7 @@ class Batches:
         order = rng.permutation(len(self.data.ids))[:self.per_epoch * self.batch_size]
         lengths = np.array([len(self.data.ids[i]) for i in order])
         window = self.window * self.batch_size
-        for start in range(0, len(order), window):
-            chunk = slice(start, start + window)
+        for chunk in (slice(start, start + window) for start in range(0, len(order), window)):
             order[chunk] = order[chunk][np.argsort(lengths[chunk], kind="stable")]
         batches = order.reshape(self.per_epoch, self.batch_size)
         return list(batches[rng.permutation(self.per_epoch)])

@@ -502,6 +502,10 @@ def check_config(cfg):
     if not (cfg.stage2_iters or cfg.eval_only) and (cfg.stage2_lr or cfg.stage2_weights != type(cfg)().stage2_weights
                                                     or cfg.stage2_dft):
         problems.append("--stage2_lr, --stage2_weights and --stage2_dft set up stage 2; --stage2_iters 0 leaves it out")
+    if not (cfg.max_iters or cfg.eval_only) and (cfg.weights or cfg.key_only or cfg.key_weight != 1
+                                                 or not cfg.stage2_iters):  # --max_iters 0: no stage 1
+        problems.append("--max_iters 0 runs no stage 1: --weights, --key_only and --key_weight, which set it up, are "
+                        "refused with it, and it needs --stage2_iters > 0 (--eval_only evaluates a checkpoint)")
     if cfg.stage2_iters > 0 and not cfg.eval_only and cfg.stage2_lr == 0 and cfg.min_lr_ratio == 0:
         problems.append("stage 2 would train at learning rate 0: --stage2_lr 0 means --lr x --min_lr_ratio, and "
                         "--min_lr_ratio is 0; give --stage2_lr > 0, a --min_lr_ratio > 0, or --stage2_iters 0")

@@ -215,12 +215,13 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
 # --- The two stages, and the command line ---------------------------------------------------
 
 def plan_stages(cfg: TrainConfig, before: str = "") -> list[sftkey.Stage]:
-    """Stage 1 (--weights), then stage 2 (--stage2_weights, --stage2_dft, from stage 1's weights) if --stage2_iters > 0.
+    """Stage 1 (--weights) if --max_iters > 0, then stage 2 (--stage2_weights, --stage2_dft) if --stage2_iters > 0.
     `before` is the stage an --init_from checkpoint ended, so that names tell each stage's history."""
     weights, weights2 = runtime.loss_weights(cfg)
     stages = [sftkey.Stage(sftkey.stage_name(before, weights, not cfg.untagged), weights, cfg.max_iters, cfg.lr)]
+    stages = stages if cfg.max_iters > 0 else []  # a stage of no steps would take a name for nothing trained
     if cfg.stage2_iters > 0:
-        name = sftkey.stage_name(stages[0].name, weights2, not cfg.untagged, cfg.stage2_dft)
+        name = sftkey.stage_name(stages[0].name if stages else before, weights2, not cfg.untagged, cfg.stage2_dft)
         stages.append(sftkey.Stage(name, weights2, cfg.stage2_iters, stage2_peak_lr(cfg), cfg.stage2_dft))
     return stages
 

@@ -95,6 +95,17 @@ def test_stage2_by_hand_from_the_stage1_checkpoint_equals_stage2_in_one_command(
     assert max_diff(expected, weights(tmp_path / "by_hand2/sftkey_tag/ckpt.pt")) == 0.0
     assert [r["loss"] for r in second["log"] if "loss" in r] == \
         [r["loss"] for r in one["log"] if "loss" in r and r["stage"] == "sftkey_tag"]
+    # A stage 2 by hand as stage 2 (--max_iters 0: no stage 1), the only way to a DFT stage from a checkpoint; a
+    # 0-step stage 1 named as trained was found in review, and with it the name of an sft, sft, dft chain.
+    dft = ["--stage2_weights", "0,1,1", "--stage2_dft", "--stage2_iters", "3"]
+    one_dft = run(tmp_path, "one_dft", "--max_iters", "4", *dft)
+    second = run(tmp_path, "by_hand_dft", "--init_from", str(tmp_path / "by_hand/sft_tag/ckpt.pt"), "--max_iters", "0",
+                 *dft)
+    assert [s["name"] for s in second["stages"]] == ["sftdft_tag"] and list(second["results"]) == ["sftdft_tag"]
+    expected = weights(tmp_path / "one_dft/sftdft_tag/ckpt.pt")
+    assert max_diff(expected, weights(tmp_path / "by_hand_dft/sftdft_tag/ckpt.pt")) == 0.0
+    assert [r["loss"] for r in second["log"] if "loss" in r] == \
+        [r["loss"] for r in one_dft["log"] if "loss" in r and r["stage"] == "sftdft_tag"]
 
 
 def test_a_stage_from_a_checkpoint_reads_on_after_every_step_before_it(tmp_path):
