@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -227,7 +226,7 @@ def run(args) -> dict:
     # timing it would take hours and say nothing about the method, so it is only timed when native.
     bf16_ok = R.native_bf16(device) or dtype == torch.bfloat16 or args.emulated_bf16
     started = time.time()
-    out: dict = {"device": device, "device_name": device_name(device), "dtype": dtype_name(dtype),
+    out: dict = {"device": device, "device_name": R.device_name(device), "dtype": dtype_name(dtype),
                  "threads": torch.get_num_threads()}
     tables = []
 
@@ -341,16 +340,6 @@ def run(args) -> dict:
     out["seconds"] = time.time() - started
     out["tables"] = [f"{title}\n\n{table}" for title, table in tables]
     return out
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "CPU"
 
 
 def default_model_rates(device: str, args) -> dict[str, float]:

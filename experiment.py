@@ -356,7 +356,8 @@ class Recorder:
                              "stages": self.stages[n]} for n in self.names},
                 "results": done, "aggregates": {n: aggregate(runs) for n, runs in done.items()},
                 "comparisons": compare(full, self.n_boot, self.cfg.seed),
-                "picked": {arm: name for arm in SWEPT if (name := pick(full, arm))}}
+                "picked": {arm: name for arm in SWEPT if (name := pick(full, arm))},
+                "machine": runtime.machine(runtime.resolve_device(self.cfg)[0])}
 
     def write(self, complete: bool) -> dict:
         summary = self.summary(complete)

@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import os
+import platform
 import re
 import signal
 import sys
@@ -40,6 +41,22 @@ def resolve_device(cfg, dist: Dist | None = None) -> tuple[str, torch.dtype]:
         bf16 = native_bf16(device) and (device.startswith("cuda") or cfg.n_embd >= 256)
         return device, torch.bfloat16 if bf16 else torch.float32
     return device, getattr(torch, cfg.dtype)  # float32 or bfloat16: check_config refused the rest
+
+
+def machine(device: str) -> dict:
+    """What a run's arithmetic depends on besides its flags: another CPU kernel width (AVX2, AVX512), thread count
+    or PyTorch sums in another order, and at this size that moves results (README: what to expect)."""
+    return {"device": device_name(device), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU model as Linux gives it (platform's guess elsewhere)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    return platform.processor() or "CPU"
 
 
 def device_problem(device: str, kinds: tuple[str, ...] = ("cpu", "cuda")) -> str | None:
@@ -316,7 +333,8 @@ def print_setup(sets: list, test: list, model, device: str, dist: Dist, dtype: t
     print("\n".join(format_summary(s.summary) for s in sets))
     print(test_line(sets, test))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-          f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).removeprefix('torch.')}")
+          f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).removeprefix('torch.')} | "
+          + "{device}, {cpu_kernels} CPU kernels, {threads} threads, PyTorch {torch}".format(**machine(device)))
     for k, stage in enumerate(stages, 1):
         p, t, a = (f"{w:g}" for w in stage.weights)
         print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a}"

@@ -247,9 +247,8 @@ def run(cfg: TrainConfig) -> dict:
         folder.take([(name,) for name in ckpts.TRAIN_FILES]  # input checked: lock
                     + [(s.name, ckpts.CKPT_NAME) for s in stages],
                     lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist)
-        results, seconds, log = {}, {}, ckpts.LiveLog(cfg.out_dir if dist.master else None)  # out_dir/log.jsonl
-        if cfg.eval_only:
-            results["init"] = evaluate(model, enc, test, cfg, device, dtype)
+        results = {"init": evaluate(model, enc, test, cfg, device, dtype)} if cfg.eval_only else {}
+        seconds, log = {}, ckpts.LiveLog(cfg.out_dir if dist.master else None)  # out_dir/log.jsonl
         for k, stage in enumerate(stages):
             path = ckpts.owned_path(cfg.out_dir, stage.name, ckpts.CKPT_NAME)
             saved = ckpts.read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
@@ -275,7 +274,8 @@ def run(cfg: TrainConfig) -> dict:
                 ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
         summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages], "log": log,
-                   "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds}
+                   "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds,
+                   "machine": runtime.machine(device)}  # what else moves the numbers (another CPU, other threads)
         if dist.master:
             print(runtime.results_table(results))
             ckpts.write_json(ckpts.owned_path(cfg.out_dir, ckpts.RESULTS_NAME), summary)

@@ -152,3 +152,19 @@ def test_each_rank_of_a_job_uses_the_gpu_of_its_local_rank():
     assert runtime.resolve_device(cfg, dist) == ("cuda:1", torch.float32)
     assert runtime.resolve_device(cfg, runtime.Dist()) == ("cuda", torch.float32)  # one process: as given
     assert runtime.resolve_device(train.TrainConfig(device="cpu", dtype="float32"), dist) == ("cpu", torch.float32)
+
+
+def test_device_name_is_the_cpu_model_linux_gives_or_platforms_guess(tmp_path, monkeypatch):
+    """results.json records the machine (runtime.machine): the CPU model from /proc/cpuinfo, and where that file
+    is missing or names no model (macOS, a container), platform's guess rather than an error."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t: avx2\n")
+    real_open = open
+    monkeypatch.setattr(runtime, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                         *a, **k), raising=False)
+    assert runtime.device_name("cpu") == "Some CPU 9000"
+    cpuinfo.write_text("processor\t: 0\n")
+    monkeypatch.setattr(runtime.platform, "processor", lambda: "arm")
+    assert runtime.device_name("cpu") == "arm"
+    cpuinfo.unlink()
+    assert runtime.device_name("cpu") == "arm"
