@@ -285,8 +285,7 @@ AUTO_CKPT_SECONDS = 300.0  # --ckpt_interval 0: a write once this long has passe
 
 class LiveLog(list):
     """A run's log rows, each also appended to out_dir/log.jsonl as it comes (`tail -f` follows a run, a crash loses
-    no row; `python plots.py` draws it); `note` writes to the file only. With no `out_dir` (other ranks) a plain
-    list."""
+    no row; `python plots.py` draws it); `note` writes to the file only. Without `out_dir` (other ranks): a list."""
 
     def __init__(self, out_dir: str | None = None):
         super().__init__()

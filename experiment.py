@@ -331,8 +331,9 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
 class Recorder:
     """Collects results and loss rows and rewrites every output file after each arm."""
 
-    def __init__(self, cfg: train.TrainConfig, names: list[str], seeds: list[int], n_boot: int, before: str = ""):
-        self.cfg, self.names, self.seeds, self.n_boot = cfg, names, seeds, n_boot
+    def __init__(self, cfg: train.TrainConfig, names: list[str], seeds: list[int], n_boot: int, before: str = "",
+                 machine: dict | None = None):
+        self.cfg, self.names, self.seeds, self.n_boot, self.machine = cfg, names, seeds, n_boot, machine
         self.stages = {n: [dataclasses.asdict(s) for s in arm_stages(cfg, n, before)] for n in names}
         self.results: dict[str, list[dict]] = {n: [] for n in names}
         self.rows: list[dict] = []
@@ -357,7 +358,7 @@ class Recorder:
                 "results": done, "aggregates": {n: aggregate(runs) for n, runs in done.items()},
                 "comparisons": compare(full, self.n_boot, self.cfg.seed),
                 "picked": {arm: name for arm in SWEPT if (name := pick(full, arm))},
-                "machine": runtime.machine(runtime.resolve_device(self.cfg)[0])}
+                "machine": self.machine}
 
     def write(self, complete: bool) -> dict:
         summary = self.summary(complete)
@@ -393,7 +394,8 @@ def markdown(summary: dict) -> str:
     lines = [f"E1 = {cfg['max_iters']} steps, E2 = {cfg['stage2_iters']} steps, lr {cfg['lr']:g} (stage 2: "
              f"{stage2_lr}), λ = {cfg['key_weight']:g}, batch {cfg['batch_size']}x{cfg['grad_accum']}, "
              f"seeds {', '.join(map(str, seeds))}, {'/'.join(map(str, sorted(n_test))) or '?'} test problems per seed"
-             + ("" if summary["complete"] else " (incomplete run)"), "",
+             + ("" if summary["complete"] else " (incomplete run)")
+             + ("; " + runtime.MACHINE_LINE.format(**summary["machine"]) if summary.get("machine") else ""), "",
              "| arm | training | Acc | Fmt | Composite | val Acc | train s (last stage) | train s (all stages) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, agg in summary["aggregates"].items():
@@ -602,9 +604,11 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     if inputs.init:  # an --init_from of another shape or encoding is named before anything is printed or written
         ckpts.check_shape(inputs.init, cfg.init_from, ckpts.model_config(cfg, enc), cfg.encoding, enc.n_vocab)
     seeds = [cfg.seed + k for k in range(n_seeds)]
-    recorder = Recorder(cfg, run_names, seeds, n_boot, inputs.origin[0])
+    machine = runtime.machine(device)  # results.json records it: another CPU or thread count draws other numbers
+    recorder = Recorder(cfg, run_names, seeds, n_boot, inputs.origin[0], machine)
     print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "
-          f"{cfg.stage2_iters} | device {device} | {str(dtype).removeprefix('torch.')}", flush=True)
+          f"{cfg.stage2_iters} | device {device} | {str(dtype).removeprefix('torch.')} | "
+          + runtime.MACHINE_LINE.format(**machine), flush=True)
     for name in run_names:
         print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}"
                                           f"{' x probability (DFT)' * s['dft']}, {s['iters']} steps, peak lr "

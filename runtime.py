@@ -44,18 +44,21 @@ def resolve_device(cfg, dist: Dist | None = None) -> tuple[str, torch.dtype]:
 
 
 def machine(device: str) -> dict:
-    """What a run's arithmetic depends on besides its flags: another CPU kernel width (AVX2, AVX512), thread count
-    or PyTorch sums in another order, and at this size that moves results (README: what to expect)."""
+    """What a run's arithmetic depends on besides its flags: another CPU kernel width (AVX2, AVX512), thread count,
+    PyTorch or CUDA sums in another order, and at this size that moves results (README: what to expect)."""
     return {"device": device_name(device), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
-def device_name(device: str) -> str:
-    """The GPU's name, or the CPU model as Linux gives it (platform's guess elsewhere)."""
+MACHINE_LINE = "{device}, {cpu_kernels} CPU kernels, {threads} threads, PyTorch {torch}"  # machine(), for a person
+
+
+def device_name(device: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The GPU's name, or the CPU model as Linux gives it in `cpuinfo` (platform's guess elsewhere)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    with contextlib.suppress(OSError, StopIteration), open(cpuinfo) as f:  # no such file; no model named in it
+        return next(name for line in f if line.startswith("model name") and (name := line.partition(":")[2].strip()))
     return platform.processor() or "CPU"
 
 
@@ -330,11 +333,10 @@ def number(value) -> str:
 
 def print_setup(sets: list, test: list, model, device: str, dist: Dist, dtype: torch.dtype, stages: list = ()) -> None:
     """The training and validation sets, the test set (and how many of its prompts were trained on), the model."""
-    print("\n".join(format_summary(s.summary) for s in sets))
-    print(test_line(sets, test))
+    print("\n".join([*(format_summary(s.summary) for s in sets), test_line(sets, test)]))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
           f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).removeprefix('torch.')} | "
-          + "{device}, {cpu_kernels} CPU kernels, {threads} threads, PyTorch {torch}".format(**machine(device)))
+          + MACHINE_LINE.format(**machine(device)))
     for k, stage in enumerate(stages, 1):
         p, t, a = (f"{w:g}" for w in stage.weights)
         print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a}"

@@ -156,15 +156,17 @@ def test_each_rank_of_a_job_uses_the_gpu_of_its_local_rank():
 
 def test_device_name_is_the_cpu_model_linux_gives_or_platforms_guess(tmp_path, monkeypatch):
     """results.json records the machine (runtime.machine): the CPU model from /proc/cpuinfo, and where that file
-    is missing or names no model (macOS, a container), platform's guess rather than an error."""
+    is missing or names no model (macOS, a container), platform's guess rather than an error; a GPU's own name."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t: avx2\n")
-    real_open = open
-    monkeypatch.setattr(runtime, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
-                                                                         *a, **k), raising=False)
-    assert runtime.device_name("cpu") == "Some CPU 9000"
-    cpuinfo.write_text("processor\t: 0\n")
+    assert runtime.device_name("cpu", str(cpuinfo)) == "Some CPU 9000"
     monkeypatch.setattr(runtime.platform, "processor", lambda: "arm")
-    assert runtime.device_name("cpu") == "arm"
-    cpuinfo.unlink()
-    assert runtime.device_name("cpu") == "arm"
+    for text in ("processor\t: 0\n", "model name\n", "model name\t: \n"):  # no model, no colon, empty
+        cpuinfo.write_text(text)
+        assert runtime.device_name("cpu", str(cpuinfo)) == "arm"
+    assert runtime.device_name("cpu", str(tmp_path / "missing")) == "arm"
+    monkeypatch.setattr(runtime.platform, "processor", lambda: "")
+    assert runtime.device_name("cpu", str(tmp_path / "missing")) == "CPU"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU of {device}")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert runtime.machine("cuda:1")["device"] == "GPU of cuda:1" and runtime.machine("cuda:1")["cuda"] == "12.8"
