@@ -355,7 +355,6 @@ def test_default_run_in_miniature_writes_results_and_checkpoints(tmp_path, capsy
     assert summary["machine"] == {"device": runtime.device_name("cpu"), "threads": torch.get_num_threads(),
                                   "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
                                   "cuda": torch.version.cuda}  # None: a CPU build of PyTorch
-    assert summary["machine"]["device"] and summary["machine"]["cpu_kernels"] in printed
     assert f"{summary['machine']['cpu_kernels']} CPU kernels, {torch.get_num_threads()} threads" in printed
 
     log = summary["log"]
