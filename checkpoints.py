@@ -151,19 +151,29 @@ class Inputs:
 
 
 def read_inputs(cfg) -> Inputs:
-    """Every input file the flags name, read (regular files only) and hashed; --init_from parsed once."""
+    """Every input file the flags name, read (regular files only) and hashed; --init_from parsed once, refused if
+    its stage is unfinished, its tokenizer file changed, or (--eval_only) its layout is not --untagged's."""
     tiktoken_file = cfg.encoding.endswith(".tiktoken") or os.path.sep in cfg.encoding
     files = {"data": cfg.data, "eval_data": cfg.eval_data, "encoding": cfg.encoding if tiktoken_file else "",
              "init_from": cfg.init_from}
     raw = {name: D.read_input(path, f"--{name}") for name, path in files.items() if path}
     inputs = Inputs(raw, {f"--{name}": hashlib.sha256(data).hexdigest() for name, data in raw.items()})
     if "init_from" in raw:
-        inputs.init = read_checkpoint(cfg.init_from, None, "cpu", raw=raw.pop("init_from"))
-        stage, start, step = (inputs.init.get(k, d) for k, d in (("stage", ""), ("stream_start", 0), ("step", 0)))
-        if not (isinstance(stage, str) and (stage == "" or NAME.fullmatch(stage))
-                and type(start) is int and type(step) is int and 0 <= start + step < 2 ** 63 and step >= 0):
-            raise ValueError(f"--init_from {cfg.init_from}: its stage name {stage!r} or stream position is not "
-                             f"one this project writes")
+        inputs.init = init = read_checkpoint(cfg.init_from, None, "cpu", raw=raw.pop("init_from"))
+        stage, start, step = (init.get(k, d) for k, d in (("stage", ""), ("stream_start", 0), ("step", 0)))
+        trained, sha = (init[k] if isinstance(init.get(k), dict) else {} for k in ("train_config", "file_hashes"))
+        digest = inputs.sha256.get("--encoding")  # a .tiktoken file's: the ids it learnt must mean the same bytes
+        for refused, why in (
+                (not (isinstance(stage, str) and (stage == "" or NAME.fullmatch(stage)) and type(start) is int
+                      and type(step) is int and 0 <= start + step < 2 ** 63 and step >= 0),
+                 f"its stage name {stage!r} or stream position is not one this project writes"),
+                (init.get("finished") is False, f"stage {stage} stopped at step {step}, unfinished: finish it first"),
+                (sha.get("--encoding", digest) != digest,
+                 f"--encoding {cfg.encoding}: not the tokenizer file it was trained with (another sha256)"),
+                (cfg.eval_only and trained.get("untagged", cfg.untagged) != cfg.untagged,
+                 f"trained {'with' if trained.get('untagged') else 'without'} --untagged: score it so")):
+            if refused:
+                raise ValueError(f"--init_from {cfg.init_from}: {why}")
         inputs.origin = (stage, start + step)
     return inputs
 
@@ -341,14 +351,14 @@ class StageCheckpoint:
     def elapsed(self) -> float:  # seconds of training in this stage, interrupted runs included
         return time.time() - self.start
 
-    def save(self, step: int, model: GPT, optimizer) -> None:
-        """Write `step`'s checkpoint: all ranks call it (to gather their RNG states), but for a second write of it."""
+    def save(self, step: int, model: GPT, optimizer, finished: bool = True) -> None:
+        """Write `step`'s checkpoint (`finished`: the stage's last); all ranks call it (RNG states: once a step)."""
         if self.rng_ranks[0] != step:
             self.rng_ranks = (step, self.dist.gather(rng_state()))
         if self.path and self.dist.master:
             save_checkpoint(self.path, model, optimizer, self.cfg, step, {
                 "stage": self.stage, "log": list(self.log), "log_bytes": getattr(self.log, "written", None),
-                "world": self.dist.world, **self.extra,
+                "world": self.dist.world, "finished": finished, **self.extra,
                 "elapsed": self.elapsed(), "rng_ranks": self.rng_ranks[1]}, self.stop)
         self.last_write = time.time()
 
@@ -361,7 +371,7 @@ class StageCheckpoint:
         """Write when `due`; on a stop signal write, then raise Interrupted. All ranks decide together."""
         stopping, due = self.dist.any(self.stop is not None and self.stop.received, self.due(done, iters))
         if stopping or due:
-            self.save(done, model, optimizer)
+            self.save(done, model, optimizer, done >= iters)
         if stopping:
             raise Interrupted(f"{self.stage} stopped by signal after step {done} of {iters}; checkpoint written "
                               f"to {self.path}. Resume with the same command and --resume.")

@@ -347,10 +347,16 @@ class Recorder:
               + f" on {r['n']} test problems | trained {r['steps']} steps in {r['train_seconds']:.0f} s", flush=True)
         self.write(complete=False)
 
+    def flags(self) -> dict:
+        """The experiment's own flags, so that the "config" block given to --config repeats the whole experiment."""
+        arms, lrs = zip(*(n.partition(".lr")[::2] for n in self.names))  # variant(): "sftkey_tag.lr0.0001"
+        return {"arms": ",".join(dict.fromkeys(arms)), "seeds": len(self.seeds), "n_boot": self.n_boot,
+                "stage2_lrs": ",".join(dict.fromkeys(lr for lr in lrs if lr))}
+
     def summary(self, complete: bool) -> dict:
         done = {n: runs for n, runs in self.results.items() if runs}
         full = {n: runs for n, runs in done.items() if len(runs) == len(self.seeds)}
-        return {"complete": complete, "config": dataclasses.asdict(self.cfg), "seeds": self.seeds,
+        return {"complete": complete, "config": {**dataclasses.asdict(self.cfg), **self.flags()}, "seeds": self.seeds,
                 "n_boot": self.n_boot,
                 "arms": {n: {"about": about(n, self.cfg.key_weight),
                              "tagged": not arm_config(self.cfg, n).untagged,
@@ -389,7 +395,8 @@ def markdown(summary: dict) -> str:
     """results.md: the per-arm table (mean ± std over seeds), the paired comparisons and the costs."""
     cfg, seeds = summary["config"], summary["seeds"]
     swept = sorted({float(n.partition(".lr")[2]) for n in summary["arms"] if ".lr" in n})
-    stage2_lr = ", ".join(f"{lr:g}" for lr in swept) or f"{train.stage2_peak_lr(train.TrainConfig(**cfg)):g}"
+    flags = train.TrainConfig(**{k: v for k, v in cfg.items() if k in train.TrainConfig.__dataclass_fields__})
+    stage2_lr = ", ".join(f"{lr:g}" for lr in swept) or f"{train.stage2_peak_lr(flags):g}"  # not the experiment's own
     n_test = {r["n"] for runs in summary["results"].values() for r in runs}
     lines = [f"E1 = {cfg['max_iters']} steps, E2 = {cfg['stage2_iters']} steps, lr {cfg['lr']:g} (stage 2: "
              f"{stage2_lr}), λ = {cfg['key_weight']:g}, batch {cfg['batch_size']}x{cfg['grad_accum']}, "
@@ -604,11 +611,10 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     if inputs.init:  # an --init_from of another shape or encoding is named before anything is printed or written
         ckpts.check_shape(inputs.init, cfg.init_from, ckpts.model_config(cfg, enc), cfg.encoding, enc.n_vocab)
     seeds = [cfg.seed + k for k in range(n_seeds)]
-    machine = runtime.machine(device)  # results.json records it: another CPU or thread count draws other numbers
+    machine = runtime.machine(device, dtype)  # results.json records it: another CPU or thread count draws other numbers
     recorder = Recorder(cfg, run_names, seeds, n_boot, inputs.origin[0], machine)
     print(f"arms {', '.join(run_names)} | seeds {', '.join(map(str, seeds))} | E1 {cfg.max_iters} | E2 "
-          f"{cfg.stage2_iters} | device {device} | {str(dtype).removeprefix('torch.')} | "
-          + runtime.MACHINE_LINE.format(**machine), flush=True)
+          f"{cfg.stage2_iters} | device {device} | " + runtime.MACHINE_LINE.format(**machine), flush=True)
     for name in run_names:
         print(f"  {name}: " + " -> ".join(f"{s['name']} (weights {','.join(f'{w:g}' for w in s['weights'])}"
                                           f"{' x probability (DFT)' * s['dft']}, {s['iters']} steps, peak lr "

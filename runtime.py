@@ -36,21 +36,20 @@ def resolve_device(cfg, dist: Dist | None = None) -> tuple[str, torch.dtype]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if dist is not None and dist.world > 1 and device.startswith("cuda"):
         device = f"cuda:{dist.local_rank}"  # one GPU per rank, the one NCCL's tensors (Dist.device) live on
-    if cfg.dtype == "auto":
-        # On a CPU with AVX-512 BF16, bf16 was 0.7x float32's speed at width 128 and faster at 384 (bench.py).
-        bf16 = native_bf16(device) and (device.startswith("cuda") or cfg.n_embd >= 256)
-        return device, torch.bfloat16 if bf16 else torch.float32
-    return device, getattr(torch, cfg.dtype)  # float32 or bfloat16: check_config refused the rest
+    # auto: on a CPU with AVX-512 BF16, bf16 was 0.7x float32's speed at width 128 and faster at 384 (bench.py)
+    bf16 = native_bf16(device) and (device.startswith("cuda") or cfg.n_embd >= 256)
+    return device, (torch.bfloat16 if bf16 else torch.float32) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
 
-def machine(device: str) -> dict:
-    """What a run's arithmetic depends on besides its flags: another CPU kernel width (AVX2, AVX512), thread count,
-    PyTorch or CUDA sums in another order, and at this size that moves results (README: what to expect)."""
-    return {"device": device_name(device), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+def machine(device: str, dtype: torch.dtype) -> dict:
+    """What a run's arithmetic depends on besides its flags: the dtype --dtype auto chose, another CPU kernel width
+    (AVX2, AVX512), thread count, PyTorch or CUDA sum in another order, and at this size that moves results."""
+    return {"dtype": str(dtype).removeprefix("torch."), "device": device_name(device),
+            "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
-MACHINE_LINE = "{device}, {cpu_kernels} CPU kernels, {threads} threads, PyTorch {torch}"  # machine(), for a person
+MACHINE_LINE = "{dtype} | {device}, {cpu_kernels} CPU kernels, {threads} threads, PyTorch {torch}"  # machine()
 
 
 def device_name(device: str, cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -142,10 +141,9 @@ class Dist:
 
     def gather(self, value) -> list:
         """`value` of every rank, in rank order (a collective: every rank calls it)."""
-        if self.world == 1:
-            return [value]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, value)
+        out = [value] * self.world  # each entry replaced by its rank's in a torchrun job
+        if self.world > 1:
+            torch.distributed.all_gather_object(out, value)
         return out
 
     def close(self) -> None:
@@ -225,12 +223,10 @@ def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float, 
     """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left, the likely causes."""
     weight = (f"a loss weight of {max(weights):g} (--weights, --stage2_weights or --key_weight), infinite in "
               f"float32" if max(weights) > torch.finfo(torch.float32).max else "")
-    if step == 0:  # before the stage's first update: its learning rate cannot be the cause
-        causes = ("No update had been made in this stage, so its learning rate is not the cause; look at "
-                  + (weight or "the data and the weights the stage started from"))
-    else:
-        causes = (f"Likely causes: a learning rate too high (this stage's peak is {peak_lr:g}: lower --lr, or "
-                  f"--stage2_lr in stage 2)" + (f", or {weight}" if weight else ""))
+    causes = ("No update had been made in this stage, so its learning rate is not the cause; look at "  # step 0
+              + (weight or "the data and the weights the stage started from") if step == 0 else
+              f"Likely causes: a learning rate too high (this stage's peak is {peak_lr:g}: lower --lr, or --stage2_lr "
+              f"in stage 2)" + (f", or {weight}" if weight else ""))
     try:  # mmap: only the step is read, not the weights
         last = (f"The last checkpoint, {path} at step "
                 f"{torch.load(path, map_location='cpu', weights_only=True, mmap=True)['step']}, is intact"
@@ -323,8 +319,7 @@ class Meter:
 
 
 def clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
 
 
 def number(value) -> str:
@@ -334,9 +329,8 @@ def number(value) -> str:
 def print_setup(sets: list, test: list, model, device: str, dist: Dist, dtype: torch.dtype, stages: list = ()) -> None:
     """The training and validation sets, the test set (and how many of its prompts were trained on), the model."""
     print("\n".join([*(format_summary(s.summary) for s in sets), test_line(sets, test)]))
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-          f"{model.config.n_embd} wide | device {device} x{dist.world} | {str(dtype).removeprefix('torch.')} | "
-          + MACHINE_LINE.format(**machine(device)))
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, {model.config.n_embd} "
+          f"wide | device {device} x{dist.world} | " + MACHINE_LINE.format(**machine(device, dtype)))
     for k, stage in enumerate(stages, 1):
         p, t, a = (f"{w:g}" for w in stage.weights)
         print(f"stage {k}: {stage.name} | loss weights prompt {p}, thinking {t}, answer {a}"
@@ -502,23 +496,18 @@ def check_config(cfg):
     """Refuse flags that would fail later (or silently do something else), all in one ValueError; return `cfg`."""
     problems = [f"--{name} {getattr(cfg, name)}: {RULES[rule][1]}" for name, (rule, _, _) in FLAGS.items()
                 if rule and not RULES[rule][0](getattr(cfg, name))]
-    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
-        problems.append(f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}")
     for name, known in (("format", D.FORMATS), ("task", D.TASKS), ("dtype", ("auto", "float32", "bfloat16"))):
         if getattr(cfg, name) not in known:
             problems.append(f"--{name} {getattr(cfg, name)}: unknown; use one of {', '.join(known)}")
-    if cfg.data and cfg.task != D.TASKS[0]:
-        problems.append(f"--task {cfg.task} picks the synthetic task, which --data replaces: give one of them")
-    if cfg.eval_data and not cfg.data:
-        problems.append(f"--eval_data {cfg.eval_data} needs --data (without it the synthetic task is used)")
-    if cfg.resume and cfg.overwrite:
-        problems.append(f"--resume continues the run in {cfg.out_dir}, --overwrite deletes it: give one of them")
-    if cfg.eval_only and cfg.data and not cfg.eval_data:
-        problems.append("--eval_only with --data needs --eval_data: there is no test set to evaluate on")
-    if cfg.eval_only and cfg.resume:
-        problems.append("--eval_only trains nothing, so there is nothing to --resume")
-    if cfg.eval_only and not cfg.init_from:
-        problems.append("--eval_only evaluates --init_from: give the checkpoint to evaluate")
+    problems += [why for refused, why in (  # flags that contradict each other: give one of them
+        (cfg.n_embd % max(cfg.n_head, 1), f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}"),
+        (cfg.data and cfg.task != D.TASKS[0], f"--task {cfg.task} picks a synthetic task, --data replaces it"),
+        (cfg.eval_data and not cfg.data, f"--eval_data {cfg.eval_data} needs --data (else the synthetic task is used)"),
+        (cfg.resume and cfg.overwrite, f"--resume continues the run in {cfg.out_dir}, --overwrite deletes it"),
+        (cfg.eval_only and cfg.data and not cfg.eval_data, "--eval_only with --data needs --eval_data (the test set)"),
+        (cfg.eval_only and cfg.resume, "--eval_only trains nothing, so there is nothing to --resume"),
+        (cfg.eval_only and not cfg.init_from, "--eval_only evaluates --init_from: give the checkpoint to evaluate"),
+    ) if refused]
     if not (cfg.stage2_iters or cfg.eval_only) and (cfg.stage2_lr or cfg.stage2_weights != type(cfg)().stage2_weights
                                                     or cfg.stage2_dft):
         problems.append("--stage2_lr, --stage2_weights and --stage2_dft set up stage 2; --stage2_iters 0 leaves it out")

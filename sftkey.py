@@ -147,12 +147,13 @@ class Stage:
 
 def stage_name(before: str, weights: tuple[float, float, float], tagged: bool, dft: bool = False) -> str:
     """The losses of the stages so far ("sft" = (0, 1, 1), "key" = (0, 0, 1), else "w0-1-5"; with `dft`: "dft",
-    "dft-key", "dft-w0-1-5"), joined by "+" unless both are words, then _tag for the tagged layout. `before` is the
-    previous stage's name: after sft_tag, key is "sftkey_tag" (the method), sft "sftsft_tag", dft "sftdft_tag"."""
+    "dft-key", "dft-w0-1-5"), joined by "+" unless both are words, then _tag for the tagged layout. `before`: the last
+    stage's name; after sft_tag, key is "sftkey_tag" (the method); across layouts "sft_untagged+key_tag", "sft_tag+sft"."""
     loss = {(0, 1, 1): "sft", (0, 0, 1): "key"}.get(tuple(weights), "w" + "-".join(f"{w:.15g}" for w in weights))
     loss = ("dft" if loss == "sft" else "dft-" + loss) if dft else loss  # "dftkey" would read as dft, then key
-    before = before.removesuffix("_tag")
-    return before + ("+" if before and not (before + loss).isalpha() else "") + loss + ("_tag" if tagged else "")
+    same_layout = before.endswith("_tag") == tagged or not before  # else `before` stays whole, its layout named
+    before = before.removesuffix("_tag") if same_layout else before + "_untagged" * tagged
+    return before + ("+" if before and not (same_layout and (before + loss).isalpha()) else "") + loss + "_tag" * tagged
 
 
 def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:

@@ -275,7 +275,7 @@ def run(cfg: TrainConfig) -> dict:
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
         summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages], "log": log,
                    "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds,
-                   "machine": runtime.machine(device)}  # what else moves the numbers (another CPU, other threads)
+                   "machine": runtime.machine(device, dtype)}  # what else moves the numbers (dtype, CPU, threads)
         if dist.master:
             print(runtime.results_table(results))
             ckpts.write_json(ckpts.owned_path(cfg.out_dir, ckpts.RESULTS_NAME), summary)

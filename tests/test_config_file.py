@@ -173,3 +173,18 @@ def test_experiment_refuses_a_bad_config_file_in_one_line(tmp_path, capsys, monk
         path = write(tmp_path / "bad.json", content)
         code, err = main(experiment, ["--config", path, "--out_dir", str(tmp_path / "out")], capsys)
         one_line_error(code, err, f"--config {path}", fragment)
+
+
+def test_experiment_config_block_repeats_the_whole_experiment(tmp_path):
+    """Its arms, seeds, sweep and resamples too, not only train.py's flags."""
+    given = ["--arms", "sftsft_tag,sft_tag,sftkey_tag", "--stage2_lrs", "3e-5,1e-4", "--seeds", "2", "--n_boot", "50",
+             "--seed", "7", "--e1", "5", "--out_dir", str(tmp_path / "x")]
+    cfg, own = experiment.parse_args(given)
+    recorder = experiment.Recorder(cfg, own["names"], [cfg.seed, cfg.seed + 1], own["n_boot"])
+    block = recorder.summary(complete=False)["config"]
+    assert {k: block[k] for k in ("arms", "seeds", "n_boot", "stage2_lrs")} == {
+        "arms": "sft_tag,sftkey_tag,sftsft_tag", "seeds": 2, "n_boot": 50, "stage2_lrs": "3e-05,0.0001"}
+    assert experiment.parse_args(["--config", write(tmp_path / "again.json", block)]) == (cfg, own)
+    assert experiment.parse_args([]) != (cfg, own)  # the block, not the defaults, made them equal
+    with pytest.raises(ValueError, match="'arms' is not a flag"):  # an experiment's block is not one train.py run
+        train.parse_args(["--config", write(tmp_path / "train.json", block)])

@@ -169,4 +169,5 @@ def test_device_name_is_the_cpu_model_linux_gives_or_platforms_guess(tmp_path, m
     assert runtime.device_name("cpu", str(tmp_path / "missing")) == "CPU"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU of {device}")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    assert runtime.machine("cuda:1")["device"] == "GPU of cuda:1" and runtime.machine("cuda:1")["cuda"] == "12.8"
+    found = runtime.machine("cuda:1", torch.bfloat16)
+    assert (found["device"], found["cuda"], found["dtype"]) == ("GPU of cuda:1", "12.8", "bfloat16")

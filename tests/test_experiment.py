@@ -179,7 +179,7 @@ def test_miniature_run_writes_complete_results_without_matplotlib(tmp_path, monk
 
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["complete"] and summary["config"]["max_iters"] == E1 and len(summary["seeds"]) == 2
-    assert summary["machine"] == runtime.machine("cpu")  # what besides the flags draws these numbers
+    assert summary["machine"] == runtime.machine("cpu", torch.float32)  # what besides the flags draws these numbers
     assert runtime.MACHINE_LINE.format(**summary["machine"]) in (tmp_path / "results.md").read_text().splitlines()[0]
     for arm in ("sft_tag", "sftkey_tag"):
         runs = summary["results"][arm]

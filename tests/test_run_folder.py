@@ -187,6 +187,45 @@ def test_resume_refuses_another_tiktoken_file(tmp_path, capsys, monkeypatch):
     one_line_error(code, err, f"--encoding {encoding}: other contents")
 
 
+# --init_from builds on a stage: it must be finished, read with its own tokenizer bytes, and scored in its layout.
+# (Found by trying: each was accepted, exit 0, and named or scored as if all were well.)
+
+def test_init_from_refuses_a_stage_stopped_before_its_end(made, tmp_path, capsys, monkeypatch):
+    """Stage 1 cut at step 8 of 12, built on, would be reported as the method after a full stage 1."""
+    cut, whole = (made[run] / "sft_tag" / "ckpt.pt" for run in ("interrupted", "finished"))
+    assert torch.load(cut, weights_only=True)["finished"] is False
+    assert torch.load(whole, weights_only=True)["finished"] is True
+    no_training(monkeypatch)
+    for extra in (["--max_iters", "0"], ["--eval_only"]):
+        code, err = main(flags(tmp_path / "out", made["data"], "--init_from", str(cut), *extra, "--eval_data",
+                               str(made["data"])), capsys)
+        one_line_error(code, err, f"--init_from {cut}: stage sft_tag stopped at step 8, unfinished")
+
+
+def test_init_from_refuses_a_tiktoken_file_changed_since_training(tmp_path, capsys, monkeypatch):
+    """The checkpoint's ids would stand for other bytes; the same name and vocabulary size hide it."""
+    data = write_data(tmp_path / "data.jsonl")
+    encoding = write_tiktoken(tmp_path / "enc.tiktoken", [b"ab", b"cd", b"ef"])
+    train.run(train.parse_args(flags(tmp_path / "first", data, "--encoding", str(encoding), "--stage2_iters", "0")))
+    start = ["--encoding", str(encoding), "--init_from", str(tmp_path / "first" / "sft_tag" / "ckpt.pt")]
+    write_tiktoken(encoding, [b"12", b"+3", b"=4"])
+    no_training(monkeypatch)
+    for extra in (["--max_iters", "0"], ["--eval_only", "--eval_data", str(data)]):
+        code, err = main(flags(tmp_path / "second", data, *start, *extra), capsys)
+        one_line_error(code, err, "not the tokenizer file it was trained with (another sha256)")
+
+
+def test_eval_only_scores_a_checkpoint_in_the_layout_it_was_trained_in(made, tmp_path, capsys, monkeypatch):
+    """An untagged model scored as tagged has Acc 0 and Fmt 0 whatever it learnt (and the reverse)."""
+    whole = made["finished"] / "sftkey_tag" / "ckpt.pt"  # tagged
+    scored = flags(tmp_path / "out", made["data"], "--init_from", str(whole), "--eval_only", "--eval_data",
+                   str(made["data"]))
+    code, err = main([*scored, "--untagged"], capsys)
+    one_line_error(code, err, f"--init_from {whole}: trained without --untagged")
+    code, err = main(scored, capsys)
+    assert code == 0, err
+
+
 def test_resume_with_the_same_flags_continues(made, tmp_path, capsys):
     """Control: flags that cannot change the result may differ; the run resumes and finishes."""
     out = copy(made["interrupted"], tmp_path / "out")

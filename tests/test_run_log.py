@@ -251,10 +251,10 @@ def test_a_run_killed_in_stage_2_resumes_to_the_uninterrupted_runs_log(finished,
             raise Killed(f"killed while fetching batch {i}")
         return original_get(self, i, device, **split)
 
-    def save(self, step, model, optimizer):
+    def save(self, step, model, optimizer, *finished):
         if kill_batch is None and self.stage == "sftkey_tag" and step == 3:
             raise Killed("killed as stage 2's final checkpoint was written")
-        return original_save(self, step, model, optimizer)
+        return original_save(self, step, model, optimizer, *finished)
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
         mp.setattr(D.Batches, "get", get)
         mp.setattr(checkpoints.StageCheckpoint, "save", save)

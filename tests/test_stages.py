@@ -166,6 +166,18 @@ def test_different_losses_never_share_a_name():
         assert not seconds & set(firsts)
 
 
+def test_a_stage_after_one_in_the_other_layout_keeps_that_name_whole():
+    """Untagged SFT then a tagged key-only stage is not the method (sftkey_tag); tagged then untagged SFT is not
+    sftsft. Crossing the layouts never gives a name that a history in one layout has."""
+    assert sftkey.stage_name("sft", (0, 0, 1), tagged=True) == "sft_untagged+key_tag"
+    assert sftkey.stage_name("sft_tag", (0, 1, 1), tagged=False) == "sft_tag+sft"
+    grid = [(0, 1, 1), (0, 0, 1), (0, 1, 5)]
+    names = {crossed: {sftkey.stage_name(sftkey.stage_name("", a, tagged != crossed), b, tagged)
+                       for a in grid for b in grid for tagged in (True, False)} for crossed in (True, False)}
+    assert len(names[True]) == 2 * len(grid) ** 2 and not names[True] & names[False]
+    assert all(checkpoints.NAME.fullmatch(name) for name in names[True])  # a folder name
+
+
 # A stage's name holds its weights exactly enough to tell apart any two that --weights can give.
 # (Mutation audit: `f"{w:g}"`, six significant digits: 0,1,1.0000001 and 0,1,1.0000002 were both "w0-1-1", one
 # name and one checkpoint folder for two different losses.)

@@ -351,10 +351,10 @@ def test_default_run_in_miniature_writes_results_and_checkpoints(tmp_path, capsy
     for s in summary["data"]:
         assert {"straddling_tokens", "prompt_prefix_mismatches", "key_fraction"} <= set(s)
     assert summary["config"]["max_iters"] == 4 and summary["config"]["stage2_iters"] == 2
-    # What else moves the numbers: another CPU kernel width or thread count sums in another order.
-    assert summary["machine"] == {"device": runtime.device_name("cpu"), "threads": torch.get_num_threads(),
-                                  "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                                  "cuda": torch.version.cuda}  # None: a CPU build of PyTorch
+    # What else moves the numbers: the dtype auto chose; another CPU kernel width or thread count sums in another order.
+    assert summary["machine"] == {"dtype": "float32", "device": runtime.device_name("cpu"),
+                                  "threads": torch.get_num_threads(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+                                  "torch": torch.__version__, "cuda": torch.version.cuda}  # None: a CPU build of PyTorch
     assert f"{summary['machine']['cpu_kernels']} CPU kernels, {torch.get_num_threads()} threads" in printed
 
     log = summary["log"]
