@@ -347,10 +347,8 @@ def collate(ids: list[np.ndarray], roles: list[np.ndarray], device: str) -> tupl
     for row, (seq, role) in enumerate(zip(ids, roles)):
         n = len(seq) - 1
         x[row, :n], y[row, :n], r[row, :n] = seq[:-1], seq[1:], role[1:]
-    tensors = (torch.from_numpy(a) for a in (x, y, r))
-    if device.startswith("cuda"):
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
-    return tuple(t.to(device) for t in tensors)
+    pin = device.startswith("cuda")  # from pinned memory the copy runs while the host goes on
+    return tuple((t.pin_memory() if pin else t).to(device, non_blocking=pin) for t in map(torch.from_numpy, (x, y, r)))
 
 
 class Batches:
