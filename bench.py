@@ -399,6 +399,10 @@ def check_args(args) -> None:
         problems.append(f"--dtype {args.dtype}: use auto, float32 or bfloat16")
     if args.device != "auto" and (problem := R.device_problem(args.device)):
         problems.append(problem)
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(args.json) or ".")):
+        problems.append(f"--json {args.json}: give a file in an existing folder (checked before the run, not after)")
+    if args.threads > 2 ** 31 - 1:
+        problems.append(f"--threads {args.threads}: more threads than torch can set")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -421,7 +425,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"kv_cache_speedup {out['kv_cache_speedup']:.1f} | padding_fraction {out['padding_fraction']:.3f} | "
           f"bf16_speedup {out['bf16_speedup'] or float('nan'):.2f} | mfu {R.number(out['mfu'])}")
     if args.json:
-        ckpts.write_json(args.json, out)
+        try:
+            ckpts.write_json(args.json, out)
+        except OSError as err:  # a WriteError: the disk full, no permission
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
     return out
 
 

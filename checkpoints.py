@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -58,6 +59,15 @@ def owned_path(out_dir: str, *names: str) -> str:
     return path
 
 
+def open_owned(path: str, flags: int) -> int:
+    """os.open of a file written in place (the lock, log.jsonl): a symbolic or hard link or a FIFO there is refused."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    if not stat.S_ISREG((found := os.fstat(fd)).st_mode) or found.st_nlink > 1:
+        os.close(fd)
+        raise ValueError(f"{path}: a hard link, or not a regular file: a run writes in place only its own files")
+    return fd
+
+
 def _fsync_folder(folder: str) -> None:
     """Make the entries of `folder` (a rename, a new subfolder) durable (POSIX)."""
     with contextlib.suppress(OSError):
@@ -70,14 +80,10 @@ def _fsync_folder(folder: str) -> None:
 
 def make_folders(folder: str) -> None:
     """os.makedirs, each new folder's parent fsync'ed: a power loss cannot lose a folder files go into."""
-    new = []
-    while folder and not os.path.isdir(folder):
-        new.append(folder)
-        folder = os.path.dirname(folder)
-    if new:
-        os.makedirs(new[0])
-    for made in reversed(new):
-        _fsync_folder(os.path.dirname(made) or ".")
+    if folder and not os.path.isdir(folder):
+        make_folders(os.path.dirname(folder))
+        os.mkdir(folder)
+        _fsync_folder(os.path.dirname(folder) or ".")
 
 
 class _Recording(io.RawIOBase):
@@ -151,8 +157,7 @@ class Inputs:
 
 
 def read_inputs(cfg) -> Inputs:
-    """Every input file the flags name, read (regular files only) and hashed; --init_from parsed once, refused if
-    its stage is unfinished, its tokenizer file changed, or (--eval_only) its layout is not --untagged's."""
+    """Every input file the flags name, read (regular files only) and hashed; --init_from parsed once, and checked."""
     tiktoken_file = cfg.encoding.endswith(".tiktoken") or os.path.sep in cfg.encoding
     files = {"data": cfg.data, "eval_data": cfg.eval_data, "encoding": cfg.encoding if tiktoken_file else "",
              "init_from": cfg.init_from}
@@ -195,8 +200,7 @@ def restore_rng(ckpt: dict, rank: int = 0) -> None:
 
 def save_checkpoint(path: str, model: GPT, optimizer, cfg, step: int, extra: dict | None = None,
                     stop: StopSignal | None = None) -> None:
-    """Tensors and plain values only (loadable with weights_only=True), written atomically; `extra` adds entries.
-    A signal of the run's `stop` waits for the write: inside torch.save's writer it would be "unexpected pos"."""
+    """Tensors and plain values (weights_only=True loads them) and `extra`, written whole; a `stop` signal waits."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
              "model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
              "step": step, "rng_ranks": [rng_state()], **(extra or {})}
@@ -229,6 +233,8 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
         saved = GPTConfig(**ckpt["model_config"])
         if any(type(getattr(saved, f.name)) is not type(f.default) for f in dataclasses.fields(GPTConfig)):
             raise TypeError("a field of another type than GPTConfig's")  # True would pass as 1 layer
+        if saved.n_layer > len(ckpt["model"]) or not 0 <= saved.dropout < 1:  # 2**40 blocks: hours to build
+            raise ValueError(f"n_layer {saved.n_layer} for {len(ckpt['model'])} tensors, or dropout {saved.dropout}")
         with torch.device("meta"):  # shapes only, no memory
             reference = GPT(saved).state_dict()
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
@@ -283,7 +289,7 @@ def build_model(cfg, enc, device: str, inputs: Inputs | None = None) -> GPT:
             return model
         return GPT(model_config(cfg, enc)).to(device)
     except (MemoryError, RuntimeError) as err:  # CUDA's OutOfMemoryError and the CPU allocator's are RuntimeErrors
-        if isinstance(err, RuntimeError) and "alloc" not in str(err):
+        if isinstance(err, RuntimeError) and not re.search("alloc|overflow", str(err)):
             raise
         raise ValueError(f"the model does not fit in memory (--n_layer {cfg.n_layer}, --n_embd {cfg.n_embd}, "
                          f"--block_size {cfg.block_size}, a vocabulary of {enc.n_vocab})") from None
@@ -319,8 +325,8 @@ class LiveLog(list):
         self.note(row)
 
     def note(self, row: dict) -> None:
-        if self.path:  # O_NOFOLLOW: like every path we write, never through a symbolic link
-            with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "ab") as f:
+        if self.path:  # like every path we write, never through a link
+            with open(open_owned(self.path, os.O_WRONLY | os.O_APPEND), "ab") as f:
                 if self._cut is not None and os.fstat(f.fileno()).st_size > self._cut:
                     f.truncate(self._cut)
                 self._cut = None
@@ -428,8 +434,7 @@ def check_resume(path: str, cfg, expected: GPTConfig, world: int, hashes: dict[s
 
 # One run per folder
 class FolderLock(contextlib.AbstractContextManager):
-    """fcntl.flock on out_dir/.sftkey.lock, released by the kernel however the holder ends (kill -9 too); the file names
-    the holder ("pid host") for a refused second run."""
+    """flock on out_dir/.sftkey.lock, released however the holder ends (kill -9 too); it names the holder (pid host)."""
 
     def __init__(self, out_dir: str):
         self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, LOCK_NAME), None
@@ -439,9 +444,9 @@ class FolderLock(contextlib.AbstractContextManager):
 
     def acquire(self) -> None:
         while True:
-            try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, never followed
+            try:  # a link or FIFO planted at the lock's name is refused, never followed
                 make_folders(self.out_dir)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                fd = open_owned(self.path, os.O_RDWR)
             except OSError as err:  # a read-only file system, a path under a file, no permission
                 raise ValueError(f"--out_dir {self.out_dir}: the run could not write its files there: cannot create "
                                  f"{err.filename or self.path} ({err.strerror or err}). Nothing was trained") from None
@@ -518,9 +523,7 @@ class RunFolder(FolderLock):
         problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)]
         for folder in folders:  # can a file be created there? make one
             try:
-                fd, probe = tempfile.mkstemp(dir=folder, prefix=".sftkey-probe.", suffix=TMP_SUFFIX)
-                os.close(fd)
-                os.unlink(probe)
+                tempfile.TemporaryFile(dir=folder).close()  # nameless where the system allows: none is left
             except OSError as err:
                 problems.append(f"{folder} is a file, not a folder" if not os.path.isdir(folder)
                                 else f"cannot create files in {folder} ({err.strerror or err})")
@@ -528,7 +531,7 @@ class RunFolder(FolderLock):
             raise ValueError(f"--out_dir {out}: the run could not write its files there: {'; '.join(problems)}. "
                              f"Nothing was trained; fix this or choose another --out_dir")
         for folder in folders:  # temporaries of our writes killed mid-way: the folder is locked, none is live
-            ours = tuple(f".{name}." for up, name in map(os.path.split, planned) if up == folder) + (".sftkey-probe.",)
+            ours = tuple(f".{name}." for up, name in map(os.path.split, planned) if up == folder)
             for entry in (e for e in os.listdir(folder) if e.startswith(ours) and e.endswith(TMP_SUFFIX)):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, entry))

@@ -189,7 +189,7 @@ def read_examples(path: str, fmt: str, strip_calculator: bool = False, skip_bad_
 
 def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Example:
     try:
-        record = json.loads(line, object_pairs_hook=_fields)
+        record = json.loads(line, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and re.search(r"\r\s*\Z", line[:err.pos]):  # `{..}\r{..}`: a CR between records
             raise ValueError("two records on one line, split by a CR alone: the file uses CR-only line ends; "
@@ -233,7 +233,7 @@ def _parse(line: str, fmt: str, strip_calculator: bool, source: str = "") -> Exa
     return example
 
 
-def _fields(pairs: list[tuple[str, object]]) -> dict:
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object; a key given twice is an error (json.loads would keep the last one, silently)."""
     if twice := [key for key, n in Counter(key for key, _ in pairs).items() if n > 1]:
         raise ValueError(f"the key {twice[0]!r} appears twice in one object")
@@ -263,8 +263,8 @@ def _check_example(example: Example) -> None:
             raise ValueError(f"the {name} contains the tag {found[0]}, which only the template may write")
         if surrogate := re.search("[\ud800-\udfff]", value):  # a lone surrogate such as \ud800, legal in JSON
             raise ValueError(f"the {name} holds {surrogate.group()!r}, which is not a Unicode character")
-    if sftkey.invisible(example.answer):
-        raise ValueError("empty answer" + (" (only invisible characters)" if example.answer else ""))
+    if empty := next((n for n in ("prompt", "answer") if sftkey.invisible(getattr(example, n))), None):  # no question
+        raise ValueError(f"empty {empty}" + (" (only invisible characters)" if getattr(example, empty) else ""))
 
 
 def split(examples: list[Example], n_val: int, seed: int) -> tuple[list[Example], list[Example]]:

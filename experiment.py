@@ -27,6 +27,7 @@ from __future__ import annotations
 if __name__ == "__main__":
     import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -325,7 +326,8 @@ def run_seed(cfg: train.TrainConfig, names: list[str], enc, device: str, dtype: 
                       val_acc=val_rows[-1]["val_acc"] if val_rows else None)
         if not cfg.data:  # a synthetic problem's worked solution is the one right reasoning; real data has many
             result.update(reasoning_scores(result, test, tagged))
-        on_result(name, result, [{"arm": name, "seed": cfg.seed, **row} for row in rows])
+        with stop.deferred() if stop else contextlib.nullcontext():  # the result printed is the result written
+            on_result(name, result, [{"arm": name, "seed": cfg.seed, **row} for row in rows])
 
 
 class Recorder:
@@ -596,7 +598,8 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     """Every requested arm at every seed; writes and returns the summary.
     With `plot_only`, only redraws the plots of the run already in cfg.out_dir."""
     if plot_only:
-        with ckpts.FolderLock(cfg.out_dir) as lock:  # not from the files of a run still writing them
+        stop = runtime.StopSignal("a plot is whole or not written; run --plot_only again")  # no temporary left
+        with stop, ckpts.FolderLock(cfg.out_dir) as lock:  # not from the files of a run still writing them
             if os.path.isdir(cfg.out_dir):  # else replot names the missing file, and no folder is made
                 lock.acquire()
             images = replot(cfg.out_dir)

@@ -233,6 +233,8 @@ def export(ckpt: dict, config: GPTConfig, out_dir: str, overwrite: bool = False,
     if found and not overwrite:
         raise ValueError(f"{out_dir} already holds {', '.join(os.path.basename(p) for p in found)}: give --overwrite "
                          f"to replace them, or choose another folder")
+    if os.path.join(out_dir, CONFIG) in found:  # written last, it marks a whole export: none until this one is
+        os.unlink(os.path.join(out_dir, CONFIG))
     files = {BIN: lambda f: torch.save(state, f)}
     if safetensors_bytes is not None:
         data = safetensors_bytes(state, metadata={"format": "pt"})  # "pt": what transformers looks for

@@ -161,9 +161,8 @@ STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 class StopSignal:
-    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found are put back after it), each ending it in one
-    line, exit 130. Outside `deferred()` a signal raises Interrupted at once (writes are atomic: nothing is lost);
-    inside (training steps) the step in flight finishes and `StageCheckpoint.after_step` checkpoints it, then raises."""
+    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found put back after), each ending it in one line,
+    exit 130: at once outside `deferred()` (writes are atomic), inside it once the step in flight is checkpointed."""
 
     def __init__(self, after: str = "to continue, run the same command with --resume"):
         self.received, self.name, self.after = False, "", after  # the name of the first signal received
@@ -358,8 +357,7 @@ def format_summary(summary: dict) -> str:
             f"{s['straddling_tokens']}; prompt-prefix mismatches {s['prompt_prefix_mismatches']}"
             + (f" (the first: {s['first_prompt_prefix_mismatch']})" if s.get("first_prompt_prefix_mismatch") else "")
             + (f"\n  skipped {skipped} bad lines of --data and --eval_data (--skip_bad_lines): "
-               + "; ".join(s["bad_lines"][:3])
-               + (f"; {skipped - 3} more" if skipped > 3 else "") if skipped else ""))
+               + "; ".join(s["bad_lines"][:3]) + (f"; {skipped - 3} more" if skipped > 3 else "") if skipped else ""))
 
 
 def print_result(stage: str, r: dict, seconds: float) -> None:
@@ -395,7 +393,7 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict
     if path:
         raw, defaults = D.read_input(path, "--config"), vars(parser.parse_args([]))
         try:
-            values = json.loads(raw)
+            values = json.loads(raw, object_pairs_hook=D.unique_keys)  # a flag given twice: refused, as in data
         except ValueError as err:  # invalid JSON or UTF-8
             raise ValueError(f"--config {path}: not valid JSON ({err})") from None
         if not isinstance(values, dict):
@@ -403,7 +401,8 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict
         for key, value in values.items():
             if key not in defaults or key == "config":
                 raise ValueError(f"--config {path}: {key!r} is not a flag")
-            if not (type(value) is (kind := type(defaults[key])) or kind is float and type(value) is int):  # 3 for 3.0
+            if not (type(value) is (kind := type(defaults[key])) or kind is float and type(value) is int  # 3 for 3.0
+                    and abs(value) < 2 ** 1024):  # a larger whole number has no float
                 raise ValueError(f"--config {path}: {key!r} must be a JSON {kind.__name__}, got {value!r}")
         parser.set_defaults(**values)
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"}
@@ -441,15 +440,14 @@ def loss_weights(cfg) -> tuple[tuple[float, float, float], tuple[float, float, f
 
 def command(work: Callable[[], object], torchrun_worker: bool = False) -> None:
     """`work()` as a command: bad input ends in one line, exit 2; a stop too (a signal: 130; else 1). No traceback.
-    A `torchrun_worker` that finished ends at once, without the interpreter's teardown, in which gloo's threads
-    can abort (2 of 40 two-rank CPU runs, after every file was written: torchrun then said 1)."""
+    A finished `torchrun_worker` skips the interpreter's teardown, where gloo's threads could abort (2 of 40 runs)."""
     try:
         work()
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt, FloatingPointError, OSError) as err:  # OSError: a WriteError too
-        print(f"stopped: {err or 'interrupted'}", file=sys.stderr)
+        print(f"stopped: {str(err) or 'interrupted'}", file=sys.stderr)
         sys.exit(130 if isinstance(err, (Interrupted, KeyboardInterrupt)) else 1)
     except RuntimeError as err:  # in a torchrun job, a collective failing because another rank stopped first
         if os.environ.get("RANK", "0") == "0":

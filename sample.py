@@ -73,7 +73,7 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
         raise ValueError(f"--device {device}: cannot run there ({str(err).splitlines()[0]})") from None
     run_dtype = trained.get("dtype") if trained.get("dtype") in ("float32", "bfloat16") else "auto"
     flags = argparse.Namespace(device=device, n_embd=config.n_embd, dtype=run_dtype if dtype == "auto" else dtype)
-    return model.eval(), enc, not trained.get("untagged", False), runtime.resolve_device(flags)[1]
+    return model.eval(), enc, trained.get("untagged") is not True, runtime.resolve_device(flags)[1]
 
 
 def prompt_ids(enc: tiktoken.Encoding, prompts: list[str], block_size: int,

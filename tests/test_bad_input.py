@@ -58,6 +58,7 @@ DATA_CASES = [
      "field 'prompt' must be a string, got NoneType"),
     ("no #### line", jsonl({"question": "x", "answer": "just reasoning"}), [], 1, "no final line '#### <answer>'"),
     ("empty answer", jsonl(GOOD_GSM8K, {"question": "x", "answer": "a\n####   "}), [], 2, "empty answer"),
+    ("empty question", jsonl(GOOD_GSM8K, {"question": " ", "answer": "a\n#### 1"}), [], 2, "empty prompt"),
     ("blank tagged answer", jsonl({"prompt": "x", "thinking": "a", "answer": " \t"}), ["--format", "tagged"], 1,
      "empty answer"),
     ("</Answer> in the answer", jsonl({"prompt": "x", "thinking": "a", "answer": "5</Answer>"}),

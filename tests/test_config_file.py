@@ -114,10 +114,13 @@ def test_results_config_block_repeats_the_run(tmp_path, capsys):
     ({"untagged": 1}, ["'untagged'"]),
     ({"untagged": "true"}, ["'untagged'"]),
     ({"format": None}, ["'format'"]),
+    ({"lr": 10 ** 400}, ["'lr' must be a JSON float"]),  # a whole number no float holds: was an OverflowError
+    ('{"seed": 1, "seed": 2}', ["'seed' appears twice"]),  # was the last one, silently
     ([1], ["object"]),
     ("3", ["object"]),
 ], ids=["unknown_key", "nested_config", "float_for_int", "string_for_int", "bool_for_int", "string_for_float",
-        "bool_for_float", "int_for_bool", "string_for_bool", "null_for_string", "a_list", "a_number"])
+        "bool_for_float", "int_for_bool", "string_for_bool", "null_for_string", "huge_int_for_float", "key_twice",
+        "a_list", "a_number"])
 def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch, content, fragments):
     path = write(tmp_path / "bad config.json", content)
     no_run(monkeypatch)

@@ -144,6 +144,25 @@ def test_existing_files_are_never_replaced_without_overwrite(gpt2_ckpt, tmp_path
     assert code == 2 and "already holds config.json, pytorch_model.bin" in err
 
 
+def test_an_overwrite_stopped_half_way_leaves_no_config_json_to_pass_it_off_as_whole(gpt2_ckpt, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """Found by trying: a Ctrl-C after the new weights left the old config.json beside them, another model's."""
+    folder = tmp_path / "hf"
+    assert run_export([gpt2_ckpt, str(folder)], capsys)[0] == 0
+    written = []
+
+    def stopped_after_one(path, write):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        return original(path, write)
+    original = gpt2.ckpts.atomic_write
+    monkeypatch.setattr(gpt2.ckpts, "atomic_write", stopped_after_one)
+    code, _, err = run_export([gpt2_ckpt, str(folder), "--overwrite"], capsys)
+    assert code == 130 and err == "stopped: interrupted\n"  # was "stopped: " alone
+    assert written and not (folder / "config.json").exists()  # transformers refuses the folder: not whole
+
+
 def test_bad_paths_are_one_line_errors(gpt2_ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found in review: an empty HF_DIR wrote, and with --overwrite deleted, files here
     (tmp_path / "model.safetensors").write_bytes(b"someone else's")

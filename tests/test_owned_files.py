@@ -2,6 +2,7 @@
 or its resumption), every path written or deleted is one the run named under --out_dir, and no
 file, signal or flag ends a run with a wrong result and exit 0 or a traceback."""
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -219,6 +220,8 @@ def test_every_rank_of_a_job_ends_with_rank_0s_refusal(tmp_path):
     (lambda c: c.update(stage="s" * 250), "its stage name"),
     (lambda c: c.update(stream_start=2 ** 70), "stream position"),
     (lambda c: c.update(stream_start=5, step=-1), "stream position"),  # a negative step, though the sum is >= 0
+    (lambda c: c["model_config"].update(n_layer=2 ** 40), "n_layer 1099511627776 for"),  # building it took hours
+    (lambda c: c["model_config"].update(dropout=float("nan")), "dropout nan"),  # export wrote NaN into config.json
 ])
 def test_odd_init_from_checkpoints_are_one_line_errors_or_harmless(tmp_path, capsys, spoil, problem):
     data = write_data(tmp_path / "data.jsonl")
@@ -275,6 +278,25 @@ def test_experiment_stops_on_a_signal_in_one_line_and_frees_its_folder(tmp_path,
     assert err.startswith("stopped: ") and signal.Signals(sig).name in err
     assert "--resume" not in err and "the arms finished so far are in --out_dir" in err  # it cannot be resumed
     assert not (out / checkpoints.LOCK_NAME).exists()
+
+
+def test_a_signal_while_an_arms_result_is_written_stops_after_every_file_has_it(tmp_path, capsys, monkeypatch):
+    """Found by trying: a Ctrl-C as sft_tag's result was printed lost it from results.json, or its rows from
+    loss_log.jsonl; the result printed is the result written, in all three files."""
+    out, original = tmp_path / "exp", experiment.Recorder.write
+
+    def interrupted(self, complete):
+        if not complete and len(self.rows) and not hasattr(self, "signalled"):
+            self.signalled = os.kill(os.getpid(), signal.SIGINT)  # between the files it writes
+            time.sleep(0.01)
+        return original(self, complete)
+    monkeypatch.setattr(experiment.Recorder, "write", interrupted)
+    code, err = experiment_main([*TINY_EXPERIMENT, "--out_dir", str(out)], capsys)
+    assert code == 130 and "the arms finished so far are in --out_dir" in err, err
+    summary = json.loads((out / "results.json").read_text())
+    rows = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert list(summary["results"]) == ["sft_tag"] and {row["arm"] for row in rows} == {"sft_tag"}
+    assert "| sft_tag |" in (out / "results.md").read_text()
 
 
 def test_experiment_rerun_is_told_what_it_can_do_and_overwrite_leaves_nothing_stale(tmp_path, capsys):
@@ -348,11 +370,40 @@ def test_a_signal_before_or_after_a_run_is_one_line_and_exit_130(tmp_path):
     assert child.returncode == 130 and "Traceback" not in err and err.startswith("stopped: "), err
 
 
-def test_a_model_too_large_for_memory_is_a_flag_error(tmp_path, capsys):
+@pytest.mark.parametrize("block_size", ["1000000000", str(2 ** 62)])  # 2 ** 62: a size that overflows
+def test_a_model_too_large_for_memory_is_a_flag_error(tmp_path, capsys, block_size):
     data = write_data(tmp_path / "data.jsonl")
-    code, err = main(flags(tmp_path / "out", data, "--block_size", "1000000000"), capsys)
-    one_line_error(code, err, "the model does not fit in memory", "--block_size 1000000000")
+    code, err = main(flags(tmp_path / "out", data, "--block_size", block_size), capsys)
+    one_line_error(code, err, "the model does not fit in memory", f"--block_size {block_size}")
     assert not (tmp_path / "out").exists()
+
+
+# A run writes two files in place, the lock and log.jsonl: a hard link there would make it write into a file
+# elsewhere (found by trying: a victim file truncated to "pid host"; a `cp -al` snapshot's log rewritten).
+
+def test_a_hard_link_or_fifo_at_the_lock_is_refused_and_left_alone(tmp_path, capsys):
+    data, victim = write_data(tmp_path / "data.jsonl"), tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "out").mkdir()
+    os.link(victim, tmp_path / "out" / checkpoints.LOCK_NAME)
+    code, err = main(flags(tmp_path / "out", data), capsys)
+    one_line_error(code, err, "a hard link")
+    assert victim.read_text() == "keep me\n"
+    os.unlink(tmp_path / "out" / checkpoints.LOCK_NAME)
+    os.mkfifo(tmp_path / "out" / checkpoints.LOCK_NAME)
+    code, err = main(flags(tmp_path / "out", data), capsys)
+    one_line_error(code, err, f"{tmp_path / 'out' / checkpoints.LOCK_NAME}: a hard link, or not a regular file")
+
+
+def test_a_hard_link_at_log_jsonl_is_refused_before_it_is_written(tmp_path):
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text('{"snapshot": 1}\n')
+    (tmp_path / "out").mkdir()
+    os.link(victim, tmp_path / "out" / checkpoints.LOG_NAME)
+    with pytest.raises(ValueError, match="a hard link"):
+        checkpoints.LiveLog(str(tmp_path / "out")).append({"step": 0})
+    assert victim.read_text() == '{"snapshot": 1}\n'
+
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64])

@@ -347,13 +347,14 @@ def test_unusable_out_dir_is_refused_before_training(made, tmp_path, capsys, mon
 
 def test_read_only_file_system_is_refused_before_training(made, tmp_path, capsys, monkeypatch):
     """The tests run as root, whom permission bits do not stop: a read-only file system is simulated
-    where every file creation happens, in mkstemp (the probe and every atomic write) and mkdir."""
+    where every file creation happens: TemporaryFile (the probe), mkstemp (every atomic write) and mkdir."""
     out = tmp_path / "out"
     out.mkdir()
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(checkpoints.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(checkpoints.tempfile, "TemporaryFile", read_only)
     monkeypatch.setattr(checkpoints.os, "mkdir", read_only)
     no_training(monkeypatch)
     code, err = main(flags(out, made["data"]), capsys)
