@@ -2,9 +2,12 @@
 
     python scripts/gpu_check.py --gsm8k DIR --tiktoken_cache DIR [--out out/gpu_check]
 
-Sections (--sections picks some; each has a time limit, and a failed one does not stop the rest):
-1. tests: the CUDA tests (pytest tests/test_cuda.py);
-2. bench: bench.py's tables on GSM8K train at GPT-2 small's shape (12 x 768, batch 32);
+Sections (--sections picks some and their order; each has a time limit, and a failed one does not stop the rest):
+1. profile: stage-1 and stage-2 steps at GPT-2 small's shape on the same batches, eager and compiled,
+   at micro-batches of 16, 64 and 128: step time, tokens/s, MFU, the stage-2 speedup, and a
+   torch.profiler table of stage-1 steps (OUT/profile.txt); then where two steps of train.train make
+   the host wait for the GPU (file:line, from CUDA's sync debug mode);
+2. tests: the CUDA tests (pytest tests/test_cuda.py);
 3. recipe: the README's GPT-2-small recipe at GPT-2 small's shape (12 x 768, gpt2 vocabulary, random
    weights: no hub is needed), both stages (--stage1_iters / --stage2_iters steps), bf16 autocast,
    once eager and once with --compile. For each stage: steps, wall time (compilation and
@@ -12,16 +15,21 @@ Sections (--sections picks some; each has a time limit, and a failed one does no
    warm-up left out), MFU, peak GPU memory. The eager run then greedily answers the first
    --eval_problems test problems and says how long that took (the compiled run scores one problem),
    and answers them again with the KV cache off (time, tokens/s, rows identical to the cached run);
-4. profile: stage-1 and stage-2 steps at that shape on the same batches, eager and compiled, at
-   micro-batches of 16 and 64: step time, tokens/s, MFU, the stage-2 speedup, and a torch.profiler
-   table of stage-1 steps (OUT/profile.txt); then where two steps of train.train make the host wait
-   for the GPU (file:line, from CUDA's sync debug mode);
+4. bench: bench.py's tables on GSM8K train at GPT-2 small's shape (12 x 768, batch 32);
 5. default, experiment: `python train.py` and `python experiment.py` as they are, on --device.
 
 DIR holds GSM8K's train.jsonl and test.jsonl; the tiktoken cache folder holds GPT-2's BPE files
 (TIKTOKEN_CACHE_DIR). `--quick --device cpu` is the smoke version the test suite runs
 (tests/test_gpu_check.py): a 1-layer model, a few steps, a few problems. Everything printed also
 goes to OUT/gpu_check.json. The exit status is 1 when a section failed; the others still run.
+
+Each section runs in a process of its own (recipe and profile: this script with --worker), its output
+going to OUT/SECTION.log and to stdout as it comes. --budget_s is hard: a section gets at most what is
+left of it (or its own limit, `--sections profile:200`), is killed there ("stopped at budget", what it
+measured kept), and none starts once it is spent ("skipped: budget spent"); neither counts as a failure.
+gpu_check.json is rewritten after each section and each recipe stage, evaluation and profile setting, and
+on SIGTERM (an outer `timeout`; the exit status is then 143). The runs' checkpoints (about 1.5 GB each) go
+to --work_dir, not to OUT; their small files (results.json, logs) are copied to OUT/SECTION/.
 """
 from __future__ import annotations
 
@@ -33,9 +41,12 @@ import inspect
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -46,7 +57,10 @@ sys.path.insert(0, ROOT)
 RECIPE = ["--format", "gsm8k", "--encoding", "gpt2", "--block_size", "512", "--n_layer", "12", "--n_head", "12",
           "--n_embd", "768", "--batch_size", "16", "--grad_accum", "2", "--lr", "3e-4", "--warmup_iters", "30",
           "--log_interval", "25", "--eval_interval", "1000", "--eval_batch_size", "100", "--dtype", "bfloat16"]
-SECTIONS = ("tests", "bench", "recipe", "profile", "default", "experiment")
+# The default order puts first what answers the open questions (MFU, the stage-2 speedup, host waits): a check cut
+# short by its budget loses the end. Each section's time limit unless --sections gives one; --budget_s cuts them all.
+SECTIONS = ("profile", "tests", "recipe", "bench", "default", "experiment")
+LIMITS = {"profile": math.inf, "tests": 300, "recipe": math.inf, "bench": 300, "default": 900, "experiment": 1800}
 # bench.py at the recipe's model shape, more timed iterations than its CPU default (a GPU step is short)
 BENCH = ["--n_layer", "12", "--n_head", "12", "--n_embd", "768", "--batch_size", "32", "--gen_batch", "64",
          "--warmup", "3", "--iters", "10"]
@@ -62,55 +76,101 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gsm8k", required=True, help="folder with GSM8K's train.jsonl and test.jsonl")
     p.add_argument("--tiktoken_cache", required=True, help="folder with tiktoken's cached GPT-2 files")
-    p.add_argument("--out", default=os.path.join(ROOT, "out", "gpu_check"), help="checkpoints, logs, gpu_check.json")
+    p.add_argument("--out", default=os.path.join(ROOT, "out", "gpu_check"), help="logs, gpu_check.json, the runs' "
+                   "small files (no checkpoints): the folder to bring back")
+    p.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "gpu_check"),
+                   help="the runs' folders, checkpoints included (about 1.5 GB each at GPT-2 small)")
     p.add_argument("--device", default="cuda", help="cuda (the check) or cpu (the smoke version)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps: a smoke test of this script")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(SECTIONS), type=parse_sections,
+                   help=f"comma-separated subset of {','.join(SECTIONS)}, run in the order given; NAME:SECONDS "
+                   "gives a section its own time limit (e.g. profile:200,tests:100,recipe)")
     p.add_argument("--stage1_iters", type=int, default=300)
     p.add_argument("--stage2_iters", type=int, default=200)
     p.add_argument("--eval_problems", type=int, default=200, help="test problems the eager run answers")
     p.add_argument("--limit", type=int, default=0, help="use the first N training problems only (0 = all)")
-    p.add_argument("--profile_batches", default="16,64", help="profile: micro-batch sizes (comma-separated)")
+    p.add_argument("--recipe_runs", default="eager,compile", help="recipe: eager and/or compile (cold compilation "
+                   "takes minutes)")
+    p.add_argument("--profile_batches", default="16,64,128", help="profile: micro-batch sizes (comma-separated)")
     p.add_argument("--profile_modes", default="eager,compiled", help="profile: eager and/or compiled")
     p.add_argument("--profile_backends", default="default", help="profile: attention backends of "
                    "scaled_dot_product_attention: default (PyTorch's choice), flash, efficient, cudnn, math")
     p.add_argument("--budget_s", type=float, default=0, help="seconds for the whole check (0 = no limit): each "
-                   "section's time limit is cut to what is left, and no run or profile setting starts once it is "
-                   "spent, so a check under an outer limit (e.g. 540 under 600) ends by itself, its JSON complete")
+                   "section is stopped when it is spent, what it measured kept, and no section starts after, so a "
+                   "check under an outer limit (e.g. 400 under 420) ends by itself, its JSON complete")
     p.add_argument("--compile_backend", default="", help="torch.compile backend (default inductor; the CPU smoke "
                                                          "test uses eager, inductor's C++ build taking minutes)")
+    p.add_argument("--worker", choices=("recipe", "profile"), help=argparse.SUPPRESS)  # one section, in this process
     return p
 
 
+def parse_sections(text: str) -> list[tuple[str, float]]:
+    """`profile:200,tests` -> [("profile", 200.0), ("tests", 300)]: each section with its time limit, in order."""
+    plan = []
+    for item in text.split(","):
+        name, _, seconds = item.partition(":")
+        if name not in SECTIONS:
+            raise argparse.ArgumentTypeError(f"{name!r} is not one of {','.join(SECTIONS)}")
+        plan.append((name, float(seconds) if seconds else LIMITS[name]))
+    return plan
+
+
+class Terminated(Exception):
+    """SIGTERM (an outer `timeout`): the check stops its section, writes what it has and ends."""
+
+
+def _terminate(signum, frame):
+    # `timeout` signals its command and then its process group, this process twice: the first ends the check,
+    # a second must not break off the bookkeeping that the first started
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
 def run_section(name: str, command: list[str], timeout: float, report: dict, log_dir: str | None = None) -> None:
-    """A subprocess whose status and time go into `report`. Its output is written to
-    LOG_DIR/NAME.log as it comes (a section killed from outside still leaves what it printed)
-    and its tail printed at the end."""
+    """A subprocess whose status and time go into `report`. Its output goes line by line, flushed, to
+    LOG_DIR/NAME.log and to stdout (a check killed from outside keeps what it printed). At `timeout`
+    seconds, or on SIGTERM, its process group is killed and the section marked "stopped"."""
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
-    start, status = time.time(), 0
-    log_path = os.path.join(log_dir, f"{name}.log") if log_dir else None
+    start, tail, stopped = time.time(), collections.deque(maxlen=200), None
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
-    with (open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")) as log:
-        try:
-            status = subprocess.run(command, cwd=ROOT, timeout=timeout, stdout=log, stderr=subprocess.STDOUT).returncode
-        except subprocess.TimeoutExpired:
-            status = 124
-            log.write(f"\n{name}: timed out after {timeout:.0f} s\n")
-        log.seek(0)
-        output = log.read()
-    print(output[-6000:], flush=True)
-    report[name] = {"status": status, "seconds": time.time() - start, "output_tail": output[-3000:]}
+    log = open(os.path.join(log_dir, f"{name}.log"), "w") if log_dir else open(os.devnull, "w")
+    # a session of its own: the kill reaches the section's children too (pytest's torchrun, say), and an
+    # outer `timeout`'s SIGTERM reaches this process only, which then ends the section itself
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def copy() -> None:
+        for line in proc.stdout:
+            for stream in (log, sys.stdout):
+                stream.write(line)
+                stream.flush()
+            tail.append(line)
+    reader = threading.Thread(target=copy, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=None if math.isinf(timeout) else max(timeout, 0))
+    except subprocess.TimeoutExpired:
+        stopped = f"stopped at budget ({timeout:.0f} s)"
+    except Terminated:
+        stopped = "stopped by SIGTERM"
+        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the section's leftovers, or all of it when stopped
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=5)
+        log.close()
+        output = "".join(tail)
+        report[name] = {"status": proc.returncode, "seconds": time.time() - start, "output_tail": output[-3000:]}
+        if stopped:
+            report[name]["stopped"] = stopped
+            print(f"{name}: {stopped}", flush=True)
 
 
 def time_left(args) -> float:
     """Seconds left of --budget_s (inf without one)."""
     return getattr(args, "deadline", math.inf) - time.time()
-
-
-def limit(args, seconds: float) -> float:
-    """A section's time limit, cut to the time left of --budget_s (at least 1 s: it then times out at once)."""
-    return max(1.0, min(seconds, time_left(args)))
 
 
 def reset_peak_memory(device: str) -> None:
@@ -129,10 +189,11 @@ def peak_memory_gb(device: str) -> float | None:
 
 class StageProbe:
     """Wraps train.train, train.evaluate and Meter.line to time each stage, its steady second half,
-    its peak GPU memory and the evaluation, without touching the project's code."""
+    its peak GPU memory and the evaluation, without touching the project's code. `save` is called after
+    each stage and evaluation (a run stopped at the budget keeps them)."""
 
-    def __init__(self, train_module, runtime_module, torch_module, device: str):
-        self.T, self.R, self.torch, self.device = train_module, runtime_module, torch_module, device
+    def __init__(self, train_module, runtime_module, torch_module, device: str, save=lambda: None):
+        self.T, self.R, self.torch, self.device, self.save = train_module, runtime_module, torch_module, device, save
         self.stages: dict[str, dict] = {}
         self.evals: list[dict] = []
         self._marks: list[tuple[int, float, float]] = []  # (step, busy seconds, real tokens) at each log line
@@ -161,6 +222,7 @@ class StageProbe:
                 row["peak_memory_gb"] = peak_memory_gb(probe.device)
             row.update(probe._rates(iters))
             probe.stages[stage] = row
+            probe.save()
             return optimizer
 
         def line(meter, stage, step, lr, step_loss):
@@ -179,6 +241,7 @@ class StageProbe:
             probe._sync()
             probe.evals.append({"after": probe._stage, "problems": len(examples), "seconds": time.time() - start, "acc": result["acc"],
                                 "fmt": result["fmt"]})
+            probe.save()
             return result
 
         self.T.train, self.T.evaluate, self.R.Meter.line = train, evaluate, line
@@ -197,15 +260,16 @@ class StageProbe:
 
 
 def recipe(args, report: dict) -> bool:
-    """The GPT-2-small recipe, eager then compiled, in this process. Returns whether both ran."""
+    """The GPT-2-small recipe, eager then compiled (--recipe_runs), in this process. Returns whether all ran."""
     import torch
 
     import runtime
     import train
-    os.makedirs(args.out, exist_ok=True)
+    work = os.path.join(args.work_dir, "recipe")
+    os.makedirs(work, exist_ok=True)
     data, test = (os.path.join(args.gsm8k, f"{split}.jsonl") for split in ("train", "test"))
     if args.limit:  # the first N lines only, in a file of their own
-        data = os.path.join(args.out, "train_head.jsonl")
+        data = os.path.join(args.work_dir, "train_head.jsonl")
         with open(os.path.join(args.gsm8k, "train.jsonl"), encoding="utf-8") as f, open(data, "w") as g:
             g.writelines(line for _, line in zip(range(args.limit), f))
     flags = [*RECIPE, *(QUICK if args.quick else []), "--data", data, "--eval_data", test, "--device", args.device,
@@ -215,27 +279,28 @@ def recipe(args, report: dict) -> bool:
         os.environ[runtime.COMPILE_BACKEND] = args.compile_backend
     report["recipe"] = {"flags": flags, "runs": {}}
     ok = True
-    for name, extra in (("eager", ["--eval_limit", str(args.eval_problems)]), ("compile", ["--compile", "--eval_limit", "1"])):
-        if time_left(args) <= 0:
-            ok = False
-            report["recipe"]["runs"][name] = {"skipped": "no time left (--budget_s)"}
-            print(f"recipe {name}: skipped, no time left (--budget_s)", flush=True)
-            continue
+
+    def save() -> None:
+        save_report(args, report)
+    for name in args.recipe_runs.split(","):
+        extra = ["--eval_limit", str(args.eval_problems)] if name == "eager" else ["--compile", "--eval_limit", "1"]
         print(f"\n=== recipe, {name}: python train.py {' '.join(flags + extra)}", flush=True)
-        start = time.time()
+        start, run_dir = time.time(), os.path.join(work, name)
+        probe = StageProbe(train, runtime, torch, args.device, save)
+        run = report["recipe"]["runs"][name] = {"stages": probe.stages, "evaluations": probe.evals}  # filled as it goes
         try:
-            with StageProbe(train, runtime, torch, args.device) as probe:
-                train.run(train.parse_args([*flags, *extra, "--out_dir", os.path.join(args.out, name)]))
-            report["recipe"]["runs"][name] = {"stages": probe.stages, "evaluations": probe.evals,
-                                              "seconds": time.time() - start}
-            save_report(args.out, report)  # a check stopped from outside keeps this run
-            if name == "eager" and time_left(args) > 0:
-                report["recipe"]["kv_cache"] = kv_cache_evaluation(args, [*flags, *extra], os.path.join(args.out, name))
+            with probe:
+                train.run(train.parse_args([*flags, *extra, "--out_dir", run_dir]))
+            run["seconds"] = time.time() - start
+            save()
+            if name == "eager":
+                report["recipe"]["kv_cache"] = {}
+                kv_cache_evaluation(args, [*flags, *extra], run_dir, report["recipe"]["kv_cache"], save)
         except Exception as err:  # report it and go on: the other run and the summary still count
             ok = False
-            report["recipe"]["runs"][name] = {"error": f"{type(err).__name__}: {err}", "seconds": time.time() - start}
+            run.update(error=f"{type(err).__name__}: {err}", seconds=time.time() - start)
             print(f"recipe {name} failed: {type(err).__name__}: {err}", flush=True)
-        save_report(args.out, report)
+        save()
     return ok
 
 
@@ -245,8 +310,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def kv_cache_evaluation(args, flags: list[str], run_dir: str) -> dict:
-    """train.evaluate on the run's final weights, with the KV cache (as always) and without it."""
+def kv_cache_evaluation(args, flags: list[str], run_dir: str, rows: dict, save) -> None:
+    """train.evaluate on the run's final weights, with the KV cache (as always) and without it: a row each
+    in `rows`, saved as it comes (the cache-off one may not finish), then their comparison."""
     import checkpoints as ckpts
     import data as D
     import runtime
@@ -257,7 +323,7 @@ def kv_cache_evaluation(args, flags: list[str], run_dir: str) -> dict:
     test = D.read_examples(cfg.eval_data, cfg.format)[:cfg.eval_limit]
     device, dtype = runtime.resolve_device(cfg)
     model = ckpts.build_model(cfg, enc, device)
-    generate, rows, outputs = GPT.generate, {}, {}
+    generate, outputs = GPT.generate, {}
     for use_cache in (True, False):
         produced: list[list[int]] = []
 
@@ -277,10 +343,11 @@ def kv_cache_evaluation(args, flags: list[str], run_dir: str) -> dict:
         rows["cache" if use_cache else "no_cache"] = {"problems": len(test), "seconds": seconds, "tokens": tokens,
                                                      "tokens_per_s": tokens / seconds, "acc": result["acc"]}
         outputs[use_cache] = produced
+        save()
         print(f"evaluation, KV cache {'on' if use_cache else 'off'}: {len(test)} problems, {tokens} tokens "
               f"generated in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)", flush=True)
-    same = sum(a == b for a, b in zip(outputs[True], outputs[False]))
-    return {**rows, "identical_rows": same, "speedup": rows["no_cache"]["seconds"] / rows["cache"]["seconds"]}
+    rows["identical_rows"] = sum(a == b for a, b in zip(outputs[True], outputs[False]))
+    rows["speedup"] = rows["no_cache"]["seconds"] / rows["cache"]["seconds"]
 
 
 def profile(args, report: dict) -> None:
@@ -312,7 +379,8 @@ def profile(args, report: dict) -> None:
     stages = {"stage 1": (0.0, 1.0, 1.0), "stage 2": (0.0, 0.0, 1.0)}
     backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    settings = [(b, m, k) for b in map(int, args.profile_batches.split(",")) for m in args.profile_modes.split(",")
+    # mode first: every eager width (seconds each) before the compiled ones (a cold compilation each first)
+    settings = [(b, m, k) for m in args.profile_modes.split(",") for b in map(int, args.profile_batches.split(","))
                 for k in args.profile_backends.split(",")]
     rows: list[dict] = []
     report["profile"] = {"peak_flops": peak, "rows": rows}
@@ -320,10 +388,6 @@ def profile(args, report: dict) -> None:
     table_path = os.path.join(args.out, "profile.txt")
     open(table_path, "w").close()
     for n, (batch_size, mode, backend) in enumerate(settings):
-        if time_left(args) <= 0:
-            rows.append({"batch_size": batch_size, "mode": mode, "backend": backend, "error": "skipped: no time left"})
-            print(f"batch {batch_size}, {mode}, attention {backend}: skipped, no time left (--budget_s)", flush=True)
-            continue
         reset_peak_memory(device)  # each setting's own peak, not the largest of the process so far
         batches = D.Batches(data, batch_size, cfg.seed)
         net = runtime.compiled(model, mode == "compiled")
@@ -360,7 +424,7 @@ def profile(args, report: dict) -> None:
         except Exception as err:  # a backend this GPU or shape cannot run: say so, go on with the next
             print(f"{name}: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
             rows.append({"batch_size": batch_size, "mode": mode, "backend": backend, "error": str(err)[:300]})
-            save_report(args.out, report)
+            save_report(args, report)
             continue
         for stage, (seconds, positions, projected, flops) in totals.items():
             rows.append({"batch_size": batch_size, "mode": mode, "backend": backend, "stage": stage,
@@ -373,15 +437,14 @@ def profile(args, report: dict) -> None:
         print(f"{name}: stage 1 {one['step_ms']:.1f} ms/step (first pass {one['first_pass_ms']:.1f}), MFU "
               f"{mfu_text(one['mfu'])}; stage 2 {two['step_ms']:.1f} ms/step ({two['speedup_over_stage1']:.2f}x)",
               flush=True)
-        save_report(args.out, report)  # a check stopped from outside keeps every setting measured so far
+        save_report(args, report)  # a section stopped at its budget keeps every setting measured so far
         with open(table_path, "a") as f:
             f.write(table + "\n\n")
         print("\n".join(table.splitlines()[:16]), flush=True)
-    if time_left(args) > 0:
-        val = D.tokenize(examples[:cfg.batch_size], enc, cfg.block_size, name="sync check")
-        report["profile"]["host_waits"] = sites = host_waits(cfg, model, data, val, device, dtype)
-        print("the host waits for the GPU in two steps of train.train (file:line: times; CUDA's sync debug mode): "
-              + (", ".join(f"{k}: {v}" for k, v in sites.items()) or "nowhere"), flush=True)
+    val = D.tokenize(examples[:cfg.batch_size], enc, cfg.block_size, name="sync check")
+    report["profile"]["host_waits"] = sites = host_waits(cfg, model, data, val, device, dtype)
+    print("the host waits for the GPU in two steps of train.train (file:line: times; CUDA's sync debug mode): "
+          + (", ".join(f"{k}: {v}" for k, v in sites.items()) or "nowhere"), flush=True)
 
 
 SYNC_WARNING = "synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") says
@@ -454,9 +517,10 @@ def summary_table(report: dict) -> str:
         lines += ["", "| greedy evaluation, eager final weights | problems | seconds | tokens generated | tokens/s |",
                   "| --- | --- | --- | --- | --- |"]
         lines += [f"| KV cache {label} | {r['problems']} | {r['seconds']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} |"
-                  for label, r in (("on", kv["cache"]), ("off", kv["no_cache"]))]
-        lines.append(f"\nKV cache speedup {kv['speedup']:.2f}x; rows identical with and without: "
-                     f"{kv['identical_rows']} of {kv['cache']['problems']}")
+                  for label, r in (("on", kv.get("cache")), ("off", kv.get("no_cache"))) if r]
+        if "speedup" in kv:  # not when the cache-off evaluation was stopped at the budget
+            lines.append(f"\nKV cache speedup {kv['speedup']:.2f}x; rows identical with and without: "
+                         f"{kv['identical_rows']} of {kv['cache']['problems']}")
     rows = report.get("profile", {}).get("rows", [])
     if rows:
         lines += ["", "| micro-batch | mode | attention | stage | step ms (first pass) | positions/s | projected | MFU | "
@@ -476,14 +540,49 @@ def number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def save_report(out: str, report: dict) -> None:
-    """OUT/gpu_check.json, rewritten after each section so that a check killed from outside keeps the rest."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+def save_report(args, report: dict) -> None:
+    """OUT/gpu_check.json (a worker's: OUT/SECTION.json), rewritten as figures come, so that a check stopped from
+    outside keeps the rest; atomically, so that a kill during the write leaves the previous one."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.worker or 'gpu_check'}.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+WORKERS = {"recipe": recipe, "profile": profile}  # the sections that run this script again, with --worker
+
+
+def section_command(name: str, args, argv: list[str]) -> list[str]:
+    """A section's command line. Each runs in a process of its own, which the budget can stop."""
+    py, quick, run_dir = sys.executable, QUICK_RUN if args.quick else [], os.path.join(args.work_dir, name)
+    if name in WORKERS:
+        return [py, os.path.abspath(__file__), *argv, "--worker", name]
+    if name == "tests":  # -v: a run stopped at the budget still names the tests that passed
+        return [py, "-m", "pytest", "tests/test_cuda.py", "-v", "-rs"]
+    if name == "bench":
+        return [py, "bench.py", "--data", os.path.join(args.gsm8k, "train.jsonl"), "--json",
+                os.path.join(args.out, "bench.json"), "--device", args.device, *(["--quick"] if args.quick else BENCH)]
+    if name == "default":  # the README's first command, as it is
+        return [py, "train.py", "--device", args.device, "--overwrite", "--out_dir", run_dir, *quick]
+    quick_arms = ["--seeds", "1", "--e1", "3", "--e2", "2", "--n_boot", "50"] if args.quick else []
+    return [py, "experiment.py", "--device", args.device, "--overwrite", "--out_dir", run_dir, *quick, *quick_arms]
+
+
+def collect(name: str, args, report: dict) -> None:
+    """What a section left besides its log: a worker's figures (OUT/NAME.json) into the report, and its runs'
+    small files (results, logs) from --work_dir/NAME to OUT/NAME, without the checkpoints."""
+    part = os.path.join(args.out, f"{name}.json")
+    if name in WORKERS and os.path.isfile(part):
+        with open(part) as f:
+            report.setdefault(name, {}).update(json.load(f).get(name, {}))
+    if os.path.isdir(os.path.join(args.work_dir, name)):
+        shutil.copytree(os.path.join(args.work_dir, name), os.path.join(args.out, name), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.pt", "*.tmp", ".sftkey.lock"))
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.deadline = time.time() + args.budget_s if args.budget_s > 0 else math.inf
     if args.quick:
@@ -496,55 +595,47 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(args.tiktoken_cache)  # before any encoding loads
     if args.quick:  # tiny models: threads cost more than they save
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.worker:  # one section in this process; run_section stops it at the budget
+        part: dict = {}
+        ok = WORKERS[args.worker](args, part) is not False
+        save_report(args, part)
+        return 0 if ok else 1
     import torch
-    sections = set(args.sections.split(","))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report: dict = {"device": args.device, "device_name": device_name, "torch": torch.__version__,
                     "cuda": torch.version.cuda, "quick": args.quick}
     print(f"gpu_check on {args.device} ({device_name}), torch {torch.__version__}, CUDA {torch.version.cuda}",
           flush=True)
-    started, ok = time.time(), True
-    if "tests" in sections:
-        tests = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs"]
-        run_section("tests", tests, limit(args, 300), report, args.out)
-        ok &= report["tests"]["status"] == 0
-        save_report(args.out, report)
-    if "bench" in sections:
-        bench_flags = ["--data", os.path.join(args.gsm8k, "train.jsonl"), "--json", os.path.join(args.out, "bench.json"),
-                       "--device", args.device] + (["--quick"] if args.quick else BENCH)
-        run_section("bench", [sys.executable, "bench.py", *bench_flags], limit(args, 300), report, args.out)
-        ok &= report["bench"]["status"] == 0
-        save_report(args.out, report)
-    if "recipe" in sections:
-        ok &= recipe(args, report)
-        save_report(args.out, report)
-    if "profile" in sections:
-        try:
-            profile(args, report)
-        except Exception as err:  # report it and go on
-            ok = False
-            report.setdefault("profile", {})["error"] = f"{type(err).__name__}: {err}"  # keeps the rows measured
-            print(f"profile failed: {type(err).__name__}: {err}", flush=True)
-        save_report(args.out, report)
-    if sections & {"recipe", "profile"}:
+    started, ok, status = time.time(), True, 0
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for name, seconds in args.sections:
+            if time_left(args) <= 0:
+                report[name] = {"skipped": "budget spent"}
+                print(f"\n=== {name}: skipped, budget spent", flush=True)
+                continue
+            with contextlib.suppress(FileNotFoundError):  # an earlier check's figures are not this one's
+                os.remove(os.path.join(args.out, f"{name}.json"))
+            try:
+                run_section(name, section_command(name, args, argv), min(seconds, time_left(args)), report, args.out)
+            finally:  # on SIGTERM too
+                collect(name, args, report)
+                save_report(args, report)
+            ok &= "stopped" in report[name] or report[name]["status"] == 0  # stopped at the budget is no failure
+    except Terminated:
+        report["stopped"], status = "SIGTERM", 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        report["seconds"], report["ok"] = time.time() - started, ok
+        save_report(args, report)
+    if "recipe" in report or "profile" in report:
         print("\n" + summary_table(report), flush=True)
-    quick = QUICK_RUN if args.quick else []
-    if "default" in sections:  # the README's first command, as it is
-        run_section("default", [sys.executable, "train.py", "--device", args.device, "--overwrite", "--out_dir",
-                                os.path.join(args.out, "default"), *quick], limit(args, 900), report, args.out)
-        ok &= report["default"]["status"] == 0
-        save_report(args.out, report)
-    if "experiment" in sections:
-        quick_arms = ["--seeds", "1", "--e1", "3", "--e2", "2", "--n_boot", "50"] if args.quick else []
-        command = [sys.executable, "experiment.py", "--device", args.device, "--overwrite", "--out_dir",
-                   os.path.join(args.out, "experiment"), *quick, *quick_arms]
-        run_section("experiment", command, limit(args, 1800), report, args.out)
-        ok &= report["experiment"]["status"] == 0
-    report["seconds"], report["ok"] = time.time() - started, ok
-    save_report(args.out, report)
-    print(f"\ngpu_check {'passed' if ok else 'FAILED'} in {report['seconds']:.0f} s; "
-          f"figures in {os.path.join(args.out, 'gpu_check.json')}", flush=True)
-    return 0 if ok else 1
+    cut = [f"{name} {r['stopped'] if 'stopped' in r else 'skipped, ' + r['skipped']}" for name, r in report.items()
+           if isinstance(r, dict) and ("stopped" in r or "skipped" in r)]
+    verdict = "stopped by SIGTERM" if status else "passed" if ok else "FAILED"
+    print(f"\ngpu_check {verdict} in {report['seconds']:.0f} s{'; ' if cut else ''}"
+          f"{'; '.join(cut)}; figures in {os.path.join(args.out, 'gpu_check.json')}", flush=True)
+    return status or (0 if ok else 1)
 
 
 if __name__ == "__main__":
