@@ -399,8 +399,8 @@ def check_args(args) -> None:
         problems.append(f"--dtype {args.dtype}: use auto, float32 or bfloat16")
     if args.device != "auto" and (problem := R.device_problem(args.device)):
         problems.append(problem)
-    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(args.json) or ".")):
-        problems.append(f"--json {args.json}: give a file in an existing folder (checked before the run, not after)")
+    if args.json and os.path.isdir(args.json):
+        problems.append(f"--json {args.json}: a folder; give a file (checked before the run, not after it)")
     if args.threads > 2 ** 31 - 1:
         problems.append(f"--threads {args.threads}: more threads than torch can set")
     if problems:

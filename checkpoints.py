@@ -61,7 +61,7 @@ def owned_path(out_dir: str, *names: str) -> str:
 
 def open_owned(path: str, flags: int) -> int:
     """os.open of a file written in place (the lock, log.jsonl): a symbolic or hard link or a FIFO there is refused."""
-    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)  # a FIFO would wait for a reader
     if not stat.S_ISREG((found := os.fstat(fd)).st_mode) or found.st_nlink > 1:
         os.close(fd)
         raise ValueError(f"{path}: a hard link, or not a regular file: a run writes in place only its own files")
@@ -82,7 +82,7 @@ def make_folders(folder: str) -> None:
     """os.makedirs, each new folder's parent fsync'ed: a power loss cannot lose a folder files go into."""
     if folder and not os.path.isdir(folder):
         make_folders(os.path.dirname(folder))
-        os.mkdir(folder)
+        os.makedirs(folder, exist_ok=True)  # not mkdir: "a/b/" after "a/b", or a run beside this one was first
         _fsync_folder(os.path.dirname(folder) or ".")
 
 
@@ -104,8 +104,7 @@ class _Recording(io.RawIOBase):
             raise
 
 
-_UMASK = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
-os.umask(_UMASK)
+os.umask(_UMASK := os.umask(0o022))  # the only way to read the umask is to set it: put it straight back
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -172,11 +171,11 @@ def read_inputs(cfg) -> Inputs:
                 (not (isinstance(stage, str) and (stage == "" or NAME.fullmatch(stage)) and type(start) is int
                       and type(step) is int and 0 <= start + step < 2 ** 63 and step >= 0),
                  f"its stage name {stage!r} or stream position is not one this project writes"),
-                (init.get("finished") is False, f"stage {stage} stopped at step {step}, unfinished: finish it first"),
-                (sha.get("--encoding", digest) != digest,
+                (init.get("finished") is False, f"stage {stage} stopped at step {step}: finish it with --resume first"),
+                (digest and sha.get("--encoding", digest) != digest,
                  f"--encoding {cfg.encoding}: not the tokenizer file it was trained with (another sha256)"),
                 (cfg.eval_only and trained.get("untagged", cfg.untagged) != cfg.untagged,
-                 f"trained {'with' if trained.get('untagged') else 'without'} --untagged: score it so")):
+                 f"trained {'with' if trained.get('untagged') else 'without'} --untagged: score it so, in its layout")):
             if refused:
                 raise ValueError(f"--init_from {cfg.init_from}: {why}")
         inputs.origin = (stage, start + step)
@@ -306,6 +305,8 @@ class LiveLog(list):
     def __init__(self, out_dir: str | None = None):
         super().__init__()
         self.path = owned_path(out_dir, LOG_NAME) if out_dir else None
+        if self.path and os.path.lexists(self.path):  # --resume appends to it: a link or a FIFO is refused now
+            os.close(open_owned(self.path, os.O_RDWR))
         self._cut = None  # where the next write first cuts the file back to (resume)
 
     @property

@@ -239,15 +239,13 @@ def export(ckpt: dict, config: GPTConfig, out_dir: str, overwrite: bool = False,
     if safetensors_bytes is not None:
         data = safetensors_bytes(state, metadata={"format": "pt"})  # "pt": what transformers looks for
         files[SAFETENSORS] = lambda f: f.write(data)
-    written = []
+    written = [os.path.join(out_dir, name) for name in [*files, CONFIG]]
     for name, write in files.items():
         ckpts.atomic_write(os.path.join(out_dir, name), write)
-        written.append(os.path.join(out_dir, name))
-    ckpts.write_json(os.path.join(out_dir, CONFIG), hf)  # last, so that a new folder with a config.json is whole
-    written.append(os.path.join(out_dir, CONFIG))
     stale = [path for path in found if path not in written]  # they would shadow this export: remove them
     for path in stale:
         os.unlink(path)
+    ckpts.write_json(os.path.join(out_dir, CONFIG), hf)  # last, so that a folder with a config.json is whole
     return written, stale
 
 

@@ -302,8 +302,7 @@ class Meter:
         dist, done = self.dist, step + 1
         loss = float(dist.all_reduce(step_loss.detach().clone())) / dist.world
         real, computed, projected = dist.all_reduce(torch.stack([self.real, self.computed, self.projected])).tolist()
-        elapsed = time.time() - self.start
-        busy = elapsed - self.paused_seconds
+        busy = (elapsed := time.time() - self.start) - self.paused_seconds
         rate, eta = real / busy, busy / (done - self.first_step) * (self.iters - done)
         row = {"stage": stage.name, "step": step, "lr": lr, "loss": loss, "tokens_per_s": rate}
         row.update({"dft": True} if stage.dft else {})
@@ -402,7 +401,7 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict
             if key not in defaults or key == "config":
                 raise ValueError(f"--config {path}: {key!r} is not a flag")
             if not (type(value) is (kind := type(defaults[key])) or kind is float and type(value) is int  # 3 for 3.0
-                    and abs(value) < 2 ** 1024):  # a larger whole number has no float
+                    and abs(value) <= sys.float_info.max):  # a larger whole number has no float
                 raise ValueError(f"--config {path}: {key!r} must be a JSON {kind.__name__}, got {value!r}")
         parser.set_defaults(**values)
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"}

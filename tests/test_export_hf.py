@@ -163,6 +163,18 @@ def test_an_overwrite_stopped_half_way_leaves_no_config_json_to_pass_it_off_as_w
     assert written and not (folder / "config.json").exists()  # transformers refuses the folder: not whole
 
 
+def test_files_that_would_shadow_an_export_are_gone_before_its_config_json_is_written(gpt2_ckpt, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """A stop just before config.json must not leave an index file beside it that loaders read instead."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "pytorch_model.bin.index.json").write_text("{}")  # an older, sharded export's
+    seen = []
+    monkeypatch.setattr(gpt2.ckpts, "write_json", lambda path, obj: seen.append(os.listdir(folder)))
+    assert run_export([gpt2_ckpt, str(folder), "--overwrite"], capsys)[0] != 0  # verify finds no config.json
+    assert seen and "pytorch_model.bin.index.json" not in seen[0]
+
+
 def test_bad_paths_are_one_line_errors(gpt2_ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found in review: an empty HF_DIR wrote, and with --overwrite deleted, files here
     (tmp_path / "model.safetensors").write_bytes(b"someone else's")

@@ -395,6 +395,29 @@ def test_a_hard_link_or_fifo_at_the_lock_is_refused_and_left_alone(tmp_path, cap
     one_line_error(code, err, f"{tmp_path / 'out' / checkpoints.LOCK_NAME}: a hard link, or not a regular file")
 
 
+def test_make_folders_takes_any_spelling_of_a_folder(tmp_path):
+    """os.makedirs did; a mkdir a level at a time met "a/b/" as a folder it had just made (found in review)."""
+    for spelling in ("a/b/", "c/../d", "e/.", "f//g"):
+        checkpoints.make_folders(str(tmp_path / spelling))
+        assert os.path.isdir(tmp_path / spelling), spelling
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        checkpoints.make_folders(str(tmp_path / "file" / "below"))
+
+
+def test_a_fifo_at_log_jsonl_is_refused_as_resume_starts_not_waited_on(tmp_path, capsys):
+    """Opened for writing, a FIFO with no reader waits forever (found in review: a run hung at its first row)."""
+    data = write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    code, err = main(flags(out, data, "--max_iters", "2", "--stage2_iters", "0"), capsys)
+    assert code == 0, err
+    os.unlink(out / checkpoints.LOG_NAME)
+    os.mkfifo(out / checkpoints.LOG_NAME)
+    os.unlink(out / checkpoints.RESULTS_NAME)  # as if stopped before the end: --resume continues it
+    code, err = main(flags(out, data, "--max_iters", "2", "--stage2_iters", "0", "--resume"), capsys)
+    one_line_error(code, err, f"{out / checkpoints.LOG_NAME}: a hard link, or not a regular file")
+
+
 def test_a_hard_link_at_log_jsonl_is_refused_before_it_is_written(tmp_path):
     victim = tmp_path / "victim.jsonl"
     victim.write_text('{"snapshot": 1}\n')

@@ -199,7 +199,7 @@ def test_init_from_refuses_a_stage_stopped_before_its_end(made, tmp_path, capsys
     for extra in (["--max_iters", "0"], ["--eval_only"]):
         code, err = main(flags(tmp_path / "out", made["data"], "--init_from", str(cut), *extra, "--eval_data",
                                str(made["data"])), capsys)
-        one_line_error(code, err, f"--init_from {cut}: stage sft_tag stopped at step 8, unfinished")
+        one_line_error(code, err, f"--init_from {cut}: stage sft_tag stopped at step 8: finish it with --resume first")
 
 
 def test_init_from_refuses_a_tiktoken_file_changed_since_training(tmp_path, capsys, monkeypatch):
