@@ -389,7 +389,6 @@ def profile(args, report: dict) -> None:
     open(table_path, "w").close()
     for n, (batch_size, mode, backend) in enumerate(settings):
         reset_peak_memory(device)  # each setting's own peak, not the largest of the process so far
-        batches = D.Batches(data, batch_size, cfg.seed)
         net = runtime.compiled(model, mode == "compiled")
         kernel = sdpa_kernel(backends[backend]) if backends[backend] is not None else None
 
@@ -407,7 +406,8 @@ def profile(args, report: dict) -> None:
             _sync(device)
             return time.perf_counter() - start, x.numel(), int((w != 0).sum())
         name = f"batch {batch_size}, {mode}, attention {backend}"
-        try:
+        try:  # a setting that fails (too few examples for the batch, out of memory, ...) is a row: the rest go on
+            batches = D.Batches(data, batch_size, cfg.seed)
             with kernel or contextlib.nullcontext():
                 first = 1000 * (n + 1)  # batches no earlier setting used
                 for i in range(warmup):

@@ -192,6 +192,15 @@ def test_quick_profile_on_the_cpu(tmp_path, monkeypatch):
 
 
 @needs_gsm8k
+def test_a_micro_batch_the_data_cannot_fill_is_a_row_and_the_other_settings_go_on(tmp_path, monkeypatch):
+    """Found by running the device command with --quick: batch 128 of 97 examples ended the whole profile."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    rows = _profile(tmp_path, "--profile_batches", "100000,2")["rows"]
+    assert "examples for batches of 100000" in rows[0]["error"] and [r.get("stage") for r in rows[1:]] == [
+        "stage 1", "stage 2"]
+
+
+@needs_gsm8k
 def test_each_profile_setting_reports_its_own_peak_memory(tmp_path, monkeypatch):
     """The peak is reset before each setting: it was the process's peak so far (the recipe's, or a wider setting's)."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
