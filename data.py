@@ -263,7 +263,7 @@ def _check_example(example: Example) -> None:
             raise ValueError(f"the {name} contains the tag {found[0]}, which only the template may write")
         if surrogate := re.search("[\ud800-\udfff]", value):  # a lone surrogate such as \ud800, legal in JSON
             raise ValueError(f"the {name} holds {surrogate.group()!r}, which is not a Unicode character")
-    if empty := next((n for n in ("prompt", "answer") if sftkey.invisible(getattr(example, n))), None):  # no question
+    if empty := next((n for n in ("prompt", "answer") if sftkey.invisible(getattr(example, n))), None):  # nothing asked
         raise ValueError(f"empty {empty}" + (" (only invisible characters)" if getattr(example, empty) else ""))
 
 
