@@ -239,8 +239,8 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise ValueError(f"{path}: its model_config does not describe this project's GPT ({err})") from None
     weights = ckpt["model"]
-    wrong = [k for k in reference if not isinstance(weights.get(k), torch.Tensor)
-             or weights[k].shape != reference[k].shape or weights[k].dtype != torch.float32]
+    wrong = [k for k in reference if not isinstance(t := weights.get(k), torch.Tensor) or t.shape != reference[k].shape
+             or t.dtype != torch.float32 or t.layout != torch.strided or t.is_meta]  # sparse or meta: not numbers
     wrong += [k for k in weights if k not in reference]
     if wrong:  # another dtype would be cast silently by load_state_dict and trained on
         found = weights.get(wrong[0])

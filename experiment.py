@@ -413,7 +413,8 @@ def markdown(summary: dict) -> str:
                      f"{_mean_std(agg['composite'])} | {_mean_std(agg.get('val_acc', {'mean': None}))} | "
                      f"{agg['last_stage_seconds']['mean']:.0f} | "
                      f"{agg['train_seconds']['mean']:.0f} |")
-    lines += ["", f"Mean ± sample standard deviation over {len(seeds)} seed(s); Fmt is undefined for the untagged "
+    finished = "/".join(map(str, sorted({len(runs) for runs in summary["results"].values()}))) or "0"  # per arm
+    lines += ["", f"Mean ± sample standard deviation over {finished} seed(s); Fmt is undefined for the untagged "
                   "arm. val Acc: greedy, on --val_acc_n validation prompts after the last step. Times are "
                   "wall-clock seconds of training (mean over seeds), without evaluation."]
     reasoned = {n: a for n, a in summary["aggregates"].items() if a.get("reasoning", {}).get("mean") is not None}
@@ -425,8 +426,12 @@ def markdown(summary: dict) -> str:
                       "on); then Acc among those responses and among the others (mean over the seeds that have "
                       "some). Mean ± sample std over seeds."]
     if summary.get("picked"):
+        val = {n: a["val_acc"]["mean"] for n, a in summary["aggregates"].items() if ".lr" in n and "val_acc" in a}
+        tied = {arm: sum(n.partition(".lr")[0] == arm and v is not None and abs(v - val[name]) <= 1e-9  # as pick's
+                         for n, v in val.items()) > 1 for arm, name in summary["picked"].items()}
         lines += ["", "Picked by validation Acc (never the test set): " + ", ".join(
-            f"{arm} -> {name}" for arm, name in summary["picked"].items())]
+            f"{arm} -> {name}" + " (tied with another lr: the first listed)" * tied[arm]
+            for arm, name in summary["picked"].items())]
     if summary["comparisons"]:
         metrics = {"acc": "ΔAcc", "composite": "ΔComposite", "reasoning": "ΔReasoning right"}
         if not any("reasoning" in c for c in summary["comparisons"].values()):  # real data: not scored
@@ -658,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
     """Errors and stops in one line each (runtime.command); after a stop the files in --out_dir hold
     every arm finished so far ("complete": false)."""
     def work() -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would run the whole experiment, in one folder
+            raise ValueError("experiment.py runs in one process, not under torchrun (train.py does DDP)")
         cfg, own = parse_args(argv)
         run_experiment(cfg, **own)
     runtime.command(work)

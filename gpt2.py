@@ -80,13 +80,22 @@ def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
                          f"{str(err).splitlines()[0] if str(err) else 'no details'})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError(f"{source}: not a state dict of tensors")
-    return {k.removeprefix("transformer."): t for k, t in tensors.items()}, source
+    for name, t in tensors.items():  # numbers our checkpoints can hold (bool and int mask buffers are dropped later)
+        if t.is_meta or t.layout != torch.strided or t.is_complex() or t.is_floating_point() and not t.isfinite().all():
+            raise ValueError(f"{source}: tensor {name} is not finite real numbers held in memory ({t.dtype}, "
+                             f"{t.layout}{', meta' if t.is_meta else ''})")
+    names = [k.removeprefix("transformer.") for k in tensors]
+    if len(set(names)) < len(names):  # "ln_f.weight" and "transformer.ln_f.weight": which one is meant?
+        raise ValueError(f"{source}: a tensor is given twice, with and without the prefix 'transformer.'")
+    return dict(zip(names, tensors.values())), source
 
 
 def _gpt2_config(tensors: dict[str, torch.Tensor], path: str, source: str, dropout: float,
                  block_size: int | None, n_vocab: int | None) -> GPTConfig:
     if missing := [name for name in ("wte.weight", "wpe.weight") if name not in tensors]:
         raise ValueError(f"{source}: no tensor {missing[0]}; is it a GPT-2 checkpoint?")
+    if bad := [name for name in ("wte.weight", "wpe.weight") if tensors[name].ndim != 2 or not len(tensors[name])]:
+        raise ValueError(f"{source}: {bad[0]} is not a table of rows ({tuple(tensors[bad[0]].shape)})")
     vocab, n_embd = tensors["wte.weight"].shape
     if n_vocab is not None and vocab != n_vocab:
         raise ValueError(f"{path}: a vocabulary of {vocab} tokens, but the gpt2 encoding has {n_vocab}")

@@ -222,6 +222,8 @@ def test_every_rank_of_a_job_ends_with_rank_0s_refusal(tmp_path):
     (lambda c: c.update(stream_start=5, step=-1), "stream position"),  # a negative step, though the sum is >= 0
     (lambda c: c["model_config"].update(n_layer=2 ** 40), "n_layer 1099511627776 for"),  # building it took hours
     (lambda c: c["model_config"].update(dropout=float("nan")), "dropout nan"),  # export wrote NaN into config.json
+    (lambda c: c["model"].update({"transformer.ln_f.bias": c["model"]["transformer.ln_f.bias"].to_sparse()}),
+     "not this model's float32 tensors (the first: transformer.ln_f.bias"),  # was NotImplementedError, a traceback
 ])
 def test_odd_init_from_checkpoints_are_one_line_errors_or_harmless(tmp_path, capsys, spoil, problem):
     data = write_data(tmp_path / "data.jsonl")
@@ -297,6 +299,14 @@ def test_a_signal_while_an_arms_result_is_written_stops_after_every_file_has_it(
     rows = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
     assert list(summary["results"]) == ["sft_tag"] and {row["arm"] for row in rows} == {"sft_tag"}
     assert "| sft_tag |" in (out / "results.md").read_text()
+
+
+def test_experiment_under_torchrun_is_one_line_not_ranks_racing_for_the_folder(tmp_path, capsys, monkeypatch):
+    """Found by trying: each rank ran the whole experiment; one was refused the folder its sibling held."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = experiment_main([*TINY_EXPERIMENT, "--out_dir", str(tmp_path / "exp")], capsys)
+    one_line_error(code, err, "experiment.py runs in one process, not under torchrun")
+    assert not (tmp_path / "exp").exists()
 
 
 def test_experiment_rerun_is_told_what_it_can_do_and_overwrite_leaves_nothing_stale(tmp_path, capsys):

@@ -167,6 +167,21 @@ def test_clear_errors_for_bad_folders_and_checkpoints(tmp_path):
         open(config_file, "wb").write(config if isinstance(config, bytes) else config.encode())
         with pytest.raises(ValueError, match=re.escape(f"{config_file}: {problem}")):
             gpt2.gpt2_from_hf(folder)
+    # Found by trying: each was imported with exit 0 (NaN, meta: a checkpoint every command then refused, or a
+    # traceback), or ended in an error that named nothing (a 1-D wte), or one of two tensors won silently.
+    for name, spoilt, problem in [
+            ("nan", {**tensors, "ln_f.bias": torch.full((16,), float("nan"))}, "tensor ln_f.bias is not finite"),
+            ("meta", {k: v.to("meta") for k, v in tensors.items()}, "not finite real numbers held in memory"),
+            ("complex", {**tensors, "wte.weight": tensors["wte.weight"].to(torch.complex64)}, "tensor wte.weight"),
+            ("wte1d", {**tensors, "wte.weight": tensors["wte.weight"][0]}, "wte.weight is not a table of rows"),
+            ("wpe0", {**tensors, "wpe.weight": tensors["wpe.weight"][:0]}, "wpe.weight is not a table of rows")]:
+        with pytest.raises(ValueError, match=problem):
+            gpt2.gpt2_from_hf(write_checkpoint(tmp_path / name, spoilt))
+    both = write_checkpoint(tmp_path / "both", tensors)
+    torch.save({**tensors, "transformer.ln_f.weight": tensors["ln_f.weight"] + 6},
+               os.path.join(both, "pytorch_model.bin"))
+    with pytest.raises(ValueError, match="given twice, with and without the prefix"):
+        gpt2.gpt2_from_hf(both)
     tied = {**tensors, "lm_head.weight": tensors["wte.weight"].clone()}  # a tied copy is fine
     assert gpt2.gpt2_from_hf(write_checkpoint(tmp_path / "tied", tied, n_head=2)).config.n_layer == 2
 

@@ -335,6 +335,21 @@ def test_markdown_says_which_settings_were_picked():
     assert summary["arms"]["sftkey_tag.lr1e-05"]["about"].endswith("stage-2 peak lr 1e-05")
 
 
+def test_markdown_says_a_pick_was_a_tie_and_how_many_seeds_each_row_has():
+    """Found by trying: every validation Acc 0 read as a pick of the first lr; an incomplete run said "over 3 seeds"
+    of rows that held one."""
+    results = _opposed()
+    for r in results["sftsft_tag.lr1e-05"]:
+        r["val_acc"] = 0.5  # lr0.0001's mean: a tie, which pick gives to the first listed
+    recorder = E.Recorder(train.TrainConfig(max_iters=5, stage2_iters=2), list(results), list(SEEDS), n_boot=50)
+    recorder.results = results
+    text = E.markdown(recorder.summary(complete=True))
+    assert ("sftkey_tag -> sftkey_tag.lr1e-05, sftsft_tag -> sftsft_tag.lr1e-05 (tied with another lr: the first "
+            "listed)") in text and f"over {len(SEEDS)} seed(s)" in text
+    recorder.results = {**results, "sft_tag": results["sft_tag"][:1]}  # stopped before the other seeds
+    assert f"over 1/{len(SEEDS)} seed(s)" in E.markdown(recorder.summary(complete=False))
+
+
 def test_the_header_of_a_sweep_does_not_name_a_stage2_lr_no_variant_used():
     results = _opposed()
     cfg, own = E.parse_args(["--arms", "sftkey_tag,sftsft_tag", "--stage2_lrs", "1e-5,1e-4", "--lr", "1e-2"])
