@@ -158,8 +158,9 @@ def describe(reply: Reply) -> str:
 
 def read_prompts(path: str) -> dict[str, str]:
     """One prompt a line (blank lines skipped), by "path:line"; a line's trailing "\\r" and a leading byte-order mark
-    dropped."""
-    raw = D.read_input(path, "--file").removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as data.py drops it
+    dropped. "-" reads standard input (`... | python sample.py --ckpt C --file -`)."""
+    raw = sys.stdin.buffer.read() if path == "-" else D.read_input(path, "--file")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as data.py drops it
     try:
         lines = raw.decode("utf-8").split("\n")
     except UnicodeDecodeError as err:
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="prompts, each one argument (quote them)")
     parser.add_argument("--ckpt", required=True, help="a checkpoint train.py wrote (e.g. out/sftkey_tag/ckpt.pt)")
-    parser.add_argument("--file", default="", help="a text file of prompts, one a line (after the arguments')")
+    parser.add_argument("--file", default="", help="a text file of prompts, one a line (after the arguments'); "
+                        "- reads them from standard input")
     parser.add_argument("--max_new_tokens", type=int, default=0,
                         help="tokens a response may have; 0 = as evaluation: until prompt and response fill "
                              "block_size + 1 (default: %(default)r)")

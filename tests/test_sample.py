@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 
@@ -224,6 +225,15 @@ def test_a_prompt_file_with_a_byte_order_mark(ckpt, capsys, tmp_path):
     plain = capsys.readouterr().out
     sample.main(["--ckpt", ckpt, "Q: 2+2", "Q: 3+1"])
     assert plain == capsys.readouterr().out and "\ufeff" not in plain
+
+
+def test_prompts_from_standard_input_with_file_dash(ckpt, capsys, monkeypatch):
+    """Found by trying: a pipe was ignored, and "-" was answered as a prompt."""
+    monkeypatch.setattr(sample.sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Q: 2+2\n\nQ: 3+1\n")))
+    sample.main(["--ckpt", ckpt, "--file", "-"])
+    piped = capsys.readouterr().out
+    sample.main(["--ckpt", ckpt, "Q: 2+2", "Q: 3+1"])
+    assert piped == capsys.readouterr().out and piped.count("prompt:") == 2
 
 
 def test_a_tokenizer_file_other_than_the_one_trained_with_is_refused(tmp_path, capsys):
