@@ -148,7 +148,7 @@ class Stage:
 def stage_name(before: str, weights: tuple[float, float, float], tagged: bool, dft: bool = False) -> str:
     """The losses of the stages so far ("sft" = (0, 1, 1), "key" = (0, 0, 1), else "w0-1-5"; with `dft`: "dft",
     "dft-key", "dft-w0-1-5"), joined by "+" unless both are words, then _tag for the tagged layout. `before`: the last
-    stage's name; after sft_tag, key is "sftkey_tag" (the method); across layouts "sft_untagged+key_tag", "sft_tag+sft"."""
+    stage's name: after sft_tag, key is "sftkey_tag" (the method); across layouts "sft_untagged+key_tag"."""
     loss = {(0, 1, 1): "sft", (0, 0, 1): "key"}.get(tuple(weights), "w" + "-".join(f"{w:.15g}" for w in weights))
     loss = ("dft" if loss == "sft" else "dft-" + loss) if dft else loss  # "dftkey" would read as dft, then key
     same_layout = before.endswith("_tag") == tagged or not before  # else `before` stays whole, its layout named
