@@ -219,8 +219,8 @@ def _table(headers: list[str], rows: list[list]) -> str:
 def run(args) -> dict:
     torch.set_num_threads(args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                            else os.cpu_count()))
-    device, dtype = R.resolve_device(T.TrainConfig(device=args.device, dtype=args.dtype, n_embd=args.n_embd))
-    R.set_up_device(device, args.seed)  # the seed, and TF32 on CUDA as train.py has it
+    _, device, dtype = R.set_up_device(T.TrainConfig(device=args.device, dtype=args.dtype, n_embd=args.n_embd,
+                                                     seed=args.seed))  # the seed, and TF32 on CUDA as train.py has
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
     # Emulated bf16 (a CPU without AVX-512 BF16, a GPU before Ampere) is hundreds of times slower:
     # timing it would take hours and say nothing about the method, so it is only timed when native.

@@ -612,8 +612,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
               "no plots: matplotlib is not installed (pip install matplotlib)")
         return None
     run_names = sorted(dict.fromkeys(names), key=lambda n: ARM_NAMES.index(n.partition(".lr")[0]))  # each once
-    device, dtype = runtime.resolve_device(cfg)
-    runtime.set_up_device(device, cfg.seed)  # as train.py: on CUDA, attention off cuDNN's (a plan per new width)
+    cfg, device, dtype = runtime.set_up_device(cfg)  # as train.py: --dtype auto resolved, attention off cuDNN's
     inputs = ckpts.read_inputs(cfg)  # every input file read once, for every arm and seed
     enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
     if inputs.init:  # an --init_from of another shape or encoding is named before anything is printed or written
@@ -639,7 +638,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
               f"so every arm trains on the same examples", flush=True)
     plan = [(name,) for name in ckpts.EXPERIMENT_FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds
                                                            for n in run_names if save_ckpt]
-    finished = "the arms finished so far are in --out_dir (results.json says \"complete\": false)"
+    finished = 'an arm in training is lost, the arms finished so far are in --out_dir (results.json: "complete": false)'
     folder = ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resume=False, resumable=False, start=cfg.init_from)
     with runtime.StopSignal(finished) as stop, folder:
         folder.take(plan)  # one run per folder: a second one, or another run's files, refused

@@ -38,8 +38,7 @@ class KVCache:
         if self.k is None:
             self.k, self.v = (torch.zeros(self.shape, device=k.device, dtype=k.dtype) for _ in range(2))
         end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+        self.k[layer, :, :, self.length:end], self.v[layer, :, :, self.length:end] = k, v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -171,9 +170,10 @@ class GPT(nn.Module):
         if self.training and self.config.dropout:  # each token would be read by another thinned network
             raise RuntimeError("generate with dropout on: call model.eval() first")
         device, B, block = self.transformer.wte.weight.device, len(prompts), self.config.block_size
-        width = max(len(p) for p in prompts)
-        if width > block:
-            raise ValueError(f"a prompt of {width} tokens does not fit in block_size {block}")
+        width = max(map(len, prompts), default=0)
+        if not (prompts and all(prompts)) or width > block:  # an empty prompt has no position to predict from
+            raise ValueError(f"generate needs prompts of 1 to block_size {block} tokens; got {len(prompts)}, of "
+                             f"{min(map(len, prompts), default=0)} to {width}")
         budget = torch.tensor([max(0, min(max_new_tokens, block + 1 - len(p))) for p in prompts], device=device)
         total = width + int(budget.max())
         idx, real = (torch.zeros(B, total, dtype=t, device="cpu") for t in (torch.long, torch.bool))  # on the host

@@ -79,12 +79,15 @@ def autocast(device: str, dtype: torch.dtype):
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=dtype)
 
 
-def set_up_device(device: str, seed: int) -> None:
-    """Seed the RNG; on CUDA, TF32 matmuls and no cuDNN attention (a plan per new width: on an H200, 185 ms, not 40)."""
-    torch.manual_seed(seed)
+def set_up_device(cfg, dist: Dist | None = None) -> tuple:
+    """(cfg with --dtype auto resolved, as --resume compares it; device; dtype), seeded by rank (dropout differs; DDP
+    copies rank 0's weights); on CUDA, TF32 and no cuDNN attention (a new plan per width: 185 ms, not 40 ms)."""
+    device, dtype = resolve_device(cfg, dist)
+    torch.manual_seed(cfg.seed + (dist.rank if dist else 0))
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.enable_cudnn_sdp(False)  # flash attention then, the fastest in the same test
+    return dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch.")), device, dtype
 
 
 COMPILE_BACKEND = "SFTKEY_COMPILE_BACKEND"  # environment variable: tests use "eager"/"aot_eager" (no C++ build)
@@ -136,8 +139,7 @@ class Dist:
 
     def any(self, *flags: bool) -> list[bool]:
         """Each flag, true when it is true on any rank: every rank then decides alike."""
-        reduced = self.all_reduce(torch.tensor([float(f) for f in flags], device=self.device), "max")
-        return [bool(v) for v in reduced.tolist()]
+        return [v > 0 for v in self.all_reduce(torch.tensor(flags, device=self.device).float(), "max").tolist()]
 
     def gather(self, value) -> list:
         """`value` of every rank, in rank order (a collective: every rank calls it)."""
@@ -161,25 +163,24 @@ STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 class StopSignal:
-    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found put back after), each ending it in one line,
-    exit 130: at once outside `deferred()` (writes are atomic), inside it once the step in flight is checkpointed."""
+    """SIGINT, SIGTERM and SIGHUP while a run lasts (the handlers found put back after), each ending it in one line
+    (`after`: what is kept, how to go on), exit 130: at once outside `deferred()`, else once the work in it is saved."""
 
-    def __init__(self, after: str = "to continue, run the same command with --resume"):
+    def __init__(self, after: str = "no training since the last checkpoint is lost; to continue, run the same "
+                                    "command with --resume"):
         self.received, self.name, self.after = False, "", after  # the name of the first signal received
         self._depth, self._previous = 0, {}  # how many deferred() blocks are open; the handlers found
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.received:
-            print(f"{name} received again: already stopping, after the step in flight and its checkpoint (kill -9 "
-                  f"would stop at once and lose them)", file=sys.stderr, flush=True)
+            print(f"{name} received again: already stopping, once the step or write in flight is saved (kill -9 "
+                  f"would stop at once and lose it)", file=sys.stderr, flush=True)
             return
         self.received, self.name = True, name
         if not self._depth:
-            raise Interrupted(f"{name} received outside a training step: the run ends here, and no training since "
-                              f"the last checkpoint is lost; {self.after}")
-        print(f"\n{name} received: stopping once the step in flight is finished and checkpointed", file=sys.stderr,
-              flush=True)
+            raise Interrupted(f"{name} received: the run ends here; {self.after}")
+        print(f"\n{name} received: stopping once the step or write in flight is saved", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def deferred(self):
@@ -191,7 +192,7 @@ class StopSignal:
         finally:
             self._depth -= 1
         if self.received and not already and not self._depth:
-            raise Interrupted(f"{self.name} received: the run ends here, its training checkpointed; {self.after}")
+            raise Interrupted(f"{self.name} received: the run ends here; {self.after}")
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -259,9 +260,8 @@ def gpu_bf16_peak(name: str) -> float | None:
 
 def peak_flops(device: str, dtype: torch.dtype) -> float | None:
     """A known GPU's data-sheet bf16 peak FLOP/s for MFU, else None (timed CPU peaks moved by 2x on shared machines)."""
-    if device.startswith("cuda") and dtype == torch.bfloat16:
-        return gpu_bf16_peak(torch.cuda.get_device_name(device))
-    return None
+    on_gpu = device.startswith("cuda") and dtype == torch.bfloat16
+    return gpu_bf16_peak(torch.cuda.get_device_name(device)) if on_gpu else None
 
 
 def mfu(model, tokens_per_s: float, seq_len: float, projected_fraction: float, peak: float) -> float:

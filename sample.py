@@ -7,8 +7,8 @@ Each prompt is fed as training and evaluation feed it (`sftkey.prompt_head`: tra
 then a newline), in the tokenizer recorded in the checkpoint (a tokenizer file must hold the bytes its run
 hashed: another file at that path is refused). The checkpoint is loaded with the project's
 checks (`checkpoints.read_checkpoint`: weights_only, this model's float32 tensors). Decoding is greedy by
-default, `model.GPT.generate` as evaluation runs it, in the dtype the checkpoint's run computed in (its
---dtype, resolved on this device; in bfloat16 the prompts generated beside one can change a few answers,
+default, `model.GPT.generate` as evaluation runs it, in the dtype the checkpoint's run computed in (float32
+where this device would only emulate bfloat16; in bfloat16 the prompts generated beside one can change a few answers,
 as in evaluation, which batches by length); --temperature > 0 samples instead (optionally from the
 --top_k most likely tokens), reproducibly from --seed. Either way only ids the tokenizer can decode are
 ever chosen (`data.generable_ids`), and a response ends at end-of-text or when the prompt and response
@@ -45,7 +45,7 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
                                                                               torch.dtype]:
     """The checkpoint's model (in eval mode on `device`), its tokenizer (`encoding`, else the one its run
     recorded), whether it was trained on the tagged layout, and the dtype to compute in (`dtype`; "auto": the
-    run's --dtype, resolved on `device` as train.py resolves it)."""
+    run's, float32 where `device` would emulate bfloat16; an older run's "auto": resolved as train.py does)."""
     ckpt = ckpts.read_checkpoint(path, None, "cpu")
     trained = ckpt.get("train_config") if isinstance(ckpt.get("train_config"), dict) else {}
     name = encoding or trained.get("encoding")
@@ -72,6 +72,7 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
     except (RuntimeError, AssertionError) as err:  # no such device here (an MPS-less Mac's "mps", "cuda:7", ...)
         raise ValueError(f"--device {device}: cannot run there ({str(err).splitlines()[0]})") from None
     run_dtype = trained.get("dtype") if trained.get("dtype") in ("float32", "bfloat16") else "auto"
+    run_dtype = "float32" if run_dtype == "bfloat16" and not runtime.native_bf16(device) else run_dtype  # else slow
     flags = argparse.Namespace(device=device, n_embd=config.n_embd, dtype=run_dtype if dtype == "auto" else dtype)
     return model.eval(), enc, trained.get("untagged") is not True, runtime.resolve_device(flags)[1]
 
@@ -192,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoding", default="",
                         help="the tokenizer; empty = the one the checkpoint's run recorded (default: %(default)r)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                        help="compute dtype; auto = the checkpoint's run's --dtype on this device, as evaluation "
-                             "ran (default: %(default)r)")
+                        help="compute dtype; auto = the one the checkpoint's run computed in, as evaluation "
+                             "ran (float32 where bfloat16 would be emulated) (default: %(default)r)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ... "
                                                           "(default: %(default)r)")
     return parser

@@ -231,8 +231,7 @@ def run(cfg: TrainConfig) -> dict:
     stage's checkpoint (out_dir/STAGE/ckpt.pt) holds its results: --resume skips it, continues an unfinished one."""
     with StopSignal() as stop, ckpts.RunFolder(cfg.out_dir, cfg.overwrite, cfg.resume, start=cfg.init_from) as folder:
         dist = Dist.from_environment(cfg)
-        device, dtype = runtime.resolve_device(cfg, dist)
-        runtime.set_up_device(device, cfg.seed + dist.rank)  # dropout differs by rank; DDP copies rank 0's weights
+        cfg, device, dtype = runtime.set_up_device(cfg, dist)  # cfg: --dtype auto as resolved here
         inputs = ckpts.read_inputs(cfg)  # every input file read once and hashed: later edits cannot matter
         enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
         step = 1 if cfg.eval_only else cfg.batch_size * cfg.grad_accum * dist.world  # examples one step draws

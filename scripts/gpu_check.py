@@ -368,8 +368,7 @@ def profile(args, report: dict) -> None:
     from model import GPT
     cfg = train.parse_args([*RECIPE, *(QUICK if args.quick else []), "--device", args.device])
     enc = D.get_encoding(cfg.encoding)
-    device, dtype = runtime.resolve_device(cfg)
-    runtime.set_up_device(device, cfg.seed)
+    cfg, device, dtype = runtime.set_up_device(cfg)
     examples = D.read_examples(os.path.join(args.gsm8k, "train.jsonl"), cfg.format)[:args.limit or None]
     data = D.tokenize(examples, enc, cfg.block_size, name="gsm8k train")
     model = GPT(ckpts.model_config(cfg, enc)).to(device)

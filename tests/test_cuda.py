@@ -52,7 +52,14 @@ def _losses(summary: dict) -> list[float]:
 @pytest.fixture
 def no_tf32(monkeypatch):
     """float32 matmuls in full float32 (train.py turns TF32 on), so CUDA can be compared with the CPU."""
-    monkeypatch.setattr(runtime, "set_up_device", lambda device, seed: torch.manual_seed(seed))
+    set_up = runtime.set_up_device
+
+    def without_tf32(cfg, dist=None):
+        found = set_up(cfg, dist)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        return found
+
+    monkeypatch.setattr(runtime, "set_up_device", without_tf32)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
@@ -107,7 +114,7 @@ def test_training_attention_runs_flash_not_cudnn():
     PyTorch 2.11 picked on an H200, builds a plan per new batch width: 185 ms a step, not 40)."""
     saved = torch.backends.cuda.cudnn_sdp_enabled()
     try:
-        runtime.set_up_device("cuda", 0)
+        runtime.set_up_device(train.TrainConfig(device="cuda", seed=0))
         model = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=64)).cuda()
         x = torch.randint(0, 320, (4, 37), device="cuda")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -123,9 +123,9 @@ def test_cuda_set_up_keeps_attention_off_cudnn(backend_flags):
     for a GPT-2-small step on a new width, 40 ms with flash): a CUDA run turns it off. The flags
     need no GPU, so this runs everywhere; tests/test_cuda.py checks the kernel a CUDA step runs."""
     torch.backends.cuda.enable_cudnn_sdp(True)
-    runtime.set_up_device("cpu", 0)
+    runtime.set_up_device(train.TrainConfig(device="cpu"))
     assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU run leaves the CUDA flags alone
-    runtime.set_up_device("cuda", 0)
+    runtime.set_up_device(train.TrainConfig(device="cuda", dtype="float32"))
     assert not torch.backends.cuda.cudnn_sdp_enabled()
     assert torch.backends.cuda.matmul.allow_tf32
 

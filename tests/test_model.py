@@ -114,6 +114,14 @@ def test_generation_stays_inside_block_size():
         model.generate(random_prompts([17]), 4, NEVER)
 
 
+@pytest.mark.parametrize("prompts", [[[]], [[5, 6], []], []], ids=["empty", "one empty of two", "none"])
+def test_generation_refuses_an_empty_prompt_or_none(prompts):
+    """An empty prompt has no position to predict its first token from: it was an IndexError alone, and beside
+    another prompt it was answered from padding; no prompts at all failed inside torch."""
+    with pytest.raises(ValueError, match="prompts of 1 to block_size 16 tokens"):
+        random_model(block_size=16).generate(prompts, 4, NEVER)
+
+
 def test_a_short_prompt_beside_a_long_one_gives_its_tokens_alone():
     """Block 32: a 3-token prompt writes 30 tokens alone; beside a 20-token prompt it used to get 12."""
     model = random_model(block_size=32)

@@ -143,7 +143,7 @@ FLAG_CHANGES = [
     (["--grad_accum", "2"], "--grad_accum: 1 in the checkpoint, 2 here"),
     (["--stage2_iters", "3"], "--stage2_iters: 6 in the checkpoint, 3 here"),
     (["--n_val", "12"], "--n_val: 10 in the checkpoint, 12 here"),
-    (["--dtype", "auto"], "--dtype: float32 in the checkpoint, auto here"),
+    (["--dtype", "bfloat16"], "--dtype: float32 in the checkpoint, bfloat16 here"),
 ]
 
 
@@ -233,6 +233,23 @@ def test_resume_with_the_same_flags_continues(made, tmp_path, capsys):
                            "--ckpt_interval", "0", "--eval_interval", "50"), capsys)
     assert code == 0, err
     assert torch.load(out / "sftkey_tag" / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_resume_compares_the_dtype_that_auto_resolved_to(made, tmp_path, capsys, monkeypatch):
+    """A run records the dtype --dtype auto resolved to: resumed with auto where that means float32 (as the run
+    computed) it goes on; on a machine where auto means bfloat16 it is refused, not continued in another dtype."""
+    resolve = runtime.resolve_device
+    for here, code_wanted in ((torch.float32, 0), (torch.bfloat16, 2)):
+        out = copy(made["interrupted"], tmp_path / str(here))
+        monkeypatch.setattr(runtime, "resolve_device", lambda cfg, dist=None: (
+            resolve(cfg, dist)[0], here if cfg.dtype == "auto" else resolve(cfg, dist)[1]))
+        args = [*flags(out, made["data"], "--resume"), "--dtype", "auto"]  # the last --dtype wins
+        code, err = main(args, capsys)
+        assert code == code_wanted, err
+        if code:
+            one_line_error(code, err, "--dtype: float32 in the checkpoint, bfloat16 here")
+        else:
+            assert json.loads((out / "results.json").read_text())["config"]["dtype"] == "float32"
 
 
 def test_resume_mismatches_names_every_field(tmp_path):

@@ -18,6 +18,7 @@ import torch
 
 import data as D
 import experiment
+import runtime
 import sample
 import sftkey
 import train
@@ -79,7 +80,7 @@ def test_cli_prints_response_format_and_answer(ckpt, loaded, capsys, tmp_path):
     assert blocks[0].endswith("answer:   " + ("none found" if reply.answer is None else repr(reply.answer)))
 
 
-def test_greedy_replies_are_the_evaluations_in_the_runs_dtype(tmp_path, capsys):
+def test_greedy_replies_are_the_evaluations_in_the_runs_dtype(tmp_path, capsys, monkeypatch):
     """Found in review: sample.py decoded in float32 while evaluation ran in the run's bfloat16 (the default on a
     GPU), so its answers were not the ones results.json scored. A bf16 run evaluated one prompt at a time: the
     same prompts one at a time through sample.py give its responses exactly; --dtype float32 overrides."""
@@ -90,6 +91,9 @@ def test_greedy_replies_are_the_evaluations_in_the_runs_dtype(tmp_path, capsys):
                 "--val_acc_n", "0", "--eval_batch_size", "1", "--device", "cpu", "--dtype", "bfloat16",
                 "--out_dir", str(out)])
     scored = json.loads((out / "results.json").read_text())["results"]["sft_tag"]["responses"]
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)  # emulated bf16 would be slow: float32
+    assert sample.load(str(out / "sft_tag" / "ckpt.pt"), "cpu")[3] == torch.float32
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)  # as on a CPU with AVX-512 BF16
     model, enc, tagged, dtype = sample.load(str(out / "sft_tag" / "ckpt.pt"), "cpu")
     assert dtype == torch.bfloat16 and sample.load(str(out / "sft_tag" / "ckpt.pt"), "cpu", dtype="float32")[3] \
         == torch.float32
