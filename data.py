@@ -268,7 +268,7 @@ def _check_example(example: Example) -> None:
 
 
 def split(examples: list[Example], n_val: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded (train, validation) split, validation of `n_val` examples."""
+    """A seeded (train, validation) split, validation of `n_val` examples, at most a tenth of them."""
     order = np.random.default_rng(seed).permutation(len(examples))
     n_val = min(n_val, len(examples) // 10)
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
@@ -292,11 +292,11 @@ def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, t
     if not examples:
         raise DataError(f"{name}: no examples")
     kept, ids_list, roles_list, unread, mismatched = [], [], [], [], []  # mismatched: whose prompt alone differs
-    straddling, dropped, shortest, most = 0, 0, None, max(map(len, enc.token_byte_values()))  # bytes a token holds
+    straddling, dropped, shortest, max_bytes = 0, 0, None, max(map(len, enc.token_byte_values()))  # of one token
     byte_lengths = sftkey.token_byte_lengths(enc) if len(examples) > 500 else None  # tags large sets faster
     for example in examples:
         text, spans = sftkey.render(example.prompt, example.thinking, example.answer, tagged)
-        if len(text.encode("utf-8")) > block_size * most:  # over block_size tokens: not tagged (5 MB: 9.6 s)
+        if len(text.encode("utf-8")) > block_size * max_bytes:  # cannot fit: not tagged (5 MB took 9.6 s)
             unread.append(text)
             continue
         try:
@@ -314,7 +314,7 @@ def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, t
         ids_list.append(np.array(ids, dtype=np.int64))
         roles_list.append(np.array(roles, dtype=np.int64))
     if not kept:  # unread texts are tokenized only where one could be shorter than the shortest read
-        lengths = [len(enc.encode_ordinary(t)) for t in unread if len(t.encode("utf-8")) < most * (shortest or 1e30)]
+        lengths = [len(enc.encode_ordinary(t)) for t in unread if len(t.encode()) < max_bytes * (shortest or 1e30)]
         raise DataError(f"{name}: all {len(examples)} examples are longer than --block_size {block_size} tokens "
                         f"(the shortest has {min(lengths + [shortest or 1e30])}); raise --block_size or shorten them")
     counts = np.array([np.bincount(r, minlength=3)[:3] for r in roles_list])

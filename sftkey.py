@@ -4,7 +4,7 @@ A training response is written as
 
     <Thinking>reasoning</Thinking><Answer>answer</Answer><|endoftext|>
 
-Stage 1 (SFT-Tag) puts the loss on the whole response; stage 2 (Key-Tag, "key only") starts from
+Stage 1 (SFT-Tag) puts the loss on the whole response; stage 2 ("key only", sftkey_tag) starts from
 the stage-1 weights and puts it only on the answer part, the Key, while the reasoning is still
 fed in as context. This file holds the token roles, the rendering of an example, the
 tokenizer-aware span tagger, the per-role loss weights of each stage, the weighted loss, and the

@@ -44,7 +44,7 @@ class TrainConfig:
     encoding: str = _flag(D.SYNTHETIC_ENCODING, "tokenizer: sftkey-chars (offline), a tiktoken name, a .tiktoken file")
     task: str = _flag("arithmetic", "synthetic task: arithmetic (answer: the result) or parity (even/odd: unwritten)")
     n_train: int = _flag(20000, "synthetic task: number of training problems")
-    n_val: int = _flag(500, "validation examples carved from the training data (seeded)")
+    n_val: int = _flag(500, "validation examples carved from the training data (seeded; at most a tenth of it)")
     n_test: int = _flag(500, "synthetic task: number of test problems")
     data_seed: int = _flag(0, "synthetic task: seed of its problems, apart from --seed (all seeds share the test)")
     # the method
@@ -112,17 +112,17 @@ def lr_at(step: int, iters: int, peak: float, cfg: TrainConfig) -> float:
 def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: TrainConfig, stage: sftkey.Stage,
           device: str, dtype: torch.dtype, log: list[dict], steps_before: int = 0,
           ckpt: ckpts.StageCheckpoint | None = None, dist: Dist | None = None,
-          peak: float | None = None) -> torch.optim.Optimizer:
+          peak_flops: float | None = None) -> torch.optim.Optimizer:
     """Train one `stage`: its steps, peak lr and loss (sftkey.Stage). A step's loss is sum(weight x token loss) /
     sum(weight) over its micro-batches and ranks. `steps_before`: steps earlier stages took on this data (the stream
-    reads on); `ckpt` resumes and checkpoints the stage; `dist`: a torchrun job; `peak`: FLOP/s."""
+    reads on); `ckpt` resumes and checkpoints the stage; `dist`: a torchrun job; `peak_flops`: for MFU."""
     dist = dist or Dist()
-    optimizer = model.configure_optimizer(stage.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
+    optimizer = model.configure_optimizer(stage.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])  # per stage
     first_step = ckpt.restore(optimizer) if ckpt else 0
     net = dist.wrap(runtime.compiled(model, cfg.compile), device)
     # A step's examples, drawn together and cut into grad_accum x ranks micro-batches: the same ones however cut.
     batches = D.Batches(train_set, cfg.batch_size * cfg.grad_accum * dist.world, cfg.seed)
-    meter = Meter(model, cfg, dist, device, stage.iters, first_step, peak)
+    meter = Meter(model, cfg, dist, device, stage.iters, first_step, peak_flops)
     for step in range(first_step, stage.iters):
         lr = lr_at(step, stage.iters, stage.lr, cfg)
         for group in optimizer.param_groups:
@@ -130,7 +130,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         micro = [batches.get(steps_before + step, device, parts=cfg.grad_accum * dist.world,
                              part=dist.rank * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
         micro_weights = [sftkey.token_weights(roles, stage.weights) for _, _, roles in micro]  # the method's one line
-        # DDP averages gradients over ranks; multiplying by world turns that average into the sum.
+        # Divide by the whole step's weight (all micro-batches, all ranks); x world undoes DDP's mean over ranks.
         total_weight = dist.all_reduce(sum(w.sum() for w in micro_weights))
         scale = dist.world / total_weight.clamp(min=1e-8)  # an all-zero step gives zero loss, not NaN
         step_loss = torch.zeros((), device=device)
@@ -234,9 +234,9 @@ def run(cfg: TrainConfig) -> dict:
         cfg, device, dtype = runtime.set_up_device(cfg, dist)  # cfg: --dtype auto as resolved here
         inputs = ckpts.read_inputs(cfg)  # every input file read once and hashed: later edits cannot matter
         enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
-        step = 1 if cfg.eval_only else cfg.batch_size * cfg.grad_accum * dist.world  # examples one step draws
+        step_examples = 1 if cfg.eval_only else cfg.batch_size * cfg.grad_accum * dist.world
         model = ckpts.build_model(cfg, enc, device, inputs)  # first: an --init_from of another shape is named
-        train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, step)
+        train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, step_examples)
         stages = [] if cfg.eval_only else plan_stages(cfg, inputs.origin[0])  # origin: (stage, step) of --init_from
         if dist.master:
             runtime.print_setup([train_set, val_set], test, model, device, dist, dtype, stages)
@@ -248,7 +248,7 @@ def run(cfg: TrainConfig) -> dict:
                     lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist)
         results = {"init": evaluate(model, enc, test, cfg, device, dtype)} if cfg.eval_only else {}
         seconds, log = {}, ckpts.LiveLog(cfg.out_dir if dist.master else None)  # out_dir/log.jsonl
-        for k, stage in enumerate(stages):
+        for k, stage in enumerate(stages):  # one model: each stage starts from the weights the last one left
             path = ckpts.owned_path(cfg.out_dir, stage.name, ckpts.CKPT_NAME)
             saved = ckpts.read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
             if saved is not None:

@@ -63,7 +63,7 @@ def test_loop_validation_checkpoints_and_evaluation_name_their_device(tmp_path, 
     with runtime.StopSignal() as stop, torch.device("meta"):
         ckpt = checkpoints.StageCheckpoint(path, cfg, "sft_tag", log, stop=stop, dist=checked)
         optimizer = train.train(model, train_set, val_set, cfg, sftkey.Stage("sft_tag", sftkey.role_weights(), 3, 1e-3),
-                                "cpu", torch.float32, log, ckpt=ckpt, dist=checked, peak=1e15)
+                                "cpu", torch.float32, log, ckpt=ckpt, dist=checked, peak_flops=1e15)
         ckpt.save(3, model, optimizer)  # the end-of-stage write (run() does it)
         result = train.evaluate(model, enc, test, cfg, "cpu", torch.float32)
         saved = checkpoints.read_checkpoint(path, model.config, "cpu")
