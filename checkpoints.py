@@ -28,7 +28,7 @@ import torch
 
 import data as D
 from model import GPT, GPTConfig
-from runtime import FLAGS, Dist, Interrupted, StopSignal
+from runtime import FLAGS, Dist, Interrupted, StopSignal, resolve_device
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
 LOG_NAME, PLOT_NAME = "log.jsonl", "loss.png"  # PLOT_NAME: plots.py draws it, --overwrite deletes it
@@ -318,8 +318,7 @@ class LiveLog(list):
     def resume(self, ckpt: dict) -> None:
         """The rows of the checkpoint --resume continues from. Rows a killed run wrote after it go from the file as
         the next row comes (the last checkpoint loaded counts), so the file reads as an uninterrupted run's."""
-        cut = ckpt.get("log_bytes")
-        self[:], self._cut = ckpt["log"], cut if type(cut) is int and cut >= 0 else None
+        self[:], self._cut = ckpt["log"], cut if type(cut := ckpt.get("log_bytes")) is int and cut >= 0 else None
 
     def append(self, row: dict) -> None:
         super().append(row)
@@ -395,6 +394,8 @@ def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> 
     defaults = dataclasses.asdict(type(cfg)())
     for name in dict.fromkeys([*here, *saved]):  # a flag unknown here (from a later version) is compared too
         was, now = saved.get(name, absent), here.get(name, absent)
+        if name == "dtype" and was == "auto" != now:  # written before runs recorded what auto resolved to: as here
+            was = str(resolve_device(dataclasses.replace(cfg, dtype="auto"))[1]).removeprefix("torch.")
         if was is absent and now == defaults.get(name, absent):  # added since that run, at its default: as it ran
             continue
         if FLAGS.get(name, ("", "same"))[1] == "same" and was != now:

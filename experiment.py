@@ -638,7 +638,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
               f"so every arm trains on the same examples", flush=True)
     plan = [(name,) for name in ckpts.EXPERIMENT_FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds
                                                            for n in run_names if save_ckpt]
-    finished = 'an arm in training is lost, the arms finished so far are in --out_dir (results.json: "complete": false)'
+    finished = 'an arm not finished is lost; the arms finished so far are in --out_dir (results.json: not "complete")'
     folder = ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resume=False, resumable=False, start=cfg.init_from)
     with runtime.StopSignal(finished) as stop, folder:
         folder.take(plan)  # one run per folder: a second one, or another run's files, refused

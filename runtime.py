@@ -167,7 +167,7 @@ class StopSignal:
     (`after`: what is kept, how to go on), exit 130: at once outside `deferred()`, else once the work in it is saved."""
 
     def __init__(self, after: str = "no training since the last checkpoint is lost; to continue, run the same "
-                                    "command with --resume"):
+                                    "command again (with --resume if it trains)"):
         self.received, self.name, self.after = False, "", after  # the name of the first signal received
         self._depth, self._previous = 0, {}  # how many deferred() blocks are open; the handlers found
 
@@ -214,9 +214,8 @@ class StopSignal:
                 raise
 
     def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        while self._previous:
+            signal.signal(*self._previous.popitem())
 
 
 def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float, weights: tuple[float, ...]) -> str:

@@ -252,6 +252,20 @@ def test_resume_compares_the_dtype_that_auto_resolved_to(made, tmp_path, capsys,
             assert json.loads((out / "results.json").read_text())["config"]["dtype"] == "float32"
 
 
+def test_a_checkpoint_that_recorded_dtype_auto_resumes_where_auto_means_its_dtype(made, tmp_path, capsys):
+    """Checkpoints written before runs recorded the resolved dtype say "auto": found in review, no --dtype could
+    resume them. "auto" is compared as what auto means here: float32 for this model on a CPU."""
+    out = copy(made["interrupted"], tmp_path / "out")
+    path = out / "sft_tag" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["train_config"]["dtype"] = "auto"
+    torch.save(ckpt, path)
+    code, err = main([*flags(out, made["data"], "--resume"), "--dtype", "bfloat16"], capsys)
+    one_line_error(code, err, "--dtype: float32 in the checkpoint, bfloat16 here")
+    code, err = main([*flags(out, made["data"], "--resume"), "--dtype", "auto"], capsys)
+    assert code == 0, err
+
+
 def test_resume_mismatches_names_every_field(tmp_path):
     """Every field runtime.FLAGS marks "same", new and removed fields too (tests/test_flags.py: each field)."""
     data = write_data(tmp_path / "data.jsonl")
