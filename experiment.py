@@ -148,7 +148,7 @@ def t_quantile(p: float, df: int) -> float:
 
 def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0,
                       level: float = 0.95) -> dict:
-    """Mean of a - b over seeds and test items, with two confidence intervals.
+    """Mean of a - b over seeds and test items, with three confidence intervals.
 
     `a` and `b` are (seeds, items) per-item scores of two arms on the same test items. `ci`, the one to
     read, covers what varies from seed to seed on these test problems: a t-interval over the per-seed
@@ -156,6 +156,9 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
     are the same for every seed, so it does not cover which problems were drawn.
     `ci_items` resamples test problems only (a paired percentile bootstrap: the same item indices for
     every seed), so it is too narrow whenever seeds disagree; it is kept to show how much narrower.
+    `ci_both` covers both, other seeds and other test problems: `ci` with the variance of the per-problem
+    means (over seeds) added to that of the per-seed means. The seed-by-problem noise is in both and
+    the degrees of freedom are the seeds', so it errs wide, and is never narrower than `ci`.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or a.size == 0:
@@ -171,12 +174,14 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
                             for i in range(0, n_boot, 1000)])  # in chunks: bounded memory for large n
     tail = (1 - level) / 2
     low, high = np.quantile(boots, [tail, 1 - tail])
-    per_seed, mean = diff.mean(axis=1), float(diff.mean())
-    half = (t_quantile(1 - tail, len(per_seed) - 1) * per_seed.std(ddof=1) / math.sqrt(len(per_seed))
-            if len(per_seed) > 1 else math.nan)
-    return {"mean": mean, "ci": None if math.isnan(half) else [mean - half, mean + half],
-            "ci_items": [float(low), float(high)], "level": level, "per_seed": per_seed.tolist(), "n_items": n,
-            "n_seeds": diff.shape[0], "n_boot": n_boot}
+    per_seed, mean, seeds = diff.mean(axis=1), float(diff.mean()), diff.shape[0]
+    halves = [math.nan, math.nan]  # of ci and ci_both, which need 2 seeds
+    if seeds > 1:
+        var_seeds, var_items = per_seed.var(ddof=1) / seeds, (item_means.var(ddof=1) / n if n > 1 else 0.0)
+        halves = [t_quantile(1 - tail, seeds - 1) * math.sqrt(v) for v in (var_seeds, var_seeds + var_items)]
+    ci, ci_both = (None if math.isnan(half) else [mean - half, mean + half] for half in halves)
+    return {"mean": mean, "ci": ci, "ci_both": ci_both, "ci_items": [float(low), float(high)], "level": level,
+            "per_seed": per_seed.tolist(), "n_items": n, "n_seeds": seeds, "n_boot": n_boot}
 
 
 def item_scores(result: dict, metric: str) -> np.ndarray | None:
@@ -436,15 +441,18 @@ def markdown(summary: dict) -> str:
         metrics = {"acc": "ΔAcc", "composite": "ΔComposite", "reasoning": "ΔReasoning right"}
         if not any("reasoning" in c for c in summary["comparisons"].values()):  # real data: not scored
             del metrics["reasoning"]
-        header = ["comparison", *(f"{m} [95% CI]" for m in metrics.values()), "ΔAcc per seed", "ΔAcc [problems only]"]
+        header = ["comparison", *(f"{m} [95% CI]" for m in metrics.values()), "ΔAcc per seed",
+                  "ΔAcc [seeds and problems]", "ΔAcc [problems only]"]
         lines += ["", "| " + " | ".join(header) + " |", "| --- " * len(header) + "|"]
         for name, c in summary["comparisons"].items():
             per_seed = ", ".join(f"{d:+.3f}" for d in c["acc"]["per_seed"])
-            cells = [name, *(_diff(c.get(m)) for m in metrics), per_seed, _diff(c.get("acc"), "ci_items")]
+            cells = [name, *(_diff(c.get(m)) for m in metrics), per_seed,
+                     *(_diff(c.get("acc"), interval) for interval in ("ci_both", "ci_items"))]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Differences are means over seeds and test problems. The 95% CI is a t-interval over the "
                       "per-seed differences: it covers seed-to-seed variation on these test problems (the same for "
-                      "every seed), not which problems were drawn. The last "
+                      "every seed), not which problems were drawn. [seeds and problems] covers both (the "
+                      "variance over test problems added, the seeds' degrees of freedom: it errs wide). The last "
                       f"column resamples test problems only ({summary['n_boot']} paired bootstrap resamples), "
                       "ignoring seeds: too narrow when seeds disagree, shown for comparison."]
     return "\n".join(lines) + "\n"

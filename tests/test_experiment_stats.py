@@ -334,7 +334,8 @@ def _summary_by_hand(complete):
         },
         "comparisons": {
             "sftkey_tag - sft_tag": {
-                "acc": {"mean": 0.2061, "ci": [-0.0411, 0.2876], "ci_items": [0.1, 0.3], "per_seed": [0.2512, 0.1611]},
+                "acc": {"mean": 0.2061, "ci": [-0.0411, 0.2876], "ci_items": [0.1, 0.3], "ci_both": [-0.0612, 0.3011],
+                        "per_seed": [0.2512, 0.1611]},
                 "composite": {"mean": -0.0712, "ci": [-0.1503, 0.0109], "per_seed": [0.0, 0.0]}},
             "sftkey_tag - sftsft_tag": {"acc": {"mean": -0.0334, "ci": [-0.0938, 0.0177], "per_seed": [-0.0334]}},
         },
@@ -351,9 +352,9 @@ def test_markdown_shows_each_arm_and_comparison_with_sign_and_interval():
     assert "| sft_tag | about-st | 0.412 ± 0.031 | 0.880 ± 0.012 | 0.553 ± 0.021 | - | 51 | 51 |" in lines
     assert "| sftkey_tag | about-key | 0.618 ± 0.045 | 0.703 ± 0.104 | 0.644 ± 0.008 | - | 10 | 61 |" in lines
     assert ("| sftkey_tag - sft_tag | +0.206 [-0.041, +0.288] | -0.071 [-0.150, +0.011] | +0.251, +0.161 | "
-            "+0.206 [+0.100, +0.300] |" in lines)
-    assert ("| sftkey_tag - sftsft_tag | -0.033 [-0.094, +0.018] | - | -0.033 | -0.033 (one seed: no interval) |"
-            in lines)
+            "+0.206 [-0.061, +0.301] | +0.206 [+0.100, +0.300] |" in lines)
+    assert ("| sftkey_tag - sftsft_tag | -0.033 [-0.094, +0.018] | - | -0.033 | -0.033 (one seed: no interval) | "
+            "-0.033 (one seed: no interval) |" in lines)
     assert "123 paired bootstrap resamples" in text
     assert "(incomplete run)" in E.markdown(_summary_by_hand(complete=False)).splitlines()[0]
     assert "reasoning right" not in text and "ΔReasoning" not in text  # real data: no reasoning to score
@@ -371,7 +372,7 @@ def test_markdown_adds_the_reasoning_table_and_column_on_a_synthetic_task():
     assert "| sft_tag | 0.500 ± 0.010 | 0.900 | 0.100 |" in lines and "| sftkey_tag | 0.250 ± 0.010 | 0.800 | - |" in lines
     assert not any(line.startswith("| sft |") and line.count("|") == 5 for line in lines)  # sft: none recorded
     assert ("| sftkey_tag - sft_tag | +0.206 [-0.041, +0.288] | -0.071 [-0.150, +0.011] | -0.250 [-0.300, -0.200] | "
-            "+0.251, +0.161 | +0.206 [+0.100, +0.300] |" in lines)
+            "+0.251, +0.161 | +0.206 [-0.061, +0.301] | +0.206 [+0.100, +0.300] |" in lines)
     assert "| sftkey_tag - sftsft_tag | -0.033 [-0.094, +0.018] | - | - | -0.033 |" in " ".join(lines)
 
 

@@ -149,3 +149,42 @@ def test_ci_at_levels_above_99_percent():
     narrow = E.paired_comparison(a, b, n_boot=50, level=0.99)["ci"]
     wide = E.paired_comparison(a, b, n_boot=50, level=0.999)["ci"]
     assert wide[0] < narrow[0] and wide[1] > narrow[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# ci_both: other seeds and other test problems
+
+def test_ci_both_adds_the_variance_over_problems_to_the_seeds():
+    """ci_both = mean ± t(0.975, S-1) · sqrt(var(per-seed means)/S + var(per-problem means)/N): never narrower
+    than ci, wide where seeds agree exactly but problems differ, none with one seed."""
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 2, size=(3, 20)).astype(float)
+    a = b.copy()
+    for k in range(3):  # as above: per-seed means all +0.25, per-problem means 0, 1/3 and 2/3 apart
+        a[k, 5 * k:5 * k + 5] = b[k, 5 * k:5 * k + 5] + 1
+    c = E.paired_comparison(a, b, n_boot=100)
+    per_problem = (a - b).mean(axis=0)
+    half = E.t_quantile(0.975, 2) * math.sqrt(0 + per_problem.var(ddof=1) / 20)
+    assert c["ci"] == pytest.approx([0.25, 0.25]) and c["ci_both"] == pytest.approx([0.25 - half, 0.25 + half])
+    assert c["ci_both"][1] - c["ci_both"][0] > 0.2  # the seeds agree to the digit: ci is a point
+    rng = np.random.default_rng(5)
+    a, b = rng.random((4, 30)), rng.random((4, 30))
+    c = E.paired_comparison(a, b, n_boot=100)
+    assert c["ci_both"][0] < c["ci"][0] < c["mean"] < c["ci"][1] < c["ci_both"][1]
+    assert E.paired_comparison(a[:1], b[:1], n_boot=100)["ci_both"] is None
+
+
+def test_ci_both_covers_the_problems_not_drawn_where_ci_does_not():
+    """200 simulated experiments whose arms differ by 0 on average over all problems, but by d_i ~ N(0, 0.3) on
+    problem i; 100 problems drawn once, shared by 3 seeds that add little (seed shift sd 0.01, noise sd 0.05).
+    `ci` covers the seeds only, so it often misses the population's 0; `ci_both` misses it at most ~5%."""
+    rng = np.random.default_rng(11)
+    missed_ci = missed_both = 0
+    for k in range(200):
+        d = rng.normal(0.0, 0.3, size=(1, 100))
+        diff = d + rng.normal(0.0, 0.01, size=(3, 1)) + rng.normal(0.0, 0.05, size=(3, 100))
+        c = E.paired_comparison(diff, np.zeros_like(diff), n_boot=20, seed=k)
+        missed_ci += not c["ci"][0] <= 0 <= c["ci"][1]
+        missed_both += not c["ci_both"][0] <= 0 <= c["ci_both"][1]
+    assert missed_ci > 60, missed_ci
+    assert missed_both <= 14, missed_both
