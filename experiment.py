@@ -156,9 +156,11 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
     are the same for every seed, so it does not cover which problems were drawn.
     `ci_items` resamples test problems only (a paired percentile bootstrap: the same item indices for
     every seed), so it is too narrow whenever seeds disagree; it is kept to show how much narrower.
-    `ci_both` covers both, other seeds and other test problems: `ci` with the variance of the per-problem
-    means (over seeds) added to that of the per-seed means. The seed-by-problem noise is in both and
-    the degrees of freedom are the seeds', so it errs wide, and is never narrower than `ci`.
+    `ci_both` covers both, other seeds and other test problems: `ci` with the problems' share of the
+    variance added, the variance of the per-problem means over n less the seed-by-problem noise they
+    share with the per-seed means (two-way ANOVA: residual mean square / (seeds x n)), clipped at 0, so
+    never narrower than `ci`. The variance is unbiased for crossed seeds and problems; the degrees of
+    freedom stay the seeds', conservative where the problems' share dominates. Needs 2 seeds, 2 problems.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or a.size == 0:
@@ -175,9 +177,11 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
     tail = (1 - level) / 2
     low, high = np.quantile(boots, [tail, 1 - tail])
     per_seed, mean, seeds = diff.mean(axis=1), float(diff.mean()), diff.shape[0]
-    halves = [math.nan, math.nan]  # of ci and ci_both, which need 2 seeds
+    halves = [math.nan, math.nan]  # of ci and ci_both: 2 seeds needed, and for ci_both 2 problems
     if seeds > 1:
-        var_seeds, var_items = per_seed.var(ddof=1) / seeds, (item_means.var(ddof=1) / n if n > 1 else 0.0)
+        var_seeds = per_seed.var(ddof=1) / seeds  # holds the seed-by-problem noise: residual / (seeds x n)
+        residual = ((diff - per_seed[:, None] - item_means + mean) ** 2).sum() / ((seeds - 1) * max(n - 1, 1))
+        var_items = max(item_means.var(ddof=1) / n - residual / (seeds * n), 0.0) if n > 1 else math.nan
         halves = [t_quantile(1 - tail, seeds - 1) * math.sqrt(v) for v in (var_seeds, var_seeds + var_items)]
     ci, ci_both = (None if math.isnan(half) else [mean - half, mean + half] for half in halves)
     return {"mean": mean, "ci": ci, "ci_both": ci_both, "ci_items": [float(low), float(high)], "level": level,
@@ -452,7 +456,7 @@ def markdown(summary: dict) -> str:
         lines += ["", "Differences are means over seeds and test problems. The 95% CI is a t-interval over the "
                       "per-seed differences: it covers seed-to-seed variation on these test problems (the same for "
                       "every seed), not which problems were drawn. [seeds and problems] covers both (the "
-                      "variance over test problems added, the seeds' degrees of freedom: it errs wide). The last "
+                      "problems' share of the variance added; the seeds' degrees of freedom). The last "
                       f"column resamples test problems only ({summary['n_boot']} paired bootstrap resamples), "
                       "ignoring seeds: too narrow when seeds disagree, shown for comparison."]
     return "\n".join(lines) + "\n"
