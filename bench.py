@@ -110,11 +110,9 @@ def gsm8k_shaped(n: int, seed: int) -> list[D.Example]:
 
 
 def load_examples(path: str, limit: int, seed: int) -> tuple[list[D.Example], str]:
-    if path and os.path.isfile(path):
-        examples = D.read_examples(path, "gsm8k")
+    if path and (path != DEFAULT_DATA or os.path.isfile(path)):  # one given is read, or its problem named
+        examples = D.read_examples(path, "gsm8k", raw=D.read_input(path, "--data"))
         return examples[:limit] if limit else examples, os.path.relpath(path)
-    if path and path != DEFAULT_DATA:
-        raise FileNotFoundError(f"--data {path}: no such file")
     return gsm8k_shaped(limit or 7473, seed), "GSM8K-shaped synthetic text (no GSM8K file found)"
 
 
@@ -217,6 +215,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def run(args) -> dict:
+    examples, source = load_examples(args.data, args.limit, args.seed)  # bad input: refused before any setting
     torch.set_num_threads(args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                            else os.cpu_count()))
     _, device, dtype = R.set_up_device(T.TrainConfig(device=args.device, dtype=args.dtype, n_embd=args.n_embd,
@@ -231,7 +230,6 @@ def run(args) -> dict:
     tables = []
 
     enc = D.get_encoding("gpt2")
-    examples, source = load_examples(args.data, args.limit, args.seed)
     data = D.tokenize(examples, enc, args.block_size, name=source)
     config = GPTConfig(64 * math.ceil(enc.n_vocab / 64), args.block_size, args.n_layer, args.n_head, args.n_embd)
     model = GPT(config).to(device)

@@ -175,7 +175,9 @@ def read_inputs(cfg) -> Inputs:
                 (digest and sha.get("--encoding", digest) != digest,
                  f"--encoding {cfg.encoding}: not the tokenizer file it was trained with (another sha256)"),
                 (cfg.eval_only and trained.get("untagged", cfg.untagged) != cfg.untagged,
-                 f"trained {'with' if trained.get('untagged') else 'without'} --untagged: score it so, in its layout")):
+                 f"trained {'with' if trained.get('untagged') else 'without'} --untagged: score it so, in its layout"),
+                (cfg.eval_only and not (cfg.data or trained.get("data")) and trained.get("task", cfg.task) != cfg.task,
+                 f"trained on --task {(task := trained.get('task'))}, whose answers differ: give --task {task}")):
             if refused:
                 raise ValueError(f"--init_from {cfg.init_from}: {why}")
         inputs.origin = (stage, start + step)
@@ -488,9 +490,9 @@ class RunFolder(FolderLock):
     the plan is refused; planned ones need --overwrite (deletes them) or --resume (each checkpoint goes to `check`)."""
 
     def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True,
-                 start: str = ""):  # start: the --init_from file, which --overwrite never deletes
+                 flags: dict | None = None):  # the run's flags: a file one names is never deleted or replaced
         super().__init__(out_dir)
-        self.overwrite, self.resume, self.resumable, self.start = overwrite, resume, resumable, start
+        self.overwrite, self.resume, self.resumable, self.flags = overwrite, resume, resumable, flags or {}
 
     def take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None = None, dist: Dist | None = None):
         """Rank 0 locks and checks; every rank of a torchrun job then raises rank 0's refusal, if any."""
@@ -510,6 +512,10 @@ class RunFolder(FolderLock):
         top, folder = [os.path.join(out, name) for name in RUN_FILES + (CKPT_NAME,)], glob.escape(out)
         deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
         found = sorted(path for path in top + deeper if os.path.isfile(path))
+        if read := next(((flag, value, p) for flag, value in self.flags.items() if type(value) is str
+                         and os.path.isfile(value) for p in found if os.path.samefile(p, value)), None):
+            raise ValueError("--{} {} is {}, a run file's name in --out_dir: the run would delete or replace it. Copy "
+                             "it elsewhere first, or choose another --out_dir".format(*read))
         for path in (p for p in found if self.resume and check is not None and p.endswith(CKPT_NAME)):
             check(path)  # first: "written by another run" names the flag or file that differs
         strangers = [p for p in found if p not in planned]
@@ -518,9 +524,6 @@ class RunFolder(FolderLock):
                              f"{', …' * (len(strangers) > 3)}): another run's, or one with other flags. This run "
                              f"writes only {', '.join(os.path.relpath(p, out) for p in planned)}; choose another "
                              f"--out_dir, or move those files away")
-        if self.overwrite and os.path.isfile(self.start) and any(os.path.samefile(p, self.start) for p in found):
-            raise ValueError(f"--overwrite would delete {self.start}, the --init_from checkpoint this run starts from: "
-                             f"copy it elsewhere first, or choose another --out_dir")
         folders = sorted({os.path.dirname(p) for p in planned if os.path.lexists(os.path.dirname(p))})
         problems = [f"{p} is a folder, not a file" for p in planned if os.path.isdir(p)]
         for folder in folders:  # can a file be created there? make one

@@ -19,8 +19,8 @@ problem's worked solution (`reasoning_scores`).
 Outputs in --out_dir, rewritten (atomically) after every arm: results.md, results.json, loss_log.jsonl;
 at the end, when matplotlib is installed, val_loss.png and accuracy.png (--plot_only redraws them later).
 Every flag of train.py applies to every arm, except those that set the loss and the layout (the arms
-set them), --resume, --eval_only and --ckpt_interval: those are refused. --e1, --e2 and --lam are
-other names for --max_iters, --stage2_iters and --key_weight.
+set them), --resume, --eval_only, --ckpt_interval and --show_roles: those are refused. --e1, --e2 and
+--lam are other names for --max_iters, --stage2_iters and --key_weight.
 """
 from __future__ import annotations
 
@@ -399,7 +399,8 @@ def _diff(c: dict | None, interval: str = "ci") -> str:
     if c is None:
         return "-"
     ci = c.get(interval)
-    return f"{c['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (one seed: no interval)")
+    why = "one seed" if c.get("n_seeds", 1) < 2 else "one test problem"
+    return f"{c['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f" ({why}: no interval)")
 
 
 def markdown(summary: dict) -> str:
@@ -651,7 +652,7 @@ def run_experiment(cfg: train.TrainConfig, names: list[str], n_seeds: int = 3, n
     plan = [(name,) for name in ckpts.EXPERIMENT_FILES] + [(f"seed{s}", n, ckpts.CKPT_NAME) for s in seeds
                                                            for n in run_names if save_ckpt]
     finished = 'an arm not finished is lost; the arms finished so far are in --out_dir (results.json: not "complete")'
-    folder = ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resume=False, resumable=False, start=cfg.init_from)
+    folder = ckpts.RunFolder(cfg.out_dir, cfg.overwrite, resume=False, resumable=False, flags=vars(cfg))
     with runtime.StopSignal(finished) as stop, folder:
         folder.take(plan)  # one run per folder: a second one, or another run's files, refused
         for seed in seeds:

@@ -250,11 +250,8 @@ _GPU_BF16_PEAKS = {"b200": 2250e12, "h200": 989e12, "h200 nvl": 835e12, "gh200":
 def gpu_bf16_peak(name: str) -> float | None:
     """The data-sheet dense bf16 peak of a GPU from its torch.cuda.get_device_name, or None if unknown."""
     tokens = set(re.findall(r"[a-z0-9]+", name.lower()))
-    for key, peak in _GPU_BF16_PEAKS.items():
-        model, *variant = key.split()
-        if model in tokens and tokens & _GPU_VARIANTS == set(variant):
-            return peak
-    return None
+    return next((peak for key, peak in _GPU_BF16_PEAKS.items()  # "model variant...": keys split into tokens
+                 if key.split()[0] in tokens and tokens & _GPU_VARIANTS == set(key.split()[1:])), None)
 
 
 def peak_flops(device: str, dtype: torch.dtype) -> float | None:
@@ -473,7 +470,7 @@ FLAGS: dict[str, tuple[str, str, str]] = {name: classes for names, classes in [
     ("key_weight", ("", "same", "arm")), ("max_iters stage2_iters", ("int>=0", "same", "arm")),
     ("out_dir overwrite device compile", ("", "free", "all")),
     ("eval_interval eval_batch_size log_interval", ("int>=1", "free", "all")),
-    ("val_acc_n show_roles", ("int>=0", "free", "all")),
+    ("val_acc_n", ("int>=0", "free", "all")), ("show_roles", ("int>=0", "free", "it prints no data (use show.py)")),
     ("resume", ("", "free", "an experiment cannot be resumed (rerun it, or run fewer --arms/--seeds)")),
     ("ckpt_interval", ("int>=0", "free", "arms write no checkpoints on the way (--save_ckpt keeps the final weights)")),
     ("eval_only", ("", "same", "it trains every arm (evaluate one checkpoint with train.py --eval_only)")),

@@ -229,7 +229,7 @@ def plan_stages(cfg: TrainConfig, before: str = "") -> list[sftkey.Stage]:
 def run(cfg: TrainConfig) -> dict:
     """The stages of plan_stages, each trained, checkpointed and evaluated (or --eval_only --init_from). An evaluated
     stage's checkpoint (out_dir/STAGE/ckpt.pt) holds its results: --resume skips it, continues an unfinished one."""
-    with StopSignal() as stop, ckpts.RunFolder(cfg.out_dir, cfg.overwrite, cfg.resume, start=cfg.init_from) as folder:
+    with StopSignal() as stop, ckpts.RunFolder(cfg.out_dir, cfg.overwrite, cfg.resume, flags=vars(cfg)) as folder:
         dist = Dist.from_environment(cfg)
         cfg, device, dtype = runtime.set_up_device(cfg, dist)  # cfg: --dtype auto as resolved here
         inputs = ckpts.read_inputs(cfg)  # every input file read once and hashed: later edits cannot matter

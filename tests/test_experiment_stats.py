@@ -342,6 +342,15 @@ def _summary_by_hand(complete):
     }
 
 
+def test_a_missing_interval_names_its_reason():
+    """Review (attack): two seeds and one test problem have no ci_both, and results.md said "one seed"."""
+    c = E.paired_comparison(np.array([[1.0], [0.0]]), np.array([[0.0], [0.0]]), n_boot=10)
+    assert c["ci"] is not None and c["ci_both"] is None
+    assert E._diff(c, "ci_both") == "+0.500 (one test problem: no interval)"
+    one_seed = E.paired_comparison(np.array([[1.0, 0.0]]), np.array([[0.0, 0.0]]), n_boot=10)
+    assert E._diff(one_seed) == "+0.500 (one seed: no interval)"
+
+
 def test_markdown_shows_each_arm_and_comparison_with_sign_and_interval():
     text = E.markdown(_summary_by_hand(complete=True))
     lines = text.splitlines()

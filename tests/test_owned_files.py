@@ -184,8 +184,35 @@ def test_overwrite_never_deletes_the_init_from_checkpoint_it_would_replace(tmp_p
     start = out / "seed1337" / "sft_tag" / "ckpt.pt"
     before = digests(out)
     code, err = experiment_main([*args, "--overwrite", "--init_from", str(start)], capsys)
-    one_line_error(code, err, f"--overwrite would delete {start}, the --init_from checkpoint")
+    one_line_error(code, err, f"--init_from {start} is {start}, a run file's name in --out_dir: the run would delete")
     assert digests(out) == before
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--overwrite", ""])
+def test_a_run_never_deletes_or_replaces_an_input_named_like_its_own_files(tmp_path, capsys, mode):
+    """--data out/log.jsonl and --eval_data out/results.json: run files' names. --resume (no checkpoint: the log of a
+    run killed before its first is deleted) and --overwrite deleted them, then wrote the run's own files in their
+    place with exit 0; a plain run must refuse too. Each is refused in one line, and both files are as they were."""
+    out = tmp_path / "out"
+    out.mkdir()
+    data, test = write_data(out / "log.jsonl"), write_data(out / "results.json", offset=1)
+    before = digests(out)
+    code, err = main(flags(out, data, "--eval_data", str(test), *[mode][:bool(mode)]), capsys)
+    one_line_error(code, err, f"--data {data} is {data}, a run file's name in --out_dir: the run would delete or "
+                              f"replace it")
+    assert {k: v for k, v in digests(out).items() if k != checkpoints.LOCK_NAME} == before
+
+
+def test_an_experiment_never_deletes_its_data_in_its_folder(tmp_path, capsys):
+    out = tmp_path / "exp"
+    out.mkdir()
+    data = write_data(out / "results.md")  # an experiment's file name; its --eval_data elsewhere
+    test = write_data(tmp_path / "test.jsonl")
+    before = digests(out)
+    args = [*TINY_EXPERIMENT, "--n_test", "0", "--format", "tagged", "--batch_size", "4", "--out_dir", str(out)]
+    code, err = experiment_main([*args, "--data", str(data), "--eval_data", str(test), "--overwrite"], capsys)
+    one_line_error(code, err, f"--data {data} is {data}, a run file's name in --out_dir")
+    assert {k: v for k, v in digests(out).items() if k != checkpoints.LOCK_NAME} == before
 
 
 def test_an_experiment_names_an_init_from_of_another_shape_before_it_prints_or_writes(tmp_path, capsys):

@@ -229,6 +229,8 @@ def test_bench_runs_end_to_end_and_writes_every_figure(tmp_path):
     (["--dtype", "float16"], "--dtype float16: use auto, float32 or bfloat16"),  # train.py refuses it too
     (["--device", "meta"], "--device meta: not a device this runs on"),  # was a traceback in the first table
     (["--iters", "0", "--batch_size", "0"], "--batch_size 0: must be a whole number >= 1; --iters 0"),
+    (["--data", "/dev/null"], "--data /dev/null: not a regular file (a character device)"),  # was "no such file"
+    (["--data", os.path.dirname(__file__)], "not a regular file (a folder)"),
 ])
 def test_bench_bad_flags_are_one_line_and_exit_2(capsys, flags, message):
     """Found in review: bench.py checked none of its flags; several ended in a traceback, others ran on silently."""

@@ -226,6 +226,17 @@ def test_eval_only_scores_a_checkpoint_in_the_layout_it_was_trained_in(made, tmp
     assert code == 0, err
 
 
+def test_eval_only_scores_a_synthetic_checkpoint_on_the_task_it_was_trained_on(tmp_path, capsys):
+    """Review (attack): a --task parity model scored on arithmetic, whose answers are numbers, got Acc 0, exit 0."""
+    tiny = [*TINY[:10], "--max_iters", "2", "--stage2_iters", "0", "--n_train", "200", "--n_test", "4"]
+    assert main([*tiny, "--task", "parity", "--out_dir", str(tmp_path / "parity")], capsys)[0] == 0
+    scored = [*tiny, "--eval_only", "--init_from", str(tmp_path / "parity" / "sft_tag" / "ckpt.pt")]
+    code, err = main([*scored, "--out_dir", str(tmp_path / "as_arithmetic")], capsys)
+    one_line_error(code, err, "trained on --task parity, whose answers differ: give --task parity")
+    assert not (tmp_path / "as_arithmetic").exists()
+    assert main([*scored, "--task", "parity", "--out_dir", str(tmp_path / "as_parity")], capsys)[0] == 0
+
+
 def test_resume_with_the_same_flags_continues(made, tmp_path, capsys):
     """Control: flags that cannot change the result may differ; the run resumes and finishes."""
     out = copy(made["interrupted"], tmp_path / "out")
@@ -770,13 +781,13 @@ def test_a_stage_name_too_long_is_named_as_such_before_the_folder_is_made(tmp_pa
 
 
 def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(made, tmp_path, capsys, monkeypatch):
-    """The --init_from checkpoint in --out_dir is not a file of this run's plan: the folder is refused."""
+    """The --init_from checkpoint in --out_dir, a file the run reads: the folder is refused, naming it."""
     out = copy(made["finished"], tmp_path / "out")
     before = digests(out)
     no_training(monkeypatch)
     start = ["--overwrite", "--init_from", str(out / "sft_tag" / "ckpt.pt")]
     code, err = main(flags(out, made["data"], *start, "--stage2_iters", "0"), capsys)
-    one_line_error(code, err, "holds files this run does not write", str(out / "sft_tag" / "ckpt.pt"))
+    one_line_error(code, err, f"--init_from {out / 'sft_tag' / 'ckpt.pt'} is", "a run file's name in --out_dir")
     assert digests(out) == before
 
 
@@ -787,8 +798,8 @@ def test_overwrite_knows_the_start_checkpoint_however_its_path_is_spelled(tmp_pa
     (out / "sft_tag").mkdir(parents=True)
     (out / "sft_tag" / "ckpt.pt").write_bytes(b"the start checkpoint")
     monkeypatch.chdir(out)
-    folder = checkpoints.RunFolder(str(out), overwrite=True, start=os.path.join("sft_tag", "ckpt.pt"))
-    with folder, pytest.raises(ValueError, match="--overwrite would delete sft_tag/ckpt.pt, the --init_from"):
+    folder = checkpoints.RunFolder(str(out), overwrite=True, flags={"init_from": os.path.join("sft_tag", "ckpt.pt")})
+    with folder, pytest.raises(ValueError, match="--init_from sft_tag/ckpt.pt is .*sft_tag/ckpt.pt, a run file's name"):
         folder.take([("sft_tag", "ckpt.pt"), ("results.json",)])
     assert (out / "sft_tag" / "ckpt.pt").read_bytes() == b"the start checkpoint"
 
