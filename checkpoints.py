@@ -166,6 +166,7 @@ def read_inputs(cfg) -> Inputs:
         inputs.init = init = read_checkpoint(cfg.init_from, None, "cpu", raw=raw.pop("init_from"))
         stage, start, step = (init.get(k, d) for k, d in (("stage", ""), ("stream_start", 0), ("step", 0)))
         trained, sha = (init[k] if isinstance(init.get(k), dict) else {} for k in ("train_config", "file_hashes"))
+        learnt, here = ("--data" if c.get("data") else f"--task {c.get('task')}" for c in (trained, vars(cfg)))
         digest = inputs.sha256.get("--encoding")  # a .tiktoken file's: the ids it learnt must mean the same bytes
         for refused, why in (
                 (not (isinstance(stage, str) and (stage == "" or NAME.fullmatch(stage)) and type(start) is int
@@ -176,8 +177,8 @@ def read_inputs(cfg) -> Inputs:
                  f"--encoding {cfg.encoding}: not the tokenizer file it was trained with (another sha256)"),
                 (cfg.eval_only and trained.get("untagged", cfg.untagged) != cfg.untagged,
                  f"trained {'with' if trained.get('untagged') else 'without'} --untagged: score it so, in its layout"),
-                (cfg.eval_only and not (cfg.data or trained.get("data")) and trained.get("task", cfg.task) != cfg.task,
-                 f"trained on --task {(task := trained.get('task'))}, whose answers differ: give --task {task}")):
+                (cfg.eval_only and "task" in trained and learnt != here,  # a train.py checkpoint: not GPT-2's
+                 f"trained on {learnt}, not {here}: evaluate it on {learnt}")):
             if refused:
                 raise ValueError(f"--init_from {cfg.init_from}: {why}")
         inputs.origin = (stage, start + step)
@@ -490,7 +491,7 @@ class RunFolder(FolderLock):
     the plan is refused; planned ones need --overwrite (deletes them) or --resume (each checkpoint goes to `check`)."""
 
     def __init__(self, out_dir: str, overwrite: bool = False, resume: bool = False, resumable: bool = True,
-                 flags: dict | None = None):  # the run's flags: a file one names is never deleted or replaced
+                 flags: dict | None = None):  # the run's flags: a file one names refuses the folder if found
         super().__init__(out_dir)
         self.overwrite, self.resume, self.resumable, self.flags = overwrite, resume, resumable, flags or {}
 
@@ -512,10 +513,9 @@ class RunFolder(FolderLock):
         top, folder = [os.path.join(out, name) for name in RUN_FILES + (CKPT_NAME,)], glob.escape(out)
         deeper = glob.glob(os.path.join(folder, "*", CKPT_NAME)) + glob.glob(os.path.join(folder, "*", "*", CKPT_NAME))
         found = sorted(path for path in top + deeper if os.path.isfile(path))
-        if read := next(((flag, value, p) for flag, value in self.flags.items() if type(value) is str
-                         and os.path.isfile(value) for p in found if os.path.samefile(p, value)), None):
-            raise ValueError("--{} {} is {}, a run file's name in --out_dir: the run would delete or replace it. Copy "
-                             "it elsewhere first, or choose another --out_dir".format(*read))
+        for flag, value in ((f, v) for f, v in self.flags.items() if type(v) is str and os.path.isfile(v)):  # inputs
+            if same := [p for p in found if os.path.samefile(p, value)]:  # however the path is spelled
+                raise ValueError(f"--{flag} {value} is the run file {same[0]}, which the run would replace: move it")
         for path in (p for p in found if self.resume and check is not None and p.endswith(CKPT_NAME)):
             check(path)  # first: "written by another run" names the flag or file that differs
         strangers = [p for p in found if p not in planned]

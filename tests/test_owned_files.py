@@ -184,7 +184,7 @@ def test_overwrite_never_deletes_the_init_from_checkpoint_it_would_replace(tmp_p
     start = out / "seed1337" / "sft_tag" / "ckpt.pt"
     before = digests(out)
     code, err = experiment_main([*args, "--overwrite", "--init_from", str(start)], capsys)
-    one_line_error(code, err, f"--init_from {start} is {start}, a run file's name in --out_dir: the run would delete")
+    one_line_error(code, err, f"--init_from {start} is the run file {start}, which the run would replace: move it")
     assert digests(out) == before
 
 
@@ -192,14 +192,14 @@ def test_overwrite_never_deletes_the_init_from_checkpoint_it_would_replace(tmp_p
 def test_a_run_never_deletes_or_replaces_an_input_named_like_its_own_files(tmp_path, capsys, mode):
     """--data out/log.jsonl and --eval_data out/results.json: run files' names. --resume (no checkpoint: the log of a
     run killed before its first is deleted) and --overwrite deleted them, then wrote the run's own files in their
-    place with exit 0; a plain run must refuse too. Each is refused in one line, and both files are as they were."""
+    place with exit 0 (a plain run was refused, as a folder holding an earlier run's files). Each is refused in one
+    line naming the input, and both files are as they were."""
     out = tmp_path / "out"
     out.mkdir()
     data, test = write_data(out / "log.jsonl"), write_data(out / "results.json", offset=1)
     before = digests(out)
-    code, err = main(flags(out, data, "--eval_data", str(test), *[mode][:bool(mode)]), capsys)
-    one_line_error(code, err, f"--data {data} is {data}, a run file's name in --out_dir: the run would delete or "
-                              f"replace it")
+    code, err = main(flags(out, data, "--eval_data", str(test), *([mode] if mode else [])), capsys)
+    one_line_error(code, err, f"--data {data} is the run file {data}, which the run would replace: move it")
     assert {k: v for k, v in digests(out).items() if k != checkpoints.LOCK_NAME} == before
 
 
@@ -211,7 +211,7 @@ def test_an_experiment_never_deletes_its_data_in_its_folder(tmp_path, capsys):
     before = digests(out)
     args = [*TINY_EXPERIMENT, "--n_test", "0", "--format", "tagged", "--batch_size", "4", "--out_dir", str(out)]
     code, err = experiment_main([*args, "--data", str(data), "--eval_data", str(test), "--overwrite"], capsys)
-    one_line_error(code, err, f"--data {data} is {data}, a run file's name in --out_dir")
+    one_line_error(code, err, f"--data {data} is the run file {data}, which the run would replace")
     assert {k: v for k, v in digests(out).items() if k != checkpoints.LOCK_NAME} == before
 
 

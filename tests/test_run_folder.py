@@ -227,14 +227,22 @@ def test_eval_only_scores_a_checkpoint_in_the_layout_it_was_trained_in(made, tmp
 
 
 def test_eval_only_scores_a_synthetic_checkpoint_on_the_task_it_was_trained_on(tmp_path, capsys):
-    """Review (attack): a --task parity model scored on arithmetic, whose answers are numbers, got Acc 0, exit 0."""
+    """Review (attack): a --task parity model scored on arithmetic, whose answers are numbers, got Acc 0, exit 0;
+    so did a model of a --data file scored, without --data, on the synthetic task (review of the fix)."""
     tiny = [*TINY[:10], "--max_iters", "2", "--stage2_iters", "0", "--n_train", "200", "--n_test", "4"]
     assert main([*tiny, "--task", "parity", "--out_dir", str(tmp_path / "parity")], capsys)[0] == 0
     scored = [*tiny, "--eval_only", "--init_from", str(tmp_path / "parity" / "sft_tag" / "ckpt.pt")]
     code, err = main([*scored, "--out_dir", str(tmp_path / "as_arithmetic")], capsys)
-    one_line_error(code, err, "trained on --task parity, whose answers differ: give --task parity")
+    one_line_error(code, err, "trained on --task parity, not --task arithmetic: evaluate it on --task parity")
     assert not (tmp_path / "as_arithmetic").exists()
     assert main([*scored, "--task", "parity", "--out_dir", str(tmp_path / "as_parity")], capsys)[0] == 0
+    data = write_data(tmp_path / "data.jsonl")  # and a model of a --data file scored on the synthetic task
+    trained = [*tiny[:-4], "--data", str(data), "--format", "tagged", "--eval_data", str(data), "--eval_limit", "2"]
+    assert main([*trained, "--out_dir", str(tmp_path / "on_data")], capsys)[0] == 0
+    code, err = main([*tiny, "--eval_only", "--init_from", str(tmp_path / "on_data" / "sft_tag" / "ckpt.pt"),
+                      "--out_dir", str(tmp_path / "on_task")], capsys)
+    one_line_error(code, err, "trained on --data, not --task arithmetic: evaluate it on --data")
+    assert not (tmp_path / "on_task").exists()
 
 
 def test_resume_with_the_same_flags_continues(made, tmp_path, capsys):
@@ -787,7 +795,7 @@ def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(made, tmp_pa
     no_training(monkeypatch)
     start = ["--overwrite", "--init_from", str(out / "sft_tag" / "ckpt.pt")]
     code, err = main(flags(out, made["data"], *start, "--stage2_iters", "0"), capsys)
-    one_line_error(code, err, f"--init_from {out / 'sft_tag' / 'ckpt.pt'} is", "a run file's name in --out_dir")
+    one_line_error(code, err, f"--init_from {out / 'sft_tag' / 'ckpt.pt'} is the run file", "the run would replace")
     assert digests(out) == before
 
 
@@ -799,7 +807,7 @@ def test_overwrite_knows_the_start_checkpoint_however_its_path_is_spelled(tmp_pa
     (out / "sft_tag" / "ckpt.pt").write_bytes(b"the start checkpoint")
     monkeypatch.chdir(out)
     folder = checkpoints.RunFolder(str(out), overwrite=True, flags={"init_from": os.path.join("sft_tag", "ckpt.pt")})
-    with folder, pytest.raises(ValueError, match="--init_from sft_tag/ckpt.pt is .*sft_tag/ckpt.pt, a run file's name"):
+    with folder, pytest.raises(ValueError, match="--init_from sft_tag/ckpt.pt is the run file .*sft_tag/ckpt.pt"):
         folder.take([("sft_tag", "ckpt.pt"), ("results.json",)])
     assert (out / "sft_tag" / "ckpt.pt").read_bytes() == b"the start checkpoint"
 
