@@ -157,8 +157,8 @@ def stage_name(before: str, weights: tuple[float, float, float], tagged: bool, d
 
 
 def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
-    """Per-token loss weights for a tensor of roles (PAD positions get 0)."""
-    return torch.tensor([*weights, 0.0], device=roles.device)[roles]
+    """Per-token loss weights for a tensor of roles (PAD positions get 0); from the roles alone, no table copied in."""
+    return sum(float(weight) * (roles == role) for role, weight in enumerate(weights))
 
 
 def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
@@ -170,10 +170,10 @@ def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
     them, and the projection is the most expensive matrix product of a small model. The caller divides by the total
     weight of the optimizer step (train.py), so accumulated micro-batches weigh by their tokens; an all-zero one adds 0.
     """
-    keep = weights != 0
-    logits = head(hidden[keep])
-    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    weighted = losses * weights[keep]
+    keep = (weights != 0).flatten().nonzero()[:, 0]  # counted once: on a GPU the host waits here, not 4 times
+    logits = head(hidden.flatten(0, -2)[keep])
+    losses = F.cross_entropy(logits.float(), targets.flatten()[keep], reduction="none")
+    weighted = losses * weights.flatten()[keep]
     return (weighted * torch.exp(-losses.detach()) if dft else weighted).sum()  # DFT: x the probability, held constant
 
 

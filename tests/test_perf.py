@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
@@ -61,6 +62,33 @@ def test_supervised_only_projection_equals_full_projection(batch, stage):
     assert fast[1].keys() == plain[1].keys()
     for name in fast[1]:
         torch.testing.assert_close(fast[1][name], plain[1][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+class _Operators(TorchDispatchMode):
+    """Every operator run inside, by name; with a boolean index, "[mask]" added (that index counts on the host)."""
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masks = [t for a in args if isinstance(a, (list, tuple)) for t in a
+                 if isinstance(t, torch.Tensor) and t.dtype == torch.bool]
+        self.seen.append(func.__name__ + " [mask]" * bool(masks))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_micro_batch_weights_and_loss_ask_the_host_once(batch, stage):
+    """On a GPU the host waits wherever an operator needs a count or a host value: a table of weights copied in,
+    each boolean-mask index forward and backward (5 waits a micro-batch). Now one: the count of kept positions."""
+    x, y, roles = batch
+    model = _model()
+    with _Operators() as ops:
+        w = sftkey.token_weights(roles, STAGES[stage])
+        sftkey.weighted_loss_sum(model(x), model.lm_head, y, w).backward()
+    waits = [op for op in ops.seen if op.endswith("[mask]") or op.split(".")[0] in (
+        "nonzero", "lift_fresh", "_to_copy", "_local_scalar_dense", "masked_select", "item")]
+    assert waits == ["nonzero.default"]
 
 
 @pytest.mark.parametrize("full", [True, False])
