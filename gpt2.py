@@ -16,12 +16,14 @@ GPT-2's 50,257 rows (a model trained from random weights has 50,304, the vocabul
 takes out of the softmax only what those rows held, which training pushes towards 0). n_positions is the model's
 block_size. No tokenizer files are written: the tokenizer is GPT-2's own.
 
-Files are never replaced without --overwrite, and each is written whole or not at all (checkpoints.atomic_write).
+Files are never replaced without --overwrite, nor ever the file read or a folder, and each is written whole or not at
+all (checkpoints.atomic_write; a stop signal waits for the file being written).
 An export is read back and every weight compared with the checkpoint's, bit for bit. Bad input: one line, exit 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -155,8 +157,9 @@ def _gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPT, source: str) 
 
 
 def import_hf(folder: str, path: str, block_size: int | None = None, dropout: float = 0.0,
-              overwrite: bool = False) -> GPT:
-    """Write the GPT-2 of a Hugging Face `folder` as a checkpoint at `path` that --init_from reads (step 0)."""
+              overwrite: bool = False, stop: runtime.StopSignal | None = None) -> GPT:
+    """Write the GPT-2 of a Hugging Face `folder` as a checkpoint at `path` that --init_from reads (step 0); a `stop`
+    signal received while it is written waits for it."""
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{path} exists: give --overwrite to replace it, or choose another file")
     if block_size is not None and block_size < 1 or not 0 <= dropout < 1:
@@ -164,7 +167,8 @@ def import_hf(folder: str, path: str, block_size: int | None = None, dropout: fl
     model = gpt2_from_hf(folder, block_size, dropout, GPT2_VOCAB)
     state = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
              "train_config": {"encoding": "gpt2"}, "step": 0}  # the encoding: --init_from checks it
-    ckpts.atomic_write(path, lambda f: torch.save(state, f))
+    with stop.deferred() if stop else contextlib.nullcontext():  # in torch.save's writer it would be a failed write
+        ckpts.atomic_write(path, lambda f: torch.save(state, f))
     return model
 
 
@@ -301,15 +305,27 @@ def run(argv: list[str] | None = None) -> None:
     if not args.hf_dir or not os.path.basename(args.ckpt):  # "" would mean the current folder, or no file name
         raise ValueError(f"give a folder for the Hugging Face files and a file for the checkpoint (got "
                          f"{args.hf_dir!r} and {args.ckpt!r})")
-    if args.command == "import":
-        c = import_hf(args.hf_dir, args.ckpt, args.block_size, args.dropout, args.overwrite).config
-        print(f"wrote {args.ckpt}: GPT-2 with {c.n_layer} layers, {c.n_embd} wide, {c.block_size} positions. Train "
-              f"from it with --init_from {args.ckpt} --encoding gpt2 --n_layer {c.n_layer} --n_head {c.n_head} "
-              f"--n_embd {c.n_embd} --block_size {c.block_size}" + (f" --dropout {c.dropout}" if c.dropout else ""))
-        return
-    ckpt, config = checked_checkpoint(args.ckpt)
-    written, removed = export(ckpt, config, args.hf_dir, args.overwrite, args.activation)
-    verify(args.hf_dir, ckpt, config)
+    folder = [os.path.join(args.hf_dir, name) for name in (CONFIG, BIN, SAFETENSORS, *SHADOWING)]
+    for path in folder if args.command == "export" else [args.ckpt]:  # what it writes, checked before any work
+        if os.path.lexists(path) and not (os.path.islink(path) or os.path.isfile(path)):  # a folder, a device
+            raise ValueError(f"{path}: not a file; {args.command} replaces files only, give another path")
+    if os.path.isfile(args.ckpt) and any(os.path.isfile(f) and os.path.samefile(f, args.ckpt) for f in folder):
+        raise ValueError(f"{args.ckpt} is a file of {args.hf_dir} (the same file, by any name): {args.command} would "
+                         f"replace what it reads; write to another path")
+    # A stop signal (Ctrl-C, SIGTERM, SIGHUP) ends the command in one line, exit 130, after the files being written:
+    # none is left half-written, no temporary is left (killed by a signal, atomic_write could not remove it).
+    with runtime.StopSignal("the files written are whole; run the command again (with --overwrite)") as stop:
+        if args.command == "import":
+            c = import_hf(args.hf_dir, args.ckpt, args.block_size, args.dropout, args.overwrite, stop).config
+            print(f"wrote {args.ckpt}: GPT-2 with {c.n_layer} layers, {c.n_embd} wide, {c.block_size} positions. "
+                  f"Train from it with --init_from {args.ckpt} --encoding gpt2 --n_layer {c.n_layer} --n_head "
+                  f"{c.n_head} --n_embd {c.n_embd} --block_size {c.block_size}"
+                  + (f" --dropout {c.dropout}" if c.dropout else ""))
+            return
+        ckpt, config = checked_checkpoint(args.ckpt)
+        with stop.deferred():
+            written, removed = export(ckpt, config, args.hf_dir, args.overwrite, args.activation)
+        verify(args.hf_dir, ckpt, config)
     print(f"wrote {', '.join(written)}" + (f"; removed {', '.join(removed)}" if removed else "")
           + ("" if any(p.endswith(SAFETENSORS) for p in written) else
              " (no model.safetensors: pip install safetensors to write one too)"))

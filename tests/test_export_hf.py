@@ -186,3 +186,58 @@ def test_bad_paths_are_one_line_errors(gpt2_ckpt, tmp_path, capsys, monkeypatch)
     assert os.listdir(tmp_path) == ["model.safetensors"] and not os.path.exists(tmp_path / "hf")
     code, _, err = run_cli(gpt2.main, ["import", str(tmp_path), ""], capsys)  # no file name to write
     assert code == 2 and "and a file for the checkpoint" in err and os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_the_checkpoint_read_is_never_the_file_written(gpt2_ckpt, tmp_path, capsys):
+    """Found by attack: `export DIR/pytorch_model.bin DIR --overwrite` replaced the trained checkpoint (optimizer,
+    log and all) with the export, and `import DIR DIR/pytorch_model.bin --overwrite` the Hugging Face weights with a
+    checkpoint, both exit 0. By any name (a hard link too): refused before anything is written."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    os.link(gpt2_ckpt, folder / "pytorch_model.bin")
+    before = (folder / "pytorch_model.bin").read_bytes()
+    code, _, err = run_export([gpt2_ckpt, str(folder), "--overwrite"], capsys)
+    assert code == 2 and "the same file" in err and err.count("\n") == 1
+    assert (folder / "pytorch_model.bin").read_bytes() == before and os.listdir(folder) == ["pytorch_model.bin"]
+    exported = tmp_path / "exported"
+    assert run_export([gpt2_ckpt, str(exported)], capsys)[0] == 0
+    bin_file = exported / "pytorch_model.bin"
+    before = bin_file.read_bytes()
+    code, _, err = run_cli(gpt2.main, ["import", str(exported), str(bin_file), "--overwrite"], capsys)
+    assert code == 2 and "the same file" in err and bin_file.read_bytes() == before
+
+
+def test_a_folder_or_device_where_a_file_goes_is_refused_before_anything_is_written(gpt2_ckpt, tmp_path, capsys):
+    """Found by attack: a folder named pytorch_model.bin in HF_DIR failed the write (exit 1) after --overwrite had
+    deleted the old config.json; a folder named model.safetensors.index.json, after pytorch_model.bin was written;
+    `import ... DEVICE --overwrite` replaced the device node (as root) with a checkpoint. Now exit 2, nothing touched."""
+    folder = tmp_path / "hf"
+    assert run_export([gpt2_ckpt, str(folder)], capsys)[0] == 0
+    (folder / "model.safetensors.index.json").mkdir()
+    listing = sorted(os.listdir(folder))
+    code, _, err = run_export([gpt2_ckpt, str(folder), "--overwrite"], capsys)
+    assert code == 2 and "model.safetensors.index.json: not a file" in err and sorted(os.listdir(folder)) == listing
+    os.mkfifo(tmp_path / "fifo.pt")
+    for target in (tmp_path / "fifo.pt", folder / "model.safetensors.index.json"):
+        code, _, err = run_cli(gpt2.main, ["import", str(folder), str(target), "--overwrite"], capsys)
+        assert code == 2 and f"{target}: not a file" in err
+    assert (tmp_path / "fifo.pt").is_fifo()
+
+
+def test_a_stop_signal_waits_for_the_file_being_written_and_leaves_no_temporary(gpt2_ckpt, tmp_path, capsys):
+    """Found by attack: SIGTERM during an export's torch.save killed the process and left its partial temporary
+    (`.pytorch_model.bin.*.tmp`); Ctrl-C there became "could not write: the write failed", exit 1. Now any stop
+    signal is held until the file is whole, then ends the command in one line, exit 130."""
+    import signal
+    folder, saved = tmp_path / "hf", gpt2.torch.save
+
+    def signalled(obj, f):
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:  # else it would kill pytest as it killed the command
+            os.kill(os.getpid(), signal.SIGTERM)  # inside the write
+        saved(obj, f)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpt2.torch, "save", signalled)
+        code, _, err = run_export([gpt2_ckpt, str(folder)], capsys)
+    assert code == 130 and err.splitlines()[-1].startswith("stopped: SIGTERM received")
+    assert sorted(os.listdir(folder)) == ["config.json", "pytorch_model.bin"]  # finished, whole, no temporary
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers put back
