@@ -19,7 +19,6 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
 import weakref
 from typing import Callable
@@ -215,7 +214,16 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def run(args) -> dict:
+    started = time.time()
     examples, source = load_examples(args.data, args.limit, args.seed)  # bad input: refused before any setting
+    enc = D.get_encoding("gpt2")
+    data = D.tokenize(examples, enc, args.block_size, name=source)
+    by_prompt = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].prompt))
+    prompts = [enc.encode_ordinary(sftkey.prompt_head(data.examples[i].prompt))
+               for i in by_prompt[len(by_prompt) // 2:][:args.gen_batch]]  # of about the median length
+    if max(map(len, prompts)) + args.new_tokens > args.block_size + 1:  # generation would stop early
+        raise ValueError(f"--new_tokens {args.new_tokens}: prompts of up to {max(map(len, prompts))} tokens leave "
+                         f"room for {args.block_size + 1 - max(map(len, prompts))} in --block_size {args.block_size}")
     torch.set_num_threads(args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                            else os.cpu_count()))
     _, device, dtype = R.set_up_device(T.TrainConfig(device=args.device, dtype=args.dtype, n_embd=args.n_embd,
@@ -224,13 +232,10 @@ def run(args) -> dict:
     # Emulated bf16 (a CPU without AVX-512 BF16, a GPU before Ampere) is hundreds of times slower:
     # timing it would take hours and say nothing about the method, so it is only timed when native.
     bf16_ok = R.native_bf16(device) or dtype == torch.bfloat16 or args.emulated_bf16
-    started = time.time()
     out: dict = {"device": device, "device_name": R.device_name(device), "dtype": dtype_name(dtype),
                  "threads": torch.get_num_threads()}
     tables = []
 
-    enc = D.get_encoding("gpt2")
-    data = D.tokenize(examples, enc, args.block_size, name=source)
     config = GPTConfig(64 * math.ceil(enc.n_vocab / 64), args.block_size, args.n_layer, args.n_head, args.n_embd)
     model = GPT(config).to(device)
     optimizer = model.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.split(":")[0])
@@ -275,11 +280,8 @@ def run(args) -> dict:
     out["mfu"] = runs["sft"]["mfu"]
     out["peak_flops"] = {dtype_name(d): p for d, p in peaks.items()}
 
-    # 2. generation: prompts of about the median length, each method taking turns
+    # 2. generation: prompts of about the median length (`prompts`, above), each method taking turns
     model.eval()
-    by_prompt = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].prompt))
-    middle = by_prompt[len(by_prompt) // 2:][:args.gen_batch]
-    prompts = [enc.encode_ordinary(sftkey.prompt_head(data.examples[i].prompt)) for i in middle]
     groups = {"single": prompts[:1], "batched": prompts}
     allowed = D.generable_ids(enc, config.vocab_size).to(device)
     for group in groups.values():
@@ -397,10 +399,10 @@ def check_args(args) -> None:
         problems.append(f"--dtype {args.dtype}: use auto, float32 or bfloat16")
     if args.device != "auto" and (problem := R.device_problem(args.device)):
         problems.append(problem)
-    if args.json and os.path.isdir(args.json):
-        problems.append(f"--json {args.json}: a folder; give a file (checked before the run, not after it)")
-    if args.threads > 2 ** 31 - 1:
-        problems.append(f"--threads {args.threads}: more threads than torch can set")
+    if args.json and os.path.lexists(args.json) and not (os.path.isfile(args.json) or os.path.islink(args.json)):
+        problems.append(f"--json {args.json}: a folder or a device; give a file (checked before the run, not after it)")
+    if args.threads > (os.cpu_count() or 1):  # thousands made OpenMP fail, hang or crash (a segfault at 100,000)
+        problems.append(f"--threads {args.threads}: more than this machine's {os.cpu_count()} CPUs")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -411,23 +413,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)  # explicit flags still win over --quick
-    try:
+    out = {}
+
+    def work() -> None:  # bad input: one line, exit 2; a failed --json write: one line, exit 1
         check_args(args)
-        out = run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"bench.py on {out['device']} ({out['device_name']}, {out['threads']} threads), {out['seconds']:.0f} s\n")
-    print("\n\n".join(out["tables"]))
-    print(f"\nkey_step_speedup {out['key_step_speedup']:.2f} | sft_step_speedup {out['sft_step_speedup']:.2f} | "
-          f"kv_cache_speedup {out['kv_cache_speedup']:.1f} | padding_fraction {out['padding_fraction']:.3f} | "
-          f"bf16_speedup {out['bf16_speedup'] or float('nan'):.2f} | mfu {R.number(out['mfu'])}")
-    if args.json:
-        try:
+        out.update(run(args))
+        print(f"bench.py on {out['device']} ({out['device_name']}, {out['threads']} threads), {out['seconds']:.0f} s\n")
+        print("\n\n".join(out["tables"]))
+        print(f"\nkey_step_speedup {out['key_step_speedup']:.2f} | sft_step_speedup {out['sft_step_speedup']:.2f} | "
+              f"kv_cache_speedup {out['kv_cache_speedup']:.1f} | padding_fraction {out['padding_fraction']:.3f} | "
+              f"bf16_speedup {out['bf16_speedup'] or float('nan'):.2f} | mfu {R.number(out['mfu'])}")
+        if args.json:
             ckpts.write_json(args.json, out)
-        except OSError as err:  # a WriteError: the disk full, no permission
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
+    with R.StopSignal("--json is whole or not written"):  # Ctrl-C, SIGTERM, SIGHUP: one line, exit 130, no temporary
+        R.command(work)
     return out
 
 

@@ -6,8 +6,10 @@ benchmark runs and reports every figure.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ import runtime
 import sftkey
 import train as T
 from model import GPT, GPTConfig
+from test_owned_files import catches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = {"stage 1": sftkey.role_weights(), "stage 2": sftkey.role_weights(key_only=True),
@@ -259,6 +262,7 @@ def test_bench_runs_end_to_end_and_writes_every_figure(tmp_path):
     (["--iters", "0", "--batch_size", "0"], "--batch_size 0: must be a whole number >= 1; --iters 0"),
     (["--data", "/dev/null"], "--data /dev/null: not a regular file (a character device)"),  # was "no such file"
     (["--data", os.path.dirname(__file__)], "not a regular file (a folder)"),
+    (["--new_tokens", "600"], "--new_tokens 600: prompts of up to"),  # found by attack: a RuntimeError traceback
 ])
 def test_bench_bad_flags_are_one_line_and_exit_2(capsys, flags, message):
     """Found in review: bench.py checked none of its flags; several ended in a traceback, others ran on silently."""
@@ -266,3 +270,35 @@ def test_bench_bad_flags_are_one_line_and_exit_2(capsys, flags, message):
         bench.main(["--quick", "--data", "", *flags])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_bench_refuses_more_threads_than_cpus():
+    """Found by attack: --threads 100000 crashed the process (a segfault; thousands: OpenMP failed or hung)."""
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--data", "", "--threads", "100000"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error: --threads 100000: more than this machine's")
+
+
+def test_bench_json_that_is_not_a_file_is_refused_before_the_run(tmp_path, capsys):
+    """Found by attack: --json naming a device or a FIFO ran the whole bench, then replaced it with the JSON file."""
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--data", "", "--json", str(tmp_path / "fifo")])
+    assert exit_info.value.code == 2 and "a folder or a device; give a file" in capsys.readouterr().err
+    assert (tmp_path / "fifo").is_fifo()
+
+
+def test_bench_stopped_by_a_signal_is_one_line_and_exit_130(tmp_path):
+    """Found by attack: Ctrl-C during bench.py printed a traceback, and SIGTERM while --json was written left its
+    partial temporary. Now a stop signal ends it in one line, exit 130, with nothing half-written."""
+    child = subprocess.Popen([sys.executable, "bench.py", "--quick", "--data", "", "--threads", "1", "--iters", "1000",
+                              "--json", str(tmp_path / "b.json")], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60  # the handlers are in place once torch and the data are loaded
+    while child.poll() is None and not catches(child.pid, signal.SIGTERM) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the timings
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and err.startswith("stopped: SIGINT received") and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
