@@ -372,12 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=8, help="sequences per training step")
     p.add_argument("--gen_batch", type=int, default=8, help="prompts in the batched generation")
-    p.add_argument("--new_tokens", type=int, default=200, help="tokens generated per prompt (they must fit in --block_size after the prompt)")
+    p.add_argument("--new_tokens", type=int, default=200,
+                   help="tokens generated per prompt (they must fit in --block_size after the prompt)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
     p.add_argument("--small_iters", type=int, default=20, help="timed iterations for train.py's default model")
     p.add_argument("--gen_iters", type=int, default=1, help="timed generations per method (the median is reported)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = every core this process may use; at most the machine's CPUs)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0 = every core this process may use; at most the machine's CPUs)")
     p.add_argument("--emulated_bf16", action="store_true", help="time bfloat16 even where the device only "
                    "emulates it (a CPU without AVX-512 BF16: very slow at the default sizes; for tests with --quick)")
     p.add_argument("--seed", type=int, default=1337)
