@@ -86,6 +86,8 @@ def prompt_ids(enc: tiktoken.Encoding, prompts: list[str], block_size: int,
         label = labels[number - 1] if labels else f"prompt {number}"
         if not prompt.strip():
             raise ValueError(f"{label} is empty")
+        if any("\ud800" <= ch <= "\udfff" for ch in prompt):  # an argument's invalid UTF-8: tiktoken would feed U+FFFD
+            raise ValueError(f"{label}: not valid UTF-8 (as --file refuses it)")
         ids = enc.encode_ordinary(sftkey.prompt_head(prompt))
         if len(ids) >= block_size:
             raise ValueError(f"{label} ({prompt[:40]!r}{'…' * (len(prompt) > 40)}) is {len(ids)} tokens "

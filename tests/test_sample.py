@@ -174,6 +174,7 @@ def test_a_response_stops_at_the_block_limit(loaded):
     (["--ckpt", "{ckpt}", "--file", "{tmp}/blank.txt"], "holds no prompt"),
     (["--ckpt", "{ckpt}", "Q: 1", "--file", "{tmp}/long.txt"], "{tmp}/long.txt:3 ('Q: 1+1+1"),  # its file and line
     (["--ckpt", "{ckpt}", "--file", "{tmp}/latin1.txt"], "latin1.txt:2: not valid UTF-8"),
+    (["--ckpt", "{ckpt}", "Q: caf\udce9"], "prompt 1: not valid UTF-8"),  # found by attack: sampled as "Q: caf\ufffd"
     (["--ckpt", "{ckpt}"], "no prompt: give prompts as arguments, or --file"),
     (["--ckpt", "{ckpt}", "Q: 1", "--top_k", "5"], "--top_k 5 samples: give a --temperature > 0 too"),
     (["--ckpt", "{ckpt}", "Q: 1", "--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
