@@ -503,8 +503,9 @@ def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
         errors = [0 if s["std"] is None else s["std"] for s in stats]
         ax.bar(x + (i - 0.5) * 0.4, means, 0.4, yerr=errors, capsize=3, label=metric.capitalize())
     ax.set_xticks(x, names, rotation=20)
+    finished = "/".join(map(str, sorted({len(summary["results"][n]) for n in names})))  # an interrupted run: fewer
     ax.set(ylim=(0, 1.05), ylabel="fraction of test problems",
-           title=f"Acc and Fmt per arm (mean ± std over {len(summary['seeds'])} seeds)")
+           title=f"Acc and Fmt per arm (mean ± std over {finished} seeds)")
     ax.legend()
     written.append(plots.save(fig, ckpts.owned_path(out_dir, "accuracy.png")))
     return written

@@ -489,3 +489,17 @@ def test_the_device_is_set_up_as_train_py_sets_it_up(tmp_path, monkeypatch):
     cfg, own = E.parse_args([*TINY, "--arms", "sftkey_tag", "--seeds", "1", "--out_dir", str(tmp_path)])
     E.run_experiment(cfg, **own)
     assert [device for _, device, _ in calls] == ["cpu"]
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib")
+def test_the_accuracy_plot_of_an_interrupted_run_counts_the_seeds_each_arm_finished(monkeypatch):
+    """Found by attack: an experiment stopped after sftkey_tag's first seed drew accuracy.png titled "mean ± std over
+    2 seeds" (the seeds asked for), as results.md does not: each bar has the seeds its arm finished."""
+    stat = {"mean": 0.5, "std": None}
+    summary = {"seeds": [1, 2], "config": {"max_iters": 10}, "picked": {},
+               "results": {"sft_tag": [{}, {}], "sftkey_tag": [{}]},
+               "aggregates": {n: {"acc": stat, "fmt": stat} for n in ("sft_tag", "sftkey_tag")}}
+    titles = []
+    monkeypatch.setattr(E.plots, "save", lambda fig, path: titles.append(fig.axes[0].get_title()) or path)
+    E.plot(summary, [], "unused")
+    assert titles == ["Acc and Fmt per arm (mean ± std over 1/2 seeds)"]
