@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         if run_plot(dict(zip(labels if len(set(labels)) == len(labels) else logs, runs.values())), out) is None:
             raise ValueError(f"nothing to draw yet: no training rows in {', '.join(logs)}")
         print(f"wrote {out}")
-    runtime.command(draw)  # bad input: one line, exit 2
+    with runtime.StopSignal("the plot is whole or not written"):  # SIGTERM too: no temporary left, exit 130
+        runtime.command(draw)  # bad input: one line, exit 2
 
 
 if __name__ == "__main__":

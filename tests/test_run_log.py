@@ -488,3 +488,25 @@ def test_a_checkpoint_taken_with_an_empty_log_cuts_the_file_back_to_empty(tmp_pa
     assert log.written == 0
     log.append({"stage": "a", "step": 1})
     assert rows_of(tmp_path / "log.jsonl") == [{"stage": "a", "step": 1}]
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib")
+def test_plots_stopped_by_sigterm_while_writing_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    """Found by attack: SIGTERM (or SIGHUP) while plots.py wrote its PNG killed it with the partial temporary
+    (`.loss.png.*.tmp`) left beside the log; Ctrl-C removed it. Now every stop signal does, one line, exit 130."""
+    import signal
+
+    from matplotlib.figure import Figure
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"stage": "a", "step": 0, "loss": 2.0}\n{"stage": "a", "step": 1, "loss": 1.0}\n')
+    savefig = Figure.savefig
+
+    def signalled(fig, f, **kwargs):
+        f.write(b"half a PNG")
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:  # else it would kill pytest as it killed plots.py
+            os.kill(os.getpid(), signal.SIGTERM)
+        savefig(fig, f, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", signalled)
+    code, _, err = run_cli(plots.main, [str(log)], capsys)
+    assert code == 130 and err.startswith("stopped: SIGTERM received") and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]
