@@ -3,10 +3,10 @@
     python scripts/gpu_check.py --gsm8k DIR --tiktoken_cache DIR [--out out/gpu_check]
 
 Sections (--sections picks some and their order; each has a time limit, and a failed one does not stop the rest):
-1. profile: stage-1 and stage-2 steps at GPT-2 small's shape on the same batches, eager and compiled,
-   at micro-batches of 16, 64 and 128: step time, tokens/s, MFU, the stage-2 speedup, and a
-   torch.profiler table of stage-1 steps (OUT/profile.txt); then where two steps of train.train make
-   the host wait for the GPU (file:line, from CUDA's sync debug mode);
+1. profile: first where two steps of train.train make the host wait for the GPU (file:line, from
+   CUDA's sync debug mode); then stage-1 and stage-2 steps at GPT-2 small's shape on the same batches,
+   eager and compiled, at micro-batches of 16, 64 and 128: step time, tokens/s, MFU, the stage-2
+   speedup, and a torch.profiler table of stage-1 steps (OUT/profile.txt);
 2. tests: the CUDA tests (pytest tests/test_cuda.py);
 3. recipe: the README's GPT-2-small recipe at GPT-2 small's shape (12 x 768, gpt2 vocabulary, random
    weights: no hub is needed), both stages (--stage1_iters / --stage2_iters steps), bf16 autocast,
@@ -275,8 +275,6 @@ def recipe(args, report: dict) -> bool:
     flags = [*RECIPE, *(QUICK if args.quick else []), "--data", data, "--eval_data", test, "--device", args.device,
              "--max_iters", str(args.stage1_iters), "--stage2_iters", str(args.stage2_iters),
              "--overwrite"]  # a rerun of the check replaces its own earlier runs
-    if args.compile_backend:
-        os.environ[runtime.COMPILE_BACKEND] = args.compile_backend
     report["recipe"] = {"flags": flags, "runs": {}}
     ok = True
 
@@ -351,7 +349,8 @@ def kv_cache_evaluation(args, flags: list[str], run_dir: str, rows: dict, save) 
 
 
 def profile(args, report: dict) -> None:
-    """Stage-1 and stage-2 steps at the recipe's shape, eager and compiled, per attention backend.
+    """The host waits of two train.train steps (host_waits), then stage-1 and stage-2 steps at the recipe's shape,
+    eager and compiled, per attention backend.
 
     For each setting: a first pass of stage-1 steps over batches of widths it may not have met yet
     (per-shape set-up costs show there), then a second pass over the same batches with stage 1 and
@@ -386,6 +385,17 @@ def profile(args, report: dict) -> None:
     os.makedirs(args.out, exist_ok=True)
     table_path = os.path.join(args.out, "profile.txt")
     open(table_path, "w").close()
+    # first: seconds, where the settings may run into the section's limit (a cold compilation alone took 60-90 s)
+    val = D.tokenize(examples[:cfg.batch_size], enc, cfg.block_size, name="sync check")
+    try:
+        sites = host_waits(cfg, model, data, val, device, dtype)
+    except Exception as err:  # a diagnosis, now first: its failure must not cost the settings after it
+        sites = {"error": f"{type(err).__name__}: {err}"[:300]}
+    model.train()  # its validation left the model in eval mode; the settings time training steps
+    report["profile"]["host_waits"] = sites
+    print("the host waits for the GPU in two steps of train.train (file:line: times; CUDA's sync debug mode): "
+          + (", ".join(f"{k}: {v}" for k, v in sites.items()) or "nowhere"), flush=True)
+    save_report(args, report)
     for n, (batch_size, mode, backend) in enumerate(settings):
         reset_peak_memory(device)  # each setting's own peak, not the largest of the process so far
         net = runtime.compiled(model, mode == "compiled")
@@ -440,10 +450,6 @@ def profile(args, report: dict) -> None:
         with open(table_path, "a") as f:
             f.write(table + "\n\n")
         print("\n".join(table.splitlines()[:16]), flush=True)
-    val = D.tokenize(examples[:cfg.batch_size], enc, cfg.block_size, name="sync check")
-    report["profile"]["host_waits"] = sites = host_waits(cfg, model, data, val, device, dtype)
-    print("the host waits for the GPU in two steps of train.train (file:line: times; CUDA's sync debug mode): "
-          + (", ".join(f"{k}: {v}" for k, v in sites.items()) or "nowhere"), flush=True)
 
 
 SYNC_WARNING = "synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") says
@@ -528,6 +534,9 @@ def summary_table(report: dict) -> str:
                   f"{'' if r.get('first_pass_ms') is None else ' (%.1f)' % r['first_pass_ms']} | "
                   f"{r['positions_per_s']:,.0f} | {r['projected_share']:.0%} | {mfu_text(r['mfu'])} | "
                   f"{number(r.get('speedup_over_stage1'))} | {number(r['peak_memory_gb'])} |" for r in rows if "error" not in r]
+        failed = [f"not measured: micro-batch {r['batch_size']}, {r['mode']}, attention {r['backend']}: {r['error']}"
+                  for r in rows if "error" in r]  # out of memory, say: named here, not only in the profile's log
+        lines += [""] * bool(failed) + failed
     return "\n".join(lines)
 
 
@@ -595,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:  # tiny models: threads cost more than they save
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.worker:  # one section in this process; run_section stops it at the budget
+        if args.compile_backend:  # both workers compile (the recipe's --compile run, the profile's compiled mode)
+            import runtime
+            os.environ[runtime.COMPILE_BACKEND] = args.compile_backend
         part: dict = {}
         ok = WORKERS[args.worker](args, part) is not False
         save_report(args, part)

@@ -167,8 +167,11 @@ def _quick(tmp_path, *flags: str) -> list[str]:
             "--work_dir", str(tmp_path / "work"), *flags]
 
 
-def _profile(tmp_path, *flags: str) -> dict:
+def _profile(tmp_path, monkeypatch, *flags: str) -> dict:
     """The profile section in this process (as its worker runs it): its figures, from OUT/profile.json."""
+    # the worker sets these for its process; monkeypatch puts them back afterwards
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    monkeypatch.setenv(runtime.COMPILE_BACKEND, "inductor")  # as unset; --compile_backend eager (_quick) replaces it
     assert gpu_check.main(_quick(tmp_path, "--worker", "profile", *flags)) == 0
     return json.loads((tmp_path / "out" / "profile.json").read_text())["profile"]
 
@@ -177,9 +180,7 @@ def _profile(tmp_path, *flags: str) -> dict:
 def test_quick_profile_on_the_cpu(tmp_path, monkeypatch):
     """Stage 1 and stage 2 on the same batches, per mode, micro-batch and attention backend: every eager setting
     before the compiled ones (a cold compilation each), MFU and the stage-2 speedup in the figures."""
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
-    monkeypatch.setenv(runtime.COMPILE_BACKEND, "eager")
-    rows = _profile(tmp_path, "--profile_batches", "1,2", "--profile_modes", "eager,compiled",
+    rows = _profile(tmp_path, monkeypatch, "--profile_batches", "1,2", "--profile_modes", "eager,compiled",
                     "--profile_backends", "default,math")["rows"]
     assert [(r["mode"], r["batch_size"], r["backend"], r["stage"]) for r in rows] == [
         (m, n, b, s) for m in ("eager", "compiled") for n in (1, 2) for b in ("default", "math")
@@ -194,8 +195,7 @@ def test_quick_profile_on_the_cpu(tmp_path, monkeypatch):
 @needs_gsm8k
 def test_a_micro_batch_the_data_cannot_fill_is_a_row_and_the_other_settings_go_on(tmp_path, monkeypatch):
     """Found by running the device command with --quick: batch 128 of 97 examples ended the whole profile."""
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
-    rows = _profile(tmp_path, "--profile_batches", "100000,2")["rows"]
+    rows = _profile(tmp_path, monkeypatch, "--profile_batches", "100000,2")["rows"]
     assert "examples for batches of 100000" in rows[0]["error"] and [r.get("stage") for r in rows[1:]] == [
         "stage 1", "stage 2"]
 
@@ -203,11 +203,10 @@ def test_a_micro_batch_the_data_cannot_fill_is_a_row_and_the_other_settings_go_o
 @needs_gsm8k
 def test_each_profile_setting_reports_its_own_peak_memory(tmp_path, monkeypatch):
     """The peak is reset before each setting: it was the process's peak so far (the recipe's, or a wider setting's)."""
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
     resets = []
     monkeypatch.setattr(gpu_check, "reset_peak_memory", lambda device: resets.append(device))
     monkeypatch.setattr(gpu_check, "peak_memory_gb", lambda device: float(len(resets)))  # GB "since the last reset"
-    rows = _profile(tmp_path, "--profile_backends", "default,math")["rows"]
+    rows = _profile(tmp_path, monkeypatch, "--profile_backends", "default,math")["rows"]
     assert [r["peak_memory_gb"] for r in rows] == [1.0, 1.0, 2.0, 2.0]
 
 
@@ -218,16 +217,67 @@ def test_the_profile_names_the_lines_where_a_training_step_waits_for_the_gpu(tmp
     of train.train. On a CPU nothing warns, so a stand-in warns where CUDA would: at each micro-batch's weights."""
     import sftkey
     import train
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", ""))
     token_weights = sftkey.token_weights
 
     def waits(roles, weights):
         warnings.warn("called a synchronizing CUDA operation", stacklevel=2)  # the caller's line, as CUDA's warning
         return token_weights(roles, weights)
     monkeypatch.setattr(sftkey, "token_weights", waits)
-    sites = _profile(tmp_path, "--profile_backends", "default")["host_waits"]
+    sites = _profile(tmp_path, monkeypatch, "--profile_backends", "default")["host_waits"]
     line = next(n for n, text in enumerate(open(train.__file__), 1)
                 if "sftkey.token_weights(roles, stage.weights)" in text)
     assert sites[f"train.py:{line}"] == 2  # a micro-batch a step (--grad_accum 1 in --quick), two steps
     # validation_loss's lines show too; the profile's own steps call token_weights as well, but they are not counted
     assert all(site.startswith("train.py:") for site in sites) and sum(sites.values()) > 2
+
+
+@needs_gsm8k
+def test_the_profile_compiles_with_the_compile_backend_given(tmp_path, monkeypatch):
+    """--compile_backend reached the recipe only: the profile's compiled settings used inductor whatever it said (in the
+    CPU smoke version of the device command, minutes of C++ build). Found by running that command with --quick."""
+    import torch
+    backends = []
+
+    def recording(model, backend="inductor", **kwargs):  # compiles nothing: the model runs eagerly
+        backends.append(backend)
+        return model
+    monkeypatch.setattr(torch, "compile", recording)
+    rows = _profile(tmp_path, monkeypatch, "--profile_modes", "compiled")["rows"]
+    assert backends == ["eager"] and [r["mode"] for r in rows] == ["compiled", "compiled"]
+
+
+@needs_gsm8k
+def test_the_host_waits_are_measured_before_the_settings(tmp_path, monkeypatch):
+    """The host waits take seconds, the settings up to the section's limit (a cold compilation alone 60-90 s on the
+    H200): measured last, they were the first thing a profile stopped at its budget lost."""
+    from model import GPT
+    order, modes = [], []
+    host_waits, profiler_table, forward = gpu_check.host_waits, gpu_check.profiler_table, GPT.forward
+    monkeypatch.setattr(gpu_check, "host_waits", lambda *a: (host_waits(*a), order.append("host waits"))[0])
+    monkeypatch.setattr(gpu_check, "profiler_table", lambda *a: order.append("setting") or profiler_table(*a))
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: modes.append((bool(order), self.training))
+                        or forward(self, *a, **k))
+    assert _profile(tmp_path, monkeypatch, "--profile_batches", "1,2")["host_waits"] == {}  # a CPU waits nowhere
+    assert order == ["host waits", "setting", "setting"]
+    # host_waits validates (eval mode) at its last step: the settings after it still time training steps
+    assert (True, False) not in modes and (False, False) in modes and (True, True) in modes
+
+    def fails(*args):
+        raise RuntimeError("no sync debug mode here")
+    monkeypatch.setattr(gpu_check, "host_waits", fails)  # first now, so its failure must not end the profile
+    found = _profile(tmp_path, monkeypatch, "--profile_batches", "2")
+    assert found["host_waits"] == {"error": "RuntimeError: no sync debug mode here"} and len(found["rows"]) == 2
+
+
+def test_the_summary_names_a_profile_setting_that_failed():
+    """A setting that failed (out of memory at micro-batch 128, say) is a row of the JSON with its error; the printed
+    summary, what the device tool's output shows, left it out without a word."""
+    row = {"batch_size": 16, "mode": "eager", "backend": "default", "step_ms": 27.1, "positions_per_s": 1e5,
+           "projected_share": 0.6, "mfu": 0.054, "peak_memory_gb": 4.0}
+    report = {"profile": {"rows": [{**row, "stage": "stage 1", "first_pass_ms": 40.2},
+                                   {**row, "stage": "stage 2", "speedup_over_stage1": 0.96},
+                                   {"batch_size": 128, "mode": "compiled", "backend": "default",
+                                    "error": "CUDA out of memory. Tried to allocate 9.20 GiB"}]}}
+    table = gpu_check.summary_table(report)
+    assert "| 16 | eager | default | stage 2 | 27.1 |" in table
+    assert "not measured: micro-batch 128, compiled, attention default: CUDA out of memory" in table
