@@ -51,6 +51,7 @@ def test_the_full_recipe_is_gpt2_small_on_gsm8k_in_bf16():
     cfg = train.parse_args(gpu_check.RECIPE)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (12, 12, 768, 512)
     assert (cfg.encoding, cfg.format, cfg.dtype, cfg.batch_size * cfg.grad_accum) == ("gpt2", "gsm8k", "bfloat16", 32)
+    assert cfg.val_acc_n == 0  # device time goes to the figures, not to answers from random weights
 
 
 def test_sections_report_status_and_output(tmp_path):
