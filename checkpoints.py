@@ -223,7 +223,7 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
                               mmap=mmap)
     except pickle.UnpicklingError as err:  # weights_only met something other than tensors and plain values
         found = re.search(r"GLOBAL (\S+)|WeightsUnpickler error:\s*(.+)", str(err))
-        what = f"a pickled Python object ({found[1]})" if found and found[1] else found[2] if found else "something else"
+        what = f"a pickled Python object ({found[1]})" if found and found[1] else found[2] if found else "other data"
         raise ValueError(f"{path}: refused to load: the safe loader met {what}, not tensors and plain values; not "
                          f"a checkpoint this project writes, and unpickling it could run code") from None
     except Exception as err:  # a truncated or foreign file: the loader's own errors say little

@@ -169,7 +169,8 @@ def show(argv: list[str] | None = None) -> str:
     shown = train_set if split == "train" else val_set
     stages = {stage.name: stage.weights for stage in train.plan_stages(cfg, inputs.origin[0])}
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
-    return runtime.format_summary(shown.summary) + "\n" + show_examples(shown, enc, n, stages, use_color, not cfg.untagged)
+    examples = show_examples(shown, enc, n, stages, use_color, not cfg.untagged)
+    return runtime.format_summary(shown.summary) + "\n" + examples
 
 
 def main(argv: list[str] | None = None) -> None:
