@@ -144,8 +144,10 @@ def test_mismatched_flags_are_named(checkpoint, tmp_path, capsys):
     ("fifo", "checkpoint .*bad.pt: not a regular file \\(a FIFO\\)"),  # torch.load would wait for a writer
     ([1, 2, 3], "not an sftkey checkpoint"),
     ({"model": {}, "model_config": {"n_layer": 1, "colour": "red"}}, "does not describe this project's GPT"),
+    ({"model": {"w": torch.zeros(1)}, "model_config": {"n_layer": 1, "n_head": 3, "n_embd": 64}},
+     "GPT \\(n_head 3 does not divide n_embd 64\\)"),  # the reason, not empty brackets
     ("missing weights", "are not this model's float32 tensors"),
-], ids=["empty", "truncated", "text", "a FIFO", "a list", "unknown config field", "missing weights"])
+], ids=["empty", "truncated", "text", "a FIFO", "a list", "unknown config field", "heads", "missing weights"])
 def test_unusable_checkpoints(checkpoint, tmp_path, contents, problem):
     path, model = checkpoint
     bad = tmp_path / "bad.pt"
