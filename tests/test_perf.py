@@ -3,6 +3,7 @@
 Speed itself is never asserted: only that the fast paths compute the same thing and that the
 benchmark runs and reports every figure.
 """
+import collections
 import json
 import math
 import os
@@ -92,6 +93,23 @@ def test_a_micro_batch_weights_and_loss_ask_the_host_once(batch, stage):
     waits = [op for op in ops.seen if op.endswith("[mask]") or op.split(".")[0] in (
         "nonzero", "lift_fresh", "_to_copy", "_local_scalar_dense", "masked_select", "item")]
     assert waits == ["nonzero.default"]
+
+
+def test_a_training_step_asks_the_host_once_per_micro_batch_and_once_for_the_norm(monkeypatch):
+    """Three steps of train.train, two micro-batches each, logging and validation taken out: the host would wait for a
+    GPU at each micro-batch's count of kept positions and at the norm's check, nowhere else; the only tensors made
+    from host data are each micro-batch's inputs, targets and roles (pinned on CUDA, copied without waiting)."""
+    monkeypatch.setattr(T, "validation_loss", lambda *args: {"thinking": 0.0, "key": 0.0})
+    monkeypatch.setattr(runtime.Meter, "line", lambda *args: {})
+    monkeypatch.setattr(runtime.Meter, "validation_line", lambda *args: {})
+    data = D.tokenize(D.synthetic_task(64, seed=5), D.char_encoding(), block_size=96)
+    cfg = T.TrainConfig(batch_size=4, grad_accum=2, val_acc_n=0)
+    with _Operators() as ops:
+        T.train(_model(), data, data, cfg, sftkey.Stage("s", STAGES["stage 1"], 3, 1e-3), "cpu", torch.float32, [])
+    counted = collections.Counter(op.split(".")[0] for op in ops.seen)
+    waits = {op: n for op, n in counted.items() if op in ("nonzero", "_local_scalar_dense", "item", "masked_select")}
+    assert waits == {"nonzero": 3 * 2, "_local_scalar_dense": 3} and not any(op.endswith("[mask]") for op in ops.seen)
+    assert counted["lift_fresh"] == 3 * 2 * 3
 
 
 @pytest.mark.parametrize("full", [True, False])
