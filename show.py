@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import unicodedata
 
@@ -173,8 +174,16 @@ def show(argv: list[str] | None = None) -> str:
     return runtime.format_summary(shown.summary) + "\n" + examples
 
 
+def print_to_reader(text: str) -> None:
+    """Print; a reader that stops early (`| head`) has what it wanted: no error, and nothing left to flush at exit."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> None:
-    runtime.command(lambda: print(show(argv)))  # bad flags or data: one line, exit 2
+    runtime.command(lambda: print_to_reader(show(argv)))  # bad flags or data: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ flags as train.py, plain when piped, colours only on request, errors in one line
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import tiktoken
 
@@ -15,6 +19,8 @@ import data as D
 import sftkey
 import show
 from conftest import needs_tiktoken_cache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAGES = {"sft_tag": (0.0, 1.0, 1.0), "sftkey_tag": (0.0, 0.0, 1.0)}
 SMALL = ["--n_train", "60", "--n_val", "6", "--n_test", "4"]
@@ -176,3 +182,12 @@ def test_stages_after_an_init_from_checkpoint_have_train_pys_names(tmp_path, cap
     out = capsys.readouterr().out
     names = [stage.name for stage in train.plan_stages(train.parse_args(SMALL), "sftkey_tag")]
     assert "sft_tag" not in names and all(f"loss {name} " in out for name in names), (names, out[-400:])
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """`show.py | head`: the pipe closes while show.py still writes; it ends quietly with exit 0, as `cat` would."""
+    reader = subprocess.Popen([sys.executable, os.path.join(ROOT, "show.py"), "--n", "3000", "--n_train", "3500"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert reader.stdout.readline().startswith(b"synthetic train:")
+    reader.stdout.close()  # more than a pipe's buffer is still to come
+    assert reader.wait(timeout=120) == 0 and reader.stderr.read() == b""
