@@ -170,10 +170,10 @@ def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
     them, and the projection is the most expensive matrix product of a small model. The caller divides by the total
     weight of the optimizer step (train.py), so accumulated micro-batches weigh by their tokens; an all-zero one adds 0.
     """
-    keep = (weights != 0).flatten().nonzero()[:, 0]  # counted once: on a GPU the host waits here, not 4 times
-    logits = head(hidden.flatten(0, -2)[keep])
-    losses = F.cross_entropy(logits.float(), targets.flatten()[keep], reduction="none")
-    weighted = losses * weights.flatten()[keep]
+    keep = weights.nonzero(as_tuple=True)  # counted once: on a GPU the host waits here, not at each mask, 4 times
+    logits = head(hidden[keep])
+    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    weighted = losses * weights[keep]
     return (weighted * torch.exp(-losses.detach()) if dft else weighted).sum()  # DFT: x the probability, held constant
 
 
