@@ -102,6 +102,12 @@ def test_a_training_step_asks_the_host_once_per_micro_batch_and_once_for_the_nor
     monkeypatch.setattr(T, "validation_loss", lambda *args: {"thinking": 0.0, "key": 0.0})
     monkeypatch.setattr(runtime.Meter, "line", lambda *args: {})
     monkeypatch.setattr(runtime.Meter, "validation_line", lambda *args: {})
+    copies = []  # a copy to the host (.tolist(), .cpu(), .numpy()) runs no operator on the CPU: watched by name
+    for name in ("tolist", "cpu", "numpy"):
+        def watched(tensor, *args, _method=getattr(torch.Tensor, name), **kwargs):
+            copies.append(_method.__name__)
+            return _method(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, watched)
     data = D.tokenize(D.synthetic_task(64, seed=5), D.char_encoding(), block_size=96)
     cfg = T.TrainConfig(batch_size=4, grad_accum=2, val_acc_n=0)
     with _Operators() as ops:
@@ -110,6 +116,7 @@ def test_a_training_step_asks_the_host_once_per_micro_batch_and_once_for_the_nor
     waits = {op: n for op, n in counted.items() if op in ("nonzero", "_local_scalar_dense", "item", "masked_select")}
     assert waits == {"nonzero": 3 * 2, "_local_scalar_dense": 3} and not any(op.endswith("[mask]") for op in ops.seen)
     assert counted["lift_fresh"] == 3 * 2 * 3
+    assert copies == []
 
 
 @pytest.mark.parametrize("full", [True, False])
