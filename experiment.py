@@ -403,6 +403,11 @@ def _diff(c: dict | None, interval: str = "ci") -> str:
     return f"{c['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f" ({why}: no interval)")
 
 
+def seeds_finished(summary: dict) -> str:
+    """The seeds each arm finished, "2", or "1/2" where an interrupted run left some arms short ("0": none)."""
+    return "/".join(map(str, sorted({len(runs) for runs in summary["results"].values()}))) or "0"
+
+
 def markdown(summary: dict) -> str:
     """results.md: the per-arm table (mean ± std over seeds), the paired comparisons and the costs."""
     cfg, seeds = summary["config"], summary["seeds"]
@@ -423,10 +428,9 @@ def markdown(summary: dict) -> str:
                      f"{_mean_std(agg['composite'])} | {_mean_std(agg.get('val_acc', {'mean': None}))} | "
                      f"{agg['last_stage_seconds']['mean']:.0f} | "
                      f"{agg['train_seconds']['mean']:.0f} |")
-    finished = "/".join(map(str, sorted({len(runs) for runs in summary["results"].values()}))) or "0"  # per arm
-    lines += ["", f"Mean ± sample standard deviation over {finished} seed(s); Fmt is undefined for the untagged "
-                  "arm. val Acc: greedy, on --val_acc_n validation prompts after the last step. Times are "
-                  "wall-clock seconds of training (mean over seeds), without evaluation."]
+    lines += ["", f"Mean ± sample standard deviation over {seeds_finished(summary)} seed(s); Fmt is undefined for "
+                  "the untagged arm. val Acc: greedy, on --val_acc_n validation prompts after the last step. Times "
+                  "are wall-clock seconds of training (mean over seeds), without evaluation."]
     reasoned = {n: a for n, a in summary["aggregates"].items() if a.get("reasoning", {}).get("mean") is not None}
     if reasoned:
         lines += ["", "| arm | reasoning right | Acc, reasoning right | Acc, reasoning wrong |", "| --- " * 4 + "|"]
@@ -503,9 +507,8 @@ def plot(summary: dict, rows: list[dict], out_dir: str) -> list[str]:
         errors = [0 if s["std"] is None else s["std"] for s in stats]
         ax.bar(x + (i - 0.5) * 0.4, means, 0.4, yerr=errors, capsize=3, label=metric.capitalize())
     ax.set_xticks(x, names, rotation=20)
-    finished = "/".join(map(str, sorted({len(summary["results"][n]) for n in names})))  # an interrupted run: fewer
     ax.set(ylim=(0, 1.05), ylabel="fraction of test problems",
-           title=f"Acc and Fmt per arm (mean ± std over {finished} seeds)")
+           title=f"Acc and Fmt per arm (mean ± std over {seeds_finished(summary)} seeds)")
     ax.legend()
     written.append(plots.save(fig, ckpts.owned_path(out_dir, "accuracy.png")))
     return written
