@@ -221,9 +221,9 @@ def run(args) -> dict:
     by_prompt = sorted(range(len(data.examples)), key=lambda i: len(data.examples[i].prompt))
     prompts = [enc.encode_ordinary(sftkey.prompt_head(data.examples[i].prompt))
                for i in by_prompt[len(by_prompt) // 2:][:args.gen_batch]]  # of about the median length
-    if max(map(len, prompts)) + args.new_tokens > args.block_size + 1:  # generation would stop early
-        raise ValueError(f"--new_tokens {args.new_tokens}: prompts of up to {max(map(len, prompts))} tokens leave "
-                         f"room for {args.block_size + 1 - max(map(len, prompts))} in --block_size {args.block_size}")
+    if (longest := max(map(len, prompts))) + args.new_tokens > args.block_size + 1:  # generation would stop early
+        raise ValueError(f"--new_tokens {args.new_tokens}: prompts of up to {longest} tokens leave room for "
+                         f"{args.block_size + 1 - longest} in --block_size {args.block_size}")
     torch.set_num_threads(args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                            else os.cpu_count()))
     _, device, dtype = R.set_up_device(T.TrainConfig(device=args.device, dtype=args.dtype, n_embd=args.n_embd,
