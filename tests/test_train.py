@@ -47,6 +47,9 @@ def test_token_weights_give_pad_zero():
     assert sftkey.token_weights(roles, (0.0, 0.0, 1.0)).tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0]]
     assert sftkey.token_weights(roles, (0.0, 0.5, 3.0)).tolist() == [[0, .5, .5, 3, 3, 0], [0, 0, 3, 0, 0, 0]]
     assert sftkey.token_weights(roles, (0.0, 1.0, 1.0)).dtype.is_floating_point
+    with torch.autocast("cpu", torch.bfloat16):  # whole-number weights, under autocast: float32 all the same
+        whole = sftkey.token_weights(roles.int(), (0, 1, 3))
+    assert whole.dtype == torch.float32 and whole.tolist() == [[0, 1, 1, 3, 3, 0], [0, 0, 3, 0, 0, 0]]
 
 
 def test_collate_shift_position_t_predicts_token_t_plus_1_with_its_role():
