@@ -170,7 +170,7 @@ def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torc
     them, and the projection is the most expensive matrix product of a small model. The caller divides by the total
     weight of the optimizer step (train.py), so accumulated micro-batches weigh by their tokens; an all-zero one adds 0.
     """
-    keep = weights.nonzero(as_tuple=True)  # counted once: on a GPU the host waits here, not at each mask, 4 times
+    keep = weights.nonzero(as_tuple=True)  # indices, not a mask: a GPU makes the host wait once, not at every use
     logits = head(hidden[keep])
     losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
     weighted = losses * weights[keep]
