@@ -222,8 +222,9 @@ def read_checkpoint(path: str, expected: GPTConfig | None, device: str, encoding
             ckpt = torch.load(path if raw is None else io.BytesIO(raw), map_location=device, weights_only=True,
                               mmap=mmap)
     except pickle.UnpicklingError as err:  # weights_only met something other than tensors and plain values
-        found = re.search(r"GLOBAL (\S+)|WeightsUnpickler error:\s*(.+)", str(err))
-        what = f"a pickled Python object ({found[1]})" if found and found[1] else found[2] if found else "other data"
+        named = re.search(r"GLOBAL (\S+)", str(err))  # a class or function that unpickling would call
+        other = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))  # e.g. an opcode it does not know
+        what = f"a pickled Python object ({named[1]})" if named else other[1] if other else "other data"
         raise ValueError(f"{path}: refused to load: the safe loader met {what}, not tensors and plain values; not "
                          f"a checkpoint this project writes, and unpickling it could run code") from None
     except Exception as err:  # a truncated or foreign file: the loader's own errors say little

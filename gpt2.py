@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 
 import torch
 
@@ -78,8 +79,11 @@ def _read_hf_tensors(path: str) -> tuple[dict[str, torch.Tensor], str]:
     try:
         tensors = read(source)
     except Exception as err:  # truncated, foreign, or holding pickled objects other than tensors
+        detail = str(err).splitlines()[0] if str(err) else "no details"
+        if isinstance(err, pickle.UnpicklingError):  # not torch's advice on how to load it anyway
+            detail = "the safe loader met something other than tensors; unpickling it could run code"
         raise ValueError(f"{source}: cannot be read as a checkpoint of tensors ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'no details'})") from None
+                         f"{detail})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError(f"{source}: not a state dict of tensors")
     for name, t in tensors.items():  # numbers our checkpoints can hold (bool and int mask buffers are dropped later)
@@ -162,8 +166,10 @@ def import_hf(folder: str, path: str, block_size: int | None = None, dropout: fl
     signal received while it is written waits for it."""
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{path} exists: give --overwrite to replace it, or choose another file")
-    if block_size is not None and block_size < 1 or not 0 <= dropout < 1:
-        raise ValueError(f"--block_size {block_size} must be >= 1 and --dropout {dropout} in [0, 1)")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"--block_size {block_size} must be >= 1")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"--dropout {dropout} must lie in [0, 1)")
     model = gpt2_from_hf(folder, block_size, dropout, GPT2_VOCAB)
     state = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
              "train_config": {"encoding": "gpt2"}, "step": 0}  # the encoding: --init_from checks it

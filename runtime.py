@@ -481,8 +481,7 @@ RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "int>=0": (lambda v: 0 <= v < _LIMIT, "must be a whole number >= 0"),
     ">=0": (lambda v: 0 <= v < math.inf, "must be a finite number >= 0"),  # nan fails every comparison
     ">0": (lambda v: 0 < v < math.inf, "must be a finite number > 0"),
-    "[0,1)": (lambda v: 0 <= v < 1, "must lie in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-}
+    "[0,1)": (lambda v: 0 <= v < 1, "must lie in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "must lie in [0, 1]")}
 
 
 def check_config(cfg):

@@ -158,7 +158,7 @@ def stage_name(before: str, weights: tuple[float, float, float], tagged: bool, d
 
 def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
     """Per-token loss weights for a tensor of roles (PAD positions get 0); from the roles alone, no table copied in."""
-    return sum(float(weight) * (roles == role) for role, weight in enumerate(weights))
+    return sum(torch.where(roles == role, float(weight), 0.0) for role, weight in enumerate(weights))
 
 
 def weighted_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,

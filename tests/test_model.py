@@ -187,6 +187,13 @@ def test_weighted_loss_sum_equals_full_projection():
     assert empty.item() == 0.0
 
 
+def test_token_weights_are_each_roles_weight_and_zero_at_padding():
+    roles = torch.tensor([[sftkey.PROMPT, sftkey.THINK, sftkey.KEY, sftkey.PAD]])
+    assert sftkey.token_weights(roles, (0.5, 2.0, 7.0)).tolist() == [[0.5, 2.0, 7.0, 0.0]]
+    # Found in review: each weight reached every position, as 0 x weight elsewhere; an infinite one made them all NaN.
+    assert sftkey.token_weights(roles, (0.0, 1.0, math.inf)).tolist() == [[0.0, 1.0, math.inf, 0.0]]
+
+
 def test_dft_loss_is_probability_times_cross_entropy_and_its_gradient_that_of_minus_the_probability():
     """DFT (arXiv 2508.05629) scales each token's loss by its probability, held constant; d(-sg(p) log p) = -dp, so
     its gradient is exactly that of the negative weighted probability. Without the detach it would be

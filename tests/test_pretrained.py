@@ -136,6 +136,15 @@ def test_n_head_from_gpt2_table_without_config_json(tmp_path):
         gpt2.gpt2_from_hf(odd)
 
 
+class Opens:
+    """Pickles as a call of open(path, "w"): what a checkpoint must never get to run."""
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 def test_clear_errors_for_bad_folders_and_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         gpt2.gpt2_from_hf(str(tmp_path / "absent"))
@@ -157,6 +166,13 @@ def test_clear_errors_for_bad_folders_and_checkpoints(tmp_path):
     (tmp_path / "garbage" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read as a checkpoint of tensors"):
         gpt2.gpt2_from_hf(str(tmp_path / "garbage"))
+    # Found in review: a pickled call was refused with torch's first line, how to load it anyway, in escape codes.
+    (tmp_path / "evil").mkdir()
+    torch.save({"wte.weight": Opens(str(tmp_path / "pwned"))}, tmp_path / "evil" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="something other than tensors; unpickling it could run code") as refusal:
+        gpt2.gpt2_from_hf(str(tmp_path / "evil"))
+    assert "\x1b" not in str(refusal.value) and "two options" not in str(refusal.value)
+    assert not (tmp_path / "pwned").exists()
     # Found in review: odd config.json values ended in tracebacks, or (2.0, true) in a checkpoint nothing accepts.
     for config, problem in [("[1]", "not a JSON object of settings"), ("{", "not valid JSON"),
                             (b"\xff", "not valid JSON"), ('{"n_head": 0}', "n_head 0 is not a whole number >= 1"),
@@ -252,8 +268,9 @@ def test_gpt2_import_then_init_from_trains_both_stages_and_keeps_the_checkpoint_
                           ([str(tmp_path / "nowhere"), str(tmp_path / "none.pt")], "no such directory"),
                           ([folder, start], "exists: give --overwrite"),
                           ([folder, str(tmp_path / "long.pt"), "--block_size", "0"], "--block_size 0 must be >= 1"),
-                          ([folder, str(tmp_path / "long.pt"), "--dropout", "1"], "--dropout 1.0 in [0, 1)")]:
+                          ([folder, str(tmp_path / "long.pt"), "--dropout", "1"], "--dropout 1.0 must lie in [0, 1)")]:
         code, out, err = run_cli(gpt2.main, ["import", *args], capsys)
         assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
+        assert "None" not in err  # found in review: a bad --dropout also printed "--block_size None"
     assert not (tmp_path / "long.pt").exists() and not (tmp_path / "none.pt").exists()
     assert run_cli(gpt2.main, ["import", folder, start, "--overwrite"], capsys)[0] == 0
