@@ -15,6 +15,9 @@ being compared taking turns so that a shared machine's changing load falls on al
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
+
 import argparse
 import math
 import os

@@ -22,6 +22,9 @@ An export is read back and every weight compared with the checkpoint's, bit for 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
+
 import argparse
 import contextlib
 import dataclasses

@@ -6,6 +6,9 @@ after), and the helpers experiment.py draws its figures with. matplotlib is opti
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
+
 import argparse
 import json
 import os

@@ -16,6 +16,9 @@ fill block_size + 1 tokens. Bad input ends in one line starting with "error:" an
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
+
 import argparse
 import math
 import sys

@@ -15,6 +15,9 @@ its tokens per role and each stage's loss weight per role, with the number of su
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    import startup  # noqa: F401  (first, before torch loads: a stop signal now ends in one line)
+
 import argparse
 import dataclasses
 import os

@@ -1,14 +1,14 @@
-"""Stop signals outside a run: train.py and experiment.py import this first, before torch loads (seconds,
-in which a Ctrl-C printed a traceback). Any stop signal then ends the process in one line, exit 130;
-runtime.StopSignal puts this handler back when a run ends, so its last moments end the same way."""
+"""Stop signals outside a run: every command imports this first, before torch loads (seconds, in which a
+Ctrl-C printed a traceback). Any stop signal then ends the process in one line, exit 130. runtime.StopSignal
+takes over while a command trains or writes, and puts this handler back after, so its last moments end alike."""
 import os
 import signal
 import sys
 
 
 def _stop(signum, frame) -> None:
-    print(f"stopped: {signal.Signals(signum).name} received outside a run (while starting or ending); no "
-          f"training was lost", file=sys.stderr, flush=True)
+    print(f"stopped: {signal.Signals(signum).name} received while nothing was being trained or written; nothing "
+          f"was lost", file=sys.stderr, flush=True)
     os._exit(130)
 
 
