@@ -149,7 +149,7 @@ class Dist:
         return out
 
     def close(self) -> None:
-        if self.world > 1:  # together: a rank leaving while rank 0 still evaluates and writes could abort the job
+        if self.world > 1:  # together: a rank leaving while rank 0 still writes could abort the job
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
@@ -218,13 +218,13 @@ class StopSignal:
             signal.signal(*self._previous.popitem())
 
 
-def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float, weights: tuple[float, ...]) -> str:
+def non_finite_message(stage: sftkey.Stage, step: int, path: str | None) -> str:
     """Why train() stops at a non-finite loss or gradient: where, what checkpoint is left, the likely causes."""
-    weight = (f"a loss weight of {max(weights):g} (--weights, --stage2_weights or --key_weight), infinite in "
-              f"float32" if max(weights) > torch.finfo(torch.float32).max else "")
+    weight = (f"a loss weight of {max(stage.weights):g} (--weights, --stage2_weights or --key_weight), infinite in "
+              f"float32" if max(stage.weights) > torch.finfo(torch.float32).max else "")
     causes = ("No update had been made in this stage, so its learning rate is not the cause; look at "  # step 0
               + (weight or "the data and the weights the stage started from") if step == 0 else
-              f"Likely causes: a learning rate too high (this stage's peak is {peak_lr:g}: lower --lr, or --stage2_lr "
+              f"Likely causes: a learning rate too high (this stage's peak is {stage.lr:g}: lower --lr, or --stage2_lr "
               f"in stage 2)" + (f", or {weight}" if weight else ""))
     try:  # mmap: only the step is read, not the weights
         last = (f"The last checkpoint, {path} at step "
@@ -233,7 +233,7 @@ def non_finite_message(stage: str, step: int, path: str | None, peak_lr: float, 
                 else "This stage writes no checkpoint")
     except Exception as err:  # a message about the failure must not fail: say what happened
         last = f"{path} exists but could not be read back ({type(err).__name__})"
-    return f"{stage} step {step}: the loss or gradient is not finite; stopping before the update. {last}. {causes}."
+    return f"{stage.name} step {step}: the loss or gradient is not finite; stopped before the update. {last}. {causes}."
 
 
 # Throughput and MFU

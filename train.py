@@ -145,8 +145,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
         # The norm is the same on every rank; checking it before the update keeps the weights good.
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
-            raise FloatingPointError(runtime.non_finite_message(stage.name, step, ckpt and ckpt.path, stage.lr,
-                                                                stage.weights))
+            raise FloatingPointError(runtime.non_finite_message(stage, step, ckpt and ckpt.path))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -175,11 +174,10 @@ def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, devic
                                 val_set.roles[start:start + cfg.batch_size], device)
         with autocast(device, dtype):
             hidden = model(x)
-        for role in (sftkey.THINK, sftkey.KEY):
-            w = sftkey.token_weights(roles, tuple(float(r == role) for r in range(3)))  # this role only
-            with autocast(device, dtype):
+            for role in (sftkey.THINK, sftkey.KEY):
+                w = sftkey.token_weights(roles, tuple(float(r == role) for r in range(3)))  # this role only
                 sums[role] += sftkey.weighted_loss_sum(hidden, model.lm_head, y, w)
-            counts[role] += w.sum()
+                counts[role] += w.sum()
     mean = (sums / counts.clamp(min=1)).tolist()
     return {"thinking": mean[sftkey.THINK], "key": mean[sftkey.KEY]}
 
@@ -188,24 +186,27 @@ def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, devic
 
 @torch.no_grad()
 def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, device: str,
-             dtype: torch.dtype) -> dict:
-    """Greedy answers to the test prompts (all kept, in their order); Acc, Fmt (tagged only) and the composite."""
+             dtype: torch.dtype, dist: Dist | None = None) -> dict:
+    """Greedy answers to the test prompts (all kept, in their order); Acc, Fmt (tagged only) and the composite.
+    In a torchrun job the ranks take turns at the batches one process would run (the same answers), then share."""
     model.eval()
-    tagged = not cfg.untagged
+    tagged, dist = not cfg.untagged, dist or Dist()
     prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    correct, formatted, responses = [False] * len(examples), [False] * len(examples), [None] * len(examples)
+    answers = [None] * len(examples)  # (correct, formatted, response) of the prompts this rank answers
     allowed = D.generable_ids(enc, model.config.vocab_size).to(device)  # once per call: 0.1 s for cl100k_base
-    for start in range(0, len(order), cfg.eval_batch_size):
+    for start in range(dist.rank * cfg.eval_batch_size, len(order), dist.world * cfg.eval_batch_size):
         rows = order[start:start + cfg.eval_batch_size]
         with autocast(device, dtype):
             outs = model.generate([prompts[i] for i in rows], cfg.block_size, enc.eot_token, allowed=allowed)
         for i, out in zip(rows, outs):
             ended = bool(out) and out[-1] == enc.eot_token
             response = enc.decode(out[:-1] if ended else out)
-            correct[i] = sftkey.answers_match(sftkey.extract_answer(response, tagged), examples[i].answer)
-            formatted[i] = sftkey.format_ok(response, ended)
-            responses[i] = {"prompt": examples[i].prompt, "response": response, "reference": examples[i].answer}
+            answers[i] = (sftkey.answers_match(sftkey.extract_answer(response, tagged), examples[i].answer),
+                          sftkey.format_ok(response, ended),
+                          {"prompt": examples[i].prompt, "response": response, "reference": examples[i].answer})
+    answers = [next(a for a in ranks if a is not None) for ranks in zip(*dist.gather(answers))]  # every rank's
+    correct, formatted, responses = ([a[k] for a in answers] for k in range(3))
     acc = float(np.mean(correct)) if examples else None  # no test set (--data without --eval_data)
     fmt = float(np.mean(formatted)) if tagged and examples else None
     return {"acc": acc, "fmt": fmt, "composite": sftkey.composite(acc, fmt) if fmt is not None else None,
@@ -243,10 +244,9 @@ def run(cfg: TrainConfig) -> dict:
             if cfg.show_roles:  # the role viewer, imported only when asked for
                 print(__import__("show").show_examples(train_set, enc, cfg.show_roles, {
                     s.name: s.weights for s in stages}, tagged=not cfg.untagged), flush=True)
-        folder.take([(name,) for name in ckpts.TRAIN_FILES]  # input checked: lock
-                    + [(s.name, ckpts.CKPT_NAME) for s in stages],
+        folder.take([(name,) for name in ckpts.TRAIN_FILES] + [(s.name, ckpts.CKPT_NAME) for s in stages],  # now lock
                     lambda path: ckpts.check_resume(path, cfg, model.config, dist.world, inputs.sha256), dist)
-        results = {"init": evaluate(model, enc, test, cfg, device, dtype)} if cfg.eval_only else {}
+        results = {"init": evaluate(model, enc, test, cfg, device, dtype, dist)} if cfg.eval_only else {}
         seconds, log = {}, ckpts.LiveLog(cfg.out_dir if dist.master else None)  # out_dir/log.jsonl
         for k, stage in enumerate(stages):  # one model: each stage starts from the weights the last one left
             path = ckpts.owned_path(cfg.out_dir, stage.name, ckpts.CKPT_NAME)
@@ -268,9 +268,10 @@ def run(cfg: TrainConfig) -> dict:
                 ckpt.save(stage.iters, model, optimizer)  # the stage's weights, before evaluating
             if dist.master:
                 print(f"{stage.name}: evaluating on {len(test)} test prompts (greedy) ...", flush=True)
-                results[stage.name] = evaluate(model, enc, test, cfg, device, dtype)
-                log.note({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
-                ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
+            results[stage.name] = evaluate(model, enc, test, cfg, device, dtype, dist)  # every rank, a share each
+            log.note({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
+            ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
+            if dist.master:
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
         summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages], "log": log,
                    "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds,

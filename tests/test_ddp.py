@@ -1,12 +1,20 @@
-"""DistributedDataParallel: two CPU ranks (gloo) train the weights of one process that sees the same global batch.
+"""DistributedDataParallel: two CPU ranks (gloo) train the weights of one process that sees the same global batch,
+and share out the evaluation that gives one process's answers.
 
-They do because the loss is normalised by the supervised weight summed over all ranks.
+They train alike because the loss is normalised by the supervised weight summed over all ranks.
 """
+import copy
 import os
 import subprocess
 import sys
+import threading
 
 import torch
+
+import data as D
+import runtime
+import train
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_train", "300", "--n_val", "20",
@@ -46,3 +54,36 @@ def test_only_train_py_under_torchrun_skips_the_interpreters_teardown():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "RANK": "0"},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["worked", "AFTER"], done.stderr[-2000:]
+
+
+def test_ranks_take_turns_at_evaluation_batches_and_all_get_one_process_answers():
+    """Under torchrun each rank generates every world-th batch of the length-sorted prompts (the batches one process
+    runs, so the same answers even in bfloat16) and then holds every answer. Before, rank 0 evaluated alone while
+    the other ranks waited at the next collective, under a one-hour timeout."""
+    enc, examples = D.char_encoding(), D.synthetic_task(10, seed=5)
+    cfg = train.TrainConfig(block_size=40, eval_batch_size=3)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=40, n_layer=1, n_head=2, n_embd=32))
+    one_process = train.evaluate(model, enc, examples, cfg, "cpu", torch.float32)
+    shared, barrier, batches, results = [None, None], threading.Barrier(2, timeout=60), [[], []], [None, None]
+
+    class Rank(runtime.Dist):  # two ranks as threads: gather hands each the other's list, as all_gather_object
+        def gather(self, value) -> list:
+            shared[self.rank] = value
+            barrier.wait()
+            return list(shared)
+
+    def rank(number: int) -> None:
+        own = copy.deepcopy(model)
+        generate = own.generate
+        own.generate = lambda prompts, *args, **kwargs: batches[number].append(len(prompts)) or generate(
+            prompts, *args, **kwargs)
+        results[number] = train.evaluate(own, enc, examples, cfg, "cpu", torch.float32, Rank(rank=number, world=2))
+
+    threads = [threading.Thread(target=rank, args=(number,)) for number in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert batches == [[3, 3], [3, 1]]  # 10 prompts in batches of 3: rank 0 the first and third, rank 1 the rest
+    assert results[0] == results[1] == one_process and len(one_process["responses"]) == 10

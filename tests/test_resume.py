@@ -3,6 +3,7 @@ uninterrupted run; a non-finite loss stops before it can spoil the weights; chec
 atomic."""
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,13 +124,14 @@ def test_non_finite_loss_before_any_checkpoint_says_so_and_does_not_blame_the_lr
 
 def test_non_finite_message_names_a_loss_weight_infinite_in_float32():
     """--key_weight 1e39 is finite as a Python float but infinite in float32, the loss's dtype."""
-    message = runtime.non_finite_message("sft_tag", 0, None, 1e-3, sftkey.role_weights(key_weight=1e39))
+    stage = sftkey.Stage("sft_tag", sftkey.role_weights(key_weight=1e39), 9, 1e-3)
+    message = runtime.non_finite_message(stage, 0, None)
     assert "a loss weight of 1e+39 (--weights, --stage2_weights or --key_weight), infinite in float32" in message
     assert "This stage writes no checkpoint." in message
-    later = runtime.non_finite_message("sft_tag", 5, None, 1e-3, sftkey.role_weights(key_weight=50.0))
+    later = runtime.non_finite_message(replace(stage, weights=sftkey.role_weights(key_weight=50.0)), 5, None)
     # the loss is normalised by the sum of the weights: a large (finite) one is not a cause
     assert "a learning rate too high" in later and "loss weight" not in later
-    assert "loss weight" not in runtime.non_finite_message("sft_tag", 5, None, 1e-3, sftkey.role_weights())
+    assert "loss weight" not in runtime.non_finite_message(replace(stage, weights=sftkey.role_weights()), 5, None)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
