@@ -7,8 +7,8 @@ import sys
 
 
 def _stop(signum, frame) -> None:
-    print(f"stopped: {signal.Signals(signum).name} received while nothing was being trained or written; nothing "
-          f"was lost", file=sys.stderr, flush=True)
+    print(f"stopped: {signal.Signals(signum).name} received while nothing was being trained or written",
+          file=sys.stderr, flush=True)
     os._exit(130)
 
 

@@ -193,7 +193,7 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
     tagged, dist = not cfg.untagged, dist or Dist()
     prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    answers = [None] * len(examples)  # (correct, formatted, response) of the prompts this rank answers
+    answers = {}  # prompt index: (correct, formatted, response), for this rank's batches
     allowed = D.generable_ids(enc, model.config.vocab_size).to(device)  # once per call: 0.1 s for cl100k_base
     for start in range(dist.rank * cfg.eval_batch_size, len(order), dist.world * cfg.eval_batch_size):
         rows = order[start:start + cfg.eval_batch_size]
@@ -205,8 +205,8 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
             answers[i] = (sftkey.answers_match(sftkey.extract_answer(response, tagged), examples[i].answer),
                           sftkey.format_ok(response, ended),
                           {"prompt": examples[i].prompt, "response": response, "reference": examples[i].answer})
-    answers = [next(a for a in ranks if a is not None) for ranks in zip(*dist.gather(answers))]  # every rank's
-    correct, formatted, responses = ([a[k] for a in answers] for k in range(3))
+    answers = {i: answer for share in dist.gather(answers) for i, answer in share.items()}  # every rank's
+    correct, formatted, responses = ([answers[i][k] for i in range(len(examples))] for k in range(3))
     acc = float(np.mean(correct)) if examples else None  # no test set (--data without --eval_data)
     fmt = float(np.mean(formatted)) if tagged and examples else None
     return {"acc": acc, "fmt": fmt, "composite": sftkey.composite(acc, fmt) if fmt is not None else None,
