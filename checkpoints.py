@@ -354,8 +354,7 @@ class StageCheckpoint:
             return 0
         optimizer.load_state_dict(self.saved["optimizer"])
         restore_rng(self.saved, self.dist.rank)
-        if self.dist.master:
-            print(f"{self.stage}: resumed at step {self.saved['step']} from {self.path}", flush=True)
+        self.dist.print(f"{self.stage}: resumed at step {self.saved['step']} from {self.path}")
         return self.saved["step"]
 
     def elapsed(self) -> float:  # seconds of training in this stage, interrupted runs included
@@ -390,12 +389,11 @@ class StageCheckpoint:
 # Resuming: the same flags, the same input bytes, a complete checkpoint
 def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> list[str]:
     """What differs, both values named, from the run that wrote `ckpt`: FLAGS' "same" fields, the inputs' `hashes`."""
-    saved, here = ckpt.get("train_config"), dataclasses.asdict(cfg)
+    saved, here, defaults = ckpt.get("train_config"), dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)())
     if not isinstance(saved, dict):
         return ["the checkpoint records no flags (train_config)"]
     absent, diffs = object(), []
     show = lambda value, missing: missing if value is absent else "(empty)" if value == "" else str(value)  # noqa: E731
-    defaults = dataclasses.asdict(type(cfg)())
     for name in dict.fromkeys([*here, *saved]):  # a flag unknown here (from a later version) is compared too
         was, now = saved.get(name, absent), here.get(name, absent)
         if name == "dtype" and was == "auto" != now:  # written before runs recorded what auto resolved to: as here

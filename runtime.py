@@ -99,7 +99,7 @@ def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 
 
 # Data parallelism
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
     rank: int = 0
@@ -136,6 +136,10 @@ class Dist:
         if self.world > 1:
             torch.distributed.all_reduce(value, op=getattr(torch.distributed.ReduceOp, op.upper()))
         return value
+
+    def print(self, text: str) -> None:  # once for the job: rank 0 speaks for every rank
+        if self.master:
+            print(text, flush=True)
 
     def any(self, *flags: bool) -> list[bool]:
         """Each flag, true when it is true on any rank: every rank then decides alike."""
@@ -289,8 +293,8 @@ class Meter:
     def validation_line(self, stage: str, step: int, val: dict[str, float]) -> dict:
         """The validation row of `step` (for results.json), printed."""
         answers = "".join(f" {k.capitalize()} {val[k]:.3f}" for k in ("acc", "fmt") if val.get(k) is not None)
-        print(f"{stage} step {step:5d} | val loss: thinking {val['thinking']:.4f} | key {val['key']:.4f}"
-              + (f" | answers:{answers}" if answers else ""), flush=True)
+        self.dist.print(f"{stage} step {step:5d} | val loss: thinking {val['thinking']:.4f} | key {val['key']:.4f}"
+                        + (f" | answers:{answers}" if answers else ""))
         return {"stage": stage, "step": step, **{f"val_{k}": v for k, v in val.items()}}
 
     def line(self, stage, step: int, lr: float, step_loss: torch.Tensor) -> dict:
@@ -305,10 +309,9 @@ class Meter:
         if self.peak:  # FLOPs per computed position at the mean padded width, times positions per second
             width = computed / ((done - self.first_step) * self.cfg.grad_accum * dist.world * self.cfg.batch_size)
             row["mfu"] = mfu(self.model, computed / busy, width, projected / computed, self.peak * dist.world)
-        if dist.master:
-            print(f"{stage.name} step {step:5d}/{self.iters} | lr {lr:.2e} | loss {loss:.4f} | {rate:,.0f} tok/s"
-                  + (f" | MFU {row['mfu']:.1%}" if self.peak else "")
-                  + f" | {clock(elapsed)} elapsed | ETA {clock(eta)}", flush=True)
+        dist.print(f"{stage.name} step {step:5d}/{self.iters} | lr {lr:.2e} | loss {loss:.4f} | {rate:,.0f} tok/s"
+                   + (f" | MFU {row['mfu']:.1%}" if self.peak else "")
+                   + f" | {clock(elapsed)} elapsed | ETA {clock(eta)}")
         return row
 
 
@@ -384,8 +387,7 @@ def flag_parser(config_class, description: str) -> argparse.ArgumentParser:
 
 def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
     """The flags' values (without --config): the defaults, then the --config file's values, then the command line."""
-    path = parser.parse_known_args(argv)[0].config
-    if path:
+    if path := parser.parse_known_args(argv)[0].config:
         raw, defaults = D.read_input(path, "--config"), vars(parser.parse_args([]))
         try:
             values = json.loads(raw, object_pairs_hook=D.unique_keys)  # a flag given twice: refused, as in data
@@ -451,8 +453,7 @@ def command(work: Callable[[], object], torchrun_worker: bool = False) -> None:
               file=sys.stderr)
         sys.exit(1)
     if torchrun_worker:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        sys.stdout.flush()  # stderr is line-buffered (Python 3.9+), and os._exit flushes nothing
         os._exit(0)
 
 
@@ -491,14 +492,19 @@ def check_config(cfg):
     for name, known in (("format", D.FORMATS), ("task", D.TASKS), ("dtype", ("auto", "float32", "bfloat16"))):
         if getattr(cfg, name) not in known:
             problems.append(f"--{name} {getattr(cfg, name)}: unknown; use one of {', '.join(known)}")
-    problems += [why for refused, why in (  # flags that contradict each other: give one of them
+    synthetic = [f"--{name} {getattr(cfg, name)}" for name in ("task", "n_train", "n_test", "data_seed")
+                 if getattr(cfg, name) != getattr(type(cfg)(), name)]  # set away from the default
+    problems += [why for refused, why in (  # flags that contradict each other, or that would do nothing
         (cfg.n_embd % max(cfg.n_head, 1), f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}"),
-        (cfg.data and cfg.task != D.TASKS[0], f"--task {cfg.task} picks a synthetic task, --data replaces it"),
+        (cfg.data and synthetic, f"{', '.join(synthetic)}: the synthetic task's, which --data replaces (its test "
+                                 f"set is --eval_data; --eval_limit N scores its first N)"),
         (cfg.eval_data and not cfg.data, f"--eval_data {cfg.eval_data} needs --data (else the synthetic task is used)"),
         (cfg.resume and cfg.overwrite, f"--resume continues the run in {cfg.out_dir}, --overwrite deletes it"),
         (cfg.eval_only and cfg.data and not cfg.eval_data, "--eval_only with --data needs --eval_data (the test set)"),
         (cfg.eval_only and cfg.resume, "--eval_only trains nothing, so there is nothing to --resume"),
         (cfg.eval_only and not cfg.init_from, "--eval_only evaluates --init_from: give the checkpoint to evaluate"),
+        (not cfg.out_dir, "--out_dir is empty; give a folder ('.' for the current one)"),  # '' is no folder
+        (os.path.lexists(cfg.out_dir) and not os.path.isdir(cfg.out_dir), f"--out_dir {cfg.out_dir}: not a folder"),
     ) if refused]
     if not (cfg.stage2_iters or cfg.eval_only) and (cfg.stage2_lr or cfg.stage2_weights != type(cfg)().stage2_weights
                                                     or cfg.stage2_dft):
@@ -516,10 +522,6 @@ def check_config(cfg):
         problems.append(str(err))
     if cfg.device != "auto" and (problem := device_problem(cfg.device)):
         problems.append(problem)
-    if not cfg.out_dir:  # '' would be the current folder
-        problems.append("--out_dir is empty; give a folder ('.' for the current one)")
-    elif os.path.lexists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        problems.append(f"--out_dir {cfg.out_dir}: exists and is not a folder")
     if problems:
         raise ValueError("; ".join(problems))
     return cfg

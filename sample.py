@@ -56,6 +56,11 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
         raise ValueError(f"{path}: records no tokenizer (train_config.encoding); give --encoding")
     tokenizer = ckpts.read_inputs(argparse.Namespace(data="", eval_data="", encoding=name, init_from=""))
     hashes = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
+    enc = D.get_encoding(name, tokenizer.raw.get("encoding"))
+    recorded = trained.get("encoding", name)  # GPT-2's import records none: --encoding says
+    if recorded != name and not (tokenizer.sha256 and isinstance(hashes.get("--encoding"), str)):  # else: sha256
+        raise ValueError(f"--encoding {name}: {path} was trained with {recorded}, whose token ids differ; leave "
+                         f"--encoding out to use that")
     for flag, digest in tokenizer.sha256.items():  # a tokenizer file: it must be the one the run trained with
         if not isinstance(hashes.get(flag), str):
             print(f"note: {path} records no sha256 of its tokenizer file; {name} is used as it is now",
@@ -63,7 +68,6 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
         elif hashes[flag] != digest:
             raise ValueError(f"--encoding {name}: not the tokenizer file {path} was trained with (sha256 "
                              f"{digest[:12]}…, the run's {hashes[flag][:12]}…)")
-    enc = D.get_encoding(name, tokenizer.raw.get("encoding"))
     config = GPTConfig(**ckpt["model_config"])
     if config.vocab_size not in (enc.n_vocab, 64 * math.ceil(enc.n_vocab / 64)):
         raise ValueError(f"{path}: a vocabulary of {config.vocab_size} rows, which encoding {enc.name} "
@@ -196,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=16,
                         help="greedy: prompts generated together (default: %(default)r)")
     parser.add_argument("--encoding", default="",
-                        help="the tokenizer; empty = the one the checkpoint's run recorded (default: %(default)r)")
+                        help="the tokenizer, for a checkpoint that records none (GPT-2's import) or a tokenizer "
+                             "file that moved (its sha256 must match); empty = the one the run recorded (default: "
+                             "%(default)r)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="compute dtype; auto = the one the checkpoint's run computed in, as evaluation "
                              "ran (float32 where bfloat16 would be emulated) (default: %(default)r)")

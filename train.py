@@ -111,12 +111,11 @@ def lr_at(step: int, iters: int, peak: float, cfg: TrainConfig) -> float:
 
 def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: TrainConfig, stage: sftkey.Stage,
           device: str, dtype: torch.dtype, log: list[dict], steps_before: int = 0,
-          ckpt: ckpts.StageCheckpoint | None = None, dist: Dist | None = None,
+          ckpt: ckpts.StageCheckpoint | None = None, dist: Dist = Dist(),
           peak_flops: float | None = None) -> torch.optim.Optimizer:
     """Train one `stage`: its steps, peak lr and loss (sftkey.Stage). A step's loss is sum(weight x token loss) /
     sum(weight) over its micro-batches and ranks. `steps_before`: steps earlier stages took on this data (the stream
     reads on); `ckpt` resumes and checkpoints the stage; `dist`: a torchrun job; `peak_flops`: for MFU."""
-    dist = dist or Dist()
     optimizer = model.configure_optimizer(stage.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])  # per stage
     first_step = ckpt.restore(optimizer) if ckpt else 0
     net = dist.wrap(runtime.compiled(model, cfg.compile), device)
@@ -151,11 +150,11 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
 
         if step % cfg.log_interval == 0 or step + 1 == stage.iters:
             log.append(meter.line(stage, step, lr, step_loss))
-        if dist.master and (step % cfg.eval_interval == 0 or step + 1 == stage.iters):
+        if step % cfg.eval_interval == 0 or step + 1 == stage.iters:  # every rank: a share of the batches each
             with meter.paused():
-                val = validation_loss(model, val_set, cfg, device, dtype)
+                val = validation_loss(model, val_set, cfg, device, dtype, dist)
                 if cfg.val_acc_n and val_set.enc:  # drift as it happens: answers, not only losses
-                    found = evaluate(model, val_set.enc, val_set.examples[:cfg.val_acc_n], cfg, device, dtype)
+                    found = evaluate(model, val_set.enc, val_set.examples[:cfg.val_acc_n], cfg, device, dtype, dist)
                     val.update(acc=found["acc"], fmt=found["fmt"])
             log.append(meter.validation_line(stage.name, step, val))
         if ckpt:
@@ -165,11 +164,12 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
 
 @torch.no_grad()
 def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, device: str,
-                    dtype: torch.dtype) -> dict[str, float]:
-    """Mean next-token loss on thinking tokens and on key tokens of the validation set (any stage)."""
+                    dtype: torch.dtype, dist: Dist = Dist()) -> dict[str, float]:
+    """Mean next-token loss on thinking tokens and on key tokens of the validation set (any stage); in a torchrun
+    job each rank takes every world-th batch, and the sums are added up."""
     model.eval()
     sums, counts = torch.zeros(2, 3, device=device)
-    for start in range(0, len(val_set.ids), cfg.batch_size):
+    for start in range(dist.rank * cfg.batch_size, len(val_set.ids), dist.world * cfg.batch_size):
         x, y, roles = D.collate(val_set.ids[start:start + cfg.batch_size],
                                 val_set.roles[start:start + cfg.batch_size], device)
         with autocast(device, dtype):
@@ -178,6 +178,7 @@ def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, devic
                 w = sftkey.token_weights(roles, tuple(float(r == role) for r in range(3)))  # this role only
                 sums[role] += sftkey.weighted_loss_sum(hidden, model.lm_head, y, w)
                 counts[role] += w.sum()
+    sums, counts = dist.all_reduce(torch.stack([sums, counts]))
     mean = (sums / counts.clamp(min=1)).tolist()
     return {"thinking": mean[sftkey.THINK], "key": mean[sftkey.KEY]}
 
@@ -186,11 +187,11 @@ def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, devic
 
 @torch.no_grad()
 def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, device: str,
-             dtype: torch.dtype, dist: Dist | None = None) -> dict:
+             dtype: torch.dtype, dist: Dist = Dist()) -> dict:
     """Greedy answers to the test prompts (all kept, in their order); Acc, Fmt (tagged only) and the composite.
     In a torchrun job the ranks take turns at the batches one process would run (the same answers), then share."""
     model.eval()
-    tagged, dist = not cfg.untagged, dist or Dist()
+    tagged = not cfg.untagged
     prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     answers = {}  # prompt index: (correct, formatted, response), for this rank's batches
@@ -266,8 +267,7 @@ def run(cfg: TrainConfig) -> dict:
                                   runtime.peak_flops(device, dtype))
                 seconds[stage.name] = ckpt.elapsed()
                 ckpt.save(stage.iters, model, optimizer)  # the stage's weights, before evaluating
-            if dist.master:
-                print(f"{stage.name}: evaluating on {len(test)} test prompts (greedy) ...", flush=True)
+            dist.print(f"{stage.name}: evaluating on {len(test)} test prompts (greedy) ...")
             results[stage.name] = evaluate(model, enc, test, cfg, device, dtype, dist)  # every rank, a share each
             log.note({"stage": stage.name, "results": {k: results[stage.name][k] for k in ("acc", "fmt", "n")}})
             ckpt.save(stage.iters, model, optimizer)  # now with its results: resume skips it
@@ -275,7 +275,7 @@ def run(cfg: TrainConfig) -> dict:
                 runtime.print_result(stage.name, results[stage.name], seconds[stage.name])
         summary = {"config": dataclasses.asdict(cfg), "stages": [dataclasses.asdict(s) for s in stages], "log": log,
                    "data": [train_set.summary, val_set.summary], "results": results, "train_seconds": seconds,
-                   "machine": runtime.machine(device, dtype)}  # what else moves the numbers (dtype, CPU, threads)
+                   "machine": {**runtime.machine(device, dtype), "ranks": dist.world}}  # what else moves the numbers
         if dist.master:
             print(runtime.results_table(results))
             ckpts.write_json(ckpts.owned_path(cfg.out_dir, ckpts.RESULTS_NAME), summary)

@@ -22,8 +22,8 @@ import train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--max_iters", "1", "--stage2_iters", "0",
-        "--n_train", "40", "--n_test", "4", "--n_val", "2", "--eval_limit", "1", "--eval_interval", "1000",
-        "--log_interval", "1000"]
+        "--n_val", "2", "--eval_limit", "1", "--eval_interval", "1000", "--log_interval", "1000"]
+SYNTHETIC = ["--n_train", "40", "--n_test", "4"]  # the synthetic task's size; --data refuses them
 GOOD_GSM8K = json.dumps({"question": "What is 2+3?", "answer": "2+3=5\n#### 5"})
 
 
@@ -34,7 +34,7 @@ def jsonl(*records) -> str:
 def run_main(args: list[str], out_dir: Path, capsys) -> tuple[int, str]:
     """train.main with tiny-model flags; returns (exit code, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + args + ["--out_dir", str(out_dir)])
+        train.main(TINY + ([] if "--data" in args else SYNTHETIC) + args + ["--out_dir", str(out_dir)])
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -140,6 +140,11 @@ FLAG_CASES = [
     ("--eval_data without --data", lambda tmp: ["--eval_data", str(tmp / "x.jsonl")], "needs --data"),
     ("--eval_only with --data alone", lambda tmp: ["--eval_only", "--data", str(tmp / "x.jsonl")], "needs --eval_data"),
     ("--eval_only of nothing", lambda tmp: ["--eval_only"], "--eval_only evaluates --init_from: give the checkpoint"),
+    ("the synthetic task's sizes with --data (were ignored)", lambda tmp: ["--data", "x.jsonl", "--n_train", "50",
+     "--data_seed", "3"], "--n_train 50, --data_seed 3: the synthetic task's, which --data replaces"),
+    ("its test size with --eval_data (was ignored)", lambda tmp: ["--data", "x.jsonl", "--eval_data", "y.jsonl",
+     "--n_test", "7"], "--n_test 7: the synthetic task's, which --data replaces (its test set is --eval_data; "
+                       "--eval_limit N scores its first N)"),
     ("stage-2 lr without stage 2", lambda tmp: ["--stage2_iters", "0", "--stage2_lr", "1e-4"],
      "--stage2_iters 0 leaves it out"),
     ("stage-2 weights without stage 2", lambda tmp: ["--stage2_iters", "0", "--stage2_weights", "0,1,1"],
@@ -173,16 +178,16 @@ def test_out_dir_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "results"
     target.write_text("keep me")
     with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + ["--out_dir", str(target)])
+        train.main(TINY + SYNTHETIC + ["--out_dir", str(target)])
     err = capsys.readouterr().err
-    assert exit_info.value.code != 0 and "exists and is not a folder" in err and "Traceback" not in err
+    assert exit_info.value.code != 0 and ": not a folder" in err and "Traceback" not in err
     assert target.read_text() == "keep me"
 
 
 def test_an_empty_out_dir_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # --out_dir "$OUT" with OUT unset: the run would write here
     with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + ["--out_dir", ""])
+        train.main(TINY + SYNTHETIC + ["--out_dir", ""])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--out_dir is empty; give a folder ('.' for the current one)" in err
     assert list(tmp_path.iterdir()) == []
@@ -290,7 +295,7 @@ def test_test_prompts_of_the_training_data_are_counted_before_training(tmp_path,
                        "--eval_limit", "0", "--out_dir", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert "test: 20 examples, 20 of them with a prompt of the training data (--eval_data the --data file?)" in printed
-    train.main(TINY + ["--out_dir", str(tmp_path / "synthetic")])  # the synthetic test set is apart by construction
+    train.main(TINY + SYNTHETIC + ["--out_dir", str(tmp_path / "synthetic")])  # its test set is apart by construction
     assert re.search(r"\ntest: 1 examples\n", capsys.readouterr().out)  # --eval_limit 1: nothing more said
 
 

@@ -59,7 +59,7 @@ def test_each_row_reports_evaluate_on_the_first_n_validation_prompts_of_the_mode
     made-up scores here, so a swap, a stale or a reused result shows)."""
     calls = []
 
-    def spy(model, enc, examples, cfg, device, dtype):
+    def spy(model, enc, examples, cfg, device, dtype, dist):
         calls.append({"enc": enc, "examples": list(examples), "weights": _weights(model), "training": model.training})
         k = len(calls)
         return {"acc": k / 10, "fmt": 1 - k / 20, "composite": 0.0, "n": len(examples), "correct": [],

@@ -22,7 +22,7 @@ import experiment as E
 import runtime
 import sftkey
 import train
-from conftest import stage_fields
+from conftest import for_data, stage_fields
 
 E1, E2 = 6, 3
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--n_train", "300",
@@ -93,7 +93,7 @@ def test_refused_before_any_arm_is_trained(tmp_path, capsys, flags, problem):
     """Issue 17, items 6 and 8: stage 2 at learning rate 0 (both children would train at lr 0), and --data
     without a test set (every arm was trained, then the statistics failed on no test items)."""
     with pytest.raises(SystemExit) as exit_info:
-        E.main([*TINY, *flags, "--out_dir", str(tmp_path / "out")])
+        E.main([*(for_data(TINY) if "--data" in flags else TINY), *flags, "--out_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and problem in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -412,14 +412,14 @@ def test_each_layouts_data_is_shown_and_every_arm_trains_on_the_same_examples(tm
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Q: {n}", "thinking": "x" * n, "answer": "5"}) + "\n"
                             for n in range(10, 30)))  # rendered: 10 + n tokens tagged, 12 + n untagged
-    E.main([*TINY, "--data", str(path), "--eval_data", str(path), "--format", "tagged", "--block_size", "36",
+    E.main([*for_data(TINY), "--data", str(path), "--eval_data", str(path), "--format", "tagged", "--block_size", "36",
             "--arms", "sft,sft_tag", "--seeds", "1", "--e1", "1", "--batch_size", "2", "--n_val", "2",
             "--val_acc_n", "0", "--out_dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert f"  tagged layout: {path}: " in out and f"  untagged layout: {path}: " in out
     assert "note: training and validation examples too long for --block_size 36 in one layout are dropped from the " \
            "other too (2 too long only untagged, 0 only tagged), so every arm trains on the same examples" in out
-    cfg, _ = E.parse_args([*TINY, "--data", str(path), "--eval_data", str(path), "--format", "tagged",
+    cfg, _ = E.parse_args([*for_data(TINY), "--data", str(path), "--eval_data", str(path), "--format", "tagged",
                            "--block_size", "36", "--batch_size", "2", "--n_val", "2"])
     alone = {untagged: [s.examples for s in D.load_data(dataclasses.replace(cfg, untagged=untagged),
                                                         D.char_encoding())[:2]] for untagged in (False, True)}
@@ -465,7 +465,7 @@ def test_too_few_examples_for_a_step_in_both_layouts_is_one_clear_error(tmp_path
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Q: {n}", "thinking": "x" * n, "answer": "5"}) + "\n"
                             for n in range(10, 30)))
-    cfg, _ = E.parse_args([*TINY, "--data", str(path), "--eval_data", str(path), "--format", "tagged",
+    cfg, _ = E.parse_args([*for_data(TINY), "--data", str(path), "--eval_data", str(path), "--format", "tagged",
                            "--block_size", "100", "--batch_size", "15", "--n_val", "2"])
     load_data = D.load_data
 

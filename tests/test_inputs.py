@@ -31,7 +31,7 @@ import torch
 import data as D
 import train
 from model import GPT, GPTConfig
-from conftest import needs_tiktoken_cache
+from conftest import for_data, needs_tiktoken_cache
 
 TINY = ["--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--max_iters", "1", "--stage2_iters", "0",
         "--n_train", "40", "--n_test", "4", "--n_val", "2", "--eval_limit", "1", "--eval_interval", "1000",
@@ -72,7 +72,7 @@ def bounded(seconds: int = 30, memory: int | None = None):
 def refused(args: list[str], out_dir: Path, capsys, memory: int | None = None) -> str:
     """Run train.main (under `bounded`); assert a one-line error, exit 2 and nothing in --out_dir; return it."""
     with bounded(memory=memory), pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + args + ["--out_dir", str(out_dir)])
+        train.main((for_data(TINY) if "--data" in args else TINY) + args + ["--out_dir", str(out_dir)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert err.startswith("error: ") and err.strip().count("\n") == 0 and "Traceback" not in err, err

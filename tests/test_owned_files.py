@@ -19,6 +19,7 @@ import experiment
 import plots
 import runtime
 import train
+from conftest import for_data
 from model import GPT, GPTConfig
 from test_run_folder import Killed, digests, flags, main, no_training, one_line_error, write_data
 
@@ -209,7 +210,7 @@ def test_an_experiment_never_deletes_its_data_in_its_folder(tmp_path, capsys):
     data = write_data(out / "results.md")  # an experiment's file name; its --eval_data elsewhere
     test = write_data(tmp_path / "test.jsonl")
     before = digests(out)
-    args = [*TINY_EXPERIMENT, "--n_test", "0", "--format", "tagged", "--batch_size", "4", "--out_dir", str(out)]
+    args = [*for_data(TINY_EXPERIMENT), "--format", "tagged", "--batch_size", "4", "--out_dir", str(out)]
     code, err = experiment_main([*args, "--data", str(data), "--eval_data", str(test), "--overwrite"], capsys)
     one_line_error(code, err, f"--data {data} is the run file {data}, which the run would replace")
     assert {k: v for k, v in digests(out).items() if k != checkpoints.LOCK_NAME} == before

@@ -241,6 +241,34 @@ def test_prompts_from_standard_input_with_file_dash(ckpt, capsys, monkeypatch):
     assert piped == capsys.readouterr().out and piped.count("prompt:") == 2
 
 
+def test_a_tokenizer_other_than_the_one_trained_with_is_refused_unless_it_is_the_same_file_moved(tmp_path, capsys):
+    """Found in review: sample.py compared only the vocabulary's size, so a model of sftkey-chars (320 rows) sampled
+    with a 289-token .tiktoken file (320 rows too) printed nonsense, exit 0. The file a run was trained with passes
+    from another path: its sha256 is recorded, and sample.py compares that."""
+    tok, other, moved = tmp_path / "tok.tiktoken", tmp_path / "other.tiktoken", tmp_path / "moved.tiktoken"
+    merges = [bytes([a, b]) for a in b"0123456789" for b in b"0123456789"][:33]
+    for path, ranks in ((tok, [bytes([b]) for b in range(256)]), (other, [bytes([b]) for b in range(256)] + merges)):
+        path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+    tiny = ["--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--block_size", "96", "--n_train", "40", "--n_val", "2",
+            "--n_test", "2", "--max_iters", "1", "--stage2_iters", "0", "--batch_size", "4", "--val_acc_n", "0",
+            "--device", "cpu"]
+    train.main([*tiny, "--out_dir", str(tmp_path / "chars")])
+    train.main([*tiny, "--encoding", str(tok), "--out_dir", str(tmp_path / "file")])
+    chars, trained_on_file = (str(tmp_path / run / "sft_tag" / "ckpt.pt") for run in ("chars", "file"))
+    capsys.readouterr()
+    for ckpt, encoding, trained_with in ((chars, str(other), "sftkey-chars"), (chars, "gpt2", "sftkey-chars"),
+                                         (trained_on_file, "sftkey-chars", str(tok))):
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main(["--ckpt", ckpt, "--encoding", encoding, "Q: 1+1"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err == (f"error: --encoding {encoding}: {ckpt} was trained with "
+                                                     f"{trained_with}, whose token ids differ; leave --encoding out "
+                                                     f"to use that\n")
+    moved.write_bytes(tok.read_bytes())
+    sample.main(["--ckpt", trained_on_file, "--encoding", str(moved), "Q: 1+1"])
+    assert capsys.readouterr().out.startswith("prompt:   Q: 1+1")
+
+
 def test_a_tokenizer_file_other_than_the_one_trained_with_is_refused(tmp_path, capsys):
     """Found in review: a run trained with --encoding FILE.tiktoken, whose file then changed, was sampled with the new
     file, exit 0: other token ids, a wrong response. The checkpoint records the file's sha256; sample.py compares."""

@@ -18,7 +18,7 @@ import tiktoken
 import data as D
 import sftkey
 import show
-from conftest import needs_tiktoken_cache
+from conftest import for_data, needs_tiktoken_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,7 +164,7 @@ def test_the_examples_are_those_the_run_trains_on(capsys):
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        show.main([*SMALL, *flags])
+        show.main([*(for_data(SMALL) if "--data" in flags else SMALL), *flags])
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and captured.out == ""
     assert captured.err.startswith("error: ") and message in captured.err and captured.err.count("\n") == 1

@@ -17,6 +17,7 @@ import data as D
 import runtime
 import sftkey
 import train
+from conftest import for_data
 from model import GPT, GPTConfig
 from sftkey import KEY, PAD, PROMPT, THINK
 
@@ -357,7 +358,8 @@ def test_default_run_in_miniature_writes_results_and_checkpoints(tmp_path, capsy
     # What else moves the numbers: the dtype auto chose; another CPU kernel width or thread count sums in another order.
     assert summary["machine"] == {"dtype": "float32", "device": runtime.device_name("cpu"),
                                   "threads": torch.get_num_threads(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
-                                  "torch": torch.__version__, "cuda": torch.version.cuda}  # None: a CPU build of PyTorch
+                                  "torch": torch.__version__, "cuda": torch.version.cuda,  # None: a CPU build of PyTorch
+                                  "ranks": 1}  # torchrun's processes: they multiply the batch
     assert f"{summary['machine']['cpu_kernels']} CPU kernels, {torch.get_num_threads()} threads" in printed
 
     log = summary["log"]
@@ -384,8 +386,8 @@ def test_data_without_eval_data_trains_and_says_it_has_no_test_set(tmp_path, cap
     path.write_text("".join(json.dumps({"prompt": f"Q: {a}+{b}", "thinking": f"{a}+{b}={a + b}", "answer": str(a + b)})
                             + "\n" for a in range(5) for b in range(4)))
     monkeypatch.setattr(train.runtime, "peak_flops", lambda *args: None)  # no MFU: its CPU measurement takes ~2 s
-    train.main([*MINI, "--data", str(path), "--format", "tagged", "--n_val", "2", "--max_iters", "2", "--stage2_iters",
-                "1", "--out_dir", str(tmp_path / "out")])
+    train.main([*for_data(MINI), "--data", str(path), "--format", "tagged", "--n_val", "2", "--max_iters", "2",
+                "--stage2_iters", "1", "--out_dir", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert "test: none" in printed and printed.index("test: none") < printed.index("sft_tag step")
     assert "sft_tag: not evaluated, no test set" in printed and "nan" not in printed
