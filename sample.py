@@ -21,6 +21,7 @@ if __name__ == "__main__":
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -57,8 +58,9 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
     tokenizer = ckpts.read_inputs(argparse.Namespace(data="", eval_data="", encoding=name, init_from=""))
     hashes = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
     enc = D.get_encoding(name, tokenizer.raw.get("encoding"))
-    recorded = trained.get("encoding", name)  # GPT-2's import records none: --encoding says
-    if recorded != name and not (tokenizer.sha256 and isinstance(hashes.get("--encoding"), str)):  # else: sha256
+    recorded = trained.get("encoding", name)  # a GPT-2 import from before it recorded "gpt2": --encoding says
+    was_file = isinstance(recorded, str) and (recorded.endswith(".tiktoken") or os.path.sep in recorded)
+    if recorded != name and not (tokenizer.sha256 and was_file):  # a file for a file: its sha256 (if any) decides below
         raise ValueError(f"--encoding {name}: {path} was trained with {recorded}, whose token ids differ; leave "
                          f"--encoding out to use that")
     for flag, digest in tokenizer.sha256.items():  # a tokenizer file: it must be the one the run trained with
@@ -200,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=16,
                         help="greedy: prompts generated together (default: %(default)r)")
     parser.add_argument("--encoding", default="",
-                        help="the tokenizer, for a checkpoint that records none (GPT-2's import) or a tokenizer "
-                             "file that moved (its sha256 must match); empty = the one the run recorded (default: "
-                             "%(default)r)")
+                        help="the tokenizer, for a checkpoint that records none (an early GPT-2 import) or a "
+                             "tokenizer file given by another path (its sha256 must match where the run recorded "
+                             "it); empty = the one the run recorded (default: %(default)r)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="compute dtype; auto = the one the checkpoint's run computed in, as evaluation "
                              "ran (float32 where bfloat16 would be emulated) (default: %(default)r)")

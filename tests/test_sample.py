@@ -305,3 +305,30 @@ def test_a_tokenizer_file_other_than_the_one_trained_with_is_refused(tmp_path, c
     sample.main(["--ckpt", str(tmp_path / "old.pt"), "Q: 1+1"])
     assert capsys.readouterr().err == f"note: {tmp_path / 'old.pt'} records no sha256 of its tokenizer file; {tok} " \
                                       f"is used as it is now\n"
+
+
+def test_a_tokenizer_file_given_by_another_path_is_sampled_from_a_checkpoint_without_its_sha256(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """Found in review: a run trained with --encoding tok.tiktoken (a path relative to its folder), then sampled from
+    another folder with --encoding ../a/tok.tiktoken, was refused ("whose token ids differ") when its checkpoint
+    recorded no sha256 of the file (written before runs recorded them), which sample.py otherwise samples with a
+    note: the same file from another path or spelling is as unverifiable as at its recorded path, not another
+    tokenizer. With the sha256 recorded, it decides (as before)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "tok.tiktoken").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n"
+                                                         for b in range(256)))
+    monkeypatch.chdir(tmp_path / "a")
+    train.main(["--encoding", "tok.tiktoken", "--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--block_size",
+                "96", "--n_train", "40", "--n_val", "2", "--n_test", "2", "--max_iters", "1", "--stage2_iters", "0",
+                "--batch_size", "4", "--val_acc_n", "0", "--device", "cpu", "--out_dir", "run"])
+    state = torch.load(tmp_path / "a" / "run" / "sft_tag" / "ckpt.pt", weights_only=True)
+    del state["file_hashes"]
+    torch.save(state, tmp_path / "old.pt")
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    for ckpt, note in (("../a/run/sft_tag/ckpt.pt", ""), ("../old.pt", "note: ../old.pt records no sha256 of its "
+                                                                         "tokenizer file; ../a/tok.tiktoken is used "
+                                                                         "as it is now\n")):
+        sample.main(["--ckpt", ckpt, "--encoding", "../a/tok.tiktoken", "Q: 1+1"])
+        out, err = capsys.readouterr()
+        assert out.startswith("prompt:   Q: 1+1") and err == note
