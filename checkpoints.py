@@ -28,7 +28,7 @@ import torch
 
 import data as D
 from model import GPT, GPTConfig
-from runtime import FLAGS, Dist, Interrupted, StopSignal, resolve_device
+from runtime import FLAGS, SYNTHETIC, Dist, Interrupted, StopSignal, resolve_device
 
 CKPT_NAME, RESULTS_NAME, LOCK_NAME, TMP_SUFFIX = "ckpt.pt", "results.json", ".sftkey.lock", ".tmp"
 LOG_NAME, PLOT_NAME = "log.jsonl", "loss.png"  # PLOT_NAME: plots.py draws it, --overwrite deletes it
@@ -398,8 +398,8 @@ def resume_mismatches(ckpt: dict, cfg, hashes: dict[str, str] | None = None) -> 
         was, now = saved.get(name, absent), here.get(name, absent)
         if name == "dtype" and was == "auto" != now:  # written before runs recorded what auto resolved to: as here
             was = str(resolve_device(dataclasses.replace(cfg, dtype="auto"))[1]).removeprefix("torch.")
-        if was is absent and now == defaults.get(name, absent):  # added since that run, at its default: as it ran
-            continue
+        if now == defaults.get(name, absent) and (was is absent or (name in SYNTHETIC and saved.get("data"))):
+            continue  # added since that run, at its default: as it ran; or the task's, which its --data ignored
         if FLAGS.get(name, ("", "same"))[1] == "same" and was != now:
             diffs.append(f"--{name}: {show(was, 'not recorded')} in the checkpoint, {show(now, 'no such flag')} here")
     recorded = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}

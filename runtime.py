@@ -476,6 +476,7 @@ FLAGS: dict[str, tuple[str, str, str]] = {name: classes for names, classes in [
     ("ckpt_interval", ("int>=0", "free", "arms write no checkpoints on the way (--save_ckpt keeps the final weights)")),
     ("eval_only", ("", "same", "it trains every arm (evaluate one checkpoint with train.py --eval_only)")),
 ] for name in names.split()}
+SYNTHETIC = ("task", "n_train", "n_test", "data_seed")  # the synthetic task's flags, which --data refuses
 _LIMIT = 2 ** 63  # a whole number beyond this overflows torch's and numpy's seeds and sizes
 RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "int>=1": (lambda v: 1 <= v < _LIMIT, "must be a whole number >= 1"),
@@ -492,8 +493,7 @@ def check_config(cfg):
     for name, known in (("format", D.FORMATS), ("task", D.TASKS), ("dtype", ("auto", "float32", "bfloat16"))):
         if getattr(cfg, name) not in known:
             problems.append(f"--{name} {getattr(cfg, name)}: unknown; use one of {', '.join(known)}")
-    synthetic = [f"--{name} {getattr(cfg, name)}" for name in ("task", "n_train", "n_test", "data_seed")
-                 if getattr(cfg, name) != getattr(type(cfg)(), name)]  # set away from the default
+    synthetic = [f"--{n} {getattr(cfg, n)}" for n in SYNTHETIC if getattr(cfg, n) != getattr(type(cfg)(), n)]
     problems += [why for refused, why in (  # flags that contradict each other, or that would do nothing
         (cfg.n_embd % max(cfg.n_head, 1), f"--n_embd {cfg.n_embd} is not a multiple of --n_head {cfg.n_head}"),
         (cfg.data and synthetic, f"{', '.join(synthetic)}: the synthetic task's, which --data replaces (its test "

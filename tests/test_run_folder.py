@@ -308,6 +308,22 @@ def test_resume_mismatches_names_every_field(tmp_path):
         "--stage2_dft: not recorded in the checkpoint, True here"]
 
 
+
+def test_resume_continues_a_data_run_that_was_given_a_synthetic_task_flag_it_ignored(tmp_path):
+    """Found in review: --data took --task, --n_train, --n_test and --data_seed and ignored them until fb51552, which
+    refuses them with --data. A run so started and interrupted could then not be resumed: with the flag check_config
+    refused it, without it resume_mismatches named it ("--n_train: 1000 in the checkpoint, 20000 here"). They did
+    nothing in that run, so they are not compared; in a synthetic run they still are."""
+    data = write_data(tmp_path / "data.jsonl")
+    cfg = train.parse_args(flags(tmp_path / "out", data))
+    ignored = {"task": "parity", "n_train": 1000, "n_test": 7, "data_seed": 3}
+    assert checkpoints.resume_mismatches({"train_config": {**train.dataclasses.asdict(cfg), **ignored}}, cfg) == []
+    synthetic = train.dataclasses.replace(cfg, data="", eval_data="")
+    assert checkpoints.resume_mismatches({"train_config": {**train.dataclasses.asdict(synthetic), **ignored}},
+                                         synthetic) == [
+        "--task: parity in the checkpoint, arithmetic here", "--n_train: 1000 in the checkpoint, 20000 here",
+        "--n_test: 7 in the checkpoint, 500 here", "--data_seed: 3 in the checkpoint, 0 here"]
+
 def test_resume_refuses_a_checkpoint_that_recorded_no_hash_of_an_input(tmp_path):
     """A checkpoint without the sha256 of --data (an older one, or its entry lost) cannot show that the file is the
     one it trained on: a mismatch, not a pass."""
