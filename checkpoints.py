@@ -342,9 +342,9 @@ class StageCheckpoint:
     every write (what run() needs around this stage), every rank's RNG state. With no `path` nothing is written."""
 
     def __init__(self, path: str | None, cfg, stage: str, log: list[dict], saved: dict | None = None,
-                 extra: dict | None = None, stop: StopSignal | None = None, dist: Dist | None = None):
+                 extra: dict | None = None, stop: StopSignal | None = None, dist: Dist = Dist()):
         self.path, self.cfg, self.stage, self.log, self.saved = path, cfg, stage, log, saved
-        self.extra, self.stop, self.dist = extra or {}, stop, dist or Dist()
+        self.extra, self.stop, self.dist = extra or {}, stop, dist
         self.start = time.time() - (saved.get("elapsed", 0.0) if saved else 0.0)
         self.last_write, self.rng_ranks = time.time(), (None, None)  # (step, the ranks' states at it)
 
@@ -494,9 +494,9 @@ class RunFolder(FolderLock):
         super().__init__(out_dir)
         self.overwrite, self.resume, self.resumable, self.flags = overwrite, resume, resumable, flags or {}
 
-    def take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None = None, dist: Dist | None = None):
+    def take(self, plan: list[tuple[str, ...]], check: Callable[[str], None] | None = None, dist: Dist = Dist()):
         """Rank 0 locks and checks; every rank of a torchrun job then raises rank 0's refusal, if any."""
-        dist, refusal = dist or Dist(), ""
+        refusal = ""
         if dist.master:
             try:
                 self._take(plan, check)

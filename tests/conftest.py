@@ -80,13 +80,11 @@ class Frozen(torch.optim.Optimizer):
         pass
 
 
-SYNTHETIC_FLAGS = ("--task", "--n_train", "--n_test", "--data_seed")  # a --data run refuses them
-
-
 def for_data(flags: list[str]) -> list[str]:
-    """`flags` without the synthetic task's flags and their values, for a run on --data (which replaces the task)."""
-    return [flag for i, flag in enumerate(flags)
-            if flag not in SYNTHETIC_FLAGS and (i == 0 or flags[i - 1] not in SYNTHETIC_FLAGS)]
+    """`flags` without the synthetic task's flags and their values, for a run on --data (which refuses them)."""
+    import runtime
+    synthetic = {f"--{name}" for name in runtime.SYNTHETIC}
+    return [flag for i, flag in enumerate(flags) if flag not in synthetic and (i == 0 or flags[i - 1] not in synthetic)]
 
 
 def run_cli(main, args: list[str], capsys) -> tuple[int, str, str]:
