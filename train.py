@@ -175,7 +175,7 @@ def validation_loss(model: GPT, val_set: D.TokenizedSet, cfg: TrainConfig, devic
         with autocast(device, dtype):
             hidden = model(x)
             for role in (sftkey.THINK, sftkey.KEY):
-                w = sftkey.token_weights(roles, tuple(float(r == role) for r in range(3)))  # this role only
+                w = (roles == role).float()  # weight 1 on this role's targets, 0 elsewhere (PAD included)
                 sums[role] += sftkey.weighted_loss_sum(hidden, model.lm_head, y, w)
                 counts[role] += w.sum()
     sums, counts = dist.all_reduce(torch.stack([sums, counts]))
