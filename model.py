@@ -176,11 +176,8 @@ class GPT(nn.Module):
                              f"{min(map(len, prompts), default=0)} to {width}")
         budget = torch.tensor([max(0, min(max_new_tokens, block + 1 - len(p))) for p in prompts], device=device)
         total = width + int(budget.max())
-        idx, real = (torch.zeros(B, total, dtype=t, device="cpu") for t in (torch.long, torch.bool))  # on the host
-        for row, prompt in enumerate(prompts):
-            idx[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long, device="cpu")
-            real[row, width - len(prompt):] = True
-        idx, real = idx.to(device), real.to(device)
+        idx = torch.tensor([[0] * (width - len(p)) + list(p) + [0] * (total - width) for p in prompts], device=device)
+        real = torch.arange(total, device=device) >= idx.new_tensor([width - len(p) for p in prompts])[:, None]
         # A row past its budget runs on (its tokens are cut below) at the last position the table has.
         pos = (real.cumsum(1) - 1).clamp(0, block - 1)
         # Query i sees key j when j <= i and j is a real token; every position also sees itself, so
