@@ -293,21 +293,20 @@ def tokenize(examples: list[Example], enc: tiktoken.Encoding, block_size: int, t
         raise DataError(f"{name}: no examples")
     kept, ids_list, roles_list, unread, mismatched = [], [], [], [], []  # mismatched: whose prompt alone differs
     straddling, dropped, shortest, max_bytes = 0, 0, None, max(map(len, enc.token_byte_values()))  # of one token
-    byte_lengths = sftkey.token_byte_lengths(enc) if len(examples) > 500 else None  # tags large sets faster
     for example in examples:
         text, spans = sftkey.render(example.prompt, example.thinking, example.answer, tagged)
         if len(text.encode("utf-8")) > block_size * max_bytes:  # cannot fit: not tagged (5 MB took 9.6 s)
             unread.append(text)
             continue
         try:
-            ids, roles = sftkey.tag(enc, text, spans, byte_lengths)
+            ids, roles = sftkey.tag(enc, text, spans)
         except ValueError as err:  # e.g. an empty reasoning that one token of this encoding swallows
             hint = "; its reasoning is empty: give it one or drop the line" if not example.thinking else ""
             raise DataError(f"{example.source or name}: with encoding {enc.name}, {err}{hint}") from None
         if len(ids) - 1 > block_size:  # the model reads all but the last token
             dropped, shortest = dropped + 1, min(shortest or len(ids) - 1, len(ids) - 1)
             continue
-        straddling += sftkey.count_straddling(enc, text, spans, ids, byte_lengths)
+        straddling += sftkey.count_straddling(enc, text, spans, ids)
         if prompt_tokens_differ(enc, text, spans, ids):
             mismatched.append(example.source or name)
         kept.append(example)

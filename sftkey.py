@@ -14,6 +14,7 @@ train.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -63,8 +64,7 @@ def render(prompt: str, thinking: str, answer: str, tagged: bool = True) -> tupl
     return head + body + key, [(0, a, PROMPT), (a, b, THINK), (b, b + len(key), KEY)]
 
 
-def tag(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]],
-        byte_lengths: np.ndarray | None = None) -> tuple[list[int], list[int]]:
+def tag(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
     """Tokenize `text` in one call and give every token the role of the span it comes from.
 
     Returns (ids, roles): the tokens of the whole text followed by end-of-text (role KEY, since
@@ -78,11 +78,10 @@ def tag(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]],
     of the Key (possible only when a merge swallows the whole reasoning) fits no role: ValueError.
     Overlap is decided on bytes, exact also for tokens that start or end inside a multi-byte
     character (tiktoken's `decode_with_offsets` gives character offsets, losing the partial one).
-    `byte_lengths` (from `token_byte_lengths`) only makes tagging many texts faster.
     """
     _check_spans(text, spans)
     ids = enc.encode_ordinary(text)
-    starts, ends = _token_byte_ranges(enc, ids, text, byte_lengths)
+    starts, ends = _token_byte_ranges(enc, ids, text)
     think_start, key_start = _byte_boundaries(text, spans)
     roles = np.where(ends > key_start, KEY, np.where(starts < think_start, PROMPT, THINK))
     if np.any((starts < think_start) & (ends > key_start)):
@@ -90,27 +89,26 @@ def tag(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]],
     return ids + [enc.eot_token], roles.tolist() + [KEY]
 
 
-def count_straddling(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]], ids: list[int],
-                     byte_lengths: np.ndarray | None = None) -> int:
-    """How many tokens of `ids` (from `tag`) hold bytes of two spans: the ones the rule decides."""
-    starts, ends = _token_byte_ranges(enc, ids[:-1], text, byte_lengths)
+def count_straddling(enc: tiktoken.Encoding, text: str, spans: list[tuple[int, int, int]], ids: list[int]) -> int:
+    """How many tokens of `ids` (from `tag`: end-of-text last) hold bytes of two spans: the ones the rule decides."""
+    starts, ends = _token_byte_ranges(enc, ids[:-1], text)
     return int(sum(np.sum((starts < b) & (ends > b)) for b in _byte_boundaries(text, spans)))
 
 
+@functools.lru_cache(maxsize=8)  # per Encoding object (tiktoken's compare by identity)
 def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
-    """The length in bytes of every token id of `enc` (0 for unused ids), looked up once per data set:
+    """The length in bytes of every token id of `enc` (0 for unused ids), read-only, built once per encoding:
     decoding each token of each text again was most of the time of tokenizing GSM8K."""
     lengths = np.zeros(enc.n_vocab, dtype=np.int64)
     for i in range(enc.n_vocab):
         with contextlib.suppress(KeyError):  # a gap in the ids (cl100k_base has some): length 0
             lengths[i] = len(enc.decode_single_token_bytes(i))
+    lengths.flags.writeable = False  # shared by every caller (the cache)
     return lengths
 
 
-def _token_byte_ranges(enc: tiktoken.Encoding, ids: list[int], text: str,
-                       byte_lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    lengths = (byte_lengths[np.asarray(ids, dtype=np.int64)] if byte_lengths is not None
-               else np.array([len(t) for t in enc.decode_tokens_bytes(ids)], dtype=np.int64))
+def _token_byte_ranges(enc: tiktoken.Encoding, ids: list[int], text: str) -> tuple[np.ndarray, np.ndarray]:
+    lengths = token_byte_lengths(enc)[np.asarray(ids, dtype=np.int64)]
     ends = np.cumsum(lengths)
     assert ends[-1] == len(text.encode("utf-8")), "tokenization does not round-trip"
     return ends - lengths, ends

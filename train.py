@@ -195,7 +195,7 @@ def evaluate(model: GPT, enc, examples: list[D.Example], cfg: TrainConfig, devic
     prompts = [enc.encode_ordinary(sftkey.prompt_head(ex.prompt)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     answers = {}  # prompt index: (correct, formatted, response), for this rank's batches
-    allowed = D.generable_ids(enc, model.config.vocab_size).to(device)  # once per call: 0.1 s for cl100k_base
+    allowed = D.generable_ids(enc, model.config.vocab_size).to(device)
     for start in range(dist.rank * cfg.eval_batch_size, len(order), dist.world * cfg.eval_batch_size):
         rows = order[start:start + cfg.eval_batch_size]
         with autocast(device, dtype):
