@@ -149,9 +149,9 @@ def stage_name(before: str, weights: tuple[float, float, float], tagged: bool, d
     stage's name: after sft_tag, key is "sftkey_tag" (the method); across layouts "sft_untagged+key_tag"."""
     loss = {(0, 1, 1): "sft", (0, 0, 1): "key"}.get(tuple(weights), "w" + "-".join(f"{w:.15g}" for w in weights))
     loss = ("dft" if loss == "sft" else "dft-" + loss) if dft else loss  # "dftkey" would read as dft, then key
-    same_layout = before.endswith("_tag") == tagged or not before  # else `before` stays whole, its layout named
+    same_layout = before.endswith("_tag") == tagged or not before  # else kept whole, its layout named: "+" joins
     before = before.removesuffix("_tag") if same_layout else before + "_untagged" * tagged
-    return before + ("+" if before and not (same_layout and (before + loss).isalpha()) else "") + loss + "_tag" * tagged
+    return before + ("+" if before and not (before + loss).isalpha() else "") + loss + "_tag" * tagged
 
 
 def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
