@@ -398,7 +398,7 @@ def load_data(cfg, enc: tiktoken.Encoding, raw: dict[str, bytes] | None = None,
         raw = raw or {k: read_input(getattr(cfg, k), f"--{k}") for k in ("data", "eval_data") if getattr(cfg, k)}
         examples, test = (read_examples(getattr(cfg, k), cfg.format, cfg.strip_calculator, cfg.skip_bad_lines,
                           bad_lines, raw.get(k)) if getattr(cfg, k) else [] for k in ("data", "eval_data"))
-    else:  # see synthetic_split
+    else:
         examples, test = synthetic_split(cfg.n_train, cfg.n_test, cfg.data_seed, cfg.task)
     if cfg.untagged and (bad := [ex for ex in examples + test if "\n" in ex.answer or "####" in ex.answer]):
         raise DataError(f"{bad[0].source}: the untagged layout (--untagged; experiment.py's sft arm) scores the one "

@@ -155,7 +155,7 @@ def stage_name(before: str, weights: tuple[float, float, float], tagged: bool, d
 
 
 def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
-    """Per-token loss weights for a tensor of roles (PAD positions get 0); from the roles alone, no table copied in."""
+    """Per-token loss weights for a tensor of roles (PAD gets 0), made where the roles are: no table copied there."""
     return sum(torch.where(roles == role, float(weight), 0.0) for role, weight in enumerate(weights))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import checkpoints as ckpts
-import data as D
+import data as D  # not "data": TrainConfig has a field of that name
 import runtime
 import sftkey
 from model import GPT
@@ -35,7 +35,7 @@ def _flag(default, help: str):
 class TrainConfig:
     # I/O and data
     out_dir: str = _flag("out", "folder for checkpoints, logs and results.json")
-    data: str = _flag("", "training JSONL file; empty = the embedded synthetic arithmetic task")
+    data: str = _flag("", "training JSONL file; empty = the embedded synthetic task (--task)")
     format: str = _flag("gsm8k", f"layout of --data and --eval_data: {', '.join(D.FORMATS)}")
     eval_data: str = _flag("", "test JSONL file (same format as --data); without it --data runs are not evaluated")
     strip_calculator: bool = _flag(False, "delete each <<...>> (GSM8K's calculator notes) from the reasoning")
@@ -237,7 +237,7 @@ def run(cfg: TrainConfig) -> dict:
         inputs = ckpts.read_inputs(cfg)  # every input file read once and hashed: later edits cannot matter
         enc = D.get_encoding(cfg.encoding, inputs.raw.get("encoding"))
         step_examples = 1 if cfg.eval_only else cfg.batch_size * cfg.grad_accum * dist.world
-        model = ckpts.build_model(cfg, enc, device, inputs)  # first: an --init_from of another shape is named
+        model = ckpts.build_model(cfg, enc, device, inputs)  # before the data: a wrong-shaped --init_from is named
         train_set, val_set, test = D.load_data(cfg, enc, inputs.raw, step_examples)
         stages = [] if cfg.eval_only else plan_stages(cfg, inputs.origin[0])  # origin: (stage, step) of --init_from
         if dist.master:
@@ -254,7 +254,7 @@ def run(cfg: TrainConfig) -> dict:
             saved = ckpts.read_checkpoint(path, model.config, device) if cfg.resume and os.path.exists(path) else None
             if saved is not None:
                 model.load_state_dict(saved["model"])
-                log.resume(saved)  # its rows; log.jsonl loses the rows logged after it as the next one comes
+                log.resume(saved)  # its rows; rows a killed run wrote to log.jsonl after it go as the next one comes
                 results, seconds = saved["results"], saved["seconds"]
                 if stage.name in results:  # finished and evaluated before the interruption: the next one goes on
                     ckpts.restore_rng(saved, dist.rank)  # from the RNG state this one ended with
