@@ -155,7 +155,8 @@ def stage_name(before: str, weights: tuple[float, float, float], tagged: bool, d
 
 
 def token_weights(roles: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
-    """Per-token loss weights for a tensor of roles (PAD gets 0), made where the roles are: no table copied there."""
+    """Per-token loss weights for a tensor of roles (PAD gets 0), computed on the roles' device: copying a weight
+    table there was a synchronous copy that made the host wait for the GPU (docs/gpu.md)."""
     return sum(torch.where(roles == role, float(weight), 0.0) for role, weight in enumerate(weights))
 
 
