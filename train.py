@@ -141,7 +141,7 @@ def train(model: GPT, train_set: D.TokenizedSet, val_set: D.TokenizedSet, cfg: T
                 loss.backward()
             step_loss += loss.detach()
             meter.count(roles, w)
-        # The norm is the same on every rank; checking it before the update keeps the weights good.
+        # The norm (--grad_clip 0: measured, unclipped) is the same on every rank; a bad one stops before the update.
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
             raise FloatingPointError(runtime.non_finite_message(stage, step, ckpt and ckpt.path))
