@@ -55,7 +55,13 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
     name = encoding or trained.get("encoding")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{path}: records no tokenizer (train_config.encoding); give --encoding")
-    tokenizer = ckpts.read_inputs(argparse.Namespace(data="", eval_data="", encoding=name, init_from=""))
+    try:
+        tokenizer = ckpts.read_inputs(argparse.Namespace(data="", eval_data="", encoding=name, init_from=""))
+    except D.DataError as err:  # the file the run recorded, not an --encoding the user gave: named as such
+        if encoding:
+            raise
+        raise ValueError(f"{path}: the tokenizer file its run recorded, {name}: {str(err).partition(': ')[2]}; "
+                         f"give --encoding with the file's path") from None
     hashes = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
     enc = D.get_encoding(name, tokenizer.raw.get("encoding"))
     recorded = trained.get("encoding", name)  # a GPT-2 import from before it recorded "gpt2": --encoding says

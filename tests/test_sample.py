@@ -269,6 +269,28 @@ def test_a_tokenizer_other_than_the_one_trained_with_is_refused_unless_it_is_the
     assert capsys.readouterr().out.startswith("prompt:   Q: 1+1")
 
 
+def test_a_recorded_tokenizer_file_that_is_gone_is_named_as_the_runs_not_as_a_flag_never_given(tmp_path, capsys):
+    """Found in review: without --encoding, a tokenizer file the run recorded and that has since moved read
+    'error: --encoding tok.tiktoken: no such file', naming a flag the user did not give."""
+    tok = tmp_path / "tok.tiktoken"
+    tok.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    train.main(["--encoding", str(tok), "--n_layer", "1", "--n_head", "1", "--n_embd", "8", "--block_size", "96",
+                "--n_train", "40", "--n_val", "2", "--n_test", "2", "--max_iters", "1", "--stage2_iters", "0",
+                "--batch_size", "4", "--val_acc_n", "0", "--device", "cpu", "--out_dir", str(tmp_path / "run")])
+    ckpt, moved, _ = str(tmp_path / "run" / "sft_tag" / "ckpt.pt"), tmp_path / "moved.tiktoken", capsys.readouterr()
+    tok.rename(moved)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--ckpt", ckpt, "Q: 1+1"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: {ckpt}: the tokenizer file its run recorded, {tok}: no such file; give --encoding with the file's "
+        f"path\n")
+    with pytest.raises(SystemExit):  # one the user names is named by its flag, as before
+        sample.main(["--ckpt", ckpt, "--encoding", str(tok), "Q: 1+1"])
+    assert capsys.readouterr().err == f"error: --encoding {tok}: no such file\n"
+    sample.main(["--ckpt", ckpt, "--encoding", str(moved), "Q: 1+1"])  # the same bytes: its sha256 matches
+    assert capsys.readouterr().out.startswith("prompt:   Q: 1+1")
+
+
 def test_a_tokenizer_file_other_than_the_one_trained_with_is_refused(tmp_path, capsys):
     """Found in review: a run trained with --encoding FILE.tiktoken, whose file then changed, was sampled with the new
     file, exit 0: other token ids, a wrong response. The checkpoint records the file's sha256; sample.py compares."""
