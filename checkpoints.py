@@ -157,9 +157,8 @@ class Inputs:
 
 def read_inputs(cfg) -> Inputs:
     """Every input file the flags name, read (regular files only) and hashed; --init_from parsed once, and checked."""
-    tiktoken_file = cfg.encoding.endswith(".tiktoken") or os.path.sep in cfg.encoding
-    files = {"data": cfg.data, "eval_data": cfg.eval_data, "encoding": cfg.encoding if tiktoken_file else "",
-             "init_from": cfg.init_from}
+    files = {"data": cfg.data, "eval_data": cfg.eval_data,
+             "encoding": cfg.encoding if D.is_tokenizer_file(cfg.encoding) else "", "init_from": cfg.init_from}
     raw = {name: D.read_input(path, f"--{name}") for name, path in files.items() if path}
     inputs = Inputs(raw, {f"--{name}": hashlib.sha256(data).hexdigest() for name, data in raw.items()})
     if "init_from" in raw:

@@ -67,11 +67,16 @@ def char_encoding() -> tiktoken.Encoding:
                              special_tokens={"<|endoftext|>": len(ranks)})
 
 
+def is_tokenizer_file(name: str) -> bool:
+    """Whether an --encoding names a .tiktoken file (read and hashed as an input) rather than an encoding."""
+    return name.endswith(".tiktoken") or os.path.sep in name
+
+
 def get_encoding(name: str, raw: bytes | None = None) -> tiktoken.Encoding:
     """`sftkey-chars`, a tiktoken encoding name (`gpt2`, `cl100k_base`), or a `.tiktoken` file (`raw`: its bytes)."""
     if name == SYNTHETIC_ENCODING:
         return char_encoding()
-    if name.endswith(".tiktoken") or os.path.sep in name:
+    if is_tokenizer_file(name):
         ranks = read_tiktoken_file(name, raw)
         # A .tiktoken file holds only the merges: split text as cl100k_base does, end-of-text last.
         return tiktoken.Encoding(os.path.basename(name), pat_str=_CL100K_PATTERN, mergeable_ranks=ranks,

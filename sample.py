@@ -21,7 +21,6 @@ if __name__ == "__main__":
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -65,7 +64,7 @@ def load(path: str, device: str, encoding: str = "", dtype: str = "auto") -> tup
     hashes = ckpt.get("file_hashes") if isinstance(ckpt.get("file_hashes"), dict) else {}
     enc = D.get_encoding(name, tokenizer.raw.get("encoding"))
     recorded = trained.get("encoding", name)  # a GPT-2 import from before it recorded "gpt2": --encoding says
-    was_file = isinstance(recorded, str) and (recorded.endswith(".tiktoken") or os.path.sep in recorded)
+    was_file = isinstance(recorded, str) and D.is_tokenizer_file(recorded)
     if recorded != name and not (tokenizer.sha256 and was_file):  # a file for a file: its sha256 (if any) decides below
         raise ValueError(f"--encoding {name}: {path} was trained with {recorded}, whose token ids differ; leave "
                          f"--encoding out to use that")
